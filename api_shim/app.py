@@ -1,0 +1,395 @@
+"""The thin HTTP door into the fleet: validate, enqueue by task name, read state.
+
+It imports neither torch nor the task code: jobs are sent as a chain of task
+*names* (``celeryconfig.CHAIN``), and state is read from the job records the
+workers keep in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import redis
+import structlog
+from celery import Celery, chain
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+import celeryconfig
+from ecg_audio.jobs import JobRecord, JobStore
+from ecg_audio.logs import configure_logging
+from ecg_audio.settings import Settings, get_settings
+
+log = structlog.get_logger("ecg.shim")
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ENGLISH = {"en", "english"}
+
+
+# --- request and response models -------------------------------------------
+
+
+class JobOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_speakers: int | None = Field(None, ge=1, le=32, description="Exact number of speakers, when known.")
+    min_speakers: int | None = Field(None, ge=1, le=32)
+    max_speakers: int | None = Field(None, ge=1, le=32)
+    model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobOptions:
+        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
+            raise ValueError("give either num_speakers, or min_speakers/max_speakers, not both")
+        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise ValueError("min_speakers must not exceed max_speakers")
+        return self
+
+
+class ProcessRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(
+        ...,
+        min_length=1,
+        max_length=128,
+        pattern=JOB_ID_PATTERN,
+        description="Your id for the job: letters, digits, '.', '_', '-'. Posting it again returns the same job.",
+    )
+    video_url: str = Field(..., min_length=1, max_length=2048, description="https://, s3://, or an upload:// id.")
+    language: str | None = Field(None, min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z]{2,4})?$")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("job_id")
+    @classmethod
+    def _no_dots_only(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError("job_id must not contain '..'")
+        return v
+
+
+class JobState(BaseModel):
+    job_id: str
+    status: Literal["queued", "processing", "completed", "failed"]
+    progress: int = Field(ge=0, le=100)
+    message: str = ""
+    stage: str | None = None
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+class Accepted(BaseModel):
+    job_id: str
+    status: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    broker: bool
+    workers: int
+    queue_depth: dict[str, int]
+
+
+class UploadAccepted(BaseModel):
+    video_url: str
+    bytes: int
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+
+
+# --- wiring ------------------------------------------------------------------
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("ecg")
+    app.config_from_object(celeryconfig)
+    app.conf.broker_url = settings.redis_url
+    app.conf.result_backend = settings.redis_url
+    return app
+
+
+def queue_depth(
+    r: redis.Redis, queues: tuple[str, ...] = (celeryconfig.MODEL_QUEUE, celeryconfig.CPU_QUEUE)
+) -> dict[str, int]:
+    """Messages waiting per queue, priority sub-queues included."""
+    pipe = r.pipeline()
+    names: list[str] = []
+    for q in queues:
+        for p in celeryconfig.broker_transport_options["priority_steps"]:
+            names.append(q)
+            pipe.llen(q if p == 0 else f"{q}\x06\x16{p}")
+    out: dict[str, int] = dict.fromkeys(queues, 0)
+    for q, n in zip(names, pipe.execute(), strict=True):
+        out[q] += int(n)
+    return out
+
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+    store = JobStore(r, settings.job_ttl_s)
+    celery_app = make_celery(settings)
+    keys = [k.get_secret_value().encode() for k in settings.api_keys if k.get_secret_value()]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        from ecg_audio.callbacks import Dispatcher
+        from tasks.context import make_outbox  # torch-free
+
+        dispatcher = Dispatcher(make_outbox(settings)).start()
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+
+    app = FastAPI(
+        title="ECG Audio Analyzer",
+        version="0.1.0",
+        description="Who said what, when: submit a media URL, get a speaker-attributed transcript with word "
+        "times and voice features. Every route but /health needs `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+    )
+
+    def require_key(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        given = creds.credentials.encode()
+        # compare against every key, always, in constant time
+        ok = False
+        for k in keys:
+            ok |= hmac.compare_digest(given, k)
+        if not ok:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "API key not accepted")
+        return "key"
+
+    Auth = Annotated[str, Depends(require_key)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))[:300], "type": e.get("type")}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    def state_of(rec: JobRecord, *, with_result: bool = True) -> JobState:
+        result = None
+        if rec.status == "completed" and with_result:
+            env = store.get_result(rec.job_id)
+            result = env.get("result") if env else None
+        return JobState(
+            job_id=rec.job_id,
+            status=rec.status,  # type: ignore[arg-type]
+            progress=rec.progress,
+            message=rec.message,
+            stage=rec.stage,
+            result=result,
+            error_code=rec.error_code,
+            error_message=rec.error_message,
+            created_at=rec.created_at,
+            updated_at=rec.updated_at,
+        )
+
+    def check_request(req: ProcessRequest) -> None:
+        lang = (req.language or "").lower()
+        if (
+            lang
+            and lang not in ENGLISH
+            and not settings.asr_multilingual_model
+            and (settings.asr_model == "embedded" or settings.asr_model.rstrip("/").endswith(".en"))
+        ):
+            raise HTTPException(
+                422,
+                f"language {req.language!r} is not available: the configured ASR model is English-only "
+                "(tiny.en). An operator must set ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers.",
+            )
+        if req.options.model and req.options.model not in {settings.asr_model, settings.asr_multilingual_model}:
+            raise HTTPException(422, "options.model must name an ASR model the workers are configured with")
+        _check_source(req.video_url, "video_url")
+        if req.callback_url:
+            _check_url(req.callback_url, "callback_url", schemes={"https", "http"})
+
+    def _check_source(url: str, field: str) -> None:
+        if url.startswith("upload://"):
+            if not re.fullmatch(r"upload://[a-f0-9]{32}", url):
+                raise HTTPException(422, f"{field}: malformed upload id")
+            return
+        _check_url(url, field)
+
+    def _check_url(url: str, field: str, schemes: set[str] | None = None) -> None:
+        from pipeline.urlguard import UrlPolicy, check_url
+
+        allowed = {"https", "s3"} | ({"http"} if settings.allow_http_urls else set())
+        if schemes is not None:
+            allowed &= schemes | ({"http"} if settings.allow_http_urls else set())
+        policy = UrlPolicy(
+            allowed_schemes=frozenset(allowed),
+            allow_private=settings.allow_private_urls,
+            allowlist=tuple(settings.url_allowlist),
+        )
+        try:
+            check_url(url, policy)
+        except Exception as e:  # UrlRefused and friends carry a safe message
+            msg = getattr(e, "message", None) or "URL not accepted"
+            raise HTTPException(422, f"{field}: {msg}") from None
+
+    def enqueue(req: ProcessRequest) -> None:
+        payload = {
+            "job_id": req.job_id,
+            "source": req.video_url,
+            "language": req.language.lower() if req.language else None,
+            "callback_url": req.callback_url,
+            "options": req.options.model_dump(exclude_none=True),
+        }
+        sigs = []
+        for i, name in enumerate(celeryconfig.CHAIN):
+            stage = name.split(".", 1)[1]
+            sig = celery_app.signature(name, args=(payload,) if i == 0 else (), queue=celeryconfig.TASK_QUEUES[name])
+            sigs.append(sig.set(task_id=f"{req.job_id}:{stage}:{uuid.uuid4().hex[:8]}"))
+        chain(*sigs).apply_async()
+
+    def submit(req: ProcessRequest) -> tuple[bool, JobRecord]:
+        check_request(req)
+        try:
+            created = store.create(req.job_id, req.model_dump(mode="json", exclude={"callback_url"}))
+        except redis.RedisError as e:
+            raise HTTPException(503, "the job queue is unavailable; retry shortly") from e
+        if created:
+            try:
+                enqueue(req)
+            except Exception as e:
+                r.delete(f"ecg:job:{req.job_id}")
+                log.error("enqueue_failed", job_id=req.job_id, error=type(e).__name__)
+                raise HTTPException(503, "the job queue is unavailable; retry shortly") from e
+            log.info("job_accepted", job_id=req.job_id)
+        rec = store.get(req.job_id)
+        assert rec is not None
+        return created, rec
+
+    @app.post(
+        "/api/upload-video/process-video",
+        status_code=202,
+        response_model=Accepted | JobState,
+        responses={200: {"model": JobState}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+        summary="Accept a job (idempotent on job_id)",
+    )
+    def process_video(req: ProcessRequest, _: Auth) -> Any:
+        created, rec = submit(req)
+        if created:
+            return Accepted(job_id=rec.job_id, status="queued")
+        return JSONResponse(status_code=200, content=state_of(rec).model_dump())
+
+    @app.post(
+        "/transcribe",
+        response_model=JobState,
+        responses={202: {"model": JobState}},
+        summary="Submit and wait for the result",
+    )
+    async def transcribe(req: ProcessRequest, _: Auth) -> Any:
+        _, rec = await asyncio.to_thread(submit, req)
+        deadline = time.monotonic() + settings.transcribe_wait_s
+        while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            rec = await asyncio.to_thread(store.get, req.job_id) or rec
+        code = 200 if rec.status in ("completed", "failed") else 202
+        return JSONResponse(status_code=code, content=state_of(rec).model_dump())
+
+    @app.get("/jobs/{job_id}", response_model=JobState, responses={404: {"model": ErrorBody}})
+    def get_job(job_id: str, _: Auth) -> JobState:
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
+            raise HTTPException(404, "no such job")
+        rec = store.get(job_id)
+        if rec is None:
+            raise HTTPException(404, "no such job")
+        return state_of(rec)
+
+    @app.delete("/jobs/{job_id}", response_model=JobState, responses={404: {"model": ErrorBody}})
+    def cancel_job(job_id: str, _: Auth) -> JobState:
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
+            raise HTTPException(404, "no such job")
+        rec = store.get(job_id)
+        if rec is None:
+            raise HTTPException(404, "no such job")
+        if rec.status not in ("completed", "failed"):
+            store.mark_failed(job_id, "CANCELLED", "cancelled by request", rec.stage)
+            rec = store.get(job_id) or rec
+        return state_of(rec)
+
+    @app.post(
+        "/api/uploads",
+        response_model=UploadAccepted,
+        status_code=201,
+        summary="Upload a media file; use the returned video_url in a job",
+    )
+    async def upload(request: Request, _: Auth) -> UploadAccepted:
+        uploads = uploads_dir(settings)
+        uploads.mkdir(parents=True, exist_ok=True)
+        upload_id = uuid.uuid4().hex
+        target = uploads / upload_id
+        tmp = uploads / f".{upload_id}.part"
+        size = 0
+        try:
+            with open(tmp, "wb") as fh:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > settings.max_download_bytes:
+                        raise HTTPException(413, f"upload larger than {settings.max_download_bytes} bytes")
+                    fh.write(chunk)
+            if size == 0:
+                raise HTTPException(422, "the upload is empty")
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return UploadAccepted(video_url=f"upload://{upload_id}", bytes=size)
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        try:
+            r.ping()
+            broker = True
+            depth = queue_depth(r)
+        except redis.RedisError:
+            return Health(status="degraded", broker=False, workers=0, queue_depth={})
+        try:
+            workers = len(celery_app.control.ping(timeout=0.5) or [])
+        except Exception:
+            workers = 0
+        return Health(status="ok" if workers else "degraded", broker=broker, workers=workers, queue_depth=depth)
+
+    return app
+
+
+def uploads_dir(settings: Settings) -> Path:
+    return settings.workspace_root.parent / "uploads"
+
+
+def __getattr__(name: str) -> Any:
+    # ``uvicorn api_shim.app:app`` builds the app on first access, not at import
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

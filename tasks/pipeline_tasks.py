@@ -1,0 +1,175 @@
+"""One Celery task per stage. Each is a few lines over ``tasks.stages``.
+
+The base class owns the job lifecycle: progress (Celery ``PROGRESS`` state, the
+job record, callbacks), the error model (bad input is never retried; network
+faults are, three times, with backoff), and the final outcome, reported once.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import structlog
+from celery import Task, shared_task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from pipeline.errors import AnalysisError, ProcessingError, StageTimeoutError
+from tasks import context
+from tasks.stages import JobSpec, run_stage
+
+log = structlog.get_logger("ecg.tasks")
+
+NETWORK_RETRIES = 3
+
+
+class StageTask(Task):
+    """Base for stage tasks: ``run_stage_task`` wraps a stage with the job lifecycle."""
+
+    abstract = True
+    acks_late = True
+    stage: str = ""
+
+    def reporter(self, job: JobSpec) -> Any:
+        store = context.job_store()
+        outbox = context.outbox()
+
+        def report(stage: str, progress: int, message: str) -> None:
+            changed = store.update(job.job_id, status="processing", progress=progress, stage=stage, message=message)
+            if not changed:
+                return
+            meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
+            if self.request.id:
+                self.update_state(state="PROGRESS", meta=meta)
+            if job.callback_url:
+                rec = store.get(job.job_id)
+                outbox.enqueue(
+                    job.job_id,
+                    job.callback_url,
+                    {
+                        "job_id": job.job_id,
+                        "status": "processing",
+                        "progress": rec.progress if rec else progress,
+                        "message": message,
+                        "stage": stage,
+                        "result": None,
+                        "error_code": None,
+                        "error_message": None,
+                    },
+                )
+
+        return report
+
+    def run_stage_task(self, stage: str, payload: dict[str, Any]) -> dict[str, Any]:
+        job = JobSpec.from_dict(payload)
+        structlog.contextvars.bind_contextvars(job_id=job.job_id, stage=stage)
+        store = context.job_store()
+        try:
+            rec = store.get(job.job_id)
+            if rec is not None and rec.status in ("completed", "failed"):
+                # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain
+                log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
+                raise Ignore()
+            env = context.stage_env(self.reporter(job))
+            try:
+                run_stage(stage, job, env)
+            except SoftTimeLimitExceeded as e:
+                raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
+            if stage == "merge":
+                self._complete(job, env)
+            return job.to_dict()
+        except Ignore:
+            raise
+        except AnalysisError as e:
+            if e.retryable and self.request.retries < NETWORK_RETRIES:
+                countdown = min(60.0, 2.0 * 2**self.request.retries) * random.uniform(0.5, 1.0)
+                log.warning("stage_retry", code=e.code, error=e.message, retry=self.request.retries + 1)
+                raise self.retry(exc=e, countdown=countdown, max_retries=NETWORK_RETRIES) from e
+            self._fail(job, stage, e)
+            raise
+        except Exception as e:
+            log.exception("stage_crashed")
+            err = ProcessingError(f"internal error in the {stage} stage ({type(e).__name__}); the team has the details")
+            self._fail(job, stage, err)
+            raise err from e
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "stage")
+
+    def _complete(self, job: JobSpec, env: Any) -> None:
+        store = context.job_store()
+        envelope = env.workspace(job.job_id).read_json("result.json")
+        store.set_result(job.job_id, envelope)
+        store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
+        md = envelope["result"]["metadata"]
+        log.info(
+            "video_processing_completed",
+            duration=md["duration"],
+            processing_time=md["processing_time"],
+            speakers=md["speakers_detected"],
+            segments=md["segments_created"],
+        )
+        if job.callback_url:
+            context.outbox().enqueue(
+                job.job_id,
+                job.callback_url,
+                {
+                    "job_id": job.job_id,
+                    "status": "completed",
+                    "progress": 100,
+                    "message": "Done",
+                    "stage": "merge",
+                    "result": envelope["result"],
+                    "error_code": None,
+                    "error_message": None,
+                },
+                final=True,
+            )
+        if not env.keep_workspace:
+            env.workspace(job.job_id).remove()
+
+    def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
+        store = context.job_store()
+        changed = store.mark_failed(job.job_id, err.code, err.message, stage)
+        log.warning("job_failed", error_code=err.code, error=err.message)
+        if changed and job.callback_url:
+            rec = store.get(job.job_id)
+            context.outbox().enqueue(
+                job.job_id,
+                job.callback_url,
+                {
+                    "job_id": job.job_id,
+                    "status": "failed",
+                    "progress": rec.progress if rec else 0,
+                    "message": f"Failed: {err.message}",
+                    "stage": stage,
+                    "result": None,
+                    "error_code": err.code,
+                    "error_message": err.message,
+                },
+                final=True,
+            )
+
+
+def _stage_task(stage: str) -> Any:
+    @shared_task(name=f"ecg.{stage}", bind=True, base=StageTask)
+    def task(self: StageTask, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.run_stage_task(stage, payload)
+
+    task.__name__ = f"{stage}_task"
+    return task
+
+
+ingest_task = _stage_task("ingest")
+diarize_task = _stage_task("diarize")
+transcribe_task = _stage_task("transcribe")
+align_task = _stage_task("align")
+features_task = _stage_task("features")
+merge_task = _stage_task("merge")
+
+
+@shared_task(name="ecg.worker_info")
+def worker_info() -> dict[str, Any]:
+    """Which models this worker process has loaded, and how often (ops and tests)."""
+    provider = context.models()
+    stats = getattr(provider, "stats", None)
+    return stats() if callable(stats) else {}

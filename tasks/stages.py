@@ -1,0 +1,327 @@
+"""Stage bodies: read the job's artifacts, call one pipeline function, write one artifact.
+
+These functions know neither Celery nor HTTP, so the Celery tasks and the
+in-process ``ecg-audio analyze`` run exactly the same code. Each stage is a
+checkpoint: when its artifact already exists (a redelivered or requeued job),
+it does no work and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
+from pipeline.workspace import Workspace
+
+log = structlog.get_logger("ecg.stages")
+
+# stage name -> (artifact that marks it done, progress when done, message)
+STAGES: dict[str, tuple[str, int, str]] = {
+    "ingest": ("ingest.json", 10, "Input ready: audio extracted"),
+    "diarize": ("diarization.json", 40, "Speakers found"),
+    "transcribe": ("transcript.json", 60, "Transcription done"),
+    "align": ("alignment.json", 70, "Word timestamps done"),
+    "features": ("features.npz", 80, "Voice features measured"),
+    "merge": ("result.json", 100, "Done"),
+}
+STAGE_ORDER = list(STAGES)
+# milestones reported inside a stage
+VAD_PROGRESS = 25
+ASSEMBLING_PROGRESS = 85
+
+
+class ModelProvider(Protocol):
+    device: str
+
+    def asr(self, language: str | None = None, *, device: str | None = None) -> tuple[Any, str]: ...
+
+    def diarization(self) -> tuple[Any, str]: ...
+
+    def aligner(self, language: str) -> tuple[Any, str] | None: ...
+
+
+class Reporter(Protocol):
+    def __call__(self, stage: str, progress: int, message: str) -> None: ...
+
+
+@dataclass
+class JobSpec:
+    """What travels between stages (small: no audio, no results)."""
+
+    job_id: str
+    source: str
+    language: str | None = None
+    callback_url: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "source": self.source,
+            "language": self.language,
+            "callback_url": self.callback_url,
+            "options": self.options,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
+        return cls(
+            job_id=d["job_id"],
+            source=d["source"],
+            language=d.get("language"),
+            callback_url=d.get("callback_url"),
+            options=dict(d.get("options") or {}),
+        )
+
+
+@dataclass
+class StageEnv:
+    """Everything a stage needs besides the job: built from settings by the caller."""
+
+    workspace_root: Path
+    output_root: Path
+    models: ModelProvider
+    report: Reporter
+    batch_size: int = 8
+    max_download_bytes: int = 4 * 1024**3
+    max_duration_s: float = 4 * 3600.0
+    network_timeout_s: float = 30.0
+    url_policy: Any = None  # pipeline.urlguard.UrlPolicy
+    s3_client_factory: Callable[[], Any] | None = None
+    fault_injection: str | None = None
+    keep_workspace: bool = False
+    uploads_dir: Path | None = None  # where upload://<id> inputs live
+
+    def workspace(self, job_id: str) -> Workspace:
+        return Workspace.open(self.workspace_root, job_id)
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    skipped: bool
+    seconds: float
+
+
+def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
+    """Run one stage unless its checkpoint exists. Reports the stage's milestone either way."""
+    artifact, progress, message = STAGES[name]
+    ws = env.workspace(job.job_id)
+    if ws.has(artifact):
+        log.info("stage_skipped", job_id=job.job_id, stage=name, reason="checkpoint exists")
+        env.report(name, progress, message)
+        return StageOutcome(name, True, 0.0)
+    t0 = time.perf_counter()
+    _BODIES[name](job, env, ws)
+    seconds = time.perf_counter() - t0
+    times = ws.read_json("times.json") if ws.has("times.json") else {}
+    times[name] = round(seconds, 3)
+    ws.write_json("times.json", times)
+    log.info("stage_done", job_id=job.job_id, stage=name, seconds=round(seconds, 3))
+    if name != "merge":
+        env.report(name, progress, message)
+    return StageOutcome(name, False, seconds)
+
+
+# --- fault injection (tests only) --------------------------------------
+
+
+class InjectedOutOfMemoryError(RuntimeError):
+    """Looks like CUDA's OOM to the handling code: ``CUDA out of memory`` in the message."""
+
+
+def _maybe_inject(env: StageEnv, stage: str, ws: Workspace) -> None:
+    """``cuda_oom:<stage>:<n>`` raises a CUDA OOM the first n times the stage runs for a job."""
+    if not env.fault_injection:
+        return
+    for rule in env.fault_injection.split(","):
+        parts = rule.strip().split(":")
+        if len(parts) == 3 and parts[0] == "cuda_oom" and parts[1] == stage:
+            counter = ws.path(f"fault-{stage}.count")
+            seen = int(counter.read_text()) if counter.exists() else 0
+            if seen < int(parts[2]):
+                counter.write_text(str(seen + 1))
+                raise InjectedOutOfMemoryError("CUDA out of memory (injected by ECG_FAULT_INJECTION)")
+
+
+# --- stage bodies ---------------------------------------------------------
+
+
+def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.fetch import FetchLimits, fetch_to_file
+    from pipeline.media import extract_audio
+    from pipeline.urlguard import UrlPolicy, redact_url
+
+    limits = FetchLimits(max_bytes=env.max_download_bytes, timeout_s=env.network_timeout_s)
+    downloads = ws.root / "download"
+    downloads.mkdir(exist_ok=True)
+    source, policy = job.source, env.url_policy or UrlPolicy()
+    if source.startswith("upload://"):
+        upload_id = source.removeprefix("upload://")
+        if env.uploads_dir is None or not upload_id.isalnum():
+            raise InvalidMediaError("uploads are not enabled on this worker")
+        source = str(env.uploads_dir / upload_id)
+        if not Path(source).is_file():
+            raise InvalidMediaError("the uploaded file is gone (uploads are kept for a limited time)")
+        policy = dataclasses.replace(policy, allow_local_files=True)
+    src = fetch_to_file(
+        source,
+        downloads,
+        policy=policy,
+        limits=limits,
+        s3_client_factory=env.s3_client_factory,
+    )
+    tmp = ws.tmp_path(".wav")
+    try:
+        extracted = extract_audio(src, tmp, max_duration_s=env.max_duration_s)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    ws.commit_file("audio.wav", extracted.wav_path)
+    if src.parent == downloads:
+        src.unlink(missing_ok=True)  # the WAV is all later stages need
+    ws.write_json(
+        "ingest.json",
+        {"duration": round(extracted.duration, 3), "media": extracted.info.to_dict(), "source": redact_url(job.source)},
+    )
+
+
+def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.diarize import diarize
+
+    from pipeline.audio import load_wav
+
+    pipeline, name = env.models.diarization()
+    opts = job.options
+
+    def hook(step: str, fraction: float) -> None:
+        if step in ("segmentation", "vad", "voice_activity") and fraction >= 1.0:
+            env.report("diarize", VAD_PROGRESS, "Voice activity detected")
+
+    audio = load_wav(ws.path("audio.wav"))
+    result = diarize(
+        pipeline,
+        audio,
+        num_speakers=opts.get("num_speakers"),
+        min_speakers=opts.get("min_speakers"),
+        max_speakers=opts.get("max_speakers"),
+        hook=hook,
+    )
+    ws.write_json("diarization.json", {**result.to_dict(), "model": name})
+
+
+def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.transcribe import transcribe
+
+    language = job.language or job.options.get("language")
+    batch = int(job.options.get("batch_size") or env.batch_size)
+    device = env.models.device
+    notes: list[str] = []
+    while True:
+        model, name = env.models.asr(language, device=device)
+        try:
+            _maybe_inject(env, "transcribe", ws)
+            transcript = transcribe(model, ws.path("audio.wav"), batch_size=batch, language=language)
+            break
+        except Exception as e:
+            if not is_cuda_oom(e):
+                raise
+            if batch > 1:
+                notes.append(f"out of GPU memory at batch size {batch}; retried with {batch // 2}")
+                batch //= 2
+            elif device != "cpu":
+                notes.append("out of GPU memory at batch size 1; fell back to CPU")
+                device = "cpu"
+            else:
+                raise GPUMemoryError("out of memory even at batch size 1 on CPU") from e
+            log.warning("cuda_oom_recovered", job_id=job.job_id, stage="transcribe", batch_size=batch, device=device)
+    ws.write_json(
+        "transcript.json",
+        {**transcript.to_dict(), "model": name, "batch_size": batch, "device": device, "notes": notes},
+    )
+
+
+def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.align import align_with_wav2vec2, align_with_whisper
+    from pipeline.transcribe import Transcript
+
+    tdata = ws.read_json("transcript.json")
+    transcript = Transcript.from_dict(tdata)
+    aligner = env.models.aligner(transcript.language)
+    if aligner is not None:
+        model, name = aligner
+        alignment = align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=env.models.device, name=name)
+    else:
+        asr, _ = env.models.asr(transcript.language, device=tdata.get("device"))
+        alignment = align_with_whisper(asr, ws.path("audio.wav"), transcript, batch_size=env.batch_size)
+    ws.write_json("alignment.json", alignment.to_dict())
+
+
+def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.features import compute_tracks
+
+    tracks = compute_tracks(ws.path("audio.wav"))
+    tmp = ws.tmp_path(".npz")
+    tracks.save(tmp)
+    ws.commit_file("features.npz", tmp)
+
+
+def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from pipeline.diarize import DiarizationResult
+
+    from pipeline.align import Alignment
+    from pipeline.features import FeatureTracks
+    from pipeline.merge import assemble, exports
+
+    env.report("merge", ASSEMBLING_PROGRESS, "Assembling the result")
+    ingest = ws.read_json("ingest.json")
+    transcript = ws.read_json("transcript.json")
+    diar = ws.read_json("diarization.json")
+    alignment = Alignment.from_dict(ws.read_json("alignment.json"))
+    times = ws.read_json("times.json") if ws.has("times.json") else {}
+    result = assemble(
+        alignment,
+        DiarizationResult.from_dict(diar),
+        FeatureTracks.load(ws.path("features.npz")),
+        duration=ingest["duration"],
+        language=transcript["language"],
+        models={
+            "asr": transcript.get("model"),
+            "diarization": diar.get("model"),
+            "alignment": alignment.method if alignment.model is None else f"{alignment.method}:{alignment.model}",
+        },
+        device=transcript.get("device") or env.models.device,
+        stage_times=times,
+        notes=transcript.get("notes") or [],
+    )
+    envelope = {"job_id": job.job_id, "status": "completed", "result": result}
+    env.output_root.mkdir(parents=True, exist_ok=True)
+    for ext, text in exports(result, job.job_id).items():
+        _atomic_write(env.output_root / f"{job.job_id}.{ext}", text)
+    ws.write_json("result.json", envelope)
+    # the JSON is written last: its presence in output/ means the job is complete
+    _atomic_write(env.output_root / f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_BODIES: dict[str, Callable[[JobSpec, StageEnv, Workspace], None]] = {
+    "ingest": _ingest,
+    "diarize": _diarize,
+    "transcribe": _transcribe,
+    "align": _align,
+    "features": _features,
+    "merge": _merge,
+}
