@@ -1,0 +1,261 @@
+"""Shared fixtures: real Redis, a real worker, the real shim, a real callback receiver.
+
+Everything is started by the tests themselves on free loopback ports and torn
+down at the end. Paths come from ``__file__``, never the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"shared material: {SHARED if SHARED.is_dir() else 'ABSENT (tests that need it are skipped)'}"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "audio").is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}): this test needs its recordings and scorer")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_wav() -> Path:
+    import pyannote.audio
+
+    return Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"
+
+
+@pytest.fixture(scope="session")
+def ffmpeg() -> str:
+    from pipeline.media import ffmpeg_exe
+
+    return ffmpeg_exe()
+
+
+def make_media(ffmpeg: str, src: Path | None, dest: Path, *extra: str, video: bool = False, seconds: float = 3) -> Path:
+    """Make a test file with ffmpeg (a video track is a synthetic test pattern)."""
+    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y"]
+    if video:
+        cmd += ["-f", "lavfi", "-i", f"testsrc=size=160x120:rate=10:duration={seconds}"]
+    if src is not None:
+        cmd += ["-i", str(src)]
+    cmd += [*extra, str(dest)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return dest
+
+
+# --- services -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    from ecg_audio.stack import free_port as fp
+
+    return fp()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ecg_audio.stack import start_redis
+
+    port = free_port()
+    proc = start_redis(tmp_path_factory.mktemp("redis"), port, appendonly=False)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Receiver:
+    """A real HTTP server that records every callback POST."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.fail_with: int | None = None
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.fail_with:
+                    self.send_response(receiver.fail_with)
+                    self.end_headers()
+                    return
+                with receiver.lock:
+                    receiver.events.append(json.loads(body))
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()} | {"_body": body.decode()})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/cb") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def for_job(self, job_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e for e in self.events if e.get("job_id") == job_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def stack_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    var = tmp_path_factory.mktemp("var")
+    env = dict(os.environ)
+    env.update(
+        {
+            "ECG_REDIS_URL": redis_url,
+            "ECG_API_KEYS": json.dumps([API_KEY]),
+            "ECG_VAR_DIR": str(var),
+            "ECG_WORKSPACE_ROOT": str(var / "workspaces"),
+            "ECG_OUTPUT_ROOT": str(var / "output"),
+            "ECG_URL_ALLOWLIST": json.dumps(["127.0.0.1"]),
+            "ECG_CALLBACK_SIGNING_KEY": "test-signing-key-for-callbacks",
+            "ECG_LOG_JSON": "true",
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYANNOTE_METRICS_ENABLED": "false",
+        }
+    )
+    return env
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.cmd, self.env, self.log = name, cmd, env, log
+        self.popen = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def start_worker(env: dict[str, str], log: Path, name: str = "w1", queues: str = "model,cpu") -> Proc:
+    return Proc(
+        name,
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "--concurrency", "1",
+         "-n", f"{name}@%h", "--loglevel", "INFO", "--without-heartbeat", "--without-mingle", "--without-gossip"],
+        env,
+        log,
+    )
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    w = start_worker(stack_env, log)
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "shim.log"
+    p = Proc("shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(port)],
+             stack_env, log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if p.popen.poll() is not None:
+            raise RuntimeError("shim exited:\n" + p.tail())
+        try:
+            httpx.get(url + "/health", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield url
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def api(shim: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as c:
+        yield c
+
+
+def wait_for_worker(api: httpx.Client, worker: Proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.popen.poll() is not None:
+            raise RuntimeError("worker exited:\n" + worker.tail())
+        if api.get("/health").json().get("workers", 0) > 0:
+            return
+        time.sleep(1)
+    raise RuntimeError("worker not ready:\n" + worker.tail())
+
+
+def wait_job(api: httpx.Client, job_id: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = api.get(f"/jobs/{job_id}").json()
+        if st["status"] in ("completed", "failed"):
+            return st
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def score_py(shared_dir: Path) -> Path:
+    return shared_dir / "tools" / "score.py"
+
+
+def score(score_py: Path, result_json: Path, ref: Path, rttm: Path | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(score_py), str(result_json), str(ref)]
+    if rttm:
+        cmd += ["--rttm", str(rttm)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)

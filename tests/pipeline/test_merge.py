@@ -1,0 +1,79 @@
+"""Speaker attribution, segmentation and exports, on hand-made inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers, to_rttm, to_srt, to_vtt
+
+
+@dataclass
+class T:
+    start: float
+    end: float
+    speaker: str
+
+
+@dataclass
+class W:
+    word: str
+    start: float
+    end: float
+    score: float | None = 0.9
+
+
+def words_of(text: str, start: float, step: float = 0.3) -> list[W]:
+    return [W(w, start + i * step, start + i * step + 0.25) for i, w in enumerate(text.split())]
+
+
+def test_words_follow_the_turns() -> None:
+    turns = [T(0, 3.0, "A"), T(3.2, 6.0, "B")]
+    ws = words_of("one two three four five six seven eight nine.", 0.1) + words_of("yes I agree.", 3.4)
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out[:9]] == ["A"] * 9
+    assert [w.speaker for w in out[9:]] == ["B"] * 3
+
+
+def test_jittered_last_word_stays_with_its_sentence() -> None:
+    # the last word of A's sentence is timed 0.2 s into B's turn (Whisper's jitter)
+    turns = [T(0, 2.0, "A"), T(2.0, 4.0, "B")]
+    ws = [W("we", 0.2, 0.5), W("went", 0.6, 0.9), W("home", 1.0, 1.4), W("today.", 1.95, 2.3),
+          W("Did", 2.5, 2.7), W("you?", 2.8, 3.1)]
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out] == ["A", "A", "A", "A", "B", "B"]
+
+
+def test_real_mid_sentence_change_is_kept() -> None:
+    turns = [T(0, 1.5, "A"), T(1.5, 3.0, "B")]
+    ws = words_of("so what do you think about it", 0.0, 0.4)
+    out = assign_word_speakers(ws, turns, turns)
+    assert {w.speaker for w in out} == {"A", "B"}
+
+
+def test_word_outside_turns_goes_to_nearest() -> None:
+    turns = [T(0, 1.0, "A"), T(5.0, 6.0, "B")]
+    out = assign_word_speakers([W("hm", 4.5, 4.7)], turns, turns)
+    assert out[0].speaker == "B"
+
+
+def test_segments_split_at_speaker_change_and_pause() -> None:
+    turns = [T(0, 2.0, "A"), T(2.0, 4.0, "B"), T(6.0, 8.0, "B")]
+    ws = words_of("hello there.", 0.2) + words_of("hi.", 2.3) + words_of("later on.", 6.2)
+    segs = build_segments(assign_word_speakers(ws, turns, turns))
+    assert [(s.speaker, s.text) for s in segs] == [("A", "hello there."), ("B", "hi."), ("B", "later on.")]
+    assert segs[1].start == 2.3 and [s.id for s in segs] == [0, 1, 2]
+
+
+def test_relabel_by_first_appearance() -> None:
+    names = relabel_speakers([T(5, 6, "SPEAKER_01"), T(0, 1, "SPEAKER_07")])
+    assert names == {"SPEAKER_07": "SPEAKER_00", "SPEAKER_01": "SPEAKER_01"}
+
+
+def test_exports() -> None:
+    segs = [{"start": 0.5, "end": 61.25, "speaker": "SPEAKER_00", "text": "a --> b"}]
+    srt = to_srt(segs)
+    assert srt.startswith("1\n00:00:00,500 --> 00:01:01,250\n[SPEAKER_00] a --> b")
+    vtt = to_vtt(segs)
+    assert vtt.startswith("WEBVTT") and "00:00:00.500 --> 00:01:01.250\n<v SPEAKER_00>a -> b" in vtt
+    rttm = to_rttm([{"start": 1.0, "end": 2.5, "speaker": "SPEAKER_00"}], "job/1")
+    assert rttm == "SPEAKER job_1 1 1.000 1.500 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
