@@ -82,6 +82,29 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     url_allowlist: list[str] = Field(default_factory=list)
 
+    # --- AWS and scaling ------------------------------------------------
+    aws_region: str | None = Field(
+        default=None, description="AWS region; none = boto3's chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)."
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None, description="One endpoint for all AWS services (moto server, MinIO); none = AWS."
+    )
+    s3_bucket: str | None = None
+    worker_asg_name: str | None = Field(
+        default=None, description="GPU workers' Auto Scaling group: metric dimension, scale-in protection."
+    )
+    instance_id: str | None = Field(default=None, description="This worker's EC2 instance id; none = IMDSv2.")
+    imds_timeout_s: float = Field(default=1.0, gt=0, description="Per-request timeout when asking IMDSv2.")
+    metrics_namespace: str = "ECG/AudioAnalysis"
+    metrics_interval_s: float = Field(default=60.0, ge=1.0, description="Queue-depth publishing period.")
+    job_metrics_enabled: bool = Field(default=False, description="Workers send per-stage CloudWatch metrics.")
+    secrets_manager_secret_id: str | None = Field(
+        default=None, description="Secrets Manager secret, a JSON object of ECG_* keys exported into the env."
+    )
+    scale_in_protection: bool = Field(
+        default=False, description="Protect this worker's instance from scale-in while it holds a task."
+    )
+
     # --- operations ------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True

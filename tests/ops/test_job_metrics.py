@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from ecg_audio import aws
+from ecg_audio.job_metrics import (
+    MAX_DATA_PER_CALL,
+    JobMetrics,
+    MetricBatcher,
+    NvmlGpuProbe,
+    host_memory_percent,
+    job_metrics_from_settings,
+)
+from ecg_audio.settings import Settings
+
+NAMESPACE = "ECG/AudioAnalysis"
+
+
+class _FixedGpu:
+    """The GPU is the edge of the world here: a probe that always reads 42 %."""
+
+    def utilization_percent(self) -> float:
+        return 42.0
+
+
+def _count_put_calls(cloudwatch) -> list[int]:
+    calls: list[int] = []
+    cloudwatch.meta.events.register(
+        "before-parameter-build.cloudwatch.PutMetricData", lambda params, **_: calls.append(len(params["MetricData"]))
+    )
+    return calls
+
+
+def _stats(settings: Settings, name: str, dimensions: dict[str, str]) -> dict[str, float]:
+    now = dt.datetime.now(dt.UTC)
+    points = aws.client("cloudwatch", settings).get_metric_statistics(
+        Namespace=NAMESPACE,
+        MetricName=name,
+        Dimensions=[{"Name": k, "Value": v} for k, v in dimensions.items()],
+        StartTime=now - dt.timedelta(minutes=5),
+        EndTime=now + dt.timedelta(minutes=5),
+        Period=600,
+        Statistics=["SampleCount", "Average", "Maximum"],
+    )["Datapoints"]
+    assert len(points) <= 1
+    return points[0] if points else {}
+
+
+def test_batches_at_most_1000_per_call(settings: Settings) -> None:
+    cloudwatch = aws.client("cloudwatch", settings)
+    calls = _count_put_calls(cloudwatch)
+    batcher = MetricBatcher(cloudwatch, NAMESPACE)
+    for i in range(2 * MAX_DATA_PER_CALL + 500):
+        batcher.add("ProcessingTime", i % 10, "Seconds", {"AutoScalingGroupName": "g", "Stage": "transcribe"})
+
+    assert batcher.flush() == 2500
+
+    assert calls == [1000, 1000, 500]
+    assert (
+        _stats(settings, "ProcessingTime", {"AutoScalingGroupName": "g", "Stage": "transcribe"})["SampleCount"] == 2500
+    )
+
+
+def test_flush_if_due_waits_for_the_interval(settings: Settings) -> None:
+    now = [0.0]
+    batcher = MetricBatcher(aws.client("cloudwatch", settings), NAMESPACE, flush_interval_s=60, clock=lambda: now[0])
+    batcher.add("ErrorRate", 0, "Percent", {"AutoScalingGroupName": "g"})
+
+    assert batcher.flush_if_due() == 0
+    now[0] = 61.0
+    assert batcher.flush_if_due() == 1
+    assert len(batcher) == 0
+
+
+def test_stage_and_job_metrics_reach_cloudwatch(settings: Settings) -> None:
+    batcher = MetricBatcher(aws.client("cloudwatch", settings), NAMESPACE, flush_interval_s=3600)
+    metrics = JobMetrics(
+        batcher, "ecg-workers-test", gpu=_FixedGpu(), memory_percent=lambda: 55.0, gpu_sample_interval_s=0.01
+    )
+
+    metrics.stage_started("task-1", "transcribe")
+    metrics.stage_finished("task-1", ok=True)
+    with pytest.raises(ValueError), metrics.stage("diarize"):
+        raise ValueError("bad audio")
+    metrics.stage_started("task-3", "align")
+    metrics.stage_finished("task-3", ok=None)  # will be retried: no error-rate sample yet
+    metrics.record_job(45.0, ok=True)
+    metrics.record_job(50.0, ok=False)
+    # 3 stages x (time, memory x2, GPU x2) + 2 stage outcomes + 2 jobs x (time, outcome)
+    assert metrics.close() == 21
+
+    group = {"AutoScalingGroupName": "ecg-workers-test"}
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "transcribe"})["Average"] == 0.0
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "diarize"})["Average"] == 100.0
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "align"}) == {}
+    assert _stats(settings, "ProcessingTime", {**group, "Stage": "align"})["SampleCount"] == 1
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "job"})["Average"] == 50.0
+    assert _stats(settings, "ProcessingTime", {**group, "Stage": "job"})["Maximum"] == 50.0
+    gpu = _stats(settings, "GPUUtilization", {**group, "Stage": "transcribe"})
+    assert (gpu["SampleCount"], gpu["Average"]) == (1.0, 42.0)
+    # The fleet-wide series the alarms watch carry the group dimension alone. (moto's
+    # statistics match dimensions as a subset, CloudWatch matches them exactly, so
+    # check the dimension sets rather than the fleet statistics.)
+    listed = aws.client("cloudwatch", settings).list_metrics(Namespace=NAMESPACE)["Metrics"]
+    dimension_sets = {(m["MetricName"], tuple(d["Name"] for d in m["Dimensions"])) for m in listed}
+    for name in ("MemoryUsage", "GPUUtilization"):
+        assert (name, ("AutoScalingGroupName",)) in dimension_sets
+    for name in ("ErrorRate", "ProcessingTime"):
+        assert (name, ("AutoScalingGroupName",)) not in dimension_sets
+
+
+def test_without_nvml_or_gpu_there_is_no_probe() -> None:
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        assert NvmlGpuProbe.create() is None
+        return
+    probe = NvmlGpuProbe.create()
+    if probe is not None:  # a GPU machine: the reading must be a percentage
+        assert 0.0 <= probe.utilization_percent() <= 100.0
+
+
+def test_host_memory_percent_reads_proc_meminfo(tmp_path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    250 kB\n")
+
+    assert host_memory_percent(meminfo) == 75.0
+    assert host_memory_percent(tmp_path / "absent") is None
+
+
+def test_disabled_by_default(settings: Settings) -> None:
+    assert job_metrics_from_settings(settings) is None
+    assert job_metrics_from_settings(settings.model_copy(update={"job_metrics_enabled": True})) is not None

@@ -1,0 +1,102 @@
+"""Acceptance: 7 messages in real Redis, 2 InService instances in moto → 7 and 3.5 in CloudWatch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from celery import Celery
+
+from ecg_audio import aws
+from ecg_audio.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog
+from ecg_audio.settings import Settings
+
+
+def _enqueue_like_the_shim(redis_url: str) -> None:
+    """Seven messages the real way: send_task on a Celery app, no worker running."""
+    app = Celery("ops-test", broker=redis_url)
+    app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
+    try:
+        for priority in (None, 0, 9):  # plain list twice, then the priority-9 sub-queue
+            app.send_task("ecg.transcribe", args=["job"], queue="model", priority=priority)
+        app.send_task("ecg.diarize", args=["job"], queue="model", priority=5)  # step 3 of 0,3,6,9
+        app.send_task("ecg.ingest", args=["job"], queue="cpu")
+        app.send_task("ecg.features", args=["job"], queue="cpu", priority=7)
+        app.send_task("ecg.merge", args=["job"], queue="cpu", priority=3)
+    finally:
+        app.close()
+
+
+def _metric_values(settings: Settings, name: str) -> list[float]:
+    cloudwatch = aws.client("cloudwatch", settings)
+    now = dt.datetime.now(dt.UTC)
+    stats = cloudwatch.get_metric_statistics(
+        Namespace="ECG/AudioAnalysis",
+        MetricName=name,
+        Dimensions=[{"Name": "AutoScalingGroupName", "Value": settings.worker_asg_name}],
+        StartTime=now - dt.timedelta(minutes=5),
+        EndTime=now + dt.timedelta(minutes=5),
+        Period=60,
+        Statistics=["Maximum"],
+    )
+    return [p["Maximum"] for p in stats["Datapoints"]]
+
+
+def test_backlog_counts_priority_subqueues(redis_url: str, redis_client) -> None:
+    _enqueue_like_the_shim(redis_url)
+    keys = sorted(k.decode() for k in redis_client.keys("*") if not k.startswith(b"_kombu"))
+    assert "model\x06\x169" in keys and "cpu\x06\x166" in keys  # messages really in sub-queues
+
+    backlog = read_backlog(redis_client)
+
+    assert backlog.waiting == {"model": 4, "cpu": 3}
+    assert backlog.total == 7
+
+
+def test_unacked_messages_count_towards_their_queue(redis_client) -> None:
+    # What kombu's QoS.append writes when a worker takes a message with acks_late.
+    redis_client.hset("unacked", "tag-1", '[{"body": "..."}, "model", "model"]')
+    redis_client.zadd("unacked_index", {"tag-1": 1.0})
+    redis_client.hset("unacked", "tag-2", '[{"body": "..."}, "", "celery"]')  # another queue
+
+    assert read_backlog(redis_client).unacked == {"model": 1, "cpu": 0}
+
+
+def test_publish_7_messages_2_instances(
+    redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
+) -> None:
+    _enqueue_like_the_shim(redis_url)
+    worker_group(2)
+
+    published = publish(
+        aws.client("cloudwatch", settings), aws.client("autoscaling", settings), read_backlog(redis_client), settings
+    )
+
+    assert (published.queue_length, published.in_service_instances) == (7, 2)
+    assert _metric_values(settings, "QueueLength") == [7.0]
+    assert _metric_values(settings, "BacklogPerInstance") == [3.5]
+
+
+def test_no_instances_publishes_the_whole_backlog(settings: Settings, worker_group) -> None:
+    worker_group(0)
+
+    published = publish(
+        aws.client("cloudwatch", settings),
+        aws.client("autoscaling", settings),
+        Backlog(waiting={"model": 3, "cpu": 0}),
+        settings,
+    )
+
+    assert published.backlog_per_instance == 3.0
+    assert _metric_values(settings, "BacklogPerInstance") == [3.0]
+
+
+def test_beat_task_body(redis_url: str, redis_client, settings: Settings, worker_group, monkeypatch) -> None:
+    _enqueue_like_the_shim(redis_url)
+    worker_group(2)
+    monkeypatch.setattr(
+        "ecg_audio.queue_metrics.get_settings", lambda: settings.model_copy(update={"redis_url": redis_url})
+    )
+    monkeypatch.setattr("ecg_audio.queue_metrics._beat_publisher", None)
+
+    assert publish_queue_metrics() == {"queue_length": 7, "in_service_instances": 2, "backlog_per_instance": 3.5}
