@@ -5,8 +5,6 @@ It imports neither torch nor the task code: jobs are sent as a chain of task
 workers keep in Redis.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import re
@@ -48,7 +46,7 @@ class JobOptions(BaseModel):
     model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> JobOptions:
+    def _consistent(self) -> "JobOptions":
         if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
             raise ValueError("give either num_speakers, or min_speakers/max_speakers, not both")
         if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:

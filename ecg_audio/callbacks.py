@@ -80,10 +80,19 @@ class DeliveryPolicy:
 
 
 class CallbackOutbox:
-    def __init__(self, client: redis.Redis, policy: DeliveryPolicy | None = None, signing_key: str | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        policy: DeliveryPolicy | None = None,
+        signing_key: str | None = None,
+        guard: Any | None = None,
+    ):
+        """``guard``: a ``pipeline.fetch.GuardedHttp``; when given, every POST goes through the SSRF
+        guard (address checked and pinned at delivery time, redirects refused)."""
         self.r = client
         self.policy = policy or DeliveryPolicy()
         self.key = signing_key.encode() if signing_key else None
+        self.guard = guard
 
     # --- producing -----------------------------------------------------
     def enqueue(self, job_id: str, url: str, payload: dict[str, Any], *, final: bool = False) -> str | None:
@@ -159,16 +168,34 @@ class CallbackOutbox:
         if self.key:
             headers["X-ECG-Signature"] = sign(self.key, int(time.time()), body)
         try:
-            resp = client.post(event["url"], content=body, headers=headers, timeout=self.policy.timeout_s)
+            if self.guard is not None:
+                status = self._post_guarded(event["url"], body, headers)
+            else:
+                status = client.post(
+                    event["url"], content=body, headers=headers, timeout=self.policy.timeout_s
+                ).status_code
         except httpx.HTTPError as e:
             log.info("callback_retry", event_id=event["event_id"], reason=type(e).__name__)
             return False, False
-        if resp.status_code < 300:
+        except Exception as e:  # the guard's refusals and network errors carry .retryable
+            retryable = bool(getattr(e, "retryable", False))
+            log.info(
+                "callback_retry" if retryable else "callback_refused",
+                event_id=event["event_id"],
+                reason=getattr(e, "message", type(e).__name__),
+            )
+            return False, not retryable
+        if status < 300:
             return True, False
         # 4xx other than 408/429 will not get better by retrying
-        permanent = 400 <= resp.status_code < 500 and resp.status_code not in (408, 409, 425, 429)
-        log.info("callback_rejected", event_id=event["event_id"], status=resp.status_code)
+        permanent = 400 <= status < 500 and status not in (408, 409, 425, 429)
+        log.info("callback_rejected", event_id=event["event_id"], status=status)
         return False, permanent
+
+    def _post_guarded(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        checked = self.guard.check(url)  # type: ignore[union-attr]
+        with self.guard.open(checked, method="POST", headers=headers, content=body) as (_, resp):  # type: ignore[union-attr]
+            return int(resp.status_code)
 
     def pending(self, job_id: str) -> int:
         return int(self.r.llen(QUEUE_PREFIX + job_id))  # type: ignore[arg-type]

@@ -42,7 +42,10 @@ def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # ty
 
 
 def cmd_analyze(a: argparse.Namespace) -> int:
+    from ecg_audio.logs import configure_logging
     from ecg_audio.runner import analyze
+
+    configure_logging("INFO" if a.verbose else "WARNING", json_output=False)
     from pipeline.errors import AnalysisError
 
     try:
@@ -196,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--language")
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     an.add_argument("-q", "--quiet", action="store_true")
+    an.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     an.set_defaults(func=cmd_analyze)
 
     sb = sub.add_parser("submit", help="send a job through the shim")

@@ -31,8 +31,11 @@ def configure_logging(level: str = "INFO", json_output: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "botocore", "urllib3", "speechbrain", "lightning", "pytorch_lightning"):
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3", "speechbrain", "whisperx", "faster_whisper"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Lightning automatically upgraded your loaded checkpoint ..." on every model load
+    for chatty in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
 def quiet_model_warnings() -> None:
@@ -48,3 +51,11 @@ def quiet_model_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pyannote\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torchaudio\..*")
     warnings.filterwarnings("ignore", message=r".*upgrade_checkpoint.*")
+    # "Lightning automatically upgraded your loaded checkpoint ..." on every model load; lightning resets
+    # its top logger's level at import, so the specific child logger is silenced instead
+    for name in (
+        "lightning.pytorch.utilities.migration.utils",
+        "lightning_fabric.utilities.migration",
+        "pytorch_lightning.utilities.migration.utils",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)

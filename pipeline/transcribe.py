@@ -82,10 +82,11 @@ def load_asr_model(
     happen for the embedded model; a named model must already be in the local Hugging Face cache."""
     import whisperx
 
+    _tame_whisperx_logger()
     source = resolve_asr_model(name_or_path)
     is_local = Path(source).is_dir()
     try:
-        return whisperx.load_model(
+        model = whisperx.load_model(
             source,
             device=device,
             compute_type=compute_type,
@@ -94,11 +95,24 @@ def load_asr_model(
             threads=threads or max(1, os.cpu_count() or 1),
             local_files_only=not is_local,
         )
+        _tame_whisperx_logger()  # whisperx (re)installs its stdout handler while loading
+        return model
     except Exception as e:
         raise ProcessingError(
             f"could not load ASR model {name_or_path!r}: {e}. Use 'embedded', a local CTranslate2 "
             "directory, or a faster-whisper model name already in the Hugging Face cache."
         ) from e
+
+
+def _tame_whisperx_logger() -> None:
+    """whisperx installs its own handler that prints INFO lines to stdout; route it through
+    the application's logging instead (stdout may carry a JSON result)."""
+    import logging
+
+    lg = logging.getLogger("whisperx")
+    lg.handlers[:] = [logging.NullHandler()]  # non-empty, or whisperx installs its own again
+    lg.propagate = True
+    lg.setLevel(logging.WARNING)
 
 
 def is_multilingual(model: Any) -> bool:

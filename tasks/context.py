@@ -47,8 +47,14 @@ def make_outbox(s: Settings) -> CallbackOutbox:
         backoff_base_s=s.callback_backoff_base_s,
         backoff_max_s=s.callback_backoff_max_s,
     )
+    from pipeline.fetch import FetchLimits, GuardedHttp
+
     key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
-    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key)
+    # callbacks go through the same SSRF guard as downloads; a redirect is not followed
+    guard = GuardedHttp(
+        policy=url_policy(s), limits=FetchLimits(max_bytes=1 << 20, timeout_s=s.callback_timeout_s, max_redirects=0)
+    )
+    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key, guard)
 
 
 def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:

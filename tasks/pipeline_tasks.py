@@ -155,7 +155,6 @@ def _stage_task(stage: str) -> Any:
     def task(self: StageTask, payload: dict[str, Any]) -> dict[str, Any]:
         return self.run_stage_task(stage, payload)
 
-    task.__name__ = f"{stage}_task"
     return task
 
 

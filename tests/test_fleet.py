@@ -1,0 +1,153 @@
+"""The fleet end to end: shim → Redis → chained stages on a real worker → result and callbacks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ecg_audio.callbacks import verify_signature
+from tests.conftest import API_KEY, Proc, Receiver, make_media, score, wait_for_worker, wait_job
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def ready(api: httpx.Client, worker: Proc) -> httpx.Client:
+    wait_for_worker(api, worker)
+    return api
+
+
+def worker_info(stack_env: dict[str, str]) -> dict:
+    from celery import Celery
+
+    import celeryconfig
+
+    app = Celery("probe")
+    app.config_from_object(celeryconfig)
+    app.conf.broker_url = app.conf.result_backend = stack_env["ECG_REDIS_URL"]
+    return app.send_task("ecg.worker_info", queue="model").get(timeout=120)
+
+
+def test_health_and_auth(shim: str, ready: httpx.Client) -> None:
+    h = httpx.get(shim + "/health").json()
+    assert h["broker"] is True and h["workers"] >= 1 and set(h["queue_depth"]) == {"model", "cpu"}
+    body = {"job_id": "auth-check", "video_url": "https://example.com/a.mp4"}
+    assert httpx.post(shim + "/api/upload-video/process-video", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.post(shim + "/api/upload-video/process-video", json=body, headers=wrong).status_code == 403
+    assert httpx.get(shim + "/openapi.json").status_code == 200
+
+
+def test_mp4_with_three_speakers_through_the_shim(
+    ready: httpx.Client,
+    receiver: Receiver,
+    shared_dir: Path,
+    score_py: Path,
+    ffmpeg: str,
+    tmp_path: Path,
+    stack_env: dict[str, str],
+) -> None:
+    src = shared_dir / "audio" / "conv_3spk_overlap_3min.wav"
+    mp4 = make_media(
+        ffmpeg, src, tmp_path / "conv3.mp4", "-c:a", "aac", "-b:a", "96k", "-shortest", video=True, seconds=200
+    )
+    with open(mp4, "rb") as fh:
+        up = ready.post("/api/uploads", content=fh.read())
+    assert up.status_code == 201
+    job_id = f"conv3-{uuid.uuid4().hex[:8]}"
+    before = worker_info(stack_env)
+    r = ready.post(
+        "/api/upload-video/process-video",
+        json={"job_id": job_id, "video_url": up.json()["video_url"], "callback_url": receiver.url()},
+    )
+    assert r.status_code == 202 and r.json() == {"job_id": job_id, "status": "queued"}
+    st = wait_job(ready, job_id)
+    assert st["status"] == "completed", st
+    result = st["result"]
+    assert result["metadata"]["speakers_detected"] == 3
+    # the callback receiver: progress never goes back, exactly one completed payload, all signed
+    deadline = time.monotonic() + 30
+    while not any(e["status"] == "completed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    events = receiver.for_job(job_id)
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert {10, 25, 40, 60, 85, 100} <= set(progress)
+    assert [e["status"] for e in events].count("completed") == 1
+    key = stack_env["ECG_CALLBACK_SIGNING_KEY"]
+    assert all(
+        verify_signature(key, h["x-ecg-signature"], h["_body"].encode())
+        for h in receiver.headers
+        if json.loads(h["_body"])["job_id"] == job_id
+    )
+    # quality on this file
+    out = tmp_path / "result.json"
+    out.write_text(json.dumps({"job_id": job_id, "result": result}))
+    s = score(score_py, out, src.with_suffix(".json"), src.with_suffix(".rttm"))
+    assert s["speakers_hyp"] == 3 and s["der"] < 0.15, s
+    # a second job on the same warm worker loads no model
+    after = worker_info(stack_env)
+    assert after["pid"] == before["pid"] and after["loads"] == before["loads"], (before, after)
+    assert all(n == 1 for n in after["loads"].values())
+    # exports exist
+    out_dir = Path(stack_env["ECG_OUTPUT_ROOT"])
+    for ext in ("json", "srt", "vtt", "rttm"):
+        assert (out_dir / f"{job_id}.{ext}").stat().st_size > 0
+
+
+def test_same_job_id_twice_runs_once(ready: httpx.Client, sample_wav: Path, stack_env: dict[str, str]) -> None:
+    with open(sample_wav, "rb") as fh:
+        url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
+    job_id = f"twice-{uuid.uuid4().hex[:8]}"
+    body = {"job_id": job_id, "video_url": url}
+    first = ready.post("/api/upload-video/process-video", json=body)
+    second = ready.post("/api/upload-video/process-video", json=body)
+    assert first.status_code == 202
+    assert second.status_code == 200 and second.json()["job_id"] == job_id
+    st = wait_job(ready, job_id)
+    assert st["status"] == "completed"
+    # one run: the chain's first task was sent once (Celery keeps one result per task id)
+    import redis
+
+    r = redis.Redis.from_url(stack_env["ECG_REDIS_URL"])
+    ingest_results = [k for k in r.scan_iter(f"celery-task-meta-{job_id}:ingest:*")]
+    assert len(ingest_results) == 1
+    third = ready.post("/api/upload-video/process-video", json=body)
+    assert third.json()["status"] == "completed"
+
+
+def test_bad_media_fails_cleanly_and_worker_stays_up(ready: httpx.Client, tmp_path: Path, receiver: Receiver) -> None:
+    up = ready.post("/api/uploads", content=b"\x00\x01garbage" * 1000).json()["video_url"]
+    job_id = f"bad-{uuid.uuid4().hex[:8]}"
+    ready.post(
+        "/api/upload-video/process-video", json={"job_id": job_id, "video_url": up, "callback_url": receiver.url()}
+    )
+    st = wait_job(ready, job_id, timeout=120)
+    assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA"
+    assert "Traceback" not in (st["error_message"] or "")
+    deadline = time.monotonic() + 20
+    while not any(e["status"] == "failed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finals = [e for e in receiver.for_job(job_id) if e["status"] == "failed"]
+    assert len(finals) == 1 and finals[0]["error_code"] == "INVALID_MEDIA"
+    assert ready.get("/health").json()["workers"] >= 1
+
+
+def test_language_without_multilingual_model_is_refused_clearly(ready: httpx.Client) -> None:
+    r = ready.post(
+        "/api/upload-video/process-video",
+        json={"job_id": "lang-de", "video_url": "https://example.com/a.mp4", "language": "de"},
+    )
+    assert r.status_code == 422 and "ECG_ASR_MULTILINGUAL_MODEL" in r.text
+
+
+def test_unknown_job_404(ready: httpx.Client) -> None:
+    assert ready.get("/jobs/does-not-exist").status_code == 404
+    assert (
+        httpx.get(str(ready.base_url) + "/jobs/x", headers={"Authorization": f"Bearer {API_KEY}x"}).status_code == 403
+    )
