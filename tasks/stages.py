@@ -195,9 +195,8 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
 
 def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
-    from pipeline.diarize import diarize
-
     from pipeline.audio import load_wav
+    from pipeline.diarize import diarize
 
     pipeline, name = env.models.diarization()
     opts = job.options
@@ -275,9 +274,8 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
 
 def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
-    from pipeline.diarize import DiarizationResult
-
     from pipeline.align import Alignment
+    from pipeline.diarize import DiarizationResult
     from pipeline.features import FeatureTracks
     from pipeline.merge import assemble, exports
 
