@@ -8,11 +8,18 @@ Shutdown. When an instance does go (scale-in of an idle worker, a spot reclaim, 
 deploy), ``docker stop`` sends SIGTERM and Celery does a *warm shutdown*: it stops
 taking messages, lets the running task finish, then exits. The container's stop
 timeout (``--stop-timeout`` in the launch template's user data, ``stop_grace_period``
-in ``docker-compose.yml``) bounds that wait; past it Docker sends SIGKILL. A task
-killed that way was never acknowledged (``task_acks_late``), so kombu puts it back on
-its queue after the broker's ``visibility_timeout`` and another worker runs it. That
-same redelivery covers the one race protection cannot: a task taken in the moment
-between losing protection and being chosen for termination.
+in ``docker-compose.yml``; 15 minutes) bounds that wait; past it Docker sends SIGKILL.
+A task killed that way was never acknowledged (``task_acks_late``), but kombu only
+hands it out again after the broker's ``visibility_timeout`` (hours here, longer
+than the longest stage). Celery >= 5.5 can do better: with the environment variable
+``REMAP_SIGTERM=SIGQUIT`` and ``worker_soft_shutdown_timeout`` set a minute below
+the stop timeout, SIGTERM waits that long for the task, then cancels it and puts the
+message straight back on its Redis queue for another worker. Set both together;
+``REMAP_SIGTERM`` alone makes SIGTERM cancel the running task at once.
+
+Protection cannot cover one race: a task taken in the moment between losing
+protection and being chosen for termination. That task is handed back by the
+shutdown above.
 
 Wiring (the worker app does this, see :func:`connect_celery_signals`)::
 

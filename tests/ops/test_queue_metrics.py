@@ -100,3 +100,38 @@ def test_beat_task_body(redis_url: str, redis_client, settings: Settings, worker
     monkeypatch.setattr("ecg_audio.queue_metrics._beat_publisher", None)
 
     assert publish_queue_metrics() == {"queue_length": 7, "in_service_instances": 2, "backlog_per_instance": 3.5}
+
+
+def test_task_held_by_a_worker_counts_as_unacked(redis_url: str, redis_client) -> None:
+    """A real worker takes one message under acks_late: it leaves the list for the unacked hash."""
+    import threading
+
+    from celery.contrib.testing.worker import start_worker
+
+    app = Celery("ops-test-worker", broker=redis_url)
+    app.conf.update(
+        broker_transport_options={"queue_order_strategy": "priority", "priority_steps": list(range(10))},
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+    )
+    running, release = threading.Event(), threading.Event()
+
+    @app.task(name="ecg.transcribe")
+    def transcribe(job: str) -> None:
+        running.set()
+        release.wait(30)
+
+    for priority in (0, 9):
+        app.send_task("ecg.transcribe", args=["job"], queue="model", priority=priority)
+    try:
+        with start_worker(app, pool="solo", concurrency=1, queues=["model"], perform_ping_check=False):
+            assert running.wait(20), "the worker never started the task"
+            backlog = read_backlog(redis_client)
+            release.set()
+    finally:
+        release.set()
+        app.close()
+
+    assert backlog.unacked == {"model": 1, "cpu": 0}
+    assert backlog.waiting["model"] == 1
+    assert backlog.total == 2
