@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import redis
 import structlog
-from celery import Celery, chain
+from celery import Celery
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import celeryconfig
+from ecg_audio.chain import job_payload, send_chain
 from ecg_audio.jobs import JobRecord, JobStore
 from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings, get_settings
@@ -256,24 +257,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"{field}: {msg}") from None
 
     def enqueue(req: ProcessRequest) -> None:
-        payload = {
-            "job_id": req.job_id,
-            "source": req.video_url,
-            "language": req.language.lower() if req.language else None,
-            "callback_url": req.callback_url,
-            "options": req.options.model_dump(exclude_none=True),
-        }
-        sigs = []
-        for i, name in enumerate(celeryconfig.CHAIN):
-            stage = name.split(".", 1)[1]
-            sig = celery_app.signature(name, args=(payload,) if i == 0 else (), queue=celeryconfig.TASK_QUEUES[name])
-            sigs.append(sig.set(task_id=f"{req.job_id}:{stage}:{uuid.uuid4().hex[:8]}"))
-        chain(*sigs).apply_async()
+        payload = job_payload(
+            req.job_id,
+            req.video_url,
+            language=req.language.lower() if req.language else None,
+            callback_url=req.callback_url,
+            options=req.options.model_dump(exclude_none=True),
+        )
+        send_chain(celery_app, payload)
 
     def submit(req: ProcessRequest) -> tuple[bool, JobRecord]:
         check_request(req)
         try:
-            created = store.create(req.job_id, req.model_dump(mode="json", exclude={"callback_url"}))
+            created = store.create(req.job_id, req.model_dump(mode="json"))
         except redis.RedisError as e:
             raise HTTPException(503, "the job queue is unavailable; retry shortly") from e
         if created:

@@ -39,6 +39,11 @@ def _init_process(**_: object) -> None:
     configure_logging(_settings.log_level, _settings.log_json)
     registry = get_registry(_settings)
     context.set_model_provider(lambda: registry)
+    from pipeline.workspace import sweep_stale
+
+    swept = sweep_stale(_settings.workspace_root, _settings.workspace_stale_after_s)
+    if swept:
+        log.info("workspaces_swept", count=len(swept))
     if _settings.preload_models:
         registry.preload()
     log.info("worker_ready", **registry.stats())

@@ -1,0 +1,135 @@
+"""Operator commands on the celery CLI: ``celery -A worker.app jobs list|show|requeue|cancel|purge-failed``.
+
+Registered through the ``celery.commands`` entry point (pyproject.toml), so they
+run wherever the celery CLI runs, against the same broker and job records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from celery.bin.base import CeleryCommand
+
+from ecg_audio.chain import send_chain
+from ecg_audio.jobs import FAILED_SET, JobStore
+from ecg_audio.settings import get_settings
+
+
+def _store(app: Any) -> JobStore:
+    s = get_settings()
+    return JobStore.from_url(app.conf.broker_url or s.redis_url, s.job_ttl_s)
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else "-"
+
+
+@click.group(name="jobs", help="Inspect and steer jobs: list, show, requeue, cancel, purge-failed.")
+def jobs() -> None:
+    pass
+
+
+@jobs.command(cls=CeleryCommand, name="list")
+@click.option("--failed", is_flag=True, help="only failed jobs (the dead-letter list)")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def list_jobs(ctx: click.Context, failed: bool, limit: int) -> None:
+    """One line per job, newest first."""
+    app = ctx.obj.app
+    store = _store(app)
+    ids = store.failed_ids(limit) if failed else list(store.r.zrevrange("ecg:jobs:all", 0, limit - 1))
+    for job_id in ids:
+        rec = store.get(job_id)
+        if rec is None:
+            continue
+        err = f" {rec.error_code}: {rec.error_message}" if rec.error_code else ""
+        click.echo(
+            f"{rec.job_id}\t{rec.status}\t{rec.progress:3d}%\t{rec.stage or '-'}\t{_fmt_time(rec.updated_at)}{err}"
+        )
+
+
+@jobs.command(cls=CeleryCommand)
+@click.argument("job_id")
+@click.pass_context
+def show(ctx: click.Context, job_id: str) -> None:
+    """The whole job record (and whether a result is stored)."""
+    store = _store(ctx.obj.app)
+    rec = store.get(job_id)
+    if rec is None:
+        raise click.ClickException(f"no job {job_id!r}")
+    doc = dict(rec.__dict__)
+    doc["result_stored"] = store.get_result(job_id) is not None
+    click.echo(json.dumps(doc, indent=1, default=str))
+
+
+@jobs.command(cls=CeleryCommand)
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--priority", type=click.IntRange(0, 9), default=None)
+@click.pass_context
+def requeue(ctx: click.Context, job_ids: tuple[str, ...], priority: int | None) -> None:
+    """Send failed (or stuck) jobs again; finished stages are skipped (checkpoints)."""
+    app = ctx.obj.app
+    store = _store(app)
+    for job_id in job_ids:
+        rec = store.get(job_id)
+        if rec is None:
+            click.echo(f"{job_id}: no such job", err=True)
+            continue
+        if rec.status == "completed":
+            click.echo(f"{job_id}: already completed, nothing to do")
+            continue
+        req = rec.request
+        payload = {
+            "job_id": job_id,
+            "source": req.get("video_url"),
+            "language": req.get("language"),
+            "callback_url": req.get("callback_url"),
+            "options": {k: v for k, v in (req.get("options") or {}).items() if v is not None},
+        }
+        store.requeue(job_id)
+        store.r.delete(f"ecg:cb:final:{job_id}")  # the requeued run will report its own final
+        send_chain(app, payload, priority=priority)
+        click.echo(f"{job_id}: requeued (resumes after the last finished stage)")
+
+
+@jobs.command(cls=CeleryCommand)
+@click.argument("job_ids", nargs=-1, required=True)
+@click.pass_context
+def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
+    """Cancel queued or running jobs: the next stage boundary stops the chain."""
+    store = _store(ctx.obj.app)
+    for job_id in job_ids:
+        rec = store.get(job_id)
+        if rec is None or rec.status in ("completed", "failed"):
+            click.echo(f"{job_id}: nothing to cancel ({rec.status if rec else 'unknown'})")
+            continue
+        store.mark_failed(job_id, "CANCELLED", "cancelled by an operator", rec.stage)
+        click.echo(f"{job_id}: cancelled")
+
+
+@jobs.command(name="purge-failed", cls=CeleryCommand)
+@click.option("--older-than", default=0.0, show_default=True, help="only failures older than this many hours")
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.pass_context
+def purge_failed(ctx: click.Context, older_than: float, yes: bool) -> None:
+    """Forget failed jobs (records, dead-letter entries and their workspaces)."""
+    import shutil
+
+    store = _store(ctx.obj.app)
+    cutoff = time.time() - older_than * 3600
+    ids = [i for i in store.r.zrangebyscore(FAILED_SET, 0, cutoff)]
+    if not ids:
+        click.echo("no failed jobs to purge")
+        return
+    if not yes:
+        click.confirm(f"purge {len(ids)} failed jobs?", abort=True)
+    root = get_settings().workspace_root
+    for job_id in ids:
+        store.r.delete(f"ecg:job:{job_id}", f"ecg:result:{job_id}")
+        store.r.zrem(FAILED_SET, job_id)
+        store.r.zrem("ecg:jobs:all", job_id)
+        shutil.rmtree(root / job_id, ignore_errors=True)
+    click.echo(f"purged {len(ids)} failed jobs")
