@@ -46,10 +46,11 @@ result_backend = _s.redis_url
 # after visibility_timeout. It must be longer than the longest stage, or a slow
 # but healthy stage would be handed to a second worker and run twice. The shim
 # shares the broker, so it reads this same module.
+PRIORITY_STEPS = list(range(10))
 broker_transport_options = {
     "visibility_timeout": LONGEST_HARD_LIMIT + 1800,
     "queue_order_strategy": "priority",
-    "priority_steps": list(range(10)),
+    "priority_steps": PRIORITY_STEPS,
 }
 result_backend_transport_options = {"visibility_timeout": LONGEST_HARD_LIMIT + 1800}
 broker_connection_retry_on_startup = True

@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import celeryconfig
 from ecg_audio.chain import job_payload, send_chain
@@ -33,6 +35,9 @@ log = structlog.get_logger("ecg.shim")
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ENGLISH = {"en", "english"}
+UPLOAD_PATH = "/api/uploads"
+# Job requests are small JSON documents; anything bigger is a mistake or an attack.
+MAX_JSON_BODY_BYTES = 64 * 1024
 
 
 # --- request and response models -------------------------------------------
@@ -112,6 +117,76 @@ class ErrorBody(BaseModel):
     detail: Any
 
 
+# every protected route can answer these; documented so clients (and schema checks) know their shape
+PROTECTED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No API key"},
+    403: {"model": ErrorBody, "description": "API key not accepted"},
+    413: {"model": ErrorBody, "description": "Request body too large"},
+    422: {"model": ErrorBody, "description": "The request is malformed or not accepted; `detail` says why"},
+}
+
+
+# --- request body limit --------------------------------------------------------
+
+
+def _send_413(max_bytes: int) -> JSONResponse:
+    return JSONResponse(
+        status_code=413,
+        content={
+            "detail": f"request body larger than {max_bytes} bytes ({max_bytes // 1024} KiB): job requests are "
+            f"small JSON documents; send media with POST {UPLOAD_PATH}"
+        },
+    )
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` (413) on every route but the streamed upload.
+
+    A declared Content-Length over the cap is refused before a byte is read; a chunked body is
+    buffered up to the cap and refused as soon as it passes it, so no route ever parses more.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt_paths: frozenset[str]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt_paths = exempt_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_413(self.max_bytes)(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > self.max_bytes:
+                await _send_413(self.max_bytes)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _printable(text: str) -> str:
+    """Text safe to put in a JSON response: lone surrogates (from a hostile JSON key) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --- wiring ------------------------------------------------------------------
 
 
@@ -130,7 +205,7 @@ def queue_depth(
     pipe = r.pipeline()
     names: list[str] = []
     for q in queues:
-        for p in celeryconfig.broker_transport_options["priority_steps"]:
+        for p in celeryconfig.PRIORITY_STEPS:
             names.append(q)
             pipe.llen(q if p == 0 else f"{q}\x06\x16{p}")
     out: dict[str, int] = dict.fromkeys(queues, 0)
@@ -149,6 +224,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = JobStore(r, settings.job_ttl_s)
     celery_app = make_celery(settings)
     keys = [k.get_secret_value().encode() for k in settings.api_keys if k.get_secret_value()]
+    if not keys:
+        # closed by default: with no key configured no key can match, so every protected route answers 403
+        log.warning("no_api_keys_configured", effect="every route but /health refuses every request")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -168,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "times and voice features. Every route but /health needs `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, exempt_paths=frozenset({UPLOAD_PATH}))
 
     def require_key(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
         if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
@@ -189,8 +268,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # neither the input nor pydantic's ctx is echoed; a loc can hold a client's JSON key, so it is escaped
         errors = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))[:300], "type": e.get("type")}
+            {
+                "loc": [_printable(str(p))[:200] for p in e.get("loc", ())],
+                "msg": _printable(str(e.get("msg", "")))[:300],
+                "type": str(e.get("type", "")),
+            }
             for e in exc.errors()[:20]
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
@@ -288,7 +372,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/api/upload-video/process-video",
         status_code=202,
         response_model=Accepted | JobState,
-        responses={200: {"model": JobState}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+        responses={200: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Accept a job (idempotent on job_id)",
     )
     def process_video(req: ProcessRequest, _: Auth) -> Any:
@@ -300,19 +384,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/transcribe",
         response_model=JobState,
-        responses={202: {"model": JobState}},
+        responses={202: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Submit and wait for the result",
     )
     async def transcribe(req: ProcessRequest, _: Auth) -> Any:
-        _, rec = await asyncio.to_thread(submit, req)
+        created_and_rec = await asyncio.to_thread(submit, req)
+        rec = created_and_rec[1]
         deadline = time.monotonic() + settings.transcribe_wait_s
         while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
             await asyncio.sleep(0.25)
-            rec = await asyncio.to_thread(store.get, req.job_id) or rec
+            latest = await asyncio.to_thread(store.get, req.job_id)
+            rec = latest or rec
         code = 200 if rec.status in ("completed", "failed") else 202
         return JSONResponse(status_code=code, content=state_of(rec).model_dump())
 
-    @app.get("/jobs/{job_id}", response_model=JobState, responses={404: {"model": ErrorBody}})
+    @app.get("/jobs/{job_id}", response_model=JobState, responses={**PROTECTED_RESPONSES, 404: {"model": ErrorBody}})
     def get_job(job_id: str, _: Auth) -> JobState:
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise HTTPException(404, "no such job")
@@ -321,7 +407,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, "no such job")
         return state_of(rec)
 
-    @app.delete("/jobs/{job_id}", response_model=JobState, responses={404: {"model": ErrorBody}})
+    @app.delete("/jobs/{job_id}", response_model=JobState, responses={**PROTECTED_RESPONSES, 404: {"model": ErrorBody}})
     def cancel_job(job_id: str, _: Auth) -> JobState:
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise HTTPException(404, "no such job")
@@ -334,12 +420,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return state_of(rec)
 
     @app.post(
-        "/api/uploads",
+        UPLOAD_PATH,
         response_model=UploadAccepted,
         status_code=201,
+        responses=PROTECTED_RESPONSES,
         summary="Upload a media file; use the returned video_url in a job",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
     )
     async def upload(request: Request, _: Auth) -> UploadAccepted:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > settings.max_download_bytes:
+            raise HTTPException(413, f"upload larger than {settings.max_download_bytes} bytes")
         uploads = uploads_dir(settings)
         uploads.mkdir(parents=True, exist_ok=True)
         upload_id = uuid.uuid4().hex

@@ -115,8 +115,7 @@ class CallbackOutbox:
         """Deliver what is due now; returns the number of events delivered."""
         delivered = 0
         for job_id in self.r.zrangebyscore(DUE_KEY, 0, time.time(), start=0, num=limit):
-            job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
-            delivered += self._deliver_job(client, job_id)
+            delivered += self._deliver_job(client, job_id.decode() if isinstance(job_id, bytes) else str(job_id))
         return delivered
 
     def _deliver_job(self, client: httpx.Client, job_id: str) -> int:

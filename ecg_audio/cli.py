@@ -186,6 +186,24 @@ def cmd_down(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(a: argparse.Namespace) -> int:
+    """Publish the queue-depth metrics that drive the worker Auto Scaling Group."""
+    from ecg_audio.aws import settings_with_secrets
+    from ecg_audio.logs import configure_logging
+    from ecg_audio.queue_metrics import publish_queue_metrics, run_forever
+
+    settings = settings_with_secrets()
+    configure_logging(settings.log_level, settings.log_json)
+    if a.once:
+        print(json.dumps(publish_queue_metrics()))
+        return 0
+    try:
+        run_forever(a.interval, settings=settings)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecg-audio", description="Who said what, when.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="return once ready; stop with 'ecg-audio down'")
     up.add_argument("--timeout", type=float, default=600)
     up.set_defaults(func=cmd_up)
+
+    mt = sub.add_parser("metrics", help="publish QueueLength and BacklogPerInstance to CloudWatch")
+    mt.add_argument("--interval", type=float, help="seconds between rounds (default ECG_METRICS_INTERVAL_S)")
+    mt.add_argument("--once", action="store_true", help="publish one round, print it, exit")
+    mt.set_defaults(func=cmd_metrics)
 
     dn = sub.add_parser("down", help="stop what 'up --detach' started")
     dn.add_argument("--var-dir", default=str(DEFAULT_VAR))

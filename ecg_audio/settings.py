@@ -24,9 +24,7 @@ def _default_var_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="ECG_", env_file=".env", env_ignore_empty=True, extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="ECG_", env_file=".env", env_ignore_empty=True, extra="ignore")
 
     # --- broker and state -------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -103,6 +101,12 @@ class Settings(BaseSettings):
     )
     scale_in_protection: bool = Field(
         default=False, description="Protect this worker's instance from scale-in while it holds a task."
+    )
+
+    # --- reliability ---------------------------------------------------------
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_dead_after_s: float = Field(
+        default=30.0, gt=0, description="A worker silent this long is dead; its held messages are requeued."
     )
 
     # --- operations ------------------------------------------------------

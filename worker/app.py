@@ -7,15 +7,19 @@ which therefore never touches CUDA) and stay loaded for every job after.
 
 from __future__ import annotations
 
-import structlog
-from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from typing import Any
 
+import structlog
+from celery import Celery, signals
+
+from ecg_audio.aws import settings_with_secrets
 from ecg_audio.logs import configure_logging, quiet_model_warnings
-from ecg_audio.settings import get_settings, offline_model_env
+from ecg_audio.settings import offline_model_env
 
 offline_model_env()
-_settings = get_settings()
+# secrets (AWS Secrets Manager, when configured) reach the environment before
+# anything reads the settings, celeryconfig included
+_settings = settings_with_secrets()
 configure_logging(_settings.log_level, _settings.log_json)
 
 app = Celery("ecg")
@@ -23,15 +27,43 @@ app.config_from_object("celeryconfig")
 app.autodiscover_tasks(["tasks"], related_name="pipeline_tasks", force=True)
 
 log = structlog.get_logger("ecg.worker")
-_dispatcher = None
+_state: dict[str, Any] = {}
+
+if _settings.scale_in_protection:
+    from worker.scaling import connect_celery_signals
+
+    connect_celery_signals()
 
 
-@worker_process_init.connect
+@signals.worker_ready.connect
+def _parent_ready(sender: Any = None, **_: object) -> None:
+    """In the parent: heartbeat + held messages, so peers can restore them if this worker dies."""
+    import redis
+
+    from worker.liveness import Liveness
+
+    _state["liveness"] = Liveness(
+        redis.Redis.from_url(_settings.redis_url),
+        app,
+        interval_s=_settings.worker_heartbeat_s,
+        dead_after_s=_settings.worker_dead_after_s,
+    ).start()
+
+
+@signals.worker_shutdown.connect
+def _parent_shutdown(**_: object) -> None:
+    liveness = _state.pop("liveness", None)
+    if liveness is not None:
+        liveness.stop()
+
+
+@signals.worker_process_init.connect
 def _init_process(**_: object) -> None:
     """Runs in each child process: load the models, start the callback dispatcher."""
-    global _dispatcher
     import tasks.pipeline_tasks  # noqa: F401  (registers the tasks in this process)
     from ecg_audio.callbacks import Dispatcher
+    from ecg_audio.job_metrics import job_metrics_from_settings
+    from pipeline.workspace import sweep_stale
     from tasks import context
     from worker.models import get_registry
 
@@ -39,18 +71,35 @@ def _init_process(**_: object) -> None:
     configure_logging(_settings.log_level, _settings.log_json)
     registry = get_registry(_settings)
     context.set_model_provider(lambda: registry)
-    from pipeline.workspace import sweep_stale
-
     swept = sweep_stale(_settings.workspace_root, _settings.workspace_stale_after_s)
     if swept:
         log.info("workspaces_swept", count=len(swept))
     if _settings.preload_models:
         registry.preload()
     log.info("worker_ready", **registry.stats())
-    _dispatcher = Dispatcher(context.outbox()).start()
+    _state["dispatcher"] = Dispatcher(context.outbox()).start()
+    _state["metrics"] = job_metrics_from_settings(_settings)
 
 
-@worker_process_shutdown.connect
+@signals.task_prerun.connect
+def _stage_started(task_id: str | None = None, task: Any = None, **_: object) -> None:
+    metrics = _state.get("metrics")
+    if metrics is not None and task_id and task is not None:
+        metrics.stage_started(task_id, task.name.removeprefix("ecg."))
+
+
+@signals.task_postrun.connect
+def _stage_finished(task_id: str | None = None, state: str | None = None, **_: object) -> None:
+    metrics = _state.get("metrics")
+    if metrics is not None and task_id:
+        metrics.stage_finished(task_id, ok={"SUCCESS": True, "FAILURE": False}.get(state or ""))
+
+
+@signals.worker_process_shutdown.connect
 def _shutdown_process(**_: object) -> None:
-    if _dispatcher is not None:
-        _dispatcher.stop()
+    dispatcher = _state.pop("dispatcher", None)
+    if dispatcher is not None:
+        dispatcher.stop()
+    metrics = _state.pop("metrics", None)
+    if metrics is not None:
+        metrics.close()

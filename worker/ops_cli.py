@@ -40,7 +40,7 @@ def list_jobs(ctx: click.Context, failed: bool, limit: int) -> None:
     """One line per job, newest first."""
     app = ctx.obj.app
     store = _store(app)
-    ids = store.failed_ids(limit) if failed else list(store.r.zrevrange("ecg:jobs:all", 0, limit - 1))
+    ids = store.failed_ids(limit) if failed else [str(i) for i in store.r.zrevrange("ecg:jobs:all", 0, limit - 1)]
     for job_id in ids:
         rec = store.get(job_id)
         if rec is None:
@@ -120,7 +120,7 @@ def purge_failed(ctx: click.Context, older_than: float, yes: bool) -> None:
 
     store = _store(ctx.obj.app)
     cutoff = time.time() - older_than * 3600
-    ids = [i for i in store.r.zrangebyscore(FAILED_SET, 0, cutoff)]
+    ids = [str(i) for i in store.r.zrangebyscore(FAILED_SET, 0, cutoff)]
     if not ids:
         click.echo("no failed jobs to purge")
         return
