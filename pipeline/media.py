@@ -201,8 +201,10 @@ def extract_audio(
     if res.returncode != 0:
         dest_wav.unlink(missing_ok=True)
         low = err.lower()
-        if "decoder" in low and ("not found" in low or "unknown" in low) or "unsupported codec" in low:
-            codec = info.audio_codec or "unknown"
+        # ffmpeg 7+ says "no decoder found for: none" where older ones said "Decoder ... not found"
+        no_decoder = "decoder" in low and ("not found" in low or "unknown" in low or "no decoder found" in low)
+        if no_decoder or "unsupported codec" in low:
+            codec = info.audio_codec if info.audio_codec not in (None, "none") else "unknown"
             raise InvalidMediaError(f"the audio codec '{codec}' is not supported: re-encode to AAC, Opus or PCM")
         raise InvalidMediaError(_unreadable_message(err))
     from pipeline.audio import wav_duration
