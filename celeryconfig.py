@@ -6,7 +6,7 @@ once, with a result or a clear error, whatever happens to a worker.
 
 from __future__ import annotations
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from ecg_audio.settings import get_settings
 
@@ -82,7 +82,7 @@ task_track_started = True
 # Celery's per-task results expire with the job records.
 result_expires = _s.job_ttl_s
 
-task_queues = (Queue(MODEL_QUEUE), Queue(CPU_QUEUE))
+task_queues = tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (MODEL_QUEUE, CPU_QUEUE))
 task_default_queue = CPU_QUEUE
 # A typo in a queue name must fail loudly, not create a queue nobody consumes.
 task_create_missing_queues = False

@@ -8,11 +8,13 @@ faults are, three times, with backoff), and the final outcome, reported once.
 from __future__ import annotations
 
 import random
+import threading
+import uuid
 from typing import Any
 
 import structlog
 from celery import Task, shared_task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from pipeline.errors import AnalysisError, ProcessingError, StageTimeoutError
 from tasks import context
@@ -21,6 +23,49 @@ from tasks.stages import JobSpec, run_stage
 log = structlog.get_logger("ecg.tasks")
 
 NETWORK_RETRIES = 3
+LEASE_TTL_S = 60.0
+LEASE_RETRY_S = 10.0
+
+
+class StageLease:
+    """At most one run of a given job's stage at a time, across workers.
+
+    A lease in Redis with a short TTL, renewed by a thread while the stage runs:
+    a worker that dies stops renewing, so its lease lapses within LEASE_TTL_S and a
+    redelivered copy can take over, while a live duplicate is kept waiting.
+    """
+
+    def __init__(self, client: Any, job_id: str, stage: str) -> None:
+        self.r = client
+        self.key = f"ecg:lease:{job_id}:{stage}"
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StageLease:
+        self.held = bool(self.r.set(self.key, self.token, nx=True, px=int(LEASE_TTL_S * 1000)))
+        if self.held:
+            self._thread = threading.Thread(target=self._renew, name="ecg-lease", daemon=True)
+            self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_TTL_S / 3):
+            try:
+                if self.r.get(self.key) in (self.token, self.token.encode()):
+                    self.r.pexpire(self.key, int(LEASE_TTL_S * 1000))
+            except Exception:  # a Redis hiccup: the next round tries again
+                log.warning("lease_renew_failed", key=self.key)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.held:
+            try:
+                if self.r.get(self.key) in (self.token, self.token.encode()):
+                    self.r.delete(self.key)
+            except Exception:
+                log.warning("lease_release_failed", key=self.key)
 
 
 class StageTask(Task):
@@ -71,14 +116,23 @@ class StageTask(Task):
                 log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
                 raise Ignore()
             env = context.stage_env(self.reporter(job))
-            try:
-                run_stage(stage, job, env)
-            except SoftTimeLimitExceeded as e:
-                raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
+            with StageLease(store.r, job.job_id, stage) as lease:
+                if not lease.held:
+                    # the same stage of this job runs elsewhere (a redelivered duplicate): come back
+                    # later, when its checkpoint will make this a no-op
+                    log.info("stage_busy_elsewhere")
+                    raise self.retry(countdown=LEASE_RETRY_S, max_retries=None)
+                try:
+                    outcome = run_stage(stage, job, env)
+                except SoftTimeLimitExceeded as e:
+                    raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
+                if not outcome.skipped:
+                    # counted for operators and the chaos bench: a finished stage never runs twice
+                    store.r.hincrby(f"ecg:job:{job.job_id}", f"runs:{stage}", 1)
             if stage == "merge":
                 self._complete(job, env)
             return job.to_dict()
-        except Ignore:
+        except (Ignore, Retry):
             raise
         except AnalysisError as e:
             if e.retryable and self.request.retries < NETWORK_RETRIES:
