@@ -306,6 +306,7 @@ def scenario_kill(var: Path, jobs: int, kills: int) -> dict[str, Any]:
             "results_equal": sum(1 for j, c in ids.items() if fleet.signature(j) == reference[c]),
             "one_final_callback": sum(1 for j in ids if len(rcv.finals(j)) == 1),
             "stages_recomputed": recomputed,
+            "errors": sorted({(fleet.store.get(j).error_message or "") for j, s in status.items() if s == "failed"}),
         }
     finally:
         fleet.close()

@@ -23,8 +23,9 @@ from tasks.stages import JobSpec, run_stage
 log = structlog.get_logger("ecg.tasks")
 
 NETWORK_RETRIES = 3
-LEASE_TTL_S = 60.0
-LEASE_RETRY_S = 10.0
+LEASE_TTL_S = 30.0
+LEASE_RETRY_S = 5.0
+LEASE_MAX_WAITS = 100_000  # a duplicate waits as long as the original runs
 
 
 class StageLease:
@@ -121,7 +122,7 @@ class StageTask(Task):
                     # the same stage of this job runs elsewhere (a redelivered duplicate): come back
                     # later, when its checkpoint will make this a no-op
                     log.info("stage_busy_elsewhere")
-                    raise self.retry(countdown=LEASE_RETRY_S, max_retries=None)
+                    raise self.retry(countdown=LEASE_RETRY_S, max_retries=LEASE_MAX_WAITS)
                 try:
                     outcome = run_stage(stage, job, env)
                 except SoftTimeLimitExceeded as e:
