@@ -65,6 +65,7 @@ def analyze(
         env = stage_env(report, settings=s, model_provider=registry, allow_local_files=True)
         env.workspace_root = root / "workspaces"
         env.output_root = root / "output"
+        env.s3_bucket = None  # in-process runs keep everything local
         t0 = time.perf_counter()
         for name in STAGE_ORDER:
             run_stage(name, job, env)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # --- storage ---------------------------------------------------------
     workspace_root: Path = Field(default_factory=lambda: _default_var_dir() / "workspaces")
     output_root: Path = Field(default_factory=lambda: _default_var_dir() / "output")
+    workspace_backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="'s3': intermediate files under s3://ECG_S3_BUCKET/temp/{job}/, results under output/",
+    )
     keep_workspace: bool = False
     workspace_stale_after_s: int = 24 * 3600
 

@@ -71,11 +71,9 @@ def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
 
 def s3_client_factory(s: Settings) -> Callable[[], Any]:
     def factory() -> Any:
-        import boto3
+        from ecg_audio.aws import client
 
-        endpoint = getattr(s, "aws_endpoint_url", None)
-        region = getattr(s, "aws_region", None)
-        return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        return client("s3", s)  # endpoint, region and timeouts from settings
 
     return factory
 
@@ -102,4 +100,5 @@ def stage_env(
         fault_injection=s.fault_injection,
         keep_workspace=s.keep_workspace,
         uploads_dir=s.workspace_root.parent / "uploads",
+        s3_bucket=s.s3_bucket if s.workspace_backend == "s3" else None,
     )

@@ -117,6 +117,10 @@ class StageTask(Task):
                 log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
                 raise Ignore()
             env = context.stage_env(self.reporter(job))
+            if stage == "merge" and store.get_result(job.job_id) is not None:
+                # a redelivered merge after the result was stored: only the reporting is left
+                self._complete(job, env)
+                return job.to_dict()
             with StageLease(store.r, job.job_id, stage) as lease:
                 if not lease.held:
                     # the same stage of this job runs elsewhere (a redelivered duplicate): come back
@@ -152,8 +156,14 @@ class StageTask(Task):
 
     def _complete(self, job: JobSpec, env: Any) -> None:
         store = context.job_store()
-        envelope = env.workspace(job.job_id).read_json("result.json")
-        store.set_result(job.job_id, envelope)
+        envelope = store.get_result(job.job_id)
+        if envelope is None:
+            envelope = env.workspace(job.job_id).read_json("result.json")
+            store.set_result(job.job_id, envelope)
+        # the result is safe in Redis (and output/): the workspace can go before the job is
+        # reported complete, so a client that sees 'completed' never sees leftovers
+        if not env.keep_workspace:
+            env.workspace(job.job_id).remove()
         store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
         md = envelope["result"]["metadata"]
         log.info(
@@ -179,8 +189,6 @@ class StageTask(Task):
                 },
                 final=True,
             )
-        if not env.keep_workspace:
-            env.workspace(job.job_id).remove()
 
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
         store = context.job_store()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
-from pipeline.workspace import Workspace
+from pipeline.workspace import S3Workspace, Workspace
 
 log = structlog.get_logger("ecg.stages")
 
@@ -99,9 +99,32 @@ class StageEnv:
     fault_injection: str | None = None
     keep_workspace: bool = False
     uploads_dir: Path | None = None  # where upload://<id> inputs live
+    s3_bucket: str | None = None  # set: workspace under s3://bucket/temp/{job}/, results under output/
+    _s3: Any = None
+
+    def s3(self) -> Any:
+        if self._s3 is None:
+            if self.s3_client_factory is None:
+                raise RuntimeError("an S3 workspace needs an S3 client factory")
+            self._s3 = self.s3_client_factory()
+        return self._s3
 
     def workspace(self, job_id: str) -> Workspace:
+        if self.s3_bucket:
+            return S3Workspace.open_s3(self.workspace_root, job_id, self.s3(), self.s3_bucket)
         return Workspace.open(self.workspace_root, job_id)
+
+    def write_output(self, name: str, text: str) -> str:
+        """Write a result file where results go: ``s3://bucket/output/`` or the local output root."""
+        if self.s3_bucket:
+            self.s3().put_object(Bucket=self.s3_bucket, Key=f"output/{name}", Body=text.encode())
+            return f"s3://{self.s3_bucket}/output/{name}"
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        path = self.output_root / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return str(path)
 
 
 @dataclass
@@ -301,18 +324,11 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         notes=transcript.get("notes") or [],
     )
     envelope = {"job_id": job.job_id, "status": "completed", "result": result}
-    env.output_root.mkdir(parents=True, exist_ok=True)
     for ext, text in exports(result, job.job_id).items():
-        _atomic_write(env.output_root / f"{job.job_id}.{ext}", text)
+        env.write_output(f"{job.job_id}.{ext}", text)
     ws.write_json("result.json", envelope)
     # the JSON is written last: its presence in output/ means the job is complete
-    _atomic_write(env.output_root / f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    env.write_output(f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
 
 
 _BODIES: dict[str, Callable[[JobSpec, StageEnv, Workspace], None]] = {
