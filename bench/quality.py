@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Quality bench: WER, DER and cpWER of the whole pipeline on the evaluation set.
+
+Runs ``ecg_audio.runner.analyze`` (in-process, the embedded models unless settings
+say otherwise) on each file, scores it with ``../shared/tools/score.py`` — the one
+scorer everybody uses — and prints one JSON line per file and one with totals.
+
+Evaluation set: pyannote's bundled sample call (stm + rttm in the package) and,
+from ../shared/audio: conv_2spk_10min, conv_3spk_overlap_3min, jfk.flac (1 speaker),
+stereo_diarization.wav mixed to mono (2 speakers).
+
+usage: bench/quality.py [--files sample,conv2,conv3,jfk,stereo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+
+def eval_set(tmp: Path) -> dict[str, dict[str, Any]]:
+    import pyannote.audio
+
+    from pipeline.media import ffmpeg_exe
+
+    sample = Path(pyannote.audio.__file__).parent / "sample"
+    audio = SHARED / "audio"
+    files: dict[str, dict[str, Any]] = {
+        "sample": {"wav": sample / "sample.wav", "ref": sample / "sample.stm", "rttm": sample / "sample.rttm"},
+    }
+    if audio.is_dir():
+        files["conv2"] = {
+            "wav": audio / "conv_2spk_10min.wav",
+            "ref": audio / "conv_2spk_10min.json",
+            "rttm": audio / "conv_2spk_10min.rttm",
+        }
+        files["conv3"] = {
+            "wav": audio / "conv_3spk_overlap_3min.wav",
+            "ref": audio / "conv_3spk_overlap_3min.json",
+            "rttm": audio / "conv_3spk_overlap_3min.rttm",
+        }
+        jfk_txt = tmp / "jfk.txt"
+        jfk_txt.write_text(
+            "And so my fellow Americans, ask not what your country can do for you, "
+            "ask what you can do for your country."
+        )
+        files["jfk"] = {"wav": audio / "jfk.flac", "ref": jfk_txt, "rttm": None, "speakers": 1}
+        mono = tmp / "stereo_mono.wav"
+        subprocess.run(
+            [
+                ffmpeg_exe(),
+                "-loglevel",
+                "error",
+                "-y",
+                "-i",
+                str(audio / "stereo_diarization.wav"),
+                "-ac",
+                "1",
+                str(mono),
+            ],
+            check=True,
+        )
+        stereo_txt = tmp / "stereo.txt"
+        stereo_txt.write_text(
+            "He began a confused complaint against the wizard, who had vanished behind the curtain "
+            "on the left. The horizon seems extremely distant."
+        )
+        files["stereo"] = {"wav": mono, "ref": stereo_txt, "rttm": None, "speakers": 2}
+    else:
+        print(f"../shared is absent ({SHARED}): only pyannote's sample is scored", file=sys.stderr)
+    return files
+
+
+def score(result_json: Path, ref: Path, rttm: Path | None) -> dict[str, Any]:
+    cmd = [sys.executable, str(SHARED / "tools" / "score.py"), str(result_json), str(ref)]
+    if rttm:
+        cmd += ["--rttm", str(rttm)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", help="comma-separated subset of: sample,conv2,conv3,jfk,stereo")
+    a = ap.parse_args()
+    if not (SHARED / "tools" / "score.py").exists():
+        print(json.dumps({"skipped": f"../shared/tools/score.py is absent ({SHARED})"}))
+        return 0
+    from ecg_audio.logs import configure_logging
+    from ecg_audio.runner import analyze
+    from worker.models import get_registry
+
+    configure_logging("WARNING", json_output=False)
+    registry = get_registry()
+    registry.preload()  # model loading is not part of any file's figures
+    totals: dict[str, Any] = {"files": 0, "audio_s": 0.0, "wall_s": 0.0, "stage_s": {}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ecg-quality-") as tmp_s:
+        tmp = Path(tmp_s)
+        files = eval_set(tmp)
+        wanted = a.files.split(",") if a.files else list(files)
+        for name in wanted:
+            f = files[name]
+            t0 = time.perf_counter()
+            env = analyze(str(f["wav"]), registry=registry)
+            wall = time.perf_counter() - t0
+            env.pop("exports", None)
+            out = tmp / f"{name}.json"
+            out.write_text(json.dumps(env))
+            s = score(out, f["ref"], f["rttm"])
+            md = env["result"]["metadata"]
+            speakers = md["speakers_detected"]
+            row = {
+                "file": name,
+                "duration_s": md["duration"],
+                "wer": s.get("wer"),
+                "der": s.get("der"),
+                "cpwer": s.get("cpwer"),
+                "speakers_ref": s.get("speakers_ref", f.get("speakers")),
+                "speakers_found": speakers,
+                "cpwer_minus_wer": None if s.get("cpwer") is None else round(s["cpwer"] - s["wer"], 4),
+                "wall_s": round(wall, 2),
+                "stage_s": md["stage_times"],
+            }
+            if f.get("speakers") is not None:
+                row["speakers_ok"] = speakers == f["speakers"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            totals["files"] += 1
+            totals["audio_s"] += md["duration"]
+            totals["wall_s"] += wall
+            for k, v in md["stage_times"].items():
+                totals["stage_s"][k] = round(totals["stage_s"].get(k, 0.0) + v, 3)
+    scored = [r for r in rows if r["der"] is not None and r["speakers_ref"] and r["speakers_ref"] >= 2]
+    totals.update(
+        {
+            "audio_s": round(totals["audio_s"], 1),
+            "wall_s": round(totals["wall_s"], 1),
+            "mean_wer": round(sum(r["wer"] for r in rows) / max(1, len(rows)), 4),
+            "mean_der": round(sum(r["der"] for r in scored) / max(1, len(scored)), 4) if scored else None,
+            "max_cpwer_minus_wer": max((r["cpwer_minus_wer"] for r in scored), default=None),
+            "speakers_found": {r["file"]: r["speakers_found"] for r in rows},
+        }
+    )
+    print(json.dumps({"totals": totals}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
