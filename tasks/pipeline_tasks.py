@@ -166,10 +166,13 @@ class StageTask(Task):
             env.workspace(job.job_id).remove()
         store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
         md = envelope["result"]["metadata"]
+        import resource
+
         log.info(
             "video_processing_completed",
             duration=md["duration"],
             processing_time=md["processing_time"],
+            peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             speakers=md["speakers_detected"],
             segments=md["segments_created"],
         )
