@@ -6,8 +6,10 @@ workers keep in Redis.
 """
 
 import asyncio
+import concurrent.futures
 import hmac
 import re
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -29,7 +31,7 @@ import celeryconfig
 from ecg_audio.chain import job_payload, send_chain
 from ecg_audio.jobs import JobRecord, JobStore
 from ecg_audio.logs import configure_logging
-from ecg_audio.settings import Settings, get_settings
+from ecg_audio.settings import Settings
 
 log = structlog.get_logger("ecg.shim")
 
@@ -218,7 +220,10 @@ bearer = HTTPBearer(auto_error=False)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:
+        from ecg_audio.aws import settings_with_secrets  # secrets reach the environment first
+
+        settings = settings_with_secrets()
     configure_logging(settings.log_level, settings.log_json)
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
     store = JobStore(r, settings.job_ttl_s)
@@ -335,7 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allowlist=tuple(settings.url_allowlist),
         )
         try:
-            check_url(url, policy)
+            check_url(url, policy, resolve=resolve_with_deadline)
         except Exception as e:  # UrlRefused and friends carry a safe message
             msg = getattr(e, "message", None) or "URL not accepted"
             raise HTTPException(422, f"{field}: {msg}") from None
@@ -471,6 +476,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok" if workers else "degraded", broker=broker, workers=workers, queue_depth=depth)
 
     return app
+
+
+# Submission resolves the media host (SSRF check). A name server that never answers would hold a
+# request thread for the resolver's own timeouts (tens of seconds); a small pool and a deadline cap that.
+DNS_DEADLINE_S = 3.0
+_dns_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="shim-dns")
+
+
+def resolve_with_deadline(host: str, port: int) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo`` that gives up after DNS_DEADLINE_S (as a temporary DNS failure)."""
+    future = _dns_pool.submit(socket.getaddrinfo, host, port)
+    try:
+        return list(future.result(timeout=DNS_DEADLINE_S))
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise socket.gaierror(socket.EAI_AGAIN, f"no DNS answer within {DNS_DEADLINE_S:g} s") from None
 
 
 def uploads_dir(settings: Settings) -> Path:

@@ -263,6 +263,38 @@ def test_no_keys_configured_refuses_every_protected_route(redis_url: str, tmp_pa
         assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())
 
 
+def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submission resolves the media host; a resolver that never answers is cut off at the deadline.
+
+    More submissions than the DNS pool has threads still each get their 422 on time.
+    """
+    from fastapi.testclient import TestClient
+
+    import api_shim.app as shim_app
+    from ecg_audio.settings import Settings
+
+    release = threading.Event()
+
+    def never_answers(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_NONAME, "too late")
+
+    monkeypatch.setattr(shim_app, "DNS_DEADLINE_S", 0.5)
+    monkeypatch.setattr(shim_app.socket, "getaddrinfo", never_answers)
+    settings = Settings(api_keys=[API_KEY], redis_url=redis_url, workspace_root=tmp_path / "ws")
+    client = TestClient(shim_app.create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        for n in range(10):  # the pool has 8 threads: the last two wait for none of them
+            t0 = time.monotonic()
+            r = client.post(PROCESS, json=_body(job_id=f"dns-{n}", video_url=f"https://slow-{n}.example/a.mp4"))
+            assert time.monotonic() - t0 < 3, "the deadline did not hold"
+            assert r.status_code == 422 and "no DNS answer within 0.5 s" in r.json()["detail"], r.text
+    finally:
+        release.set()
+
+
 # --- media rows -----------------------------------------------------------------------------------
 
 
