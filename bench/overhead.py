@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""The overhead budget: in-process pipeline vs shim -> Redis -> chained tasks on a warm worker.
+
+Same file, same models, same machine, measured in one run:
+
+* **in-process**: ``ecg_audio.runner.analyze`` in this process (models loaded once, before
+  the clock; a short warm-up job first).
+* **fleet**: this bench starts its own Redis (AOF on), ONE worker
+  (``celery -A worker.app worker -Q model,cpu --concurrency 1``) and the shim (uvicorn, one
+  process). The recording is placed in ``<var>/uploads/`` beforehand (what ``POST
+  /api/uploads`` does) and the job names it ``upload://<id>``. The clock runs from the
+  ``POST /api/upload-video/process-video`` to the first ``GET /jobs/{id}`` (polled every
+  0.2 s) that says ``completed``. The worker is warmed with one short job first.
+
+The two paths alternate (in-process, fleet, in-process, ...) so that a change in the
+machine's load hits both alike. Prints the medians and the ratio of medians; the
+acceptance figure is ``ratio <= 1.05``.
+
+The helpers here (``BenchFleet``: Redis + workers on chosen queues + the shim; process-tree
+RSS sampling) are shared with ``long.py``, ``pipelining.py`` and ``shim_load.py``.
+
+usage: bench/overhead.py [--reps 3] [--file conv_2spk_10min.wav] [--seconds N] [--keep DIR]
+
+``--seconds N`` uses only the first N seconds (smoke test). One JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+from chaos import Fleet  # noqa: E402  (bench/chaos.py: Redis + real workers)
+from stages import cut, loadavg, shared_audio  # noqa: E402
+
+ACCEPT_RATIO = 1.05
+API_KEY = "bench-" + uuid.uuid4().hex
+
+
+def eprint(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+class BenchFleet(Fleet):
+    """chaos.Fleet plus: workers on chosen queues with chosen log levels, and the shim."""
+
+    def __init__(self, var: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        super().__init__(var, extra_env={"ECG_API_KEYS": json.dumps([API_KEY]), **(extra_env or {})})
+        self.shim: subprocess.Popen[bytes] | None = None
+        self.shim_url = ""
+        self.uploads = var / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    def start_worker(  # type: ignore[override]
+        self, name: str, queues: str = "model,cpu", *, log_level: str = "WARNING", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.var / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.workers[name] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "-Q",
+                queues,
+                "--concurrency",
+                "1",
+                "-n",
+                f"{name}@%h",
+                "--loglevel",
+                log_level,
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env={**self.env, "ECG_LOG_LEVEL": log_level, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self.workers[name]
+
+    def start_shim(self, processes: int = 1, *, extra_args: tuple[str, ...] = ()) -> str:
+        from ecg_audio.stack import free_port
+
+        port = free_port()
+        log = open(self.var / "shim.log", "ab")  # noqa: SIM115
+        self.shim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api_shim.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(processes),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                *extra_args,
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.shim_url = f"http://127.0.0.1:{port}"
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.shim.poll() is not None:
+                raise RuntimeError(f"the shim exited with {self.shim.returncode}; see {self.var / 'shim.log'}")
+            try:
+                if httpx.get(self.shim_url + "/health", timeout=2).status_code == 200:
+                    return self.shim_url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the shim did not answer /health within 60 s")
+
+    def place_upload(self, path: Path) -> str:
+        """Put a file where ``POST /api/uploads`` would, and return its ``upload://`` URL."""
+        upload_id = uuid.uuid4().hex
+        try:
+            os.link(path, self.uploads / upload_id)
+        except OSError:
+            shutil.copyfile(path, self.uploads / upload_id)
+        return f"upload://{upload_id}"
+
+    def close(self) -> None:
+        if self.shim is not None:
+            try:
+                os.killpg(self.shim.pid, signal.SIGTERM)
+                self.shim.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.shim.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        super().close()
+
+
+def headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def submit_and_wait(
+    client: Any, source: str, *, poll_s: float = 0.2, timeout_s: float = 3600.0, on_poll: Any = None
+) -> tuple[float, dict[str, Any]]:
+    """POST a job to the shim and poll ``GET /jobs/{id}`` until it ends; (seconds, final state)."""
+    job_id = f"bench-{uuid.uuid4().hex[:12]}"
+    t0 = time.perf_counter()
+    resp = client.post(
+        "/api/upload-video/process-video", json={"job_id": job_id, "video_url": source}, headers=headers()
+    )
+    if resp.status_code != 202:
+        raise RuntimeError(f"submission refused: {resp.status_code} {resp.text[:300]}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.get(f"/jobs/{job_id}", headers=headers()).json()
+        if on_poll:
+            on_poll(state)
+        if state["status"] in ("completed", "failed"):
+            elapsed = time.perf_counter() - t0
+            if state["status"] != "completed":
+                raise RuntimeError(f"job {job_id} failed: {state.get('error_code')} {state.get('error_message')}")
+            return elapsed, state
+        time.sleep(poll_s)
+    raise RuntimeError(f"job {job_id} did not end within {timeout_s} s")
+
+
+class TreeRss:
+    """Peak RSS of a process and its descendants, sampled every ``interval_s`` in a thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._window_peak = 0
+
+    def rss_now(self) -> int:
+        try:
+            import psutil
+        except ImportError:  # /proc fallback
+            return _proc_tree_rss(self.pid)
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            rss = self.rss_now()
+            self.peak = max(self.peak, rss)
+            self._window_peak = max(self._window_peak, rss)
+            self.samples.append((round(time.monotonic() - t0, 1), rss))
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> TreeRss:
+        self._thread.start()
+        return self
+
+    def reset_window(self) -> None:
+        self._window_peak = self.rss_now()
+
+    def window_peak(self) -> int:
+        return self._window_peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _proc_tree_rss(pid: int) -> int:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    total, todo = 0, [pid]
+    page = os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        p = todo.pop()
+        try:
+            total += int((Path(f"/proc/{p}/statm")).read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            pass
+        todo += children.get(p, [])
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
+    ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
+    ap.add_argument("--keep", help="keep logs and workspaces in this directory")
+    a = ap.parse_args()
+    src = shared_audio(a.file)
+
+    import httpx
+
+    from ecg_audio.runner import analyze
+    from ecg_audio.settings import get_settings
+    from worker.models import get_registry
+
+    with tempfile.TemporaryDirectory(prefix="ecg-bench-overhead-") as tmp:
+        var = Path(a.keep or tmp)
+        var.mkdir(parents=True, exist_ok=True)
+        path = cut(src, a.seconds, var) if a.seconds else src
+        warm_clip = cut(src, 5.0, var)
+        fleet = BenchFleet(var / "fleet")
+        try:
+            fleet.start_worker("w1")
+            fleet.start_shim(1)
+            eprint("overhead: loading models in this process")
+            settings = get_settings()
+            registry = get_registry(settings)
+            registry.preload()
+            fleet.wait_workers(1)
+            client = httpx.Client(base_url=fleet.shim_url, timeout=30)
+            eprint("overhead: warm-up jobs")
+            analyze(str(warm_clip), settings=settings, registry=registry)
+            submit_and_wait(client, fleet.place_upload(warm_clip))
+            inproc: list[float] = []
+            shim: list[float] = []
+            stage_sums: list[float] = []
+            load_before = loadavg()
+            for i in range(a.reps):
+                t0 = time.perf_counter()
+                analyze(str(path), settings=settings, registry=registry)
+                inproc.append(time.perf_counter() - t0)
+                eprint(f"overhead: rep {i + 1}: in-process {inproc[-1]:.2f} s  load {loadavg()}")
+                secs, state = submit_and_wait(client, fleet.place_upload(path))
+                shim.append(secs)
+                stage_sums.append(sum(state["result"]["metadata"]["stage_times"].values()))
+                eprint(
+                    f"overhead: rep {i + 1}: fleet {shim[-1]:.2f} s (stages {stage_sums[-1]:.2f} s)  load {loadavg()}"
+                )
+            load_after = loadavg()
+        finally:
+            fleet.close()
+    med_in, med_shim = statistics.median(inproc), statistics.median(shim)
+    ratio = med_shim / med_in
+    print(
+        json.dumps(
+            {
+                "bench": "overhead",
+                "file": a.file,
+                "seconds": a.seconds,
+                "reps": a.reps,
+                "inprocess_s": [round(x, 2) for x in inproc],
+                "fleet_s": [round(x, 2) for x in shim],
+                "fleet_stage_sum_s": [round(x, 2) for x in stage_sums],
+                "median_inprocess_s": round(med_in, 2),
+                "median_fleet_s": round(med_shim, 2),
+                "ratio_of_medians": round(ratio, 4),
+                "accept_ratio_le": ACCEPT_RATIO,
+                "meets_ratio": ratio <= ACCEPT_RATIO,
+                "poll_interval_s": 0.2,
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

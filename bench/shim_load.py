@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Shim under load: accepted jobs per second and latency, and not one accepted job lost.
+
+Starts its own Redis (AOF on, as ``ecg-audio up`` runs it) and the shim under uvicorn
+(``--processes``, default 2: one per core of a 2-core machine; httptools + uvloop), no
+worker (jobs just queue). ``wrk`` then POSTs ``/api/upload-video/process-video`` from
+loopback for ``--seconds`` with a Lua script that gives every request a unique
+``job_id`` and an ``s3://`` ``video_url`` (the URL guard resolves no name for it, so no
+DNS is measured), and counts the answers by status.
+
+The CPU seconds that the shim's processes and Redis used during the run are read with
+psutil and divided by the accepted jobs (``cpu_ms_per_accepted``): on a shared machine
+the throughput depends on what else runs, the cost per job much less.
+
+Afterwards it counts what Redis holds: job records (``ecg:job:*`` via the
+``ecg:jobs:all`` index) and chain messages in the ``cpu`` queue (one per job: the
+first task, ``ecg.ingest``, carries the rest of the chain). Every 202 must be there:
+``lost = accepted_202 - records`` must be 0. Records may exceed the 202s counted by
+wrk by at most the requests in flight when wrk stopped (the shim finished them, wrk
+had stopped listening): reported as ``in_flight_at_stop``.
+
+Acceptance (issue "Performance"): >= 1,000 accepted jobs/s sustained, p99 <= 50 ms,
+0 lost.
+
+Needs ``wrk`` (``apt-get install -y wrk``); exits 2 with a message when it is absent.
+
+usage: bench/shim_load.py [--seconds 30] [--processes 2] [--connections 32] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from overhead import API_KEY, BenchFleet, eprint  # noqa: E402
+from stages import loadavg  # noqa: E402
+
+ACCEPT_RPS = 1000.0
+ACCEPT_P99_MS = 50.0
+
+WRK_LUA = r"""
+-- every request a unique job_id: <run>-<thread>-<counter>
+local threads = {}
+local next_id = 0
+function setup(thread)
+  next_id = next_id + 1
+  thread:set("tid", next_id)
+  table.insert(threads, thread)
+end
+function init(args)
+  run = args[1]
+  counter = 0
+  by_status = {}
+end
+function request()
+  counter = counter + 1
+  local body = '{"job_id":"' .. run .. "-" .. tid .. "-" .. counter ..
+               '","video_url":"s3://bench-bucket/in/' .. counter .. '.wav"}'
+  return wrk.format("POST", "/api/upload-video/process-video",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. API_KEY}, body)
+end
+function response(status, headers, body)
+  by_status[status] = (by_status[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local counts = {}
+  for _, t in ipairs(threads) do
+    local s = t:get("by_status")
+    for k, v in pairs(s) do counts[k] = (counts[k] or 0) + v end
+  end
+  local parts = {}
+  for k, v in pairs(counts) do table.insert(parts, '"' .. k .. '":' .. v) end
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"mean":%.1f,"p50":%d,"p90":%d,"p99":%d,"max":%d},"by_status":{%s}}\n',
+    summary.requests, summary.duration, summary.errors.connect, summary.errors.read, summary.errors.write,
+    summary.errors.status, summary.errors.timeout, latency.mean, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, table.concat(parts, ",")))
+end
+"""
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--processes", type=int, default=2, help="uvicorn worker processes")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads")
+    ap.add_argument("--keep", help="keep Redis data and logs in this directory")
+    a = ap.parse_args()
+    wrk = shutil.which("wrk")
+    if not wrk:
+        eprint("shim_load: wrk is absent: apt-get install -y wrk")
+        return 2
+
+    import redis
+
+    with tempfile.TemporaryDirectory(prefix="ecg-bench-shim-") as tmp:
+        var = Path(a.keep or tmp)
+        var.mkdir(parents=True, exist_ok=True)
+        fleet = BenchFleet(var / "fleet", extra_env={"ECG_LOG_LEVEL": "WARNING"})
+        try:
+            url = fleet.start_shim(a.processes, extra_args=("--loop", "uvloop", "--http", "httptools"))
+            script = var / "jobs.lua"
+            script.write_text(f'API_KEY = "{API_KEY}"\n' + WRK_LUA)
+            run_id = f"w{int(time.time())}"
+            # a short warm-up (imports, connection pools, first Redis scripts), then flush it
+            subprocess.run(
+                [wrk, "-t1", "-c4", "-d2s", "-s", str(script), url, "--", run_id + "warm"],
+                check=True,
+                capture_output=True,
+            )
+            r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
+            r.flushdb()
+            load_before = loadavg()
+            assert fleet.shim is not None and fleet.redis is not None
+            cpu0 = {"shim": tree_cpu_s(fleet.shim.pid), "redis": tree_cpu_s(fleet.redis.pid)}
+            eprint(f"shim_load: wrk -t{a.threads} -c{a.connections} -d{a.seconds}s against {a.processes} processes")
+            proc = subprocess.run(
+                [
+                    wrk,
+                    f"-t{a.threads}",
+                    f"-c{a.connections}",
+                    f"-d{a.seconds}s",
+                    "--timeout",
+                    "5s",
+                    "-s",
+                    str(script),
+                    url,
+                    "--",
+                    run_id,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            load_after = loadavg()
+            cpu = {
+                "shim": tree_cpu_s(fleet.shim.pid) - cpu0["shim"],
+                "redis": tree_cpu_s(fleet.redis.pid) - cpu0["redis"],
+            }
+            eprint(proc.stdout)
+            m = re.search(r"^WRKJSON (.*)$", proc.stdout, re.M)
+            if not m:
+                raise RuntimeError(f"no summary from wrk: {proc.stdout[-500:]}")
+            w = json.loads(m.group(1))
+            time.sleep(1.0)  # the shim finishes what was in flight when wrk stopped
+            records = int(r.zcard("ecg:jobs:all"))
+            keys = sum(1 for _ in r.scan_iter("ecg:job:*", count=10000))
+            from api_shim.app import queue_depth
+
+            depth = queue_depth(r)
+        finally:
+            fleet.close()
+    accepted = int(w["by_status"].get("202", 0))
+    seconds = w["duration_us"] / 1e6
+    rps = accepted / seconds
+    p99_ms = w["latency_us"]["p99"] / 1000
+    lost = max(0, accepted - min(records, keys, depth["cpu"]))
+    out = {
+        "bench": "shim_load",
+        "seconds": round(seconds, 2),
+        "uvicorn_processes": a.processes,
+        "uvicorn_options": "--loop uvloop --http httptools --no-access-log, ECG_LOG_LEVEL=WARNING",
+        "wrk": f"-t{a.threads} -c{a.connections}",
+        "requests": w["requests"],
+        "by_status": w["by_status"],
+        "socket_errors": w["errors"],
+        "accepted_202": accepted,
+        "accepted_per_s": round(rps, 1),
+        "latency_ms": {k: round(v / 1000, 2) for k, v in w["latency_us"].items()},
+        # CPU cost per accepted job: what a shared, loaded machine distorts least
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_ms_per_accepted": {k: round(1000 * v / max(1, accepted), 3) for k, v in cpu.items()},
+        "redis_job_records": records,
+        "redis_job_keys": keys,
+        "redis_chain_messages": depth,
+        "lost": lost,
+        "in_flight_at_stop": records - accepted,
+        "accept": {"rps_ge": ACCEPT_RPS, "p99_ms_le": ACCEPT_P99_MS, "lost_eq": 0},
+        "meets_rps": rps >= ACCEPT_RPS,
+        "meets_p99": p99_ms <= ACCEPT_P99_MS,
+        "meets_lost": lost == 0,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

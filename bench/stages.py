@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Seconds and real-time factor per stage, in process, on this machine's cores.
+
+Runs ``ecg_audio.runner.analyze`` (the same stage bodies as the Celery tasks, no
+broker) on a recording from ``../shared/audio`` and reads
+``result.metadata.stage_times`` (each stage's own clock, written to the job's
+``times.json``). The real-time factor of a stage is its seconds divided by the
+audio's duration: 0.05 means a minute of audio takes 3 s.
+
+Models are loaded before the clock starts (a warm worker has them), so the
+total is the pipeline's, not the model loading's. ``--reps`` runs the file
+several times and reports the median of each stage.
+
+Acceptance (issue "Performance"): the whole pipeline in <= 60 s for the 601 s
+``conv_2spk_10min.wav`` on 2 CPU cores.
+
+usage: bench/stages.py [--file conv_2spk_10min.wav] [--seconds N] [--reps 1]
+
+``--seconds N`` cuts the first N seconds into a temporary file (smoke tests).
+Prints one JSON line; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+STAGES = ["ingest", "diarize", "transcribe", "align", "features", "merge"]
+ACCEPT_TOTAL_S = 60.0
+
+
+def shared_audio(name: str) -> Path:
+    """A recording from ../shared/audio, or exit 2 with a clear message."""
+    path = SHARED / "audio" / name
+    if not path.is_file():
+        print(f"bench: {path} is absent: this bench needs the shared recordings in {SHARED}", file=sys.stderr)
+        raise SystemExit(2)
+    return path
+
+
+def cut(src: Path, seconds: float, dest_dir: Path) -> Path:
+    """The first ``seconds`` of ``src`` as a 16 kHz mono WAV in ``dest_dir``."""
+    import subprocess
+
+    from pipeline.media import ffmpeg_exe
+
+    dest = dest_dir / f"{src.stem}-{int(seconds)}s.wav"
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-loglevel",
+            "error",
+            "-y",
+            "-t",
+            str(seconds),
+            "-i",
+            str(src),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            str(dest),
+        ],
+        check=True,
+    )
+    return dest
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages (noted beside every timing: the machine is shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process and its waited-for children (ffmpeg), all threads."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# the milestone that closes each stage (tasks/stages.py STAGES); 25 is inside diarize, 85 inside merge
+STAGE_END_PROGRESS = {"ingest": 10, "diarize": 40, "transcribe": 60, "align": 70, "features": 80, "merge": 100}
+
+
+def cpu_by_stage(marks: list[tuple[str, int, float]]) -> dict[str, float]:
+    """CPU seconds per stage from the CPU clock read at each stage's closing milestone.
+
+    Less sensitive to a shared machine's load than wall seconds: another process taking a
+    core makes a stage slower, not costlier.
+    """
+    at = {p: c for _, p, c in marks}
+    out, prev = {}, marks[0][2]
+    for name, p in STAGE_END_PROGRESS.items():
+        if p in at:
+            out[name] = at[p] - prev
+            prev = at[p]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
+    ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
+    ap.add_argument("--reps", type=int, default=1)
+    a = ap.parse_args()
+    src = shared_audio(a.file)
+
+    from ecg_audio.runner import analyze
+    from ecg_audio.settings import get_settings
+    from worker.models import get_registry
+
+    settings = get_settings()
+    t_load = time.perf_counter()
+    registry = get_registry(settings)
+    preload = getattr(registry, "preload", None)
+    if callable(preload):
+        preload()
+    load_s = time.perf_counter() - t_load
+    print(f"stages: models loaded in {load_s:.1f} s", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="ecg-bench-stages-") as tmp:
+        path = cut(src, a.seconds, Path(tmp)) if a.seconds else src
+        runs: list[dict[str, Any]] = []
+        load_before = loadavg()
+        for i in range(a.reps):
+            marks: list[tuple[str, int, float]] = [("start", 0, cpu_now())]
+
+            def on_progress(stage: str, progress: int, _msg: str, marks: list[tuple[str, int, float]] = marks) -> None:
+                marks.append((stage, progress, cpu_now()))
+
+            t0 = time.perf_counter()
+            env = analyze(str(path), settings=settings, registry=registry, on_progress=on_progress)
+            wall = time.perf_counter() - t0
+            md = env["result"]["metadata"]
+            runs.append(
+                {
+                    "wall_s": wall,
+                    "duration": md["duration"],
+                    "stage_times": md["stage_times"],
+                    "cpu": cpu_by_stage(marks),
+                }
+            )
+            print(f"stages: rep {i + 1}/{a.reps}: {wall:.1f} s {md['stage_times']}", file=sys.stderr)
+        load_after = loadavg()
+
+    duration = float(runs[0]["duration"])
+    stages: dict[str, dict[str, float]] = {}
+    for name in STAGES:
+        secs = statistics.median(float(r["stage_times"].get(name, 0.0)) for r in runs)
+        cpu = statistics.median(float(r["cpu"].get(name, 0.0)) for r in runs)
+        stages[name] = {"seconds": round(secs, 2), "rtf": round(secs / duration, 4), "cpu_s": round(cpu, 2)}
+    total = statistics.median(sum(float(v) for v in r["stage_times"].values()) for r in runs)
+    wall = statistics.median(r["wall_s"] for r in runs)
+    out = {
+        "bench": "stages",
+        "file": a.file,
+        "audio_s": round(duration, 1),
+        "reps": a.reps,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "device": getattr(registry, "device", "?"),
+        "model_load_s": round(load_s, 1),
+        "stages": stages,
+        "total_s": round(total, 2),
+        "total_rtf": round(total / duration, 4),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(statistics.median(sum(r["cpu"].values()) for r in runs), 2),
+        "accept_total_le_s": ACCEPT_TOTAL_S if not a.seconds else None,
+        "meets_total": (total <= ACCEPT_TOTAL_S) if not a.seconds else None,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The performance benches still run: the cheapest ones in a tiny mode, their JSON keys checked.
+
+Each bench prints exactly one JSON line on stdout. The real figures come from running
+them in full (bench/README.md); here they only have to run, on seconds of audio.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, SHARED
+
+BENCH = REPO / "bench"
+BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu"]
+
+
+def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"{name} must print one JSON line, printed: {proc.stdout[-2000:]}"
+    out: dict[str, Any] = json.loads(lines[0])
+    return out
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_every_bench_documents_itself(name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout
+
+
+def test_gpu_bench_skips_cleanly_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU bench is a device run, not a smoke test")
+    assert run_bench("gpu") == {"skipped": "no CUDA device"}
+
+
+@pytest.mark.shared
+def test_stages_tiny() -> None:
+    if not (SHARED / "audio" / "conv_2spk_10min.wav").is_file():
+        pytest.skip(f"../shared is absent ({SHARED}): the stages bench needs conv_2spk_10min.wav")
+    out = run_bench("stages", "--seconds", "6")
+    assert set(out["stages"]) == {"ingest", "diarize", "transcribe", "align", "features", "merge"}
+    assert {"seconds", "rtf", "cpu_s"} <= set(out["stages"]["diarize"])
+    assert out["audio_s"] == pytest.approx(6.0, abs=0.1)
+    assert out["total_s"] > 0 and "loadavg_before" in out
+
+
+def test_shim_load_tiny() -> None:
+    if not shutil.which("wrk"):
+        pytest.skip("wrk is absent (apt-get install -y wrk): the shim load bench drives the shim with it")
+    out = run_bench("shim_load", "--seconds", "2", "--connections", "4")
+    assert out["accepted_202"] > 0
+    assert out["lost"] == 0, out
+    for key in ("accepted_per_s", "latency_ms", "redis_job_records", "redis_chain_messages", "uvicorn_processes"):
+        assert key in out
+    assert {"p50", "p99"} <= set(out["latency_ms"])
