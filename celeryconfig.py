@@ -76,6 +76,8 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 # default 4 s would kill the child before it is ready.
 worker_proc_alive_timeout = 600.0
 worker_hijack_root_logger = False
+# our JSON logs go to the real stderr; Celery must not swallow prints into its logger either
+worker_redirect_stdouts = False
 worker_send_task_events = True  # Flower shows tasks live
 task_send_sent_event = True
 task_track_started = True

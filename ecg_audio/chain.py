@@ -47,6 +47,8 @@ def send_chain(app: Celery, payload: dict[str, Any], *, priority: int | None = N
         }
         if priority is not None:
             opts["priority"] = priority
-        sigs.append(app.signature(name, args=(payload,) if i == 0 else (), **opts))
+        # only the job id travels: stages read the request from the job record, so URLs (and any
+        # token in them) stay out of messages, results and their logs
+        sigs.append(app.signature(name, args=({"job_id": payload["job_id"]},) if i == 0 else (), **opts))
     chain(*sigs).apply_async()
     return str(sigs[0].id)

@@ -150,7 +150,14 @@ def cmd_up(a: argparse.Namespace) -> int:
 
     var_dir = Path(a.var_dir)
     redis_url = a.redis_url or os.environ.get("ECG_REDIS_URL") or "redis://127.0.0.1:6379/0"
-    stack = bring_up(var_dir, redis_url=redis_url, shim_port=a.port, flower_port=a.flower_port, flower=not a.no_flower)
+    stack = bring_up(
+        var_dir,
+        redis_url=redis_url,
+        shim_port=a.port,
+        flower_port=a.flower_port,
+        flower=not a.no_flower,
+        cpu_worker=a.cpu_worker,
+    )
     print(f"waiting for the worker to load its models (logs in {stack.var_dir / 'logs'}) ...", file=sys.stderr)
     try:
         wait_ready(stack, timeout_s=a.timeout)
@@ -236,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--flower-port", type=int, default=5555)
     up.add_argument("--no-flower", action="store_true")
+    up.add_argument("--cpu-worker", action="store_true", help="a second worker for the cpu queue (GPU machines)")
     up.add_argument("--detach", action="store_true", help="return once ready; stop with 'ecg-audio down'")
     up.add_argument("--timeout", type=float, default=600)
     up.set_defaults(func=cmd_up)

@@ -9,6 +9,12 @@ from typing import Any
 import structlog
 
 
+def _real_stderr():  # type: ignore[no-untyped-def]
+    """The process's stderr even inside a Celery pool child, where sys.stderr is Celery's proxy
+    (writing to it from a log handler would loop back into logging and be dropped)."""
+    return sys.__stderr__ or sys.stderr
+
+
 def configure_logging(level: str = "INFO", json_output: bool = True) -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -19,11 +25,11 @@ def configure_logging(level: str = "INFO", json_output: bool = True) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_real_stderr()),
         cache_logger_on_first_use=False,
     )
     # libraries that log through the standard library go through the same renderer
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_real_stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=shared

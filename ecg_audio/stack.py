@@ -132,6 +132,7 @@ def bring_up(
     flower: bool = True,
     api_key: str | None = None,
     quiet: bool = False,
+    cpu_worker: bool = False,
 ) -> Stack:
     var_dir = var_dir.resolve()
     (var_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -151,6 +152,15 @@ def bring_up(
         stack.procs["redis"] = start_redis(var_dir / "redis", port, log=logs / "redis.log")
     env = stack.env()
     py = sys.executable
+    if cpu_worker:
+        # ingest, features and merge of other jobs run beside the model stages: the GPU never waits
+        stack.procs["cpu-worker"] = subprocess.Popen(
+            [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", "cpu", "-c", "1", "-n", "cpu@%h"],
+            start_new_session=True,
+            env=env,
+            stdout=open(logs / "cpu-worker.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
     stack.procs["worker"] = subprocess.Popen(
         [
             py,
@@ -160,7 +170,7 @@ def bring_up(
             "worker.app",
             "worker",
             "-Q",
-            "model,cpu",
+            "model" if cpu_worker else "model,cpu",
             "--concurrency",
             "1",
             "-n",
@@ -229,7 +239,7 @@ def bring_down(var_dir: Path) -> list[str]:
     if not pids_file.exists():
         return stopped
     entries = [line.split() for line in pids_file.read_text().splitlines() if line.strip()]
-    order = {"shim": 0, "flower": 1, "worker": 2, "redis": 3}
+    order = {"shim": 0, "flower": 1, "worker": 2, "cpu-worker": 2, "redis": 3}
     for name, pid in sorted(entries, key=lambda e: order.get(e[0], 9)):
         try:
             os.kill(int(pid), signal.SIGTERM)

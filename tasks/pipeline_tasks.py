@@ -107,11 +107,17 @@ class StageTask(Task):
         return report
 
     def run_stage_task(self, stage: str, payload: dict[str, Any]) -> dict[str, Any]:
-        job = JobSpec.from_dict(payload)
-        structlog.contextvars.bind_contextvars(job_id=job.job_id, stage=stage)
+        """``payload`` is ``{"job_id": ...}``: the job itself (URLs, options) is read from its record, so
+        no URL, token included, travels in task arguments, return values or their logs."""
         store = context.job_store()
+        job_id = str(payload["job_id"])
+        structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage)
         try:
-            rec = store.get(job.job_id)
+            rec = store.get(job_id)
+            if rec is not None and rec.request.get("video_url"):
+                job = JobSpec.from_request(job_id, rec.request)
+            else:
+                job = JobSpec.from_dict(payload)
             if rec is not None and rec.status in ("completed", "failed"):
                 # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain
                 log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
@@ -120,7 +126,7 @@ class StageTask(Task):
             if stage == "merge" and store.get_result(job.job_id) is not None:
                 # a redelivered merge after the result was stored: only the reporting is left
                 self._complete(job, env)
-                return job.to_dict()
+                return {"job_id": job.job_id}
             with StageLease(store.r, job.job_id, stage) as lease:
                 if not lease.held:
                     # the same stage of this job runs elsewhere (a redelivered duplicate): come back
@@ -136,7 +142,7 @@ class StageTask(Task):
                     store.r.hincrby(f"ecg:job:{job.job_id}", f"runs:{stage}", 1)
             if stage == "merge":
                 self._complete(job, env)
-            return job.to_dict()
+            return {"job_id": job.job_id}
         except (Ignore, Retry):
             raise
         except AnalysisError as e:

@@ -72,6 +72,17 @@ class JobSpec:
         }
 
     @classmethod
+    def from_request(cls, job_id: str, request: dict[str, Any]) -> JobSpec:
+        """From the job record's request (what the shim accepted)."""
+        return cls(
+            job_id=job_id,
+            source=request["video_url"],
+            language=request.get("language"),
+            callback_url=request.get("callback_url"),
+            options={k: v for k, v in (request.get("options") or {}).items() if v is not None},
+        )
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
         return cls(
             job_id=d["job_id"],

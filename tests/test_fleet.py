@@ -151,3 +151,47 @@ def test_unknown_job_404(ready: httpx.Client) -> None:
     assert (
         httpx.get(str(ready.base_url) + "/jobs/x", headers={"Authorization": f"Bearer {API_KEY}x"}).status_code == 403
     )
+
+
+def test_transcribe_waits_for_the_result(ready: httpx.Client, sample_wav: Path) -> None:
+    with open(sample_wav, "rb") as fh:
+        url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
+    r = ready.post("/transcribe", json={"job_id": f"sync-{uuid.uuid4().hex[:8]}", "video_url": url}, timeout=600)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "completed" and body["progress"] == 100 and body["result"]["segments"]
+
+
+def test_cancel_and_operator_requeue(ready: httpx.Client, sample_wav: Path, stack_env: dict[str, str]) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    # a job whose upload is missing fails in ingest, without retries, with a message
+    upload_id = uuid.uuid4().hex
+    job_id = f"requeue-{uuid.uuid4().hex[:8]}"
+    ready.post("/api/upload-video/process-video", json={"job_id": job_id, "video_url": f"upload://{upload_id}"})
+    st = wait_job(ready, job_id, timeout=120)
+    assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA" and st["stage"] == "ingest"
+    cli = [str(Path(sys.executable).parent / "celery"), "-A", "worker.app", "jobs"]
+    listed = subprocess.run([*cli, "list", "--failed"], env=stack_env, capture_output=True, text=True, timeout=60)
+    assert job_id in listed.stdout, listed.stderr[-2000:]
+    # the operator puts the file in place and requeues: the job completes
+    uploads = Path(stack_env["ECG_VAR_DIR"]) / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    shutil.copy(sample_wav, uploads / upload_id)
+    out = subprocess.run([*cli, "requeue", job_id], env=stack_env, capture_output=True, text=True, timeout=60)
+    assert "requeued" in out.stdout, out.stderr[-2000:]
+    assert wait_job(ready, job_id)["status"] == "completed"
+    # DELETE cancels a queued job; its chain stops at the next stage boundary
+    cancel_id = f"cancel-{uuid.uuid4().hex[:8]}"
+    with open(sample_wav, "rb") as fh:
+        url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
+    ready.post("/api/upload-video/process-video", json={"job_id": cancel_id, "video_url": url})
+    d = ready.delete(f"/jobs/{cancel_id}")
+    assert d.status_code == 200
+    st = d.json()
+    if st["status"] != "completed":  # unless it won the race and finished first
+        assert st["status"] == "failed" and st["error_code"] == "CANCELLED"
+        time.sleep(5)
+        assert ready.get(f"/jobs/{cancel_id}").json()["error_code"] == "CANCELLED"

@@ -74,7 +74,9 @@ def _init_process(**_: object) -> None:
     swept = sweep_stale(_settings.workspace_root, _settings.workspace_stale_after_s)
     if swept:
         log.info("workspaces_swept", count=len(swept))
-    if _settings.preload_models:
+    consumed = set(app.amqp.queues.consume_from or {})
+    # a worker that only serves the cpu queue (ingest, features, merge) needs no model
+    if _settings.preload_models and (not consumed or "model" in consumed):
         registry.preload()
     log.info("worker_ready", **registry.stats())
     _state["dispatcher"] = Dispatcher(context.outbox()).start()

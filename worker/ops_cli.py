@@ -81,14 +81,7 @@ def requeue(ctx: click.Context, job_ids: tuple[str, ...], priority: int | None) 
         if rec.status == "completed":
             click.echo(f"{job_id}: already completed, nothing to do")
             continue
-        req = rec.request
-        payload = {
-            "job_id": job_id,
-            "source": req.get("video_url"),
-            "language": req.get("language"),
-            "callback_url": req.get("callback_url"),
-            "options": {k: v for k, v in (req.get("options") or {}).items() if v is not None},
-        }
+        payload = {"job_id": job_id}  # the stages read the request from the job record
         store.requeue(job_id)
         store.r.delete(f"ecg:cb:final:{job_id}")  # the requeued run will report its own final
         send_chain(app, payload, priority=priority)
