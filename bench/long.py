@@ -39,7 +39,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from overhead import BenchFleet, TreeRss, eprint  # noqa: E402
+from overhead import BenchFleet, TreeRss, eprint, exit_cleanly_on_sigterm  # noqa: E402
 from stages import SHARED, loadavg, shared_audio  # noqa: E402
 
 GB = 1024**3
@@ -168,6 +168,7 @@ def main() -> int:
     ap.add_argument("--timeout-h", type=float, default=6.0)
     ap.add_argument("--keep", help="keep logs, workspaces and the long file in this directory")
     a = ap.parse_args()
+    exit_cleanly_on_sigterm()
     ref_src = shared_audio("conv_2spk_10min.wav")
 
     with tempfile.TemporaryDirectory(prefix="ecg-bench-long-") as tmp:

@@ -16,6 +16,13 @@ The two paths alternate (in-process, fleet, in-process, ...) so that a change in
 machine's load hits both alike. Prints the medians and the ratio of medians; the
 acceptance figure is ``ratio <= 1.05``.
 
+On a loaded machine the stage bodies' own times swing by more than 5 % from run to run,
+whichever path runs them. So the bench also reports, per path, the time spent outside the
+stage bodies (wall - sum of ``metadata.stage_times``: model-free orchestration: Redis
+round trips, chain hops, the 0.2 s polling) and ``ratio_stage_free`` = (median in-process
+wall + median fleet time outside stages) / (median in-process wall + median in-process time
+outside stages): the ratio that the same stage work would give without the noise.
+
 The helpers here (``BenchFleet``: Redis + workers on chosen queues + the shim; process-tree
 RSS sampling) are shared with ``long.py``, ``pipelining.py`` and ``shim_load.py``.
 
@@ -166,6 +173,15 @@ class BenchFleet(Fleet):
         super().close()
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM runs the ``finally`` blocks (workers, shim and Redis stopped), as Ctrl-C does."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
@@ -278,6 +294,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
+    exit_cleanly_on_sigterm()
     src = shared_audio(a.file)
 
     import httpx
@@ -307,11 +324,13 @@ def main() -> int:
             inproc: list[float] = []
             shim: list[float] = []
             stage_sums: list[float] = []
+            inproc_stage_sums: list[float] = []
             load_before = loadavg()
             for i in range(a.reps):
                 t0 = time.perf_counter()
-                analyze(str(path), settings=settings, registry=registry)
+                env = analyze(str(path), settings=settings, registry=registry)
                 inproc.append(time.perf_counter() - t0)
+                inproc_stage_sums.append(sum(env["result"]["metadata"]["stage_times"].values()))
                 eprint(f"overhead: rep {i + 1}: in-process {inproc[-1]:.2f} s  load {loadavg()}")
                 secs, state = submit_and_wait(client, fleet.place_upload(path))
                 shim.append(secs)
@@ -334,6 +353,18 @@ def main() -> int:
                 "inprocess_s": [round(x, 2) for x in inproc],
                 "fleet_s": [round(x, 2) for x in shim],
                 "fleet_stage_sum_s": [round(x, 2) for x in stage_sums],
+                "inprocess_stage_sum_s": [round(x, 2) for x in inproc_stage_sums],
+                # time outside the stage bodies: what the shim, Redis and the chain add (in process: ~0),
+                # much less sensitive to the machine's load than the walls themselves
+                "fleet_outside_stages_s": [round(w - st, 2) for w, st in zip(shim, stage_sums, strict=True)],
+                "inprocess_outside_stages_s": [
+                    round(w - st, 2) for w, st in zip(inproc, inproc_stage_sums, strict=True)
+                ],
+                "ratio_stage_free": round(
+                    (med_in + statistics.median(w - st for w, st in zip(shim, stage_sums, strict=True)))
+                    / (med_in + statistics.median(w - st for w, st in zip(inproc, inproc_stage_sums, strict=True))),
+                    4,
+                ),
                 "median_inprocess_s": round(med_in, 2),
                 "median_fleet_s": round(med_shim, 2),
                 "ratio_of_medians": round(ratio, 4),

@@ -44,7 +44,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from overhead import BenchFleet, eprint  # noqa: E402
+from overhead import BenchFleet, eprint, exit_cleanly_on_sigterm  # noqa: E402
 from stages import loadavg, shared_audio  # noqa: E402
 
 ACCEPT_BUSY = 0.85
@@ -140,6 +140,7 @@ def main() -> int:
     ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
+    exit_cleanly_on_sigterm()
     src = shared_audio(a.file)
 
     with tempfile.TemporaryDirectory(prefix="ecg-bench-pipe-") as tmp:

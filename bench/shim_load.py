@@ -42,7 +42,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from overhead import API_KEY, BenchFleet, eprint  # noqa: E402
+from overhead import API_KEY, BenchFleet, eprint, exit_cleanly_on_sigterm  # noqa: E402
 from stages import loadavg  # noqa: E402
 
 ACCEPT_RPS = 1000.0
@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="wrk threads")
     ap.add_argument("--keep", help="keep Redis data and logs in this directory")
     a = ap.parse_args()
+    exit_cleanly_on_sigterm()
     wrk = shutil.which("wrk")
     if not wrk:
         eprint("shim_load: wrk is absent: apt-get install -y wrk")
