@@ -83,6 +83,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
     a = ap.parse_args()
+    from ecg_audio.logs import configure_logging
+
+    configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line
     started = time.monotonic()
 
     try:

@@ -294,6 +294,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
+    from ecg_audio.logs import configure_logging
+
+    configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line
     exit_cleanly_on_sigterm()
     src = shared_audio(a.file)
 

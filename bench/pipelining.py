@@ -194,7 +194,7 @@ def main() -> int:
         "busy_fraction_model_window": round(busy / window, 4),
         "whole_run_s": round(t1 - t0, 2),
         "busy_fraction_whole_run": round(busy / (t1 - t0), 4),
-        "model_stage_s": {k: round(v, 2) for k, v in sorted(per_stage.items())},
+        "task_s_by_stage": {k: round(v, 2) for k, v in sorted(per_stage.items())},  # both workers
         "largest_gaps_s": [round(g, 3) for g in gaps[:5]],
         "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 3) if gaps else None,
         "method": "Celery task events (task-started -> task-succeeded) of the model-queue tasks",

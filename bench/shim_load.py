@@ -12,6 +12,12 @@ The CPU seconds that the shim's processes and Redis used during the run are read
 psutil and divided by the accepted jobs (``cpu_ms_per_accepted``): on a shared machine
 the throughput depends on what else runs, the cost per job much less.
 
+Then, one call at a time in the bench's own process (no HTTP), the CPU cost of each thing a
+submission does: request validation, ``JobStore.create``/``get``, ``send_chain`` (as
+configured, without the ``task-sent`` event, and a single ``send_task`` for comparison):
+``cpu_ms_by_component``. These calls' records and messages are counted apart from wrk's
+(they are made after the counts are taken).
+
 Afterwards it counts what Redis holds: job records (``ecg:job:*`` via the
 ``ecg:jobs:all`` index) and chain messages in the ``cpu`` queue (one per job: the
 first task, ``ecg.ingest``, carries the rest of the chain). Every 202 must be there:
@@ -38,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -107,6 +114,51 @@ def tree_cpu_s(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def component_costs(redis_url: str, n: int = 1000) -> dict[str, float]:
+    """CPU ms per call of what a submission does, one at a time in this process (no HTTP).
+
+    The rest of the shim's CPU per accepted job is HTTP, ASGI, FastAPI (dependencies, body
+    and response-model validation) and the hop to the thread pool.
+    """
+    import uuid
+
+    import redis
+
+    from api_shim.app import ProcessRequest, make_celery
+    from ecg_audio.chain import job_payload, send_chain
+    from ecg_audio.jobs import JobStore
+    from ecg_audio.settings import get_settings
+
+    settings = get_settings().model_copy(update={"redis_url": redis_url})
+    store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), settings.job_ttl_s)
+    app = make_celery(settings)
+    body = {"job_id": "x", "video_url": "s3://bench-bucket/in/x.wav"}
+    payload = job_payload("x", body["video_url"])
+    tag = uuid.uuid4().hex[:6]
+
+    def cost(fn: Any) -> float:
+        fn(-1)
+        c0 = time.process_time()
+        for i in range(n):
+            fn(i)
+        return round(1000 * (time.process_time() - c0) / n, 3)
+
+    out = {
+        "request_validation": cost(lambda i: ProcessRequest.model_validate({**body, "job_id": f"v{i}"})),
+        "jobstore_create": cost(lambda i: store.create(f"{tag}-c{i}", body)),
+        "jobstore_get": cost(lambda i: store.get(f"{tag}-c0")),
+        "send_chain": cost(lambda i: send_chain(app, {**payload, "job_id": f"{tag}-s{i}"})),
+    }
+    sent_event = app.conf.task_send_sent_event
+    app.conf.task_send_sent_event = False
+    out["send_chain_without_sent_event"] = cost(lambda i: send_chain(app, {**payload, "job_id": f"{tag}-t{i}"}))
+    app.conf.task_send_sent_event = sent_event
+    out["one_send_task_no_chain_no_event"] = cost(
+        lambda i: app.send_task("ecg.ingest", args=({**payload, "job_id": f"{tag}-u{i}"},), queue="cpu")
+    )
+    return out
 
 
 def main() -> int:
@@ -180,6 +232,7 @@ def main() -> int:
             from api_shim.app import queue_depth
 
             depth = queue_depth(r)
+            components = component_costs(fleet.redis_url, 300 if a.seconds < 10 else 1000)
         finally:
             fleet.close()
     accepted = int(w["by_status"].get("202", 0))
@@ -202,6 +255,7 @@ def main() -> int:
         # CPU cost per accepted job: what a shared, loaded machine distorts least
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "cpu_ms_per_accepted": {k: round(1000 * v / max(1, accepted), 3) for k, v in cpu.items()},
+        "cpu_ms_by_component": components,
         "redis_job_records": records,
         "redis_job_keys": keys,
         "redis_chain_messages": depth,

@@ -115,6 +115,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--reps", type=int, default=1)
     a = ap.parse_args()
+    from ecg_audio.logs import configure_logging
+
+    configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line
     src = shared_audio(a.file)
 
     from ecg_audio.runner import analyze
