@@ -40,6 +40,8 @@ NUM_MEL_BINS = 80
 LOW_FREQ = 20.0
 PREEMPHASIS = 0.97
 EMBEDDING_DIM = 192
+# Padded batches are rounded up to a multiple of this many frames (see forward).
+LENGTH_BUCKET = 64
 # CAM++'s context-aware masking pools over segments of this many frames.
 SEGMENT_FRAMES = 100
 
@@ -362,7 +364,9 @@ class CAMPPlusEmbedding(Model):
         # move kept frames to the front of each row (stable: time order is preserved), then
         # crop to the longest row so that silence and other speakers cost nothing
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        max_len = int(lengths.max())
+        # pad to a multiple of LENGTH_BUCKET frames: oneDNN builds (and caches) convolution
+        # kernels per input shape, so free-running lengths cost time and memory
+        max_len = min(frames, LENGTH_BUCKET * math.ceil(int(lengths.max()) / LENGTH_BUCKET))
         order = order[active, :max_len]
         feats = feats[active].gather(1, order[..., None].expand(-1, -1, NUM_MEL_BINS))
         frame_weights = frame_weights[active].gather(1, order)

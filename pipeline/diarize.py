@@ -180,6 +180,8 @@ def _build_pipeline_classes() -> tuple[type, type]:
             max_piece_duration: float = 3.0,
             min_clean_duration: float = 0.5,
             bridge_gap: float = 0.1,
+            embed_central_half: bool = True,
+            min_embedding_duration: float = 1.0,
             vad_threshold: float | None = 0.3,
             token: str | None = None,
             cache_dir: Path | str | None = None,
@@ -203,6 +205,8 @@ def _build_pipeline_classes() -> tuple[type, type]:
             self.max_piece_duration = max_piece_duration
             self.min_clean_duration = min_clean_duration
             self.bridge_gap = bridge_gap
+            self.embed_central_half = embed_central_half
+            self.min_embedding_duration = min_embedding_duration
             self.vad_threshold = vad_threshold
 
         def default_parameters(self) -> dict[str, dict[str, Any]]:
@@ -284,6 +288,14 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 # shape: (num_chunks, num_speakers)
                 masks = np.where(enough_clean[:, None, :], clean, masks)
 
+            if self.embed_central_half:
+                # chunks overlap by half: embedding only what lies in a chunk's central half
+                # covers each second of speech about once instead of twice; pieces with too
+                # little there keep their whole mask
+                central = np.zeros((1, num_frames, 1), dtype=np.float32)
+                central[:, num_frames // 4 : num_frames - num_frames // 4] = 1.0
+                enough = np.sum(masks * central, axis=1) >= self.min_embedding_duration * frames_per_second
+                masks = np.where(enough[:, None, :], masks * central, masks)
             num_active = np.sum(masks, axis=1)
             # shape: (num_chunks, num_speakers)
 
@@ -417,6 +429,13 @@ def _pipeline_classes() -> tuple[type, type]:
     return _CLASSES
 
 
+def unused_plda() -> Any:
+    """A stand-in PLDA for pyannote 4's SpeakerDiarization when its clustering is not VBx
+    (pyannote loads, by default downloads, a PLDA even when it is never used)."""
+    _, no_plda = _pipeline_classes()
+    return no_plda()
+
+
 def build_embedded_pipeline(
     *,
     segmentation_step: float = 0.5,
@@ -511,8 +530,7 @@ def _local_config(directory: Path) -> dict[str, Any]:
         and params.get("clustering", "VBxClustering") != "VBxClustering"
         and "plda" not in params
     ):
-        _, no_plda = _pipeline_classes()
-        params["plda"] = no_plda()
+        params["plda"] = unused_plda()
     return config
 
 
