@@ -232,7 +232,7 @@ def main() -> int:
             from api_shim.app import queue_depth
 
             depth = queue_depth(r)
-            components = component_costs(fleet.redis_url, 300 if a.seconds < 10 else 1000)
+            components = component_costs(fleet.redis_url, 100 if a.seconds < 10 else 1000)
         finally:
             fleet.close()
     accepted = int(w["by_status"].get("202", 0))

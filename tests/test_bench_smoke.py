@@ -45,10 +45,8 @@ def test_every_bench_documents_itself(name: str) -> None:
 
 
 def test_gpu_bench_skips_cleanly_without_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: the GPU bench is a device run, not a smoke test")
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU is present: the GPU bench is a device run (minutes), not a smoke test")
     assert run_bench("gpu") == {"skipped": "no CUDA device"}
 
 
