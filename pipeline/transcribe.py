@@ -35,12 +35,14 @@ class Transcript:
     segments: list[AsrSegment]
     language: str
     speech_regions: list[tuple[float, float]] = field(default_factory=list)
+    repaired_chunks: int = 0  # chunks re-decoded because batched decoding looped
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "segments": [asdict(s) for s in self.segments],
             "language": self.language,
             "speech_regions": [list(r) for r in self.speech_regions],
+            "repaired_chunks": self.repaired_chunks,
         }
 
     @classmethod
@@ -49,6 +51,7 @@ class Transcript:
             segments=[AsrSegment(**s) for s in d["segments"]],
             language=d["language"],
             speech_regions=[(float(a), float(b)) for a, b in d.get("speech_regions", [])],
+            repaired_chunks=int(d.get("repaired_chunks", 0)),
         )
 
 
@@ -168,6 +171,7 @@ def transcribe(
     regions: list[tuple[float, float]] = []
     start = 0.0
     vad_reported = False
+    repaired = 0
     while start < total - 0.01:
         end = _quiet_cut(wav_path, start, min(total, start + window_s), total)
         audio = load_wav(wav_path, start, end)
@@ -193,6 +197,11 @@ def transcribe(
                 if isinstance(text, list):
                     text, logprob = text[0], (logprob[0] if isinstance(logprob, list) else logprob)
                 text = str(text).strip()
+                if text and _looks_degenerate(text):
+                    # batched decoding has no temperature fallback: re-decode this chunk alone with it
+                    chunk_audio = audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)]
+                    text, logprob = _redecode(model, chunk_audio, language)
+                    repaired += 1
                 if text:
                     segments.append(
                         AsrSegment(
@@ -205,4 +214,39 @@ def transcribe(
         if hook:
             hook("asr", min(1.0, end / total))
         start = end
-    return Transcript(segments=segments, language=language or "en", speech_regions=regions)
+    return Transcript(segments=segments, language=language or "en", speech_regions=regions, repaired_chunks=repaired)
+
+
+COMPRESSION_RATIO_THRESHOLD = 2.4  # Whisper's own test for repetition loops ("m m m m ...")
+
+
+def _looks_degenerate(text: str) -> bool:
+    from faster_whisper.transcribe import get_compression_ratio
+
+    return len(text) > 40 and get_compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+
+
+def _redecode(model: Any, audio: np.ndarray, language: str | None) -> tuple[str, float | None]:
+    """faster-whisper's sequential decoding with temperature fallback, for one chunk (<= 30 s)."""
+    whisper = model.model
+    segments, _ = whisper.transcribe(
+        audio,
+        language=language,
+        beam_size=model.options.beam_size,
+        temperature=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
+        log_prob_threshold=-1.0,
+        no_speech_threshold=0.6,
+        condition_on_previous_text=False,
+        vad_filter=False,
+        without_timestamps=True,
+    )
+    parts = [seg for seg in segments if get_ratio_ok(seg.text)]
+    text = " ".join(seg.text.strip() for seg in parts).strip()
+    logprob = float(np.mean([seg.avg_logprob for seg in parts])) if parts else None
+    return text, logprob
+
+
+def get_ratio_ok(text: str) -> bool:
+    """Drop what is still a repetition loop after the fallback: better no words than invented ones."""
+    return not _looks_degenerate(text.strip())
