@@ -21,6 +21,9 @@ message), and the longest time without a change is reported with the stage it fe
 Acceptance (issue "Performance"): the long job completes; peak worker RSS <= 3 GB and
 <= 1.5x the 10-minute file's peak on the same worker.
 
+A worker whose RSS passes ``--rss-limit-gb`` (default 12) is killed and the job reported as
+``aborted_rss`` with the stage it was in.
+
 usage: bench/long.py [--hours 3] [--keep DIR]        # --hours 0.5 first: memory scaling
        bench/long.py --hours 0.05 --skip-reference   # smoke
 """
@@ -105,8 +108,15 @@ def running_stage(workspace: Path) -> str:
     return "done"
 
 
-def run_job(fleet: BenchFleet, rss: TreeRss, source: str, timeout_s: float) -> dict[str, Any]:
-    """Submit, then sample RSS per stage and the record's progress every 0.5 s until the job ends."""
+def run_job(
+    fleet: BenchFleet, rss: TreeRss, source: str, timeout_s: float, rss_limit: float = float("inf")
+) -> dict[str, Any]:
+    """Submit, then sample RSS per stage and the record's progress every 0.5 s until the job ends.
+
+    A worker whose tree passes ``rss_limit`` bytes is killed (SIGKILL to its process group) and
+    the job reported as ``aborted_rss``: the machine is shared, and the OOM killer would pick
+    a victim of its own.
+    """
     job = fleet.submit(source)
     ws = fleet.var / "workspaces" / job
     t0 = time.monotonic()
@@ -135,6 +145,11 @@ def run_job(fleet: BenchFleet, rss: TreeRss, source: str, timeout_s: float) -> d
                 progress.append([round(time.monotonic() - t0, 1), rec.progress, rec.stage, rec.message])
                 last = key
         if status in ("completed", "failed"):
+            break
+        if now > rss_limit:
+            status = f"aborted_rss: {now / GB:.2f} GB in {stage}"
+            for name in list(fleet.workers):
+                fleet.kill_worker(name)
             break
         time.sleep(0.5)
     wall = time.monotonic() - t0
@@ -166,6 +181,7 @@ def main() -> int:
     ap.add_argument("--skip-reference", action="store_true", help="do not run the 10-minute reference job")
     ap.add_argument("--reference-seconds", type=float, default=None, help="cut the reference to N seconds")
     ap.add_argument("--timeout-h", type=float, default=6.0)
+    ap.add_argument("--rss-limit-gb", type=float, default=12.0, help="kill the worker past this (shared machine)")
     ap.add_argument("--keep", help="keep logs, workspaces and the long file in this directory")
     a = ap.parse_args()
     exit_cleanly_on_sigterm()
@@ -197,7 +213,7 @@ def main() -> int:
                 eprint(f"long: reference: {ref['status']} in {ref['wall_s']} s, peak {ref['peak_rss_gb']} GB")
             load_before = loadavg()
             eprint(f"long: the {a.hours} h job")
-            big = run_job(fleet, rss, fleet.place_upload(long_wav), a.timeout_h * 3600)
+            big = run_job(fleet, rss, fleet.place_upload(long_wav), a.timeout_h * 3600, a.rss_limit_gb * GB)
             load_after = loadavg()
             eprint(f"long: {big['status']} in {big['wall_s']} s, peak {big['peak_rss_gb']} GB")
             rss.stop()
