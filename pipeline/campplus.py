@@ -345,37 +345,40 @@ class CAMPPlusEmbedding(Model):
         """
         if waveforms.shape[-1] < FRAME_LENGTH:
             raise ValueError(f"CAM++ needs at least {FRAME_LENGTH} samples, got {waveforms.shape[-1]}")
-        feats = kaldi_fbank(waveforms[:, 0].float(), int(self.hparams["sample_rate"]))
-        # shape: (batch, frames, NUM_MEL_BINS)
-        batch, frames, _ = feats.shape
+        sample_rate = int(self.hparams["sample_rate"])
+        batch, num_samples = waveforms.shape[0], waveforms.shape[-1]
+        frames = 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
+        device = waveforms.device
         if weights is None:
-            frame_weights = torch.ones(batch, frames, device=feats.device)
+            frame_weights = torch.ones(batch, frames, device=device)
         else:
             frame_weights = F.interpolate(weights[:, None].float(), size=frames, mode="nearest")[:, 0]
             frame_weights = torch.nan_to_num(frame_weights, nan=0.0).clamp(min=0.0)
         keep = frame_weights > 0
         lengths = keep.sum(dim=1)
         # shape: (batch,)
-        embeddings = torch.full((batch, self.dimension), math.nan, device=feats.device)
-        active = lengths > 0
-        if not bool(active.any()):
+        embeddings = torch.full((batch, self.dimension), math.nan, device=device)
+        rows = torch.nonzero(lengths > 0)[:, 0].tolist()
+        if not rows:
             return embeddings
 
-        # move kept frames to the front of each row (stable: time order is preserved), then
-        # crop to the longest row so that silence and other speakers cost nothing
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        # pad to a multiple of LENGTH_BUCKET frames: oneDNN builds (and caches) convolution
-        # kernels per input shape, so free-running lengths cost time and memory
+        # kept frames of each row, moved to the front (in time order) and right-padded; the
+        # padded length is a multiple of LENGTH_BUCKET frames because oneDNN builds (and
+        # caches) convolution kernels per input shape
         max_len = min(frames, LENGTH_BUCKET * math.ceil(int(lengths.max()) / LENGTH_BUCKET))
-        order = order[active, :max_len]
-        feats = feats[active].gather(1, order[..., None].expand(-1, -1, NUM_MEL_BINS))
-        frame_weights = frame_weights[active].gather(1, order)
-        valid = (torch.arange(max_len, device=feats.device)[None, :] < lengths[active, None]).to(feats.dtype)
-        frame_weights = frame_weights * valid
-        # 3D-Speaker normalises each utterance by its mean fbank
-        mean = (feats * valid[..., None]).sum(dim=1, keepdim=True) / lengths[active, None, None]
-        feats = (feats - mean) * valid[..., None]
-        embeddings[active] = self.embed_fbank(feats, frame_weights)
+        feats = torch.zeros(len(rows), max_len, NUM_MEL_BINS, device=device)
+        packed_weights = torch.zeros(len(rows), max_len, device=device)
+        for out_row, row in enumerate(rows):
+            kept = torch.nonzero(keep[row])[:, 0]
+            first, last = int(kept[0]), int(kept[-1])
+            # fbank of the span from the first to the last kept frame only
+            span = waveforms[row, 0, first * FRAME_SHIFT : last * FRAME_SHIFT + FRAME_LENGTH].float()
+            selected = kaldi_fbank(span[None], sample_rate)[0, kept - first]
+            # 3D-Speaker normalises each utterance by its mean fbank
+            feats[out_row, : len(kept)] = selected - selected.mean(dim=0, keepdim=True)
+            packed_weights[out_row, : len(kept)] = frame_weights[row, kept]
+        active = torch.tensor(rows, device=device)
+        embeddings[active] = self.embed_fbank(feats, packed_weights)
         return embeddings
 
     @classmethod

@@ -277,6 +277,7 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 return file["training_cache/embeddings"]["embeddings"]
 
             chunk_duration = binary_segmentations.sliding_window.duration
+            chunk_step = binary_segmentations.sliding_window.step
             masks = np.nan_to_num(binary_segmentations.data, nan=0.0).astype(np.float32)
             # shape: (num_chunks, num_frames, num_speakers)
             num_chunks, num_frames, num_speakers = masks.shape
@@ -288,14 +289,20 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 # shape: (num_chunks, num_speakers)
                 masks = np.where(enough_clean[:, None, :], clean, masks)
 
+            twins: dict[tuple[int, int], tuple[int, int]] = {}
             if self.embed_central_half:
-                # chunks overlap by half: embedding only what lies in a chunk's central half
-                # covers each second of speech about once instead of twice; pieces with too
-                # little there keep their whole mask
+                # Chunks overlap by half, so outside its central half a chunk repeats what its
+                # neighbour sees in its central half. Embed what lies in the central half; a
+                # piece with too little there borrows the embedding of the neighbour's piece
+                # it overlaps most (its twin), or keeps its whole mask when it has none.
                 central = np.zeros((1, num_frames, 1), dtype=np.float32)
                 central[:, num_frames // 4 : num_frames - num_frames // 4] = 1.0
                 enough = np.sum(masks * central, axis=1) >= self.min_embedding_duration * frames_per_second
+                # shape: (num_chunks, num_speakers)
+                twins = _find_twins(masks, enough, chunk_step_frames=chunk_step * frames_per_second)
                 masks = np.where(enough[:, None, :], masks * central, masks)
+                for c, k in twins:
+                    masks[c, :, k] = 0.0
             num_active = np.sum(masks, axis=1)
             # shape: (num_chunks, num_speakers)
 
@@ -324,11 +331,51 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 if hook is not None:
                     hook("embeddings", None, total=num_batches, completed=b + 1)
 
+            for (c, k), (twin_c, twin_k) in twins.items():
+                embeddings[c, k] = embeddings[twin_c, twin_k]
+
             if self.training:
                 file["training_cache/embeddings"] = {"embeddings": embeddings}  # type: ignore[index]
             return embeddings
 
     return CampplusSpeakerDiarization, _NoPLDA
+
+
+def _find_twins(
+    masks: np.ndarray, embedded: np.ndarray, *, chunk_step_frames: float, min_overlap: float = 0.5
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """For pieces not ``embedded`` from their central half, the piece of an adjacent chunk
+    that covers at least ``min_overlap`` of their activity and is embedded there.
+
+    masks: shape (num_chunks, num_frames, num_pieces); embedded: (num_chunks, num_pieces)
+    """
+    num_chunks, num_frames, _ = masks.shape
+    shift = int(round(chunk_step_frames))
+    twins: dict[tuple[int, int], tuple[int, int]] = {}
+    if shift <= 0 or shift >= num_frames:
+        return twins
+    active = masks > 0
+    for c, k in np.argwhere(active.any(axis=1) & ~embedded):
+        own = active[c, :, k]
+        total = own.sum()
+        best, best_overlap = None, min_overlap * total
+        for other, offset in ((c - 1, shift), (c + 1, -shift)):
+            if not 0 <= other < num_chunks:
+                continue
+            # frame i of chunk c is frame i + offset of chunk `other`
+            lo, hi = max(0, -offset), min(num_frames, num_frames - offset)
+            if lo >= hi:
+                continue
+            window = own[lo:hi]
+            candidates = active[other, lo + offset : hi + offset, :] & window[:, None]
+            # shape: (overlap frames, num_pieces)
+            overlap = candidates.sum(axis=0) * embedded[other]
+            j = int(np.argmax(overlap))
+            if overlap[j] >= best_overlap:
+                best, best_overlap = (int(other), j), overlap[j]
+        if best is not None:
+            twins[(int(c), int(k))] = best
+    return twins
 
 
 def split_into_pieces(segmentations: np.ndarray, *, max_frames: int, bridge_frames: int) -> np.ndarray:
