@@ -38,6 +38,16 @@ VAD_PROGRESS = 25
 ASSEMBLING_PROGRESS = 85
 
 
+def _within(stage: str, fraction: float, *, start: int | None = None) -> int:
+    """Progress part-way through a stage: between the previous milestone and this stage's, never reaching it
+    (the stage's own milestone is reported when its artifact is written)."""
+    end = STAGES[stage][1]
+    if start is None:
+        i = STAGE_ORDER.index(stage)
+        start = STAGES[STAGE_ORDER[i - 1]][1] if i else 0
+    return min(end - 1, start + int((end - start) * max(0.0, min(1.0, fraction))))
+
+
 class ModelProvider(Protocol):
     device: str
 
@@ -236,8 +246,13 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     opts = job.options
 
     def hook(step: str, fraction: float) -> None:
-        if step in ("segmentation", "vad", "voice_activity") and fraction >= 1.0:
-            env.report("diarize", VAD_PROGRESS, "Voice activity detected")
+        # segmentation ends at ~30% of the diarization work: that is voice activity known
+        if fraction >= 0.3:
+            done = max(0.0, min(1.0, (fraction - 0.3) / 0.7))
+            if done == 0.0:
+                env.report("diarize", VAD_PROGRESS, "Voice activity detected")
+            else:
+                env.report("diarize", _within("diarize", done, start=VAD_PROGRESS), "Finding speakers")
 
     audio = load_wav(ws.path("audio.wav"))
     result = diarize(
@@ -262,7 +277,13 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         model, name = env.models.asr(language, device=device)
         try:
             _maybe_inject(env, "transcribe", ws)
-            transcript = transcribe(model, ws.path("audio.wav"), batch_size=batch, language=language)
+            transcript = transcribe(
+                model,
+                ws.path("audio.wav"),
+                batch_size=batch,
+                language=language,
+                hook=lambda step, f: env.report("transcribe", _within("transcribe", f), "Transcribing"),
+            )
             break
         except Exception as e:
             if not is_cuda_oom(e):
@@ -294,14 +315,22 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         alignment = align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=env.models.device, name=name)
     else:
         asr, _ = env.models.asr(transcript.language, device=tdata.get("device"))
-        alignment = align_with_whisper(asr, ws.path("audio.wav"), transcript, batch_size=env.batch_size)
+        alignment = align_with_whisper(
+            asr,
+            ws.path("audio.wav"),
+            transcript,
+            batch_size=env.batch_size,
+            hook=lambda f: env.report("align", _within("align", f), "Timing words"),
+        )
     ws.write_json("alignment.json", alignment.to_dict())
 
 
 def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.features import compute_tracks
 
-    tracks = compute_tracks(ws.path("audio.wav"))
+    tracks = compute_tracks(
+        ws.path("audio.wav"), hook=lambda f: env.report("features", _within("features", f), "Measuring voices")
+    )
     tmp = ws.tmp_path(".npz")
     tracks.save(tmp)
     ws.commit_file("features.npz", tmp)
@@ -313,6 +342,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.features import FeatureTracks
     from pipeline.merge import assemble, exports
 
+    t0 = time.perf_counter()
     env.report("merge", ASSEMBLING_PROGRESS, "Assembling the result")
     ingest = ws.read_json("ingest.json")
     transcript = ws.read_json("transcript.json")
@@ -334,6 +364,9 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         stage_times=times,
         notes=transcript.get("notes") or [],
     )
+    md = result["metadata"]
+    md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
+    md["processing_time"] = round(sum(md["stage_times"].values()), 3)
     envelope = {"job_id": job.job_id, "status": "completed", "result": result}
     for ext, text in exports(result, job.job_id).items():
         env.write_output(f"{job.job_id}.{ext}", text)
