@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive pipeline (~10 min)")
     parser.add_argument("--all", action="store_true", help="also DER / speakers on the other files")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--batch-size", type=int, default=16, help="tuned pipeline's embedding batch")
+    parser.add_argument("--batch-size", type=int, default=32, help="tuned pipeline's embedding batch")
     args = parser.parse_args()
 
     if not SHARED_AUDIO.is_dir():
@@ -163,6 +163,9 @@ def main() -> int:
             report["others"][name] = timed(tuned, read_audio(wav), reference)
             log(name, report["others"][name])
 
+    import resource
+
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(report))
     return 0
 
