@@ -54,7 +54,9 @@ class Liveness:
         from celery.worker import state
 
         tags: set[str] = set()
-        for req in list(state.reserved_requests) + list(state.active_requests):
+        # scheduled = held until an ETA (a retry with a countdown): unacknowledged all the same
+        held = list(state.reserved_requests) + list(state.active_requests) + list(state.scheduled_requests)
+        for req in held:
             tag = getattr(getattr(req, "message", None), "delivery_tag", None)
             if tag:
                 tags.add(str(tag))
