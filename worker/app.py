@@ -50,6 +50,17 @@ def _parent_ready(sender: Any = None, **_: object) -> None:
     ).start()
 
 
+@signals.task_received.connect
+def _message_received(request: Any = None, **_: object) -> None:
+    """In the parent, as a message arrives: note it as held before anything can kill us."""
+    liveness = _state.get("liveness")
+    if liveness is not None and request is not None:
+        try:
+            liveness.hold(getattr(getattr(request, "message", None), "delivery_tag", None))
+        except Exception:  # never let bookkeeping refuse a task
+            log.warning("liveness_hold_failed")
+
+
 @signals.worker_shutdown.connect
 def _parent_shutdown(**_: object) -> None:
     liveness = _state.pop("liveness", None)

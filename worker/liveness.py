@@ -46,6 +46,7 @@ class Liveness:
         self.dead_after_s = dead_after_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._recent: dict[str, float] = {}
 
     # --- what this worker holds ---------------------------------------------
     @staticmethod
@@ -62,14 +63,30 @@ class Liveness:
                 tags.add(str(tag))
         return tags
 
+    def hold(self, delivery_tag: str | None) -> None:
+        """Record a message the moment it is received (the periodic beat would leave a window)."""
+        if delivery_tag:
+            self._recent[str(delivery_tag)] = time.time()
+            pipe = self.r.pipeline()
+            pipe.sadd(INFLIGHT_PREFIX + self.id, str(delivery_tag))
+            pipe.hset(WORKERS_KEY, self.id, time.time())
+            pipe.execute()
+
     # --- background ----------------------------------------------------------
     def beat(self) -> None:
+        now = time.time()
         tags = self.held_tags()
+        # a tag recorded by hold() may not be in Celery's state yet: keep it a little while
+        self._recent = {t: at for t, at in list(self._recent.items()) if now - at < 3 * self.interval_s}
+        key = INFLIGHT_PREFIX + self.id
+        stale = {t.decode() if isinstance(t, bytes) else str(t) for t in self.r.smembers(key)}
+        stale -= tags | set(self._recent)
         pipe = self.r.pipeline()
-        pipe.delete(INFLIGHT_PREFIX + self.id)
         if tags:
-            pipe.sadd(INFLIGHT_PREFIX + self.id, *tags)
-        pipe.hset(WORKERS_KEY, self.id, time.time())
+            pipe.sadd(key, *tags)
+        if stale:
+            pipe.srem(key, *stale)
+        pipe.hset(WORKERS_KEY, self.id, now)
         pipe.execute()
 
     def start(self) -> Liveness:
