@@ -403,22 +403,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = 200 if rec.status in ("completed", "failed") else 202
         return JSONResponse(status_code=code, content=state_of(rec).model_dump())
 
-    @app.get("/jobs/{job_id}", response_model=JobState, responses={**PROTECTED_RESPONSES, 404: {"model": ErrorBody}})
-    def get_job(job_id: str, _: Auth) -> JobState:
-        if not re.fullmatch(JOB_ID_PATTERN, job_id):
-            raise HTTPException(404, "no such job")
-        rec = store.get(job_id)
+    def existing_job(job_id: str) -> JobRecord:
+        """The job's record, or 404 (an id that could never be valid is simply not found)."""
+        rec = store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
         if rec is None:
             raise HTTPException(404, "no such job")
-        return state_of(rec)
+        return rec
+
+    @app.get("/jobs/{job_id}", response_model=JobState, responses={**PROTECTED_RESPONSES, 404: {"model": ErrorBody}})
+    def get_job(job_id: str, _: Auth) -> JobState:
+        return state_of(existing_job(job_id))
 
     @app.delete("/jobs/{job_id}", response_model=JobState, responses={**PROTECTED_RESPONSES, 404: {"model": ErrorBody}})
     def cancel_job(job_id: str, _: Auth) -> JobState:
-        if not re.fullmatch(JOB_ID_PATTERN, job_id):
-            raise HTTPException(404, "no such job")
-        rec = store.get(job_id)
-        if rec is None:
-            raise HTTPException(404, "no such job")
+        rec = existing_job(job_id)
         if rec.status not in ("completed", "failed"):
             store.mark_failed(job_id, "CANCELLED", "cancelled by request", rec.stage)
             rec = store.get(job_id) or rec
