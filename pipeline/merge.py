@@ -18,7 +18,11 @@ from typing import Any, Protocol
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 MAX_GAP_S = 1.5  # a pause this long starts a new segment
 MAX_SEGMENT_S = 30.0  # long monologues are split at a sentence end after this
-SENTENCE_DOMINANCE = 0.7  # a speaker holding this share of a sentence takes all of it
+SENTENCE_DOMINANCE = 0.7  # a speaker holding this share of a sentence takes its stray words...
+# ...but not a run of another speaker's words this long: ASR often drops the full stop at a
+# speaker change ("...that matches what we have to..."), and such a "sentence" holds two turns
+KEEP_RUN_S = 1.0
+KEEP_RUN_WORDS = 3
 NEAREST_TURN_S = 1.0  # a word outside every turn goes to a turn this close
 
 
@@ -138,8 +142,23 @@ def _smooth_sentences(words: list[WordOut], excl: _TurnIndex) -> None:
         total = sum(share.values())
         top, top_t = max(share.items(), key=lambda kv: kv[1])
         if total > 0 and top_t / total >= SENTENCE_DOMINANCE:
-            for i in idx:
-                words[i].speaker = top
+            for run in _speaker_runs(words, idx):
+                first, last = words[run[0]], words[run[-1]]
+                genuine = len(run) >= KEEP_RUN_WORDS and last.end - first.start >= KEEP_RUN_S
+                if first.speaker != top and not genuine:
+                    for i in run:
+                        words[i].speaker = top
+
+
+def _speaker_runs(words: Sequence[WordOut], idx: list[int]) -> list[list[int]]:
+    """``idx`` split where the speaker changes."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and words[runs[-1][-1]].speaker == words[i].speaker:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def build_segments(words: Sequence[WordOut]) -> list[SegmentOut]:

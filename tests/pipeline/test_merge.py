@@ -50,6 +50,18 @@ def test_real_mid_sentence_change_is_kept() -> None:
     assert {w.speaker for w in out} == {"A", "B"}
 
 
+def test_missing_full_stop_at_a_turn_change_keeps_both_speakers() -> None:
+    # ASR glued two turns into one "sentence" (no full stop at the change); A holds 75 % of it,
+    # but B's words are a run of their own (5 words, 1.5 s), not jitter: they stay B's
+    turns = [T(0, 4.5, "A"), T(4.6, 6.2, "B")]
+    ws = words_of("frames that originate in a module that matches each", 0.0, 0.5) + words_of(
+        "what we have to transform.", 4.7, 0.3
+    )
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out] == ["A"] * 9 + ["B"] * 5
+    assert [s.speaker for s in build_segments(out)] == ["A", "B"]
+
+
 def test_word_outside_turns_goes_to_nearest() -> None:
     turns = [T(0, 1.0, "A"), T(5.0, 6.0, "B")]
     out = assign_word_speakers([W("hm", 4.5, 4.7)], turns, turns)
