@@ -1,8 +1,10 @@
 """Job records in Redis: the one view of a job that the shim, the workers and the CLI share.
 
-A job's record is a hash ``ecg:job:{job_id}``. Creating it is atomic (HSETNX on
-``job_id``), which is what makes ``POST`` idempotent: the same ``job_id`` posted
-twice finds the record and enqueues nothing. Progress only moves forward and a
+A job's record is a hash ``ecg:job:{job_id}``. Creating it is one Redis script that
+creates the record only if it has no ``job_id`` yet and, in the same step, can push the
+job's first message (``ecg_audio.chain.ChainMessage``): that is what makes ``POST``
+idempotent (the same ``job_id`` posted twice finds the record and enqueues nothing), and
+a record never exists without its message nor a message without its record. Progress only moves forward and a
 finished job stays finished; both rules are enforced inside Redis (Lua), so
 a late or redelivered update cannot rewind what the backend already saw.
 """
@@ -12,9 +14,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio
+
+if TYPE_CHECKING:
+    from ecg_audio.chain import ChainMessage
 
 PREFIX = "ecg:job:"
 RESULT_PREFIX = "ecg:result:"
@@ -39,6 +45,42 @@ redis.call('HSET', key, 'updated_at', ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', key, ARGV[4]) end
 return 1
 """
+
+# KEYS: the record, the index of all jobs[, the queue list]
+# ARGV: job_id, now, request JSON, ttl, message ('' = none), task-sent event ('' = none), event channel
+# An existing record is returned whole (HGETALL), so a repeated POST needs no second round trip.
+# The message is pushed before anything else is written: should that fail (OOM, a wrong type), the
+# script has written nothing.
+_CREATE_LUA = """
+local key = KEYS[1]
+if redis.call('HEXISTS', key, 'job_id') == 1 then return redis.call('HGETALL', key) end
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[5]) end
+redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 'message', 'Queued',
+           'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
+redis.call('EXPIRE', key, ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
+return 1
+"""
+
+
+def _create_call(
+    job_id: str, request: dict[str, Any], ttl_s: int, message: ChainMessage | None
+) -> tuple[list[str], list[str]]:
+    now = repr(time.time())  # as redis-py writes a float
+    keys = [PREFIX + job_id, ALL_SET]
+    args = [job_id, now, json.dumps(request), str(int(ttl_s)), "", "", ""]
+    if message is not None:
+        keys.append(message.queue_key)
+        args[4:] = [message.message, message.event, message.event_channel]
+    return keys, args
+
+
+def _create_reply(reply: Any) -> tuple[bool, JobRecord | None]:
+    if not isinstance(reply, list):
+        return True, None
+    flat = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
+    return False, JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
 @dataclass
@@ -77,34 +119,23 @@ class JobStore:
         self.r = client
         self.ttl_s = ttl_s
         self._update = self.r.register_script(_UPDATE_LUA)
+        self._create = self.r.register_script(_CREATE_LUA)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), ttl_s)
 
-    def create(self, job_id: str, request: dict[str, Any]) -> bool:
-        """Create the record; False when a job with this id already exists (nothing is changed)."""
-        key = PREFIX + job_id
-        now = time.time()
-        if not self.r.hsetnx(key, "job_id", job_id):
-            return False
-        pipe = self.r.pipeline()
-        pipe.hset(
-            key,
-            mapping={
-                "status": "queued",
-                "progress": 0,
-                "message": "Queued",
-                "created_at": now,
-                "updated_at": now,
-                "request": json.dumps(request),
-                "attempts": 0,
-            },
-        )
-        pipe.expire(key, self.ttl_s)
-        pipe.zadd(ALL_SET, {job_id: now})
-        pipe.execute()
-        return True
+    def create(self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None) -> bool:
+        """Create the record (and push ``message``); False when a job with this id already exists
+        (nothing is changed, nothing is pushed)."""
+        return self.create_or_get(job_id, request, message=message)[0]
+
+    def create_or_get(
+        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None
+    ) -> tuple[bool, JobRecord | None]:
+        """``(True, None)`` when created (and ``message`` pushed), else ``(False, the existing record)``."""
+        keys, args = _create_call(job_id, request, self.ttl_s, message)
+        return _create_reply(self._create(keys=keys, args=args))
 
     def get(self, job_id: str) -> JobRecord | None:
         h = self.r.hgetall(PREFIX + job_id)
@@ -160,3 +191,32 @@ class JobStore:
 
     def incr_attempts(self, job_id: str) -> int:
         return int(self.r.hincrby(PREFIX + job_id, "attempts", 1))  # type: ignore[arg-type]
+
+
+class AsyncJobStore:
+    """What the shim's async submission path needs of ``JobStore``, on a ``redis.asyncio`` client."""
+
+    def __init__(self, client: redis.asyncio.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.ttl_s = ttl_s
+        self._create = self.r.register_script(_CREATE_LUA)
+
+    async def create_or_get(
+        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None
+    ) -> tuple[bool, JobRecord | None]:
+        keys, args = _create_call(job_id, request, self.ttl_s, message)
+        return _create_reply(await self._create(keys=keys, args=args))
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        h = await self.r.hgetall(PREFIX + job_id)
+        return JobRecord.from_hash(_decoded(h)) if h else None
+
+    async def get_result(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.r.get(RESULT_PREFIX + job_id)
+        return json.loads(raw) if raw else None  # type: ignore[no-any-return]
+
+
+def _decoded(h: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in h.items()
+    }
