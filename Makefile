@@ -31,11 +31,12 @@ system-deps:
 	  missing=""; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	  command -v wrk >/dev/null || missing="$$missing wrk"; \
 	  if [ -n "$$missing" ]; then \
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null \
 	      || echo "system-deps: could not install$$missing; the tests that need them will skip"; \
 	  fi; \
-	else echo "system-deps: not root or no apt-get; chromium/docker-compose tests skip unless installed"; fi
+	else echo "system-deps: not root or no apt-get; chromium/docker-compose/wrk tests skip unless installed"; fi
 
 demo: setup
 	@$(PY) -c "import pyannote.audio, pathlib; print(pathlib.Path(pyannote.audio.__file__).parent / 'sample' / 'sample.wav')" > $(VAR).sample 2>/dev/null || true

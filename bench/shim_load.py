@@ -13,10 +13,12 @@ psutil and divided by the accepted jobs (``cpu_ms_per_accepted``): on a shared m
 the throughput depends on what else runs, the cost per job much less.
 
 Then, one call at a time in the bench's own process (no HTTP), the CPU cost of each thing a
-submission does: request validation, ``JobStore.create``/``get``, ``send_chain`` (as
-configured, without the ``task-sent`` event, and a single ``send_task`` for comparison):
-``cpu_ms_by_component``. These calls' records and messages are counted apart from wrk's
-(they are made after the counts are taken).
+submission does: request validation, building the chain message
+(``ChainMessages.build``), the one Redis script that creates the record and queues the
+message (``JobStore.create_or_get``), and, for comparison, what the shim used to do:
+Celery's ``chain(...).apply_async()`` with and without the ``task-sent`` event, and
+``JobStore.get``: ``cpu_ms_by_component``. These calls' records and messages go to another
+Redis database, apart from wrk's.
 
 Afterwards it counts what Redis holds: job records (``ecg:job:*`` via the
 ``ecg:jobs:all`` index) and chain messages in the ``cpu`` queue (one per job: the
@@ -116,26 +118,48 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def celery_chain(app: Any, job_id: str) -> None:
+    """The chain as the shim sent it before the fast path: Celery's canvas, client side."""
+    from celery import chain
+
+    import celeryconfig
+    from ecg_audio.chain import STAGES, new_nonce
+
+    nonce = new_nonce()
+    sigs = [
+        app.signature(
+            name,
+            args=({"job_id": job_id},) if i == 0 else (),
+            queue=celeryconfig.TASK_QUEUES[name],
+            task_id=f"{job_id}:{STAGES[i]}:{nonce}",
+        )
+        for i, name in enumerate(celeryconfig.CHAIN)
+    ]
+    chain(*sigs).apply_async()
+
+
 def component_costs(redis_url: str, n: int = 1000) -> dict[str, float]:
     """CPU ms per call of what a submission does, one at a time in this process (no HTTP).
 
-    The rest of the shim's CPU per accepted job is HTTP, ASGI, FastAPI (dependencies, body
-    and response-model validation) and the hop to the thread pool.
+    The rest of the shim's CPU per accepted job is HTTP, ASGI and FastAPI (dependencies, body
+    validation), the async Redis client, and what Redis costs (counted apart).
     """
     import uuid
 
     import redis
 
     from api_shim.app import ProcessRequest, make_celery
-    from ecg_audio.chain import job_payload, send_chain
+    from ecg_audio.chain import ChainMessages
     from ecg_audio.jobs import JobStore
     from ecg_audio.settings import get_settings
 
-    settings = get_settings().model_copy(update={"redis_url": redis_url})
-    store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), settings.job_ttl_s)
+    url = redis_url.rsplit("/", 1)[0] + "/2"  # apart from the jobs wrk submitted
+    settings = get_settings().model_copy(update={"redis_url": url})
+    client = redis.Redis.from_url(url, decode_responses=True)
+    store = JobStore(client, settings.job_ttl_s)
+    messages = ChainMessages.for_client(client)
     app = make_celery(settings)
     body = {"job_id": "x", "video_url": "s3://bench-bucket/in/x.wav"}
-    payload = job_payload("x", body["video_url"])
     tag = uuid.uuid4().hex[:6]
 
     def cost(fn: Any) -> float:
@@ -147,17 +171,16 @@ def component_costs(redis_url: str, n: int = 1000) -> dict[str, float]:
 
     out = {
         "request_validation": cost(lambda i: ProcessRequest.model_validate({**body, "job_id": f"v{i}"})),
-        "jobstore_create": cost(lambda i: store.create(f"{tag}-c{i}", body)),
+        "chain_message_build": cost(lambda i: messages.build(f"{tag}-b{i}")),
+        "create_and_enqueue_script": cost(
+            lambda i: store.create_or_get(f"{tag}-c{i}", body, message=messages.build(f"{tag}-c{i}"))
+        ),
         "jobstore_get": cost(lambda i: store.get(f"{tag}-c0")),
-        "send_chain": cost(lambda i: send_chain(app, {**payload, "job_id": f"{tag}-s{i}"})),
+        "before_celery_chain_apply_async": cost(lambda i: celery_chain(app, f"{tag}-s{i}")),
     }
-    sent_event = app.conf.task_send_sent_event
     app.conf.task_send_sent_event = False
-    out["send_chain_without_sent_event"] = cost(lambda i: send_chain(app, {**payload, "job_id": f"{tag}-t{i}"}))
-    app.conf.task_send_sent_event = sent_event
-    out["one_send_task_no_chain_no_event"] = cost(
-        lambda i: app.send_task("ecg.ingest", args=({**payload, "job_id": f"{tag}-u{i}"},), queue="cpu")
-    )
+    out["before_celery_chain_without_sent_event"] = cost(lambda i: celery_chain(app, f"{tag}-t{i}"))
+    client.flushdb()
     return out
 
 
