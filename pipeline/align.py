@@ -5,7 +5,9 @@ Two methods, and the result says which one ran:
   (when it is configured and present locally);
 - ``whisper``: Whisper's own cross-attention alignment, the mechanism behind
   faster-whisper's ``word_timestamps=True``, applied to the text the transcribe
-  stage already decoded: one encoder pass per chunk, no second decoding.
+  stage decoded. The transcribe stage does it on the encoder output it already
+  has (``Transcript`` segments then carry their words) and this stage only reads
+  them; for a transcript without words it encodes each chunk again.
 """
 
 from __future__ import annotations
@@ -74,7 +76,19 @@ def align_with_whisper(
     batch_size: int = 8,
     hook: Callable[[float], None] | None = None,
 ) -> Alignment:
-    """Word times from Whisper's cross-attention (DTW over alignment heads), batched per chunk."""
+    """Word times from Whisper's cross-attention (DTW over alignment heads), batched per chunk.
+
+    Segments that already carry words (timed by the transcribe stage) are taken as they are.
+    """
+    if all(s.words is not None for s in transcript.segments):
+        if hook:
+            hook(1.0)
+        return Alignment(
+            segments=[
+                AlignedSegment(s.start, s.end, s.text, [Word(**w) for w in s.words or []]) for s in transcript.segments
+            ],
+            method="whisper",
+        )
     from faster_whisper.tokenizer import Tokenizer
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
@@ -101,13 +115,21 @@ def align_with_whisper(
         except Exception as e:
             raise ProcessingError(f"word alignment failed: {e}") from e
         for s, res, toks in zip(batch, results, tokens, strict=True):
-            out.append(AlignedSegment(s.start, s.end, s.text, _words_from_alignment(res, toks, tokenizer, whisper, s)))
+            words = words_from_alignment(res, toks, tokenizer, whisper, s.end - s.start)
+            for w in words:
+                w.start, w.end = round(s.start + w.start, 3), round(s.start + w.end, 3)
+            out.append(AlignedSegment(s.start, s.end, s.text, words))
         if hook:
             hook(min(1.0, (first + len(batch)) / max(1, len(segs))))
     return Alignment(segments=out, method="whisper")
 
 
-def _words_from_alignment(result: Any, text_tokens: list[int], tokenizer: Any, whisper: Any, seg: Any) -> list[Word]:
+def words_from_alignment(
+    result: Any, text_tokens: list[int], tokenizer: Any, whisper: Any, duration: float
+) -> list[Word]:
+    """Words with times relative to their chunk (0 .. ``duration``) from ctranslate2's
+    ``Whisper.align`` result for ``text_tokens``; faster-whisper's word grouping and
+    punctuation merging."""
     from faster_whisper.transcribe import merge_punctuations
 
     if not text_tokens:
@@ -136,14 +158,13 @@ def _words_from_alignment(result: Any, text_tokens: list[int], tokenizer: Any, w
         for w, t, a, b, i, j in zip(words, word_tokens, starts, ends, boundaries[:-1], boundaries[1:], strict=False)
     ]
     merge_punctuations(alignment, PREPEND_PUNCT, APPEND_PUNCT)
-    duration = seg.end - seg.start
     result_words: list[Word] = []
     for a in alignment:
         text = a["word"].strip()
         if not text:
             continue
-        start = seg.start + min(max(0.0, a["start"]), duration)
-        end = seg.start + min(max(a["end"], a["start"]), duration)
+        start = min(max(0.0, a["start"]), duration)
+        end = min(max(a["end"], a["start"]), duration)
         result_words.append(Word(word=text, start=round(start, 3), end=round(end, 3), score=round(a["probability"], 3)))
     return result_words
 

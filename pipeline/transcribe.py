@@ -32,6 +32,7 @@ class AsrSegment:
     end: float
     text: str
     avg_logprob: float | None = None
+    words: list[dict[str, Any]] | None = None  # {word, start, end, score}, absolute seconds
 
 
 @dataclass
@@ -172,8 +173,14 @@ def transcribe(
     language: str | None = None,
     hook: Callable[[str, float], None] | None = None,
     window_s: float = WINDOW_S,
+    word_timestamps: bool = True,
 ) -> Transcript:
-    """Transcribe a 16 kHz mono WAV. ``hook(step, fraction)`` gets 'vad' and 'asr' progress."""
+    """Transcribe a 16 kHz mono WAV. ``hook(step, fraction)`` gets 'vad' and 'asr' progress.
+
+    With ``word_timestamps`` each segment also gets its words' times from Whisper's
+    cross-attention, computed on the encoder output the decoding already produced (the
+    align stage then has nothing left to compute unless a wav2vec2 aligner is configured).
+    """
     from whisperx.vads import Pyannote
 
     total = wav_duration(wav_path)
@@ -200,33 +207,118 @@ def transcribe(
             vad_reported = True
         for c in chunks:
             regions.append((round(start + c["start"], 3), round(start + c["end"], 3)))
-        if chunks:
-            model.tokenizer = tokenizer  # whisperx reads the tokenizer from the pipeline
-            inputs = ({"inputs": audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)]} for c in chunks)
-            for c, out in zip(chunks, model(inputs, batch_size=batch_size, num_workers=0), strict=True):
-                text = out["text"]
-                logprob = out.get("avg_logprob")
-                if isinstance(text, list):
-                    text, logprob = text[0], (logprob[0] if isinstance(logprob, list) else logprob)
-                text = str(text).strip()
-                if text and _looks_degenerate(text):
-                    # batched decoding has no temperature fallback: re-decode this chunk alone with it
-                    chunk_audio = audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)]
-                    text, logprob = _redecode(model, chunk_audio, language)
-                    repaired += 1
+        for first in range(0, len(chunks), batch_size):
+            batch = chunks[first : first + batch_size]
+            pieces = [audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)] for c in batch]
+            for c, (text, logprob, words, was_repaired) in zip(
+                batch, _transcribe_batch(model, pieces, tokenizer, language, word_timestamps), strict=True
+            ):
+                repaired += was_repaired
                 if text:
-                    segments.append(
-                        AsrSegment(
-                            start=round(start + c["start"], 3),
-                            end=round(start + c["end"], 3),
-                            text=text,
-                            avg_logprob=None if logprob is None else float(logprob),
-                        )
+                    seg = AsrSegment(
+                        start=round(start + c["start"], 3),
+                        end=round(start + c["end"], 3),
+                        text=text,
+                        avg_logprob=None if logprob is None else float(logprob),
                     )
+                    if words is not None:
+                        seg.words = [_word_dict(w, seg.start, seg.end) for w in words]
+                    segments.append(seg)
+            if hook:
+                done = start + (end - start) * (first + len(batch)) / len(chunks)
+                hook("asr", min(1.0, done / total))
         if hook:
             hook("asr", min(1.0, end / total))
         start = end
     return Transcript(segments=segments, language=language or "en", speech_regions=regions, repaired_chunks=repaired)
+
+
+def _transcribe_batch(
+    model: Any, pieces: list[np.ndarray], tokenizer: Any, language: str, word_timestamps: bool
+) -> list[tuple[str, float | None, list[Any] | None, bool]]:
+    """Decode up to ``batch_size`` chunks (each <= 30 s) in one encoder pass, as WhisperX's
+    batched pipeline does (same features, prompt and decoding options), and, with
+    ``word_timestamps``, align the decoded text on that same encoder output.
+
+    Returns per chunk: (text, avg_logprob, words relative to the chunk or None, re-decoded?).
+    """
+    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+
+    whisper = model.model  # whisperx's faster_whisper.WhisperModel subclass
+    options = model.options
+    n_mels = whisper.feat_kwargs.get("feature_size") or 80
+    feats = []
+    for piece in pieces:
+        piece = piece[:N_SAMPLES]
+        mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
+        feats.append(np.asarray(mel, dtype=np.float32)[:, : N_SAMPLES // 160])
+    encoder_output = whisper.encode(np.stack(feats))
+    previous: list[int] = []
+    if options.initial_prompt is not None:
+        previous = tokenizer.encode(" " + options.initial_prompt.strip())
+    prompt = whisper.get_prompt(
+        tokenizer,
+        previous,
+        without_timestamps=options.without_timestamps,
+        prefix=options.prefix,
+        hotwords=options.hotwords,
+    )
+    results = whisper.model.generate(
+        encoder_output,
+        [prompt] * len(pieces),
+        beam_size=options.beam_size,
+        patience=options.patience,
+        length_penalty=options.length_penalty,
+        max_length=whisper.max_length,
+        suppress_blank=options.suppress_blank,
+        suppress_tokens=options.suppress_tokens,
+        no_repeat_ngram_size=options.no_repeat_ngram_size,
+        repetition_penalty=options.repetition_penalty,
+        return_scores=True,
+    )
+    texts: list[str] = []
+    logprobs: list[float | None] = []
+    tokens: list[list[int]] = []
+    repaired: list[bool] = []
+    for piece, res in zip(pieces, results, strict=True):
+        ids = res.sequences_ids[0]
+        logprob: float | None = res.scores[0] * (len(ids) ** options.length_penalty) / (len(ids) + 1)
+        text_tokens = [t for t in ids if t < tokenizer.eot]
+        text = str(tokenizer.tokenizer.decode(text_tokens)).strip()
+        repaired.append(bool(text) and _looks_degenerate(text))
+        if repaired[-1]:
+            # batched decoding has no temperature fallback: re-decode this chunk alone with it
+            text, logprob = _redecode(model, piece, language)
+            text_tokens = [t for t in tokenizer.encode(" " + text) if t < tokenizer.eot] if text else []
+        texts.append(text)
+        logprobs.append(logprob)
+        tokens.append(text_tokens)
+    words: list[list[Any] | None] = [None] * len(pieces)
+    if word_timestamps and any(tokens):
+        from pipeline.align import words_from_alignment
+
+        frames = [max(1, min(N_SAMPLES // 160, int(round(len(p) / 160)))) for p in pieces]
+        # a chunk with no text aligns one end-of-text token, and gets no words
+        aligned = whisper.model.align(
+            encoder_output,
+            tokenizer.sot_sequence,
+            [t or [tokenizer.eot] for t in tokens],
+            frames,
+            median_filter_width=7,
+        )
+        for i, (res, toks, piece) in enumerate(zip(aligned, tokens, pieces, strict=True)):
+            words[i] = words_from_alignment(res, toks, tokenizer, whisper, len(piece) / SAMPLE_RATE) if toks else []
+    return list(zip(texts, logprobs, words, repaired, strict=True))
+
+
+def _word_dict(word: Any, start: float, end: float) -> dict[str, Any]:
+    """A chunk-relative word as absolute ``{word, start, end, score}``, clipped to the segment."""
+    return {
+        "word": word.word,
+        "start": round(min(end, start + word.start), 3),
+        "end": round(min(end, start + word.end), 3),
+        "score": word.score,
+    }
 
 
 COMPRESSION_RATIO_THRESHOLD = 2.4  # Whisper's own test for repetition loops ("m m m m ...")

@@ -283,6 +283,8 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
                 batch_size=batch,
                 language=language,
                 hook=lambda step, f: env.report("transcribe", _within("transcribe", f), "Transcribing"),
+                # Whisper's word times come nearly free with the decoding; not when wav2vec2 aligns
+                word_timestamps=not _aligner_configured(env),
             )
             break
         except Exception as e:
@@ -303,6 +305,12 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     )
 
 
+def _aligner_configured(env: StageEnv) -> bool:
+    """Whether a wav2vec2 aligner is set (settings.alignment_model), without loading it."""
+    settings = getattr(env.models, "settings", None)
+    return bool(getattr(settings, "alignment_model", None))
+
+
 def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import align_with_wav2vec2, align_with_whisper
     from pipeline.transcribe import Transcript
@@ -314,7 +322,9 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         model, name = aligner
         alignment = align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=env.models.device, name=name)
     else:
-        asr, _ = env.models.asr(transcript.language, device=tdata.get("device"))
+        timed = all(s.words is not None for s in transcript.segments)
+        # words timed by the transcribe stage need no model here
+        asr = None if timed else env.models.asr(transcript.language, device=tdata.get("device"))[0]
         alignment = align_with_whisper(
             asr,
             ws.path("audio.wav"),
