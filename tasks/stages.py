@@ -164,7 +164,10 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
         env.report(name, progress, message)
         return StageOutcome(name, True, 0.0)
     t0 = time.perf_counter()
-    _BODIES[name](job, env, ws)
+    try:
+        _BODIES[name](job, env, ws)
+    finally:
+        release_memory()
     seconds = time.perf_counter() - t0
     times = ws.read_json("times.json") if ws.has("times.json") else {}
     times[name] = round(seconds, 3)
@@ -173,6 +176,22 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     if name != "merge":
         env.report(name, progress, message)
     return StageOutcome(name, False, seconds)
+
+
+def release_memory() -> None:
+    """Give the heap a stage freed back to the OS (glibc's ``malloc_trim``), so that the next
+    stage's peak does not stack on this one's leftovers in a long-lived worker."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
 
 
 # --- fault injection (tests only) --------------------------------------
