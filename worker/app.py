@@ -89,6 +89,11 @@ def _init_process(**_: object) -> None:
     # a worker that only serves the cpu queue (ingest, features, merge) needs no model
     if _settings.preload_models and (not consumed or "model" in consumed):
         registry.preload()
+    import gc
+
+    # the models' object graph lives as long as the process: keep it out of the collector's
+    # full passes (each costs ~0.26 s with the models loaded)
+    gc.freeze()
     log.info("worker_ready", **registry.stats())
     _state["dispatcher"] = Dispatcher(context.outbox()).start()
     _state["metrics"] = job_metrics_from_settings(_settings)
