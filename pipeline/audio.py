@@ -31,3 +31,23 @@ def wav_duration(path: Path | str) -> float:
 
     info = sf.info(str(path))
     return float(info.frames) / float(info.samplerate)
+
+
+def quiet_cut(wav_path: Path | str, start: float, end: float, total: float, search_s: float = 15.0) -> float:
+    """Where to end a window that starts at ``start`` and should end near ``end``.
+
+    The middle of the quietest 100 ms (lowest mean energy) in the ``search_s`` seconds
+    before ``end``, never within 1 s of ``start``; ``total`` (the file's duration) when
+    ``end`` reaches it, so that the last window takes the rest of the file. Reads only the
+    searched stretch of the file.
+    """
+    if end >= total:
+        return total
+    lo = max(start + 1.0, end - search_s)
+    audio = load_wav(wav_path, lo, end)
+    hop = SAMPLE_RATE // 10
+    if len(audio) < hop:
+        return end
+    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
+    energy = (frames.astype(np.float64) ** 2).mean(axis=1)
+    return lo + (int(np.argmin(energy)) + 0.5) * 0.1
