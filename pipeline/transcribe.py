@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio import SAMPLE_RATE, load_wav, wav_duration
+from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, wav_duration
 from pipeline.errors import ProcessingError, UnsupportedOptionError
 
 EMBEDDED = "embedded"
@@ -151,20 +151,6 @@ def _tokenizer(model: Any, language: str) -> Any:
     return Tokenizer(model.model.hf_tokenizer, is_multilingual(model), task="transcribe", language=language)
 
 
-def _quiet_cut(wav_path: Path, start: float, end: float, total: float) -> float:
-    """A cut point near ``end``: the quietest 100 ms in the preceding CUT_SEARCH_S seconds."""
-    if end >= total:
-        return total
-    lo = max(start + 1.0, end - CUT_SEARCH_S)
-    audio = load_wav(wav_path, lo, end)
-    hop = SAMPLE_RATE // 10
-    if len(audio) < hop:
-        return end
-    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
-    energy = (frames.astype(np.float64) ** 2).mean(axis=1)
-    return lo + (int(np.argmin(energy)) + 0.5) * 0.1
-
-
 def transcribe(
     model: Any,
     wav_path: Path,
@@ -192,7 +178,7 @@ def transcribe(
     vad_reported = False
     repaired = 0
     while start < total - 0.01:
-        end = _quiet_cut(wav_path, start, min(total, start + window_s), total)
+        end = quiet_cut(wav_path, start, min(total, start + window_s), total, CUT_SEARCH_S)
         audio = load_wav(wav_path, start, end)
         if language is None:
             language = str(model.detect_language(audio))

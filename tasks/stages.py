@@ -258,25 +258,29 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
 
 def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
-    from pipeline.audio import load_wav
-    from pipeline.diarize import diarize
+    from pipeline.diarize import diarize_wav
 
     pipeline, name = env.models.diarization()
     opts = job.options
 
     def hook(step: str, fraction: float) -> None:
         # segmentation ends at ~30% of the diarization work: that is voice activity known
-        if fraction >= 0.3:
+        # (on a long file, windowed, 30% of the whole file's work)
+        if fraction < 0.3:
+            before = STAGES["ingest"][1]
+            progress = min(VAD_PROGRESS - 1, before + int((VAD_PROGRESS - before) * fraction / 0.3))
+            env.report("diarize", progress, "Detecting voice activity")
+        else:
             done = max(0.0, min(1.0, (fraction - 0.3) / 0.7))
             if done == 0.0:
                 env.report("diarize", VAD_PROGRESS, "Voice activity detected")
             else:
                 env.report("diarize", _within("diarize", done, start=VAD_PROGRESS), "Finding speakers")
 
-    audio = load_wav(ws.path("audio.wav"))
-    result = diarize(
+    # window by window on long files: memory is bounded by a window, not the recording
+    result = diarize_wav(
         pipeline,
-        audio,
+        ws.path("audio.wav"),
         num_speakers=opts.get("num_speakers"),
         min_speakers=opts.get("min_speakers"),
         max_speakers=opts.get("max_speakers"),
