@@ -111,7 +111,7 @@ class StageEnv:
     output_root: Path
     models: ModelProvider
     report: Reporter
-    batch_size: int = 8
+    batch_size: int | None = None  # ASR batch; None: 8 on CUDA, 4 on CPU (see asr_batch_size)
     max_download_bytes: int = 4 * 1024**3
     max_duration_s: float = 4 * 3600.0
     network_timeout_s: float = 30.0
@@ -122,6 +122,11 @@ class StageEnv:
     uploads_dir: Path | None = None  # where upload://<id> inputs live
     s3_bucket: str | None = None  # set: workspace under s3://bucket/temp/{job}/, results under output/
     _s3: Any = None
+
+    def asr_batch_size(self, device: str) -> int:
+        """4 on CPU: as fast as 8 there (18.5-21.8 s vs 23.5-23.9 s on the 601 s file) with half
+        the encoder's attention memory; 8 on a GPU."""
+        return self.batch_size or (4 if device == "cpu" else 8)
 
     def s3(self) -> Any:
         if self._s3 is None:
@@ -293,7 +298,7 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.transcribe import transcribe
 
     language = job.language or job.options.get("language")
-    batch = int(job.options.get("batch_size") or env.batch_size)
+    batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
     device = env.models.device
     notes: list[str] = []
     while True:
@@ -352,7 +357,7 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             asr,
             ws.path("audio.wav"),
             transcript,
-            batch_size=env.batch_size,
+            batch_size=env.asr_batch_size(env.models.device),
             hook=lambda f: env.report("align", _within("align", f), "Timing words"),
         )
     ws.write_json("alignment.json", alignment.to_dict())
