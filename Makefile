@@ -32,6 +32,7 @@ system-deps:
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	  command -v wrk >/dev/null || missing="$$missing wrk"; \
+	  [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ] || missing="$$missing libjemalloc2"; \
 	  if [ -n "$$missing" ]; then \
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null \
 	      || echo "system-deps: could not install$$missing; the tests that need them will skip"; \

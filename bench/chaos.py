@@ -39,6 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ecg_audio.stack import worker_allocator_env  # noqa: E402  (jemalloc for workers, as `ecg-audio up`)
+
 
 class Receiver:
     """Callback receiver that can be taken down and brought back on the same port."""
@@ -158,7 +160,7 @@ class Fleet:
                 "--without-gossip",
             ],
             cwd=REPO,
-            env=self.env,
+            env={**self.env, **worker_allocator_env()},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -59,6 +59,8 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 from chaos import Fleet  # noqa: E402  (bench/chaos.py: Redis + real workers)
 from stages import cut, loadavg, shared_audio  # noqa: E402
 
+from ecg_audio.stack import worker_allocator_env  # noqa: E402
+
 ACCEPT_RATIO = 1.05
 API_KEY = "bench-" + uuid.uuid4().hex
 
@@ -101,7 +103,7 @@ class BenchFleet(Fleet):
                 "--without-gossip",
             ],
             cwd=REPO,
-            env={**self.env, "ECG_LOG_LEVEL": log_level, **(env or {})},
+            env={**self.env, **worker_allocator_env(), "ECG_LOG_LEVEL": log_level, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

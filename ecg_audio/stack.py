@@ -123,6 +123,31 @@ class Stack:
         return path
 
 
+JEMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+
+
+def worker_allocator_env() -> dict[str, str]:
+    """``LD_PRELOAD`` of jemalloc for a worker, when the library is installed (Debian:
+    ``libjemalloc2``) and nothing is preloaded already; ``ECG_WORKER_MALLOC=system`` opts out.
+
+    Why: with glibc's malloc the diarization's peak RSS grew by ~300 MB with every window of
+    a long file (fragmentation: what one window freed does not fit the next one's requests,
+    and malloc_trim gives back only part); under jemalloc it stays flat (+0.39 GB over the
+    loaded models, every window), for ~15 % more CPU in that stage.
+    """
+    if os.environ.get("ECG_WORKER_MALLOC", "jemalloc") == "system" or os.environ.get("LD_PRELOAD"):
+        return {}
+    for path in JEMALLOC:
+        if Path(path).is_file():
+            return {"LD_PRELOAD": path}
+    return {}
+
+
 def bring_up(
     var_dir: Path,
     *,
@@ -151,13 +176,14 @@ def bring_up(
             print(f"starting redis on 127.0.0.1:{port} (AOF, noeviction)")
         stack.procs["redis"] = start_redis(var_dir / "redis", port, log=logs / "redis.log")
     env = stack.env()
+    worker_env = {**env, **worker_allocator_env()}
     py = sys.executable
     if cpu_worker:
         # ingest, features and merge of other jobs run beside the model stages: the GPU never waits
         stack.procs["cpu-worker"] = subprocess.Popen(
             [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", "cpu", "-c", "1", "-n", "cpu@%h"],
             start_new_session=True,
-            env=env,
+            env=worker_env,
             stdout=open(logs / "cpu-worker.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
@@ -179,7 +205,7 @@ def bring_up(
             "INFO",
         ],
         start_new_session=True,
-        env=env,
+        env=worker_env,
         stdout=open(logs / "worker.log", "ab"),
         stderr=subprocess.STDOUT,  # noqa: SIM115
     )
