@@ -19,14 +19,35 @@ Prints ONE JSON line on stdout, e.g.
 
     .venv/bin/python bench/diarize_bench.py                # tuned and naive (~10+ min)
     .venv/bin/python bench/diarize_bench.py --skip-naive --all
+
+``--memory``: peak RSS of ``pipeline.diarize.diarize_wav`` (the windowed entry point the
+diarize stage uses on long files) in a FRESH process per case (``ru_maxrss``), on the
+10-minute file and on a ``--long-minutes`` (default 50) concatenation of
+``conv_2spk_10min.wav`` and ``conv_3spk_overlap_3min.wav`` in turn (built with ffmpeg in a
+temporary directory, never kept; the same synthetic voices S0..S2 in both, so the
+concatenated RTTM scores the long file's DER too). Each case reports the RSS after the
+models are loaded and warmed (``loaded_rss_mb``), the peak (``peak_rss_mb``), the peak as
+the file went by (``peak_rss_mb_at``: fraction of the file -> MB), seconds, DER and
+speaker count. ``--whole`` adds the long file in one window (what ``diarize`` did before).
+
+    .venv/bin/python bench/diarize_bench.py --memory [--long-minutes 50] [--window-s S] [--whole]
+
+The C allocator decides much of the peak: with glibc's malloc, whose mmap threshold rises
+to 32 MB after the first large free, the same window diarized again peaks higher each time
+(fragmented heap) even with ``malloc_trim`` in between; prefix the command with
+``LD_PRELOAD=/lib/x86_64-linux-gnu/libjemalloc.so.2`` (the children inherit it) to
+measure under jemalloc.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,17 +132,150 @@ def timed(pipeline: Any, audio: np.ndarray, rttm: Path | None) -> dict[str, Any]
     return out
 
 
+LONG_SOURCES = ["conv_2spk_10min", "conv_3spk_overlap_3min"]
+
+
+def build_long(minutes: float, dest: Path) -> tuple[Path, Path]:
+    """A ``minutes`` long WAV (16 kHz mono) of the shared recordings in turn, and its RTTM."""
+    import soundfile as sf
+
+    from pipeline.media import ffmpeg_exe
+
+    target = minutes * 60.0
+    listing, rttm, offset, i = [], [], 0.0, 0
+    while offset < target:
+        name = LONG_SOURCES[i % len(LONG_SOURCES)]
+        wav = SHARED_AUDIO / f"{name}.wav"
+        listing.append(f"file '{wav}'")
+        for line in (SHARED_AUDIO / f"{name}.rttm").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == "SPEAKER":
+                start = offset + float(parts[3])
+                end = min(target, start + float(parts[4]))
+                if end > start:
+                    rttm.append(f"SPEAKER long 1 {start:.3f} {end - start:.3f} <NA> <NA> {parts[7]} <NA> <NA>")
+        offset += sf.info(str(wav)).duration
+        i += 1
+    (dest.parent / "concat.txt").write_text("\n".join(listing) + "\n")
+    cmd = [
+        ffmpeg_exe(),
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+        str(dest.parent / "concat.txt"),
+    ]
+    cmd += ["-t", f"{target:.1f}", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(dest)]
+    subprocess.run(cmd, check=True)
+    reference = dest.with_suffix(".rttm")
+    reference.write_text("\n".join(rttm) + "\n")
+    return dest, reference
+
+
+def max_rss_mb() -> int:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def rss_child(wav: Path, rttm: Path | None, window_s: float, threads: int, batch_size: int) -> int:
+    """One case of --memory, in this (fresh) process: prints one JSON line."""
+    import torch
+
+    from pipeline.audio import wav_duration
+    from pipeline.diarize import diarize_wav, load_diarization_pipeline, window_bounds
+
+    torch.set_num_threads(threads)
+    pipeline = load_diarization_pipeline("embedded", batch_size=batch_size)
+    diarize(pipeline, read_audio(SHARED_AUDIO / "conv_3spk_overlap_3min.wav")[: 5 * 16000])  # warm-up
+    loaded = max_rss_mb()
+    duration = wav_duration(wav)
+    at: dict[str, int] = {}
+
+    def hook(step: str, fraction: float) -> None:
+        at[f"{fraction:.2f}"] = max_rss_mb()
+
+    wall = time.perf_counter()
+    result = diarize_wav(pipeline, wav, window_s=window_s, hook=hook)
+    seconds = time.perf_counter() - wall
+    # the high-water mark at a few points of the file (quarters)
+    milestones: dict[str, int] = {}
+    for key in sorted(at, key=float):
+        quarter = f"{min(1.0, math.ceil(float(key) * 4) / 4):.2f}"
+        milestones[quarter] = at[key]
+    out: dict[str, Any] = {
+        "file": wav.name,
+        "audio_s": round(duration, 1),
+        "window_s": window_s,
+        "windows": len(window_bounds(wav, duration, window_s)) if duration > window_s else 1,
+        "loaded_rss_mb": loaded,
+        "peak_rss_mb": max_rss_mb(),
+        "peak_rss_mb_at": milestones,
+        "seconds": round(seconds, 1),
+        "num_speakers": result.num_speakers,
+    }
+    if rttm is not None:
+        out["der"] = der(result, rttm)
+    print(json.dumps(out))
+    return 0
+
+
+def memory(args: argparse.Namespace) -> int:
+    """--memory: each case in a fresh process (ru_maxrss is a process's high-water mark)."""
+    cases: dict[str, tuple[Path, Path, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ecg-diarize-mem-") as tmp:
+        log(f"building a {args.long_minutes} min file in {tmp}")
+        long_wav, long_rttm = build_long(args.long_minutes, Path(tmp) / "long.wav")
+        ten = SHARED_AUDIO / "conv_2spk_10min.wav"
+        cases["10min"] = (ten, ten.with_suffix(".rttm"), args.window_s)
+        cases[f"long_{args.long_minutes:g}min"] = (long_wav, long_rttm, args.window_s)
+        if args.whole:
+            cases[f"long_{args.long_minutes:g}min_whole"] = (long_wav, long_rttm, 1e9)
+        report: dict[str, Any] = {"bench": "diarize_memory", "threads": args.threads}
+        for name, (wav, rttm, window_s) in cases.items():
+            log(f"{name} ...")
+            cmd = [sys.executable, __file__, "--rss-child", str(wav), "--rttm", str(rttm)]
+            cmd += ["--window-s", str(window_s), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            report[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            log(name, report[name])
+    base = report["10min"]["peak_rss_mb"]
+    for name in cases:
+        if name != "10min":
+            report[name]["peak_over_10min"] = round(report[name]["peak_rss_mb"] / base, 3)
+    print(json.dumps(report))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive pipeline (~10 min)")
     parser.add_argument("--all", action="store_true", help="also DER / speakers on the other files")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=32, help="tuned pipeline's embedding batch")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of diarize_wav: 10 min vs a long file")
+    parser.add_argument("--long-minutes", type=float, default=50.0, help="--memory: length of the long file")
+    parser.add_argument("--window-s", type=float, default=None, help="--memory: diarize_wav's window_s")
+    parser.add_argument("--whole", action="store_true", help="--memory: also the long file in one window")
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rttm", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if not SHARED_AUDIO.is_dir():
         log(f"../shared is absent ({SHARED_AUDIO}): nothing to measure")
         return 2
+    if args.window_s is None:
+        from pipeline.diarize import DIARIZE_WINDOW_S
+
+        args.window_s = DIARIZE_WINDOW_S
+    if args.rss_child is not None:
+        return rss_child(args.rss_child, args.rttm, args.window_s, args.threads, args.batch_size)
+    if args.memory:
+        return memory(args)
 
     import torch
 
