@@ -310,7 +310,11 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
                 ws.path("audio.wav"),
                 batch_size=batch,
                 language=language,
-                hook=lambda step, f: env.report("transcribe", _within("transcribe", f), "Transcribing"),
+                # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
+                # speech is found) would jump the record to the stage's end at once
+                hook=lambda step, f: (
+                    env.report("transcribe", _within("transcribe", f), "Transcribing") if step == "asr" else None
+                ),
                 # Whisper's word times come nearly free with the decoding; not when wav2vec2 aligns
                 word_timestamps=not _aligner_configured(env),
             )
