@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, wav_duration
+from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, release_freed_memory, wav_duration
 from pipeline.errors import ProcessingError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -856,30 +856,6 @@ def diarize_wav(
     if hook is not None:
         hook("done", 1.0)
     return result
-
-
-def release_freed_memory() -> None:
-    """Give the memory that the C heap holds free back to the system (glibc's
-    ``malloc_trim``; nothing elsewhere).
-
-    Between windows nothing of the last window is alive, but glibc keeps the freed pages:
-    without this the worker's RSS after a window stays at that window's peak.
-    """
-    import ctypes
-    import ctypes.util
-
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
 
 
 def window_bounds(

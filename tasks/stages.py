@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from pipeline.audio import release_freed_memory
 from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
 from pipeline.workspace import S3Workspace, Workspace
 
@@ -172,7 +173,7 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     try:
         _BODIES[name](job, env, ws)
     finally:
-        release_memory()
+        release_freed_memory()
     seconds = time.perf_counter() - t0
     times = ws.read_json("times.json") if ws.has("times.json") else {}
     times[name] = round(seconds, 3)
@@ -181,22 +182,6 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     if name != "merge":
         env.report(name, progress, message)
     return StageOutcome(name, False, seconds)
-
-
-def release_memory() -> None:
-    """Give the heap a stage freed back to the OS (glibc's ``malloc_trim``), so that the next
-    stage's peak does not stack on this one's leftovers in a long-lived worker."""
-    import ctypes
-    import ctypes.util
-
-    # no gc.collect(): with the models' object graph loaded a full collection costs ~0.26 s,
-    # and the large buffers (numpy, torch) are freed by reference counting anyway
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-            pass
 
 
 # --- fault injection (tests only) --------------------------------------
