@@ -16,6 +16,11 @@ The two paths alternate (in-process, fleet, in-process, ...) so that a change in
 machine's load hits both alike. Prints the medians and the ratio of medians; the
 acceptance figure is ``ratio <= 1.05``.
 
+Both paths run on the same C allocator: the bench re-executes itself with the worker's
+``LD_PRELOAD`` / ``MALLOC_CONF`` (jemalloc when installed, see
+``ecg_audio.stack.worker_allocator_env``), so what differs is the shim, Redis and the
+chain; the JSON line names the allocator.
+
 On a loaded machine the stage bodies' own times swing by more than 5 % from run to run,
 whichever path runs them. So the bench also reports, per path, the time spent outside the
 stage bodies (wall - sum of ``metadata.stage_times``: model-free orchestration: Redis
@@ -289,6 +294,19 @@ def _proc_tree_rss(pid: int) -> int:
     return total
 
 
+def reexec_with_worker_allocator() -> None:
+    """Run this process (the in-process path) on the C allocator the worker runs on.
+
+    The worker is started with :func:`ecg_audio.stack.worker_allocator_env` (jemalloc when
+    installed, as ``ecg-audio up`` and the image do); the bench re-executes itself with the
+    same environment first, so that the two paths differ only by the shim, Redis and the
+    chain, not by malloc. ``ECG_WORKER_MALLOC=system`` runs both on glibc.
+    """
+    alloc = worker_allocator_env()
+    if alloc:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **alloc})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
@@ -296,6 +314,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
+    reexec_with_worker_allocator()
     from ecg_audio.logs import configure_logging
 
     configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line
@@ -376,6 +395,9 @@ def main() -> int:
                 "accept_ratio_le": ACCEPT_RATIO,
                 "meets_ratio": ratio <= ACCEPT_RATIO,
                 "poll_interval_s": 0.2,
+                # both paths run on this (the worker inherits the bench's environment)
+                "allocator": os.environ.get("LD_PRELOAD") or "glibc",
+                "malloc_conf": os.environ.get("MALLOC_CONF"),
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
             }

@@ -43,3 +43,30 @@ def test_up_submit_down(tmp_path: Path, sample_wav: Path) -> None:
     assert "worker" in down.stdout and "redis" in down.stdout, down.stdout + down.stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_worker_allocator_env_preloads_jemalloc_with_a_valid_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``ecg-audio up`` gives its workers: jemalloc, with a MALLOC_CONF it accepts."""
+    from ecg_audio.stack import JEMALLOC, JEMALLOC_CONF, worker_allocator_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.setenv("ECG_WORKER_MALLOC", "system")
+    assert worker_allocator_env() == {}
+    monkeypatch.delenv("ECG_WORKER_MALLOC")
+    if not any(Path(p).is_file() for p in JEMALLOC):
+        assert worker_allocator_env() == {}
+        pytest.skip("libjemalloc2 is not installed (make system-deps installs it): only the opt-out was checked")
+    env = worker_allocator_env()
+    assert env["MALLOC_CONF"] == JEMALLOC_CONF
+    monkeypatch.setenv("MALLOC_CONF", "narenas:2")  # an operator's own conf wins
+    assert worker_allocator_env()["MALLOC_CONF"] == "narenas:2"
+    monkeypatch.setenv("LD_PRELOAD", env["LD_PRELOAD"])  # already preloaded: left alone
+    assert worker_allocator_env() == {}
+    # a child on that environment really runs jemalloc, and jemalloc takes the conf without complaint
+    # (it prints "<jemalloc>: Invalid conf pair" on stderr for an option it does not know)
+    probe = "import ctypes; print(open('/proc/self/maps').read().count('libjemalloc')>0); ctypes.CDLL(None).malloc(64<<20)"
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "True"
+    assert "jemalloc" not in out.stderr, out.stderr
