@@ -65,7 +65,10 @@ def test_worker_allocator_env_preloads_jemalloc_with_a_valid_conf(monkeypatch: p
     assert worker_allocator_env() == {}
     # a child on that environment really runs jemalloc, and jemalloc takes the conf without complaint
     # (it prints "<jemalloc>: Invalid conf pair" on stderr for an option it does not know)
-    probe = "import ctypes; print(open('/proc/self/maps').read().count('libjemalloc')>0); ctypes.CDLL(None).malloc(64<<20)"
+    probe = (
+        "import ctypes; print(open('/proc/self/maps').read().count('libjemalloc') > 0); "
+        "ctypes.CDLL(None).malloc(64 << 20)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "True"
