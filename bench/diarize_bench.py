@@ -57,6 +57,7 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
@@ -138,15 +139,16 @@ LONG_SOURCES = ["conv_2spk_10min", "conv_3spk_overlap_3min"]
 def build_long(minutes: float, dest: Path) -> tuple[Path, Path]:
     """A ``minutes`` long WAV (16 kHz mono) of the shared recordings in turn, and its RTTM."""
     import soundfile as sf
-
-    from pipeline.media import ffmpeg_exe
+    from stages import concat_wav  # bench/stages.py
 
     target = minutes * 60.0
-    listing, rttm, offset, i = [], [], 0.0, 0
+    listing: list[Path] = []
+    rttm: list[str] = []
+    offset, i = 0.0, 0
     while offset < target:
         name = LONG_SOURCES[i % len(LONG_SOURCES)]
         wav = SHARED_AUDIO / f"{name}.wav"
-        listing.append(f"file '{wav}'")
+        listing.append(wav)
         for line in (SHARED_AUDIO / f"{name}.rttm").read_text().splitlines():
             parts = line.split()
             if parts and parts[0] == "SPEAKER":
@@ -156,21 +158,7 @@ def build_long(minutes: float, dest: Path) -> tuple[Path, Path]:
                     rttm.append(f"SPEAKER long 1 {start:.3f} {end - start:.3f} <NA> <NA> {parts[7]} <NA> <NA>")
         offset += sf.info(str(wav)).duration
         i += 1
-    (dest.parent / "concat.txt").write_text("\n".join(listing) + "\n")
-    cmd = [
-        ffmpeg_exe(),
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "concat",
-        "-safe",
-        "0",
-        "-i",
-        str(dest.parent / "concat.txt"),
-    ]
-    cmd += ["-t", f"{target:.1f}", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(dest)]
-    subprocess.run(cmd, check=True)
+    concat_wav(listing, target, dest)
     reference = dest.with_suffix(".rttm")
     reference.write_text("\n".join(rttm) + "\n")
     return dest, reference

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from overhead import BenchFleet, TreeRss, eprint, exit_cleanly_on_sigterm  # noqa: E402
-from stages import SHARED, loadavg, shared_audio  # noqa: E402
+from stages import SHARED, concat_wav, loadavg, shared_audio  # noqa: E402
 
 GB = 1024**3
 ACCEPT_PEAK_BYTES = 3 * GB
@@ -62,43 +61,18 @@ ARTIFACTS = [
 
 def build_long_file(hours: float, dest: Path) -> Path:
     """Concatenate the shared recordings to ``hours`` hours, 16 kHz mono PCM."""
-    from pipeline.media import ffmpeg_exe, probe
+    from pipeline.media import probe
 
     target = hours * 3600.0
     sources = [shared_audio(n) for n in SOURCES if (SHARED / "audio" / n).is_file()]
     lengths = [float(probe(p).duration or 0.0) for p in sources]
-    listing, total, i = [], 0.0, 0
+    listing: list[Path] = []
+    total, i = 0.0, 0
     while total < target:
-        listing.append(f"file '{sources[i % len(sources)]}'")
+        listing.append(sources[i % len(sources)])
         total += lengths[i % len(sources)]
         i += 1
-    lst = dest.parent / "concat.txt"
-    lst.write_text("\n".join(listing) + "\n")
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "concat",
-            "-safe",
-            "0",
-            "-i",
-            str(lst),
-            "-t",
-            f"{target:.1f}",
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-c:a",
-            "pcm_s16le",
-            str(dest),
-        ],
-        check=True,
-    )
-    return dest
+    return concat_wav(listing, target, dest)
 
 
 def running_stage(workspace: Path) -> str:

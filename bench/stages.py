@@ -79,6 +79,23 @@ def cut(src: Path, seconds: float, dest_dir: Path) -> Path:
     return dest
 
 
+def concat_wav(sources: list[Path], seconds: float, dest: Path) -> Path:
+    """``sources`` one after the other, cut to ``seconds``, as a 16 kHz mono PCM WAV ``dest``
+    (ffmpeg's concat demuxer; its listing is written beside ``dest``)."""
+    import subprocess
+
+    from pipeline.media import ffmpeg_exe
+
+    listing = dest.parent / "concat.txt"
+    listing.write_text("".join(f"file '{src}'\n" for src in sources))
+    subprocess.run(
+        [ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(listing)]
+        + ["-t", f"{seconds:.1f}", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(dest)],
+        check=True,
+    )
+    return dest
+
+
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages (noted beside every timing: the machine is shared)."""
     return [round(x, 2) for x in os.getloadavg()]
