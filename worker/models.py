@@ -94,7 +94,12 @@ class ModelRegistry:
                 log.info("model_loading", model="diarization", name=name, device=self.device)
                 token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
                 self._diarization = load_diarization_pipeline(
-                    name, device=self.device, hf_token=token, batch_size=self.settings.diarization_batch_size
+                    name,
+                    device=self.device,
+                    hf_token=token,
+                    batch_size=self.settings.diarization_batch_size,
+                    runtime=self.settings.diarization_runtime,
+                    onnx_cache_dir=self.settings.onnx_cache_dir,
                 )
                 self.loads[f"diarization:{name}"] += 1
         label = "pyannote segmentation-3.0 + CAM++ (embedded)" if name == EMBEDDED else name

@@ -194,3 +194,41 @@ def test_fused_campplus_gives_the_same_embeddings_and_refuses_to_be_saved(tmp_pa
     assert torch.nn.functional.cosine_similarity(a[0], a[1], dim=0) < 0.99  # different pieces still differ
     with pytest.raises(ValueError, match="fused"):
         fused.save_pyannote_checkpoint(tmp_path / "fused.bin")
+
+
+def test_onnxruntime_models_match_torch_and_are_exported_once(tmp_path, sample_audio, monkeypatch):
+    """The embedded pipeline runs segmentation-3.0 and CAM++ in ONNX Runtime: the same outputs
+    as eager torch (float rounding only), on batch sizes and lengths other than the export's;
+    the export is cached and the cached file is what a second load uses."""
+    import torch
+
+    from pipeline import onnx_runtime
+
+    eager = load_diarization_pipeline("embedded", runtime="torch")
+    ort = load_diarization_pipeline("embedded", onnx_cache_dir=tmp_path)
+    exported = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert [name.split("-")[0] for name in exported] == ["campplus", "segmentation"]
+
+    chunks = torch.from_numpy(np.stack([sample_audio[16000 * s : 16000 * (s + 10)] for s in (0, 5, 10)]))[:, None]
+    with torch.inference_mode():
+        a, b = eager._segmentation.model(chunks), ort._segmentation.model(chunks)
+    assert a.shape == b.shape == (3, 589, 7)
+    assert (a - b).abs().max().item() < 5e-3  # log-probabilities
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.999
+
+    waveforms = torch.from_numpy(np.stack([sample_audio[16000 * s : 16000 * (s + 4)] for s in (2, 8, 14, 20, 25)]))
+    weights = torch.ones(5, 393)
+    weights[2, 200:] = 0.0  # a shorter piece: padded in the batch
+    with torch.inference_mode():
+        e, o = eager._embedding.model_(waveforms[:, None], weights), ort._embedding.model_(waveforms[:, None], weights)
+    assert ort._embedding.model_.onnx is not None and eager._embedding.model_.onnx is None
+    assert torch.nn.functional.cosine_similarity(e, o).min().item() > 0.9999
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the cache holds the model")
+
+    monkeypatch.setattr(onnx_runtime.OrtFunction, "_export", no_export)
+    again = load_diarization_pipeline("embedded", onnx_cache_dir=tmp_path)
+    assert again._embedding.model_.onnx.path.parent == tmp_path
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == exported
+    assert not list(tmp_path.glob("*.tmp"))
