@@ -70,6 +70,7 @@ class OrtFunction:
         cache_dir: Path | None = None,
         threads: int | None = None,
         streams: int = 1,
+        memory_arena: bool = True,
         name: str = "model",
     ) -> None:
         import onnxruntime as ort
@@ -99,6 +100,7 @@ class OrtFunction:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, total // self.streams)
         options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = memory_arena
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its shape-inference warnings are noise here
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
