@@ -258,7 +258,7 @@ def main() -> int:
             assert fleet.shim is not None and fleet.redis is not None
             cpu0 = {"shim": tree_cpu_s(fleet.shim.pid), "redis": tree_cpu_s(fleet.redis.pid)}
             paced = f", paced at {a.rate:g} jobs/s" if a.rate > 0 else ""
-            eprint(f"shim_load: wrk -t{a.threads} -c{a.connections} -d{a.seconds}s{paced} against {a.processes} processes")
+            eprint(f"shim_load: wrk -t{a.threads} -c{a.connections} -d{a.seconds}s{paced}, {a.processes} processes")
             proc = subprocess.run(
                 [
                     wrk,

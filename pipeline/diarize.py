@@ -286,8 +286,8 @@ def _build_pipeline_classes() -> tuple[type, type]:
             # the instance's forward replaces the class's: pyannote's Inference calls model(chunks)
             model.forward = segmentation  # type: ignore[method-assign,assignment]
             # ONNX Runtime's memory arena keeps its largest buffers: 32 chunks of SincNet output
-            # held a worker ~0.9 GB higher on the 10-minute file; 8 chunks cost +0.24 GB over
-            # torch (bench/diarize_bench.py --memory), no measurable time
+            # held diarize() ~0.9 GB above torch on the 10-minute file, 8 chunks +0.24 GB, at
+            # most ~1 s slower (bench/README.md, long)
             self._segmentation.batch_size = min(self._segmentation.batch_size, ORT_SEGMENTATION_BATCH)
 
         def get_segmentations(

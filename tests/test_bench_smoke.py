@@ -70,3 +70,14 @@ def test_shim_load_tiny() -> None:
     for key in ("accepted_per_s", "latency_ms", "redis_job_records", "redis_chain_messages", "uvicorn_processes"):
         assert key in out
     assert {"p50", "p99"} <= set(out["latency_ms"])
+
+
+def test_shim_load_paces_wrk_at_the_offered_rate() -> None:
+    """--rate: wrk's delay() keeps each thread to its send schedule, so 8 connections that
+    could go far faster (the unpaced run above) offer about 100 jobs/s."""
+    if not shutil.which("wrk"):
+        pytest.skip("wrk is absent (apt-get install -y wrk): the shim load bench drives the shim with it")
+    out = run_bench("shim_load", "--seconds", "3", "--connections", "8", "--rate", "100")
+    assert out["offered_rate"] == 100.0
+    assert 60 <= out["accepted_per_s"] <= 140, out["accepted_per_s"]
+    assert out["lost"] == 0, out
