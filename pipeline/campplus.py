@@ -452,7 +452,6 @@ class CAMPPlusEmbedding(Model):
         between them (``self.onnx.streams``). Returns self."""
         from pipeline.onnx_runtime import OrtFunction
 
-        self.onnx = None
         frames = 2 * LENGTH_BUCKET
         example = (torch.zeros(2, frames, NUM_MEL_BINS), torch.ones(2, frames))
         self.onnx = OrtFunction(

@@ -407,6 +407,17 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 hook("embeddings", None, total=num_batches, completed=0)
 
             sliding_window = binary_segmentations.sliding_window
+            # CAM++ in ONNX Runtime takes batches from two threads at once (see OrtFunction)
+            model = getattr(self._embedding, "model_", None)
+            streams = int(getattr(getattr(model, "onnx", None), "streams", 1))
+
+            def run_model(waveforms: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+                # pyannote's wrapper (self._embedding) also swaps the process-wide warning
+                # filters, which two threads at once would leave swapped: call CAM++ itself
+                with torch.inference_mode():
+                    return model(waveforms, weights=masks).numpy()  # type: ignore[misc]
+
+            call = run_model if streams > 1 else lambda w, m: self._embedding(w, masks=m)
 
             def embed(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 waveforms = []
@@ -417,11 +428,8 @@ def _build_pipeline_classes() -> tuple[type, type]:
                 # shape: (batch, 1, num_samples)
                 mask_batch = torch.from_numpy(masks[batch[:, 0], :, batch[:, 1]])
                 # shape: (batch, num_frames)
-                return batch, self._embedding(waveform_batch, masks=mask_batch)
+                return batch, call(waveform_batch, mask_batch)
 
-            # CAM++ in ONNX Runtime takes batches from two threads at once (see OrtFunction)
-            onnx = getattr(getattr(self._embedding, "model_", None), "onnx", None)
-            streams = int(getattr(onnx, "streams", 1))
             with ThreadPoolExecutor(streams) as pool:
                 results = pool.map(embed, batches) if streams > 1 else map(embed, batches)
                 for b, (batch, batch_embeddings) in enumerate(results):
@@ -627,6 +635,8 @@ def load_diarization_pipeline(
     """
     import torch
 
+    if runtime not in ("onnxruntime", "torch"):
+        raise ProcessingError(f"Unknown diarization runtime {runtime!r}: 'onnxruntime' or 'torch'.")
     try:
         if source == "embedded":
             pipeline = build_embedded_pipeline(embedding_batch_size=batch_size)
@@ -635,8 +645,6 @@ def load_diarization_pipeline(
             if hasattr(pipeline, "embedding_batch_size"):
                 pipeline.embedding_batch_size = batch_size
         pipeline.to(torch.device(device))
-        if runtime not in ("onnxruntime", "torch"):
-            raise ProcessingError(f"Unknown diarization runtime {runtime!r}: 'onnxruntime' or 'torch'.")
         if source == "embedded" and runtime == "onnxruntime" and torch.device(device).type == "cpu":
             try:
                 pipeline.use_onnxruntime(onnx_cache_dir or default_cache_dir())

@@ -233,3 +233,14 @@ def test_onnxruntime_models_match_torch_and_are_exported_once(tmp_path, sample_a
     assert again._embedding.model_.onnx.path.parent == tmp_path
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == exported
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_concurrent_embedding_leaves_the_warning_filters_alone(pipeline, sample_audio):
+    """CAM++ batches run from two threads: nothing on that path may swap the process-wide
+    warning filters (warnings.catch_warnings is not thread-safe and could leave "ignore")."""
+    import warnings
+
+    before = list(warnings.filters)
+    for _ in range(3):
+        diarize(pipeline, sample_audio)
+    assert list(warnings.filters) == before
