@@ -89,6 +89,30 @@ def compute_tracks(wav_path: Path, *, hook: Callable[[float], None] | None = Non
     return FeatureTracks(mfcc=np.concatenate(mfcc_parts), f0=np.concatenate(f0_parts), rms_db=np.concatenate(rms_parts))
 
 
+def warm_up() -> float:
+    """Compute the tracks of two seconds of synthetic voice, and return the seconds it took.
+
+    librosa's YIN and peak picking are numba functions compiled on first use (~20 s on
+    2 cores when no cache exists: a new container, a new venv). A worker calls this at
+    start, so that cost never lands on a job's features stage; numba caches the result
+    (``NUMBA_CACHE_DIR`` or beside librosa), so a restart pays ~0.5 s.
+    """
+    import tempfile
+    import time
+
+    import soundfile as sf
+
+    t0 = time.perf_counter()
+    t = np.arange(int(2.0 * SAMPLE_RATE)) / SAMPLE_RATE
+    voice = 0.3 * np.sin(2 * np.pi * 140.0 * t) * (t < 1.5)
+    with tempfile.TemporaryDirectory(prefix="ecg-warm-") as tmp:
+        path = Path(tmp) / "warm.wav"
+        sf.write(str(path), voice.astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
+        tracks = compute_tracks(path)
+        segment_features(tracks, 0.0, 1.5, 3)
+    return time.perf_counter() - t0
+
+
 def segment_features(tracks: FeatureTracks, start: float, end: float, num_words: int) -> dict[str, object]:
     """Summary of one segment: MFCC means, f0 mean/std, RMS dB mean/max, words per second."""
     a = max(0, int(np.floor(start * tracks.frame_rate)))

@@ -55,6 +55,7 @@ def test_mp4_with_three_speakers_through_the_shim(
     ffmpeg: str,
     tmp_path: Path,
     stack_env: dict[str, str],
+    worker: Proc,
 ) -> None:
     src = shared_dir / "audio" / "conv_3spk_overlap_3min.wav"
     mp4 = make_media(
@@ -98,6 +99,11 @@ def test_mp4_with_three_speakers_through_the_shim(
     after = worker_info(stack_env)
     assert after["pid"] == before["pid"] and after["loads"] == before["loads"], (before, after)
     assert all(n == 1 for n in after["loads"].values())
+    # librosa's numba code was compiled when the worker started, not in this job's features stage
+    events = [json.loads(line) for line in worker.log.read_text(errors="replace").splitlines() if line.startswith("{")]
+    names = [e.get("event") for e in events]
+    assert "features_warmed" in names, worker.tail()
+    assert names.index("features_warmed") < names.index("stage_done"), names[:20]
     # exports exist
     out_dir = Path(stack_env["ECG_OUTPUT_ROOT"])
     for ext in ("json", "srt", "vtt", "rttm"):

@@ -89,6 +89,11 @@ def _init_process(**_: object) -> None:
     # a worker that only serves the cpu queue (ingest, features, merge) needs no model
     if _settings.preload_models and (not consumed or "model" in consumed):
         registry.preload()
+    if _settings.preload_models and (not consumed or "cpu" in consumed):
+        # compile librosa's numba functions now, not in the first job's features stage (~20 s cold)
+        from pipeline.features import warm_up
+
+        log.info("features_warmed", seconds=round(warm_up(), 2))
     import gc
 
     # the models' object graph lives as long as the process: keep it out of the collector's
