@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import redis
@@ -41,6 +40,7 @@ from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobRecord, JobStore
 from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings
+from ecg_audio.uploads import SweepThrottle, sweep_uploads, upload_bucket, upload_to_s3, uploads_dir
 
 log = structlog.get_logger("ecg.shim")
 
@@ -270,6 +270,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_private=settings.allow_private_urls,
             allowlist=tuple(settings.url_allowlist),
         )
+
+    bucket = upload_bucket(settings)
+    sweep_throttle = SweepThrottle()
+    s3_clients: list[Any] = []
+
+    def s3_client() -> Any:
+        """One boto3 client for the process (clients are thread-safe; building one costs ~50 ms)."""
+        if not s3_clients:
+            from ecg_audio.aws import client
+
+            s3_clients.append(client("s3", settings))
+        return s3_clients[0]
 
     source_policy = _policy()
     callback_policy = _policy({"https", "http"})
@@ -510,9 +522,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     fh.write(chunk)
             if size == 0:
                 raise HTTPException(422, "the upload is empty")
-            tmp.replace(target)
+            if bucket:
+                # the workers may be on other machines: the upload goes where they all look
+                try:
+                    await run_in_threadpool(upload_to_s3, s3_client(), bucket, upload_id, tmp)
+                except Exception as e:
+                    log.error("upload_store_failed", error=type(e).__name__)
+                    raise HTTPException(503, "the upload store is unavailable; retry shortly") from e
+            else:
+                tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
+        if not bucket and sweep_throttle.due():
+            removed = await run_in_threadpool(sweep_uploads, uploads, settings.upload_ttl_s)
+            if removed:
+                log.info("uploads_swept", count=removed)
         return UploadAccepted(video_url=f"upload://{upload_id}", bytes=size)
 
     @app.get("/health", response_model=Health)
@@ -546,10 +570,6 @@ def resolve_with_deadline(host: str, port: int) -> list[tuple[Any, ...]]:
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise socket.gaierror(socket.EAI_AGAIN, f"no DNS answer within {DNS_DEADLINE_S:g} s") from None
-
-
-def uploads_dir(settings: Settings) -> Path:
-    return settings.workspace_root.parent / "uploads"
 
 
 def __getattr__(name: str) -> Any:

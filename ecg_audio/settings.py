@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     )
     keep_workspace: bool = False
     workspace_stale_after_s: int = 24 * 3600
+    upload_ttl_s: int = Field(
+        2 * 24 * 3600,
+        ge=60,
+        description="POST /api/uploads files older than this are deleted (local uploads; on S3 the bucket's "
+        "lifecycle rule expires uploads/)",
+    )
 
     # --- models ----------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -11,6 +11,7 @@ from typing import Any
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
 from ecg_audio.jobs import JobStore
 from ecg_audio.settings import Settings, get_settings
+from ecg_audio.uploads import uploads_dir
 from tasks.stages import ModelProvider, Reporter, StageEnv
 
 _model_provider: Callable[[], ModelProvider] | None = None
@@ -99,6 +100,6 @@ def stage_env(
         s3_client_factory=s3_client_factory(s),
         fault_injection=s.fault_injection,
         keep_workspace=s.keep_workspace,
-        uploads_dir=s.workspace_root.parent / "uploads",
+        uploads_dir=uploads_dir(s),
         s3_bucket=s.s3_bucket if s.workspace_backend == "s3" else None,
     )

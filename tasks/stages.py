@@ -208,6 +208,36 @@ def _maybe_inject(env: StageEnv, stage: str, ws: Workspace) -> None:
 # --- stage bodies ---------------------------------------------------------
 
 
+UPLOAD_GONE = "the uploaded file is gone (uploads are kept for a limited time: upload it again)"
+
+
+def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
+    """Where ``upload://<id>`` lives: ``s3://<bucket>/uploads/<id>`` with an S3 workspace (the
+    shim put it there), else ``<uploads_dir>/<id>``; and the URL policy that admits it."""
+    from ecg_audio.uploads import s3_key, upload_id
+
+    upload = upload_id(url)
+    if upload is None:
+        raise InvalidMediaError("malformed upload id: expected upload://<32 hex digits>")
+    if env.s3_bucket:
+        from botocore.exceptions import ClientError
+
+        try:
+            env.s3().head_object(Bucket=env.s3_bucket, Key=s3_key(upload))
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in {"404", "NoSuchKey", "NotFound"}:
+                raise InvalidMediaError(UPLOAD_GONE) from None
+            raise  # the fetch below reports it with its retry rules
+        admit_s3 = dataclasses.replace(policy, allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"})
+        return f"s3://{env.s3_bucket}/{s3_key(upload)}", admit_s3
+    if env.uploads_dir is None:
+        raise InvalidMediaError("uploads are not enabled on this worker")
+    path = env.uploads_dir / upload
+    if not path.is_file():
+        raise InvalidMediaError(UPLOAD_GONE)
+    return str(path), dataclasses.replace(policy, allow_local_files=True)
+
+
 def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.fetch import FetchLimits, fetch_to_file
     from pipeline.media import extract_audio
@@ -218,13 +248,7 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     downloads.mkdir(exist_ok=True)
     source, policy = job.source, env.url_policy or UrlPolicy()
     if source.startswith("upload://"):
-        upload_id = source.removeprefix("upload://")
-        if env.uploads_dir is None or not upload_id.isalnum():
-            raise InvalidMediaError("uploads are not enabled on this worker")
-        source = str(env.uploads_dir / upload_id)
-        if not Path(source).is_file():
-            raise InvalidMediaError("the uploaded file is gone (uploads are kept for a limited time)")
-        policy = dataclasses.replace(policy, allow_local_files=True)
+        source, policy = _upload_source(source, env, policy)
     src = fetch_to_file(
         source,
         downloads,

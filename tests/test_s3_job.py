@@ -4,13 +4,15 @@ nothing is left under temp/."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import free_port, start_worker
+from tests.conftest import API_KEY, Proc, free_port, start_worker
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,7 +42,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
     port = free_port()
     redis_proc = start_redis(tmp_path / "redis", port, appendonly=False)
     redis_url = f"redis://127.0.0.1:{port}/0"
-    worker = None
+    worker = shim = None
     try:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="media-in")
@@ -78,7 +80,47 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
         assert {f"output/{job_id}.{ext}" for ext in ("json", "srt", "vtt", "rttm")} <= keys, keys
         assert not [k for k in keys if k.startswith("temp/")], keys
         assert not (tmp_path / "output-local").exists()
+
+        # an upload through the shim goes to s3://ecg-work/uploads/<id>, where a worker on any
+        # machine finds it; nothing stays on the shim's disk
+        shim_port = free_port()
+        shim_env = {**env, "ECG_API_KEYS": f'["{API_KEY}"]'}
+        shim = Proc("shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--port", str(shim_port)],
+                    shim_env, tmp_path / "shim.log")
+        api = httpx.Client(base_url=f"http://127.0.0.1:{shim_port}", headers={"Authorization": f"Bearer {API_KEY}"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api.get("/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and shim.popen.poll() is None, shim.tail()
+                time.sleep(0.3)
+        up = api.post("/api/uploads", content=sample_wav.read_bytes(), timeout=30)
+        assert up.status_code == 201, up.text
+        uid = up.json()["video_url"].removeprefix("upload://")
+        head = s3.head_object(Bucket="ecg-work", Key=f"uploads/{uid}")
+        assert head["ContentLength"] == sample_wav.stat().st_size
+        local = tmp_path / "uploads"
+        assert not local.exists() or not any(local.iterdir()), list(local.iterdir())
+        finals = {}
+        for kind, url in (("uploaded", f"upload://{uid}"), ("missing", "upload://" + "0" * 32)):
+            jid = f"s3-{kind}-{uuid.uuid4().hex[:8]}"
+            r = api.post("/api/upload-video/process-video", json={"job_id": jid, "video_url": url})
+            assert r.status_code == 202, r.text
+            deadline = time.monotonic() + 300
+            while (rec := store.get(jid)) is not None and rec.status not in ("completed", "failed"):
+                assert time.monotonic() < deadline and worker.popen.poll() is None, worker.tail()
+                time.sleep(0.5)
+            finals[kind] = rec
+        assert finals["uploaded"] is not None and finals["uploaded"].status == "completed", worker.tail()
+        gone = finals["missing"]
+        assert gone is not None and gone.status == "failed" and gone.error_code == "INVALID_MEDIA", gone
+        assert "the uploaded file is gone" in (gone.error_message or ""), gone
+        assert worker.popen.poll() is None
     finally:
+        if shim is not None:
+            shim.stop()
         if worker is not None:
             worker.stop()
         redis_proc.terminate()

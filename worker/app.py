@@ -74,6 +74,7 @@ def _init_process(**_: object) -> None:
     import tasks.pipeline_tasks  # noqa: F401  (registers the tasks in this process)
     from ecg_audio.callbacks import Dispatcher
     from ecg_audio.job_metrics import job_metrics_from_settings
+    from ecg_audio.uploads import sweep_uploads, uploads_dir
     from pipeline.workspace import sweep_stale
     from tasks import context
     from worker.models import get_registry
@@ -85,6 +86,9 @@ def _init_process(**_: object) -> None:
     swept = sweep_stale(_settings.workspace_root, _settings.workspace_stale_after_s)
     if swept:
         log.info("workspaces_swept", count=len(swept))
+    expired = sweep_uploads(uploads_dir(_settings), _settings.upload_ttl_s)
+    if expired:
+        log.info("uploads_swept", count=expired)
     consumed = set(app.amqp.queues.consume_from or {})
     # a worker that only serves the cpu queue (ingest, features, merge) needs no model
     if _settings.preload_models and (not consumed or "model" in consumed):

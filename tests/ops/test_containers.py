@@ -50,6 +50,27 @@ def test_compose_file_is_valid() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_shim_and_worker_share_uploads_and_outputs_owned_by_the_image_user() -> None:
+    """upload://<id> is written by the shim and read by the worker: in compose they are two
+    containers, so both must mount one volume there; and a new named volume takes the owner of
+    the image's directory, which must exist and belong to the user the image runs as."""
+    import yaml
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    var_dir = "/var/lib/ecg-audio"
+    for sub in ("uploads", "output"):
+        mounts = {
+            svc: {v for v in services[svc].get("volumes", []) if v.endswith(f":{var_dir}/{sub}")}
+            for svc in ("shim", "worker")
+        }
+        assert mounts["shim"] and mounts["shim"] == mounts["worker"], (sub, mounts)
+    dockerfile = DOCKERFILE.read_text()
+    owned = dockerfile[dockerfile.index("install -d -o 10001 -g 10001") :].split("\n#")[0]
+    for sub in ("uploads", "output", "workspaces"):
+        assert f"{var_dir}/{sub}" in owned, sub
+    assert "ECG_VAR_DIR=/var/lib/ecg-audio" in dockerfile
+
+
 def test_compose_refuses_to_start_without_secrets() -> None:
     result = _compose("config", "-q", env={k: v for k, v in SECRETS.items() if k != "FLOWER_PASSWORD"})
     assert result.returncode != 0

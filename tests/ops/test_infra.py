@@ -190,6 +190,8 @@ def test_bucket_lifecycle_rules(infra_settings: Settings, stack: dict[str, str])
         r["Filter"]["Prefix"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=stack["MediaBucket"])["Rules"]
     }
     assert applied["temp/"]["Expiration"]["Days"] == 1
+    # uploads live at least as long on S3 as the shim keeps them on a local disk
+    assert applied["uploads/"]["Expiration"]["Days"] * 86400 >= Settings.model_fields["upload_ttl_s"].default
     assert applied["output/"]["Transitions"] == [{"Days": 30, "StorageClass": "STANDARD_IA"}]
 
 
