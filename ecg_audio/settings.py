@@ -60,7 +60,12 @@ class Settings(BaseSettings):
     asr_multilingual_model: str | None = Field(
         None, description="Model used when a job asks for a language the main model cannot do."
     )
-    compute_type: str = Field("auto", description="CTranslate2 compute type; 'auto' = float16 on CUDA, int8 on CPU.")
+    compute_type: str = Field(
+        "auto",
+        description="CTranslate2 compute type; 'auto' = float16 on CUDA, int8 on CPU. On CPUs without VNNI "
+        "(AVX2 only) int8 rounds differently and tiny.en loses ~1 point of WER; float32 there is more "
+        "accurate and ~25% slower (bench/README.md, 5th session)",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
