@@ -67,3 +67,26 @@ def test_a_missing_or_malformed_upload_says_so(tmp_path: Path) -> None:
         _upload_source("upload://" + "2" * 32, env, UrlPolicy())
     with pytest.raises(InvalidMediaError, match="malformed upload id"):
         _upload_source("upload://../x", env, UrlPolicy())
+
+
+def test_the_shim_sweeps_expired_uploads_at_most_once_per_interval(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from api_shim.app import create_app
+    from ecg_audio.settings import Settings
+
+    settings = Settings(
+        workspace_root=tmp_path / "workspaces", output_root=tmp_path / "output", api_keys=["k"], upload_ttl_s=3600
+    )
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    expired = _aged(uploads / ("e" * 32), 2 * 3600)
+    client = TestClient(create_app(settings), headers={"Authorization": "Bearer k"})  # no lifespan: no Redis
+    first = client.post("/api/uploads", content=b"media bytes")
+    assert first.status_code == 201, first.text
+    uid = first.json()["video_url"].removeprefix("upload://")
+    assert (uploads / uid).read_bytes() == b"media bytes"
+    assert not expired.exists()
+    later = _aged(uploads / ("f" * 32), 2 * 3600)
+    assert client.post("/api/uploads", content=b"more").status_code == 201
+    assert later.exists()  # swept again only after SWEEP_EVERY_S
