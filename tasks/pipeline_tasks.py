@@ -16,7 +16,7 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
-from pipeline.errors import AnalysisError, ProcessingError, StageTimeoutError
+from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
 from tasks.stages import JobSpec, run_stage
 
@@ -83,6 +83,13 @@ class StageTask(Task):
         def report(stage: str, progress: int, message: str) -> None:
             changed = store.update(job.job_id, status="processing", progress=progress, stage=stage, message=message)
             if not changed:
+                # the record refuses updates once the job is over (cancelled by DELETE /jobs/{id},
+                # failed or finished elsewhere): stop this stage now rather than at the next stage
+                # boundary (a long file's transcription runs for minutes). No record: carry on.
+                rec = store.get(job.job_id)
+                if rec is not None and rec.status in ("failed", "completed"):
+                    why = f" ({rec.error_code})" if rec.error_code else ""
+                    raise CancelledError(f"job {rec.status}{why}; the {stage} stage stopped")
                 return
             meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
             if self.request.id:
@@ -145,6 +152,10 @@ class StageTask(Task):
             return {"job_id": job.job_id}
         except (Ignore, Retry):
             raise
+        except CancelledError as e:
+            # the record already says how the job ended; nothing to report, the chain stops here
+            log.info("stage_cancelled", reason=e.message)
+            raise Ignore() from e
         except AnalysisError as e:
             if e.retryable and self.request.retries < NETWORK_RETRIES:
                 countdown = min(60.0, 2.0 * 2**self.request.retries) * random.uniform(0.5, 1.0)

@@ -205,3 +205,36 @@ def test_cancel_and_operator_requeue(ready: httpx.Client, sample_wav: Path, stac
         assert st["status"] == "failed" and st["error_code"] == "CANCELLED"
         time.sleep(5)
         assert ready.get(f"/jobs/{cancel_id}").json()["error_code"] == "CANCELLED"
+
+
+def test_cancel_stops_the_running_stage(
+    ready: httpx.Client, shared_dir: Path, stack_env: dict[str, str], worker: Proc, sample_wav: Path
+) -> None:
+    """DELETE during transcription stops that stage at its next progress report, not after it."""
+    import redis
+
+    src = shared_dir / "audio" / "conv_3spk_overlap_3min.wav"  # ~10 s of transcription on 2 cores
+    with open(src, "rb") as fh:
+        url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
+    job_id = f"cancel-running-{uuid.uuid4().hex[:8]}"
+    assert ready.post("/api/upload-video/process-video", json={"job_id": job_id, "video_url": url}).status_code == 202
+    deadline = time.monotonic() + 300
+    while (st := ready.get(f"/jobs/{job_id}").json())["stage"] != "transcribe":
+        assert st["status"] not in ("completed", "failed") and time.monotonic() < deadline, st
+        time.sleep(0.1)
+    assert ready.delete(f"/jobs/{job_id}").json()["error_code"] == "CANCELLED"
+    # the worker is free again: the next job completes
+    with open(sample_wav, "rb") as fh:
+        next_url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
+    next_id = f"after-cancel-{uuid.uuid4().hex[:8]}"
+    ready.post("/api/upload-video/process-video", json={"job_id": next_id, "video_url": next_url})
+    assert wait_job(ready, next_id)["status"] == "completed"
+    # the cancelled job's transcription never finished, and nothing after it ran
+    r = redis.Redis.from_url(stack_env["ECG_REDIS_URL"], decode_responses=True)
+    runs = {k: v for k, v in r.hgetall(f"ecg:job:{job_id}").items() if k.startswith("runs:")}
+    assert set(runs) == {"runs:ingest", "runs:diarize"}, runs
+    events = [json.loads(line) for line in worker.log.read_text(errors="replace").splitlines() if line.startswith("{")]
+    stopped = [e for e in events if e.get("event") == "stage_cancelled" and e.get("job_id") == job_id]
+    assert [e.get("stage") for e in stopped] == ["transcribe"], stopped
+    final = ready.get(f"/jobs/{job_id}").json()
+    assert final["status"] == "failed" and final["error_code"] == "CANCELLED"
