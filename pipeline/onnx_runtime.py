@@ -58,6 +58,10 @@ class OrtFunction:
             ``threads`` between them. For a network of many small operations (CAM++) two
             one-thread sessions beside each other did ~22 % more work per second on 2 cores than
             one two-thread session; for the segmentation LSTM they did no better.
+        memory_arena: ONNX Runtime's CPU arena keeps the largest buffers it ever allocated for
+            the life of the session, i.e. of the worker, beside whatever stage runs next. Off,
+            they go back to the allocator after each call, at the cost of a malloc per buffer
+            (see the segmentation model in ``pipeline.diarize``).
     """
 
     def __init__(
