@@ -13,6 +13,7 @@ client (whose publish cost more CPU than the rest of the request together).
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import hmac
 import re
@@ -40,7 +41,7 @@ from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobRecord, JobStore
 from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings
-from ecg_audio.uploads import SweepThrottle, sweep_uploads, upload_bucket, upload_to_s3, uploads_dir
+from ecg_audio.uploads import SweepThrottle, sweep_uploads, upload_bucket, upload_id, upload_to_s3, uploads_dir
 
 log = structlog.get_logger("ecg.shim")
 
@@ -273,15 +274,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     bucket = upload_bucket(settings)
     sweep_throttle = SweepThrottle()
-    s3_clients: list[Any] = []
 
+    @functools.cache
     def s3_client() -> Any:
         """One boto3 client for the process (clients are thread-safe; building one costs ~50 ms)."""
-        if not s3_clients:
-            from ecg_audio.aws import client
+        from ecg_audio.aws import client
 
-            s3_clients.append(client("s3", settings))
-        return s3_clients[0]
+        return client("s3", settings)
 
     source_policy = _policy()
     callback_policy = _policy({"https", "http"})
@@ -398,7 +397,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def _check_source(url: str, field: str, resolve: Any) -> None:
         if url.startswith("upload://"):
-            if not re.fullmatch(r"upload://[a-f0-9]{32}", url):
+            if upload_id(url) is None:
                 raise HTTPException(422, f"{field}: malformed upload id")
             return
         _check_url(url, field, source_policy, resolve)
@@ -509,9 +508,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(413, f"upload larger than {settings.max_download_bytes} bytes")
         uploads = uploads_dir(settings)
         uploads.mkdir(parents=True, exist_ok=True)
-        upload_id = uuid.uuid4().hex
-        target = uploads / upload_id
-        tmp = uploads / f".{upload_id}.part"
+        new_id = uuid.uuid4().hex
+        target = uploads / new_id
+        tmp = uploads / f".{new_id}.part"
         size = 0
         try:
             with open(tmp, "wb") as fh:
@@ -525,7 +524,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if bucket:
                 # the workers may be on other machines: the upload goes where they all look
                 try:
-                    await run_in_threadpool(upload_to_s3, s3_client(), bucket, upload_id, tmp)
+                    await run_in_threadpool(upload_to_s3, s3_client(), bucket, new_id, tmp)
                 except Exception as e:
                     log.error("upload_store_failed", error=type(e).__name__)
                     raise HTTPException(503, "the upload store is unavailable; retry shortly") from e
@@ -537,7 +536,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             removed = await run_in_threadpool(sweep_uploads, uploads, settings.upload_ttl_s)
             if removed:
                 log.info("uploads_swept", count=removed)
-        return UploadAccepted(video_url=f"upload://{upload_id}", bytes=size)
+        return UploadAccepted(video_url=f"upload://{new_id}", bytes=size)
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
