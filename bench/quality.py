@@ -9,7 +9,11 @@ Evaluation set: pyannote's bundled sample call (stm + rttm in the package) and,
 from ../shared/audio: conv_2spk_10min, conv_3spk_overlap_3min, jfk.flac (1 speaker),
 stereo_diarization.wav mixed to mono (2 speakers).
 
-usage: bench/quality.py [--files sample,conv2,conv3,jfk,stereo]
+usage: bench/quality.py [--files sample,conv2,conv3,jfk,stereo] [--extra DIR]
+
+``--extra DIR`` adds every ``NAME.wav`` in DIR that has ``NAME.json`` and ``NAME.rttm``
+beside it (what ``../shared/tools/make_conversation.py`` writes): calls the pipeline was
+not tuned on, to check that a change helps in general and not only on the set above.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def score(result_json: Path, ref: Path, rttm: Path | None) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", help="comma-separated subset of: sample,conv2,conv3,jfk,stereo")
+    ap.add_argument("--extra", type=Path, help="a folder of make_conversation.py calls to score too")
     a = ap.parse_args()
     if not (SHARED / "tools" / "score.py").exists():
         print(json.dumps({"skipped": f"../shared/tools/score.py is absent ({SHARED})"}))
@@ -108,7 +113,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ecg-quality-") as tmp_s:
         tmp = Path(tmp_s)
         files = eval_set(tmp)
-        wanted = a.files.split(",") if a.files else list(files)
+        wanted = a.files.split(",") if a.files is not None else list(files)
+        wanted = [w for w in wanted if w]
+        for wav in sorted(a.extra.glob("*.wav")) if a.extra else []:
+            ref, rttm = wav.with_suffix(".json"), wav.with_suffix(".rttm")
+            if ref.exists() and rttm.exists():
+                files[wav.stem] = {"wav": wav, "ref": ref, "rttm": rttm}
+                wanted.append(wav.stem)
         for name in wanted:
             f = files[name]
             t0 = time.perf_counter()
