@@ -68,6 +68,45 @@ def test_word_outside_turns_goes_to_nearest() -> None:
     assert out[0].speaker == "B"
 
 
+def test_short_turn_gets_the_word_timed_just_after_it() -> None:
+    # pyannote's sample call: Sheila's "Hello?" (1.6-2.3 s here) is timed 2.25-2.45 s by Whisper,
+    # mostly in Diane's next turn; a turn with speech and no word draws it back
+    turns = [T(0, 1.2, "A"), T(1.6, 2.3, "B"), T(2.3, 4.5, "A")]
+    ws = [W("Hello.", 0.1, 1.5), W("Hello.", 2.25, 2.45), W("Oh,", 2.45, 2.6), W("hello.", 2.8, 3.0)]
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out] == ["A", "B", "A", "A"]
+
+
+def test_turn_without_words_does_not_take_words_from_afar() -> None:
+    # a backchannel the ASR dropped ("mm-hm", 5.2-5.6 s) between two turns of A: the words around
+    # it lie in A's turns and stay there
+    turns = [T(0, 5.0, "A"), T(5.2, 5.6, "B"), T(5.8, 9.0, "A")]
+    ws = words_of("and that was the end.", 3.5) + words_of("so then we left.", 5.9)
+    out = assign_word_speakers(ws, turns, turns)
+    assert {w.speaker for w in out} == {"A"}
+
+
+def test_change_prefers_a_sentence_end() -> None:
+    # B's first word is timed straddling the change; the change goes after A's full stop
+    turns = [T(0, 2.0, "A"), T(2.0, 4.0, "B")]
+    ws = [W("I", 0.2, 0.4), W("agree.", 0.5, 1.6), W("Well", 1.7, 2.1), W("maybe", 2.2, 2.5), W("not", 2.6, 2.9)]
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out] == ["A", "A", "B", "B", "B"]
+
+
+def test_words_keep_their_order_through_speakers() -> None:
+    # three speakers in turn; every word lies well inside its own turn
+    turns = [T(0, 2.0, "A"), T(2.5, 4.0, "B"), T(4.5, 6.0, "C"), T(6.5, 8.0, "A")]
+    ws = words_of("one two.", 0.2) + words_of("three four.", 2.7) + words_of("five six.", 4.7) + words_of("seven.", 6.7)
+    out = assign_word_speakers(ws, turns, turns)
+    assert [w.speaker for w in out] == ["A", "A", "B", "B", "C", "C", "A"]
+
+
+def test_no_turns_leaves_words_without_speaker() -> None:
+    out = assign_word_speakers(words_of("hello there.", 0.0), [], [])
+    assert [w.speaker for w in out] == [None, None]
+
+
 def test_segments_split_at_speaker_change_and_pause() -> None:
     turns = [T(0, 2.0, "A"), T(2.0, 4.0, "B"), T(6.0, 8.0, "B")]
     ws = words_of("hello there.", 0.2) + words_of("hi.", 2.3) + words_of("later on.", 6.2)
