@@ -9,11 +9,13 @@ Evaluation set: pyannote's bundled sample call (stm + rttm in the package) and,
 from ../shared/audio: conv_2spk_10min, conv_3spk_overlap_3min, jfk.flac (1 speaker),
 stereo_diarization.wav mixed to mono (2 speakers).
 
-usage: bench/quality.py [--files sample,conv2,conv3,jfk,stereo] [--extra DIR]
+usage: bench/quality.py [--files sample,conv2,conv3,jfk,stereo] [--extra DIR]... [--heldout DIR]
 
 ``--extra DIR`` adds every ``NAME.wav`` in DIR that has ``NAME.json`` and ``NAME.rttm``
 beside it (what ``../shared/tools/make_conversation.py`` writes): calls the pipeline was
 not tuned on, to check that a change helps in general and not only on the set above.
+``--heldout DIR`` first makes the 19 calls of ``HELDOUT`` there (2-6 speakers, 1.5-8
+minutes, some overlapped; needs ``espeak-ng``; kept for the next run), then adds them.
 """
 
 from __future__ import annotations
@@ -85,6 +87,48 @@ def eval_set(tmp: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+# (name, speakers, seed, overlap probability, minutes) for make_conversation.py
+HELDOUT = [
+    ("h21", 2, 21, 0.0, 3),
+    ("h22", 3, 22, 0.1, 3),
+    ("h23", 4, 23, 0.0, 3),
+    ("h24", 2, 24, 0.2, 3),
+    ("h25", 3, 25, 0.0, 3),
+    ("h26", 5, 26, 0.1, 3),
+    ("h31", 2, 31, 0.15, 4),
+    ("h32", 3, 32, 0.3, 3),
+    ("h33", 4, 33, 0.05, 3),
+    ("h34", 2, 34, 0.0, 5),
+    ("h35", 3, 35, 0.2, 3),
+    ("h36", 6, 36, 0.1, 4),
+    ("h41", 4, 41, 0.1, 2),
+    ("h42", 5, 42, 0.0, 2),
+    ("h43", 6, 43, 0.1, 2.5),
+    ("h44", 4, 44, 0.2, 2),
+    ("h45", 5, 45, 0.05, 3),
+    ("h46", 3, 46, 0.0, 1.5),
+    ("h47", 2, 47, 0.1, 8),
+]
+
+
+def make_heldout(folder: Path) -> bool:
+    """The HELDOUT calls in ``folder`` (made once); False when they cannot be made here."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [h for h in HELDOUT if not (folder / f"{h[0]}.json").exists()]
+    if missing and not shutil.which("espeak-ng"):
+        print(
+            "--heldout: espeak-ng is not installed (apt-get install espeak-ng); held-out calls skipped", file=sys.stderr
+        )
+        return False
+    for name, speakers, seed, overlap, minutes in missing:
+        tool = SHARED / "tools" / "make_conversation.py"
+        args = [str(folder), name, "--speakers", str(speakers), "--seed", str(seed), "--overlap", str(overlap)]
+        subprocess.run([sys.executable, str(tool), *args, "--minutes", str(minutes)], check=True, stdout=sys.stderr)
+    return True
+
+
 def score(result_json: Path, ref: Path, rttm: Path | None) -> dict[str, Any]:
     cmd = [sys.executable, str(SHARED / "tools" / "score.py"), str(result_json), str(ref)]
     if rttm:
@@ -96,11 +140,16 @@ def score(result_json: Path, ref: Path, rttm: Path | None) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", help="comma-separated subset of: sample,conv2,conv3,jfk,stereo")
-    ap.add_argument("--extra", type=Path, help="a folder of make_conversation.py calls to score too")
+    ap.add_argument(
+        "--extra", type=Path, action="append", default=[], help="a folder of make_conversation.py calls (repeatable)"
+    )
+    ap.add_argument("--heldout", type=Path, help="make the HELDOUT calls in this folder (once), and score them")
     a = ap.parse_args()
     if not (SHARED / "tools" / "score.py").exists():
         print(json.dumps({"skipped": f"../shared/tools/score.py is absent ({SHARED})"}))
         return 0
+    if a.heldout and make_heldout(a.heldout):
+        a.extra.append(a.heldout)
     from ecg_audio.logs import configure_logging
     from ecg_audio.runner import analyze
     from worker.models import get_registry
@@ -115,7 +164,7 @@ def main() -> int:
         files = eval_set(tmp)
         wanted = a.files.split(",") if a.files is not None else list(files)
         wanted = [w for w in wanted if w]
-        for wav in sorted(a.extra.glob("*.wav")) if a.extra else []:
+        for wav in sorted(w for folder in a.extra for w in folder.glob("*.wav")):
             ref, rttm = wav.with_suffix(".json"), wav.with_suffix(".rttm")
             if ref.exists() and rttm.exists():
                 files[wav.stem] = {"wav": wav, "ref": ref, "rttm": rttm}
