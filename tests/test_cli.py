@@ -52,6 +52,9 @@ def test_analyze_sample_call(tmp_path: Path, sample_wav: Path, score_py: Path) -
     s = score(score_py, out, ref, sample_wav.with_suffix(".rttm"))
     print("sample.wav score:", s)
     assert s["wer"] <= 0.20 and s["der"] <= 0.10 and s["speakers_hyp"] == 2, s
+    # words at the speaker changes go to the right speaker (issue 3: within 0.03 of WER; 0.012
+    # on AVX-512 CPUs, 0.025 where CTranslate2's AVX2 kernels time the words differently)
+    assert s["cpwer"] - s["wer"] <= 0.03, s
 
 
 def test_analyze_reports_bad_input(tmp_path: Path) -> None:
