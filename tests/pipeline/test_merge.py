@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers, to_rttm, to_srt, to_vtt
 
 
@@ -128,3 +131,23 @@ def test_exports() -> None:
     assert vtt.startswith("WEBVTT") and "00:00:00.500 --> 00:01:01.250\n<v SPEAKER_00>a -> b" in vtt
     rttm = to_rttm([{"start": 1.0, "end": 2.5, "speaker": "SPEAKER_00"}], "job/1")
     assert rttm == "SPEAKER job_1 1 1.000 1.500 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
+
+
+_times = st.floats(min_value=0.0, max_value=60.0, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    turns=st.lists(st.tuples(_times, st.floats(0.0, 8.0), st.sampled_from("ABC")), max_size=25),
+    words=st.lists(st.tuples(_times, st.floats(0.0, 1.5), st.sampled_from(["so", "yes.", "ok?"])), max_size=60),
+)
+def test_any_input_gets_one_speaker_per_word(
+    turns: list[tuple[float, float, str]], words: list[tuple[float, float, str]]
+) -> None:
+    # arbitrary diarization (overlapping, zero-length, out of order) and words in time order
+    tt = [T(a, a + d, s) for a, d, s in turns]
+    ws = [W(text, a, a + d) for a, d, text in sorted(words)]
+    out = assign_word_speakers(ws, tt, tt)
+    assert [(w.word, w.start, w.end) for w in out] == [(w.word, w.start, w.end) for w in ws]
+    speakers = {t.speaker for t in tt}
+    assert all((w.speaker in speakers) if speakers else w.speaker is None for w in out)
