@@ -349,16 +349,21 @@ def main() -> int:
             shim: list[float] = []
             stage_sums: list[float] = []
             inproc_stage_sums: list[float] = []
+            by_stage: dict[str, dict[str, list[float]]] = {"inprocess": {}, "fleet": {}}
             load_before = loadavg()
             for i in range(a.reps):
                 t0 = time.perf_counter()
                 env = analyze(str(path), settings=settings, registry=registry)
                 inproc.append(time.perf_counter() - t0)
                 inproc_stage_sums.append(sum(env["result"]["metadata"]["stage_times"].values()))
+                for k, v in env["result"]["metadata"]["stage_times"].items():
+                    by_stage["inprocess"].setdefault(k, []).append(v)
                 eprint(f"overhead: rep {i + 1}: in-process {inproc[-1]:.2f} s  load {loadavg()}")
                 secs, state = submit_and_wait(client, fleet.place_upload(path))
                 shim.append(secs)
                 stage_sums.append(sum(state["result"]["metadata"]["stage_times"].values()))
+                for k, v in state["result"]["metadata"]["stage_times"].items():
+                    by_stage["fleet"].setdefault(k, []).append(v)
                 eprint(
                     f"overhead: rep {i + 1}: fleet {shim[-1]:.2f} s (stages {stage_sums[-1]:.2f} s)  load {loadavg()}"
                 )
@@ -384,6 +389,11 @@ def main() -> int:
                 "inprocess_outside_stages_s": [
                     round(w - st, 2) for w, st in zip(inproc, inproc_stage_sums, strict=True)
                 ],
+                # where a difference between the paths' stage sums comes from
+                "stage_median_s": {
+                    path: {k: round(statistics.median(v), 3) for k, v in stages.items()}
+                    for path, stages in by_stage.items()
+                },
                 "ratio_stage_free": round(
                     (med_in + statistics.median(w - st for w, st in zip(shim, stage_sums, strict=True)))
                     / (med_in + statistics.median(w - st for w, st in zip(inproc, inproc_stage_sums, strict=True))),
