@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,6 @@ HELDOUT = [
 
 def make_heldout(folder: Path) -> bool:
     """The HELDOUT calls in ``folder`` (made once); False when they cannot be made here."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     missing = [h for h in HELDOUT if not (folder / f"{h[0]}.json").exists()]
     if missing and not shutil.which("espeak-ng"):
@@ -122,8 +121,8 @@ def make_heldout(folder: Path) -> bool:
             "--heldout: espeak-ng is not installed (apt-get install espeak-ng); held-out calls skipped", file=sys.stderr
         )
         return False
+    tool = SHARED / "tools" / "make_conversation.py"
     for name, speakers, seed, overlap, minutes in missing:
-        tool = SHARED / "tools" / "make_conversation.py"
         args = [str(folder), name, "--speakers", str(speakers), "--seed", str(seed), "--overlap", str(overlap)]
         subprocess.run([sys.executable, str(tool), *args, "--minutes", str(minutes)], check=True, stdout=sys.stderr)
     return True

@@ -59,10 +59,10 @@ DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
     # fill same-speaker pauses shorter than this (sentence pauses inside a turn)
     "segmentation": {"min_duration_off": 0.4},
     # cosine distance, average linkage. A cluster of fewer training pieces (2-3 s each) is
-    # folded into the nearest larger one. Over 23 calls (the evaluation set and 18
-    # make_conversation.py calls, bench/README.md) spurious clusters had 1-4 pieces (4: once, a
-    # 3-speaker call) and the smallest real speaker 5 (8 s of speech in a 3-minute call): 6 lost
-    # that speaker in 2 calls, 4 or fewer invented one in 2 calls, 5 did neither.
+    # folded into the nearest larger one. Over 24 calls (the evaluation set and the 19
+    # bench/quality.py --heldout calls, bench/README.md) spurious clusters had 1-4 pieces and the
+    # smallest real speaker 5 (8 s of speech in a 3-minute call): 6 lost a speaker in 2 calls,
+    # 4 or fewer invented one in 2 calls (3: in conv_2spk_10min too), 5 did neither.
     "clustering": {"method": "average", "threshold": 0.35, "min_cluster_size": 5},
 }
 
