@@ -49,10 +49,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy ecg_audio pipeline tasks worker api_shim celeryconfig.py
+	$(VENV)/bin/mypy ecg_audio media_io ops pipeline tasks worker api_shim ecg_cli celeryconfig.py
 
 security: setup
-	$(VENV)/bin/bandit -q -c pyproject.toml -r ecg_audio pipeline tasks worker api_shim
+	$(VENV)/bin/bandit -q -c pyproject.toml -r ecg_audio media_io ops pipeline tasks worker api_shim ecg_cli
 
 unit: setup system-deps
 	$(PY) -m pytest tests

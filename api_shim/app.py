@@ -239,7 +239,7 @@ def _no_dns(host: str, port: int) -> list[tuple[Any, ...]]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:
-        from ecg_audio.aws import settings_with_secrets  # secrets reach the environment first
+        from ops.aws import settings_with_secrets  # secrets reach the environment first
 
         settings = settings_with_secrets()
     configure_logging(settings.log_level, settings.log_json)
@@ -260,7 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async_stores[:] = [(loop, AsyncJobStore(client, settings.job_ttl_s))]
         return async_stores[0][1]
 
-    from pipeline.urlguard import UrlPolicy, check_url  # torch-free
+    from media_io.urlguard import UrlPolicy, check_url  # torch-free
 
     def _policy(schemes: set[str] | None = None) -> UrlPolicy:
         allowed = {"https", "s3"} | ({"http"} if settings.allow_http_urls else set())
@@ -278,7 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @functools.cache
     def s3_client() -> Any:
         """One boto3 client for the process (clients are thread-safe; building one costs ~50 ms)."""
-        from ecg_audio.aws import client
+        from ops.aws import client
 
         return client("s3", settings)
 

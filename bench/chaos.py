@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecg_audio.stack import worker_allocator_env  # noqa: E402  (jemalloc for workers, as `ecg-audio up`)
+from ops.stack import worker_allocator_env  # noqa: E402  (jemalloc for workers, as `ecg-audio up`)
 
 
 class Receiver:
@@ -91,7 +91,7 @@ class Receiver:
 
 class Fleet:
     def __init__(self, var: Path, *, extra_env: dict[str, str] | None = None) -> None:
-        from ecg_audio.stack import free_port
+        from ops.stack import free_port
 
         self.var = var
         self.redis_port = free_port()
@@ -128,7 +128,7 @@ class Fleet:
         self.store = JobStore.from_url(self.redis_url)
 
     def start_redis(self) -> None:
-        from ecg_audio.stack import start_redis
+        from ops.stack import start_redis
 
         self.redis = start_redis(self.var / "redis", self.redis_port, appendonly=True, log=self.var / "redis.log")
 

@@ -5,7 +5,7 @@ For a GPU machine (none was lent when it was written; it is safe to run anywhere
 no CUDA device it prints ``{"skipped": "no CUDA device"}`` and exits 0.
 
 Sets ``ECG_DEVICE=cuda`` and ``ECG_COMPUTE_TYPE=float16`` (unless already set), loads the
-models once, runs ``ecg_audio.runner.analyze`` on a 10 s warm-up clip (CUDA kernels and
+models once, runs ``ecg_cli.runner.analyze`` on a 10 s warm-up clip (CUDA kernels and
 cuDNN autotuning happen on the first call and are not what a warm worker pays), then on
 ``conv_2spk_10min.wav`` ``--reps`` times, and reports for the median run each stage's
 seconds and real-time factor (``metadata.stage_times``), plus
@@ -123,8 +123,8 @@ def main() -> int:
     threading.Thread(target=watchdog, daemon=True).start()
     smi = SmiSampler().start()
 
-    from ecg_audio.runner import analyze
     from ecg_audio.settings import get_settings
+    from ecg_cli.runner import analyze
     from worker.models import get_registry
 
     settings = get_settings()

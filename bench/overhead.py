@@ -3,7 +3,7 @@
 
 Same file, same models, same machine, measured in one run:
 
-* **in-process**: ``ecg_audio.runner.analyze`` in this process (models loaded once, before
+* **in-process**: ``ecg_cli.runner.analyze`` in this process (models loaded once, before
   the clock; a short warm-up job first).
 * **fleet**: this bench starts its own Redis (AOF on), ONE worker
   (``celery -A worker.app worker -Q model,cpu --concurrency 1``) and the shim (uvicorn, one
@@ -18,7 +18,7 @@ acceptance figure is ``ratio <= 1.05``.
 
 Both paths run on the same C allocator: the bench re-executes itself with the worker's
 ``LD_PRELOAD`` / ``MALLOC_CONF`` (jemalloc when installed, see
-``ecg_audio.stack.worker_allocator_env``), so what differs is the shim, Redis and the
+``ops.stack.worker_allocator_env``), so what differs is the shim, Redis and the
 chain; the JSON line names the allocator.
 
 On a loaded machine the stage bodies' own times swing by more than 5 % from run to run,
@@ -64,7 +64,7 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 from chaos import Fleet  # noqa: E402  (bench/chaos.py: Redis + real workers)
 from stages import cut, loadavg, shared_audio  # noqa: E402
 
-from ecg_audio.stack import worker_allocator_env  # noqa: E402
+from ops.stack import worker_allocator_env  # noqa: E402
 
 ACCEPT_RATIO = 1.05
 API_KEY = "bench-" + uuid.uuid4().hex
@@ -116,7 +116,7 @@ class BenchFleet(Fleet):
         return self.workers[name]
 
     def start_shim(self, processes: int = 1, *, extra_args: tuple[str, ...] = ()) -> str:
-        from ecg_audio.stack import free_port
+        from ops.stack import free_port
 
         port = free_port()
         log = open(self.var / "shim.log", "ab")  # noqa: SIM115
@@ -297,7 +297,7 @@ def _proc_tree_rss(pid: int) -> int:
 def reexec_with_worker_allocator() -> None:
     """Run this process (the in-process path) on the C allocator the worker runs on.
 
-    The worker is started with :func:`ecg_audio.stack.worker_allocator_env` (jemalloc when
+    The worker is started with :func:`ops.stack.worker_allocator_env` (jemalloc when
     installed, as ``ecg-audio up`` and the image do); the bench re-executes itself with the
     same environment first, so that the two paths differ only by the shim, Redis and the
     chain, not by malloc. ``ECG_WORKER_MALLOC=system`` runs both on glibc.
@@ -323,8 +323,8 @@ def main() -> int:
 
     import httpx
 
-    from ecg_audio.runner import analyze
     from ecg_audio.settings import get_settings
+    from ecg_cli.runner import analyze
     from worker.models import get_registry
 
     with tempfile.TemporaryDirectory(prefix="ecg-bench-overhead-") as tmp:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quality bench: WER, DER and cpWER of the whole pipeline on the evaluation set.
 
-Runs ``ecg_audio.runner.analyze`` (in-process, the embedded models unless settings
+Runs ``ecg_cli.runner.analyze`` (in-process, the embedded models unless settings
 say otherwise) on each file, scores it with ``../shared/tools/score.py`` — the one
 scorer everybody uses — and prints one JSON line per file and one with totals.
 
@@ -150,7 +150,7 @@ def main() -> int:
     if a.heldout and make_heldout(a.heldout):
         a.extra.append(a.heldout)
     from ecg_audio.logs import configure_logging
-    from ecg_audio.runner import analyze
+    from ecg_cli.runner import analyze
     from worker.models import get_registry
 
     configure_logging("WARNING", json_output=False)

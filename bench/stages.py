@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Seconds and real-time factor per stage, in process, on this machine's cores.
 
-Runs ``ecg_audio.runner.analyze`` (the same stage bodies as the Celery tasks, no
+Runs ``ecg_cli.runner.analyze`` (the same stage bodies as the Celery tasks, no
 broker) on a recording from ``../shared/audio`` and reads
 ``result.metadata.stage_times`` (each stage's own clock, written to the job's
 ``times.json``). The real-time factor of a stage is its seconds divided by the
@@ -137,8 +137,8 @@ def main() -> int:
     configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line
     src = shared_audio(a.file)
 
-    from ecg_audio.runner import analyze
     from ecg_audio.settings import get_settings
+    from ecg_cli.runner import analyze
     from worker.models import get_registry
 
     settings = get_settings()

@@ -87,7 +87,7 @@ class CallbackOutbox:
         signing_key: str | None = None,
         guard: Any | None = None,
     ):
-        """``guard``: a ``pipeline.fetch.GuardedHttp``; when given, every POST goes through the SSRF
+        """``guard``: a ``media_io.fetch.GuardedHttp``; when given, every POST goes through the SSRF
         guard (address checked and pinned at delivery time, redirects refused)."""
         self.r = client
         self.policy = policy or DeliveryPolicy()

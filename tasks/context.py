@@ -48,7 +48,7 @@ def make_outbox(s: Settings) -> CallbackOutbox:
         backoff_base_s=s.callback_backoff_base_s,
         backoff_max_s=s.callback_backoff_max_s,
     )
-    from pipeline.fetch import FetchLimits, GuardedHttp
+    from media_io.fetch import FetchLimits, GuardedHttp
 
     key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
     # callbacks go through the same SSRF guard as downloads; a redirect is not followed
@@ -59,7 +59,7 @@ def make_outbox(s: Settings) -> CallbackOutbox:
 
 
 def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
-    from pipeline.urlguard import UrlPolicy
+    from media_io.urlguard import UrlPolicy
 
     schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
     return UrlPolicy(
@@ -72,7 +72,7 @@ def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
 
 def s3_client_factory(s: Settings) -> Callable[[], Any]:
     def factory() -> Any:
-        from ecg_audio.aws import client
+        from ops.aws import client
 
         return client("s3", s)  # endpoint, region and timeouts from settings
 

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 
 import structlog
 
+from media_io.workspace import S3Workspace, Workspace
 from pipeline.audio import release_freed_memory
 from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
-from pipeline.workspace import S3Workspace, Workspace
 
 log = structlog.get_logger("ecg.stages")
 
@@ -116,7 +116,7 @@ class StageEnv:
     max_download_bytes: int = 4 * 1024**3
     max_duration_s: float = 4 * 3600.0
     network_timeout_s: float = 30.0
-    url_policy: Any = None  # pipeline.urlguard.UrlPolicy
+    url_policy: Any = None  # media_io.urlguard.UrlPolicy
     s3_client_factory: Callable[[], Any] | None = None
     fault_injection: str | None = None
     keep_workspace: bool = False
@@ -239,9 +239,9 @@ def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
 
 
 def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
-    from pipeline.fetch import FetchLimits, fetch_to_file
+    from media_io.fetch import FetchLimits, fetch_to_file
+    from media_io.urlguard import UrlPolicy, redact_url
     from pipeline.media import extract_audio
-    from pipeline.urlguard import UrlPolicy, redact_url
 
     limits = FetchLimits(max_bytes=env.max_download_bytes, timeout_s=env.network_timeout_s)
     downloads = ws.root / "download"

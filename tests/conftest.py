@@ -68,14 +68,14 @@ def make_media(ffmpeg: str, src: Path | None, dest: Path, *extra: str, video: bo
 
 
 def free_port() -> int:
-    from ecg_audio.stack import free_port as fp
+    from ops.stack import free_port as fp
 
     return fp()
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ecg_audio.stack import start_redis
+    from ops.stack import start_redis
 
     port = free_port()
     proc = start_redis(tmp_path_factory.mktemp("redis"), port, appendonly=False)

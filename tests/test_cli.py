@@ -21,7 +21,7 @@ def test_analyze_sample_call(tmp_path: Path, sample_wav: Path, score_py: Path) -
         [
             sys.executable,
             "-m",
-            "ecg_audio.cli",
+            "ecg_cli.main",
             "analyze",
             str(sample_wav),
             "-o",
@@ -61,7 +61,7 @@ def test_analyze_reports_bad_input(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video" * 100)
     proc = subprocess.run(
-        [sys.executable, "-m", "ecg_audio.cli", "analyze", str(junk), "-q"],
+        [sys.executable, "-m", "ecg_cli.main", "analyze", str(junk), "-q"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -32,7 +32,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
     import celeryconfig
     from ecg_audio.chain import job_payload, send_chain
     from ecg_audio.jobs import JobStore
-    from ecg_audio.stack import start_redis
+    from ops.stack import start_redis
 
     saved = {k: os.environ.get(k) for k in FAKE_AWS}
     os.environ.update(FAKE_AWS)

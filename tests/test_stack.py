@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def test_up_submit_down(tmp_path: Path, sample_wav: Path) -> None:
-    cli = [str(Path(sys.executable).parent / "ecg-audio")]
+    cli = [sys.executable, "-m", "ecg_cli"]  # the installed console script may point at another tree
     var = tmp_path / "var"
     env = dict(os.environ)
     env["ECG_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: up starts its own Redis
@@ -47,7 +47,7 @@ def test_up_submit_down(tmp_path: Path, sample_wav: Path) -> None:
 
 def test_worker_allocator_env_preloads_jemalloc_with_a_valid_conf(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``ecg-audio up`` gives its workers: jemalloc, with a MALLOC_CONF it accepts."""
-    from ecg_audio.stack import JEMALLOC, JEMALLOC_CONF, worker_allocator_env
+    from ops.stack import JEMALLOC, JEMALLOC_CONF, worker_allocator_env
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("MALLOC_CONF", raising=False)

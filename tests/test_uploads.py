@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ecg_audio.uploads import SweepThrottle, s3_key, sweep_uploads, upload_id
+from media_io.urlguard import UrlPolicy
 from pipeline.errors import InvalidMediaError
-from pipeline.urlguard import UrlPolicy
 from tasks.stages import StageEnv, _upload_source
 
 

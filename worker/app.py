@@ -12,9 +12,9 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
-from ecg_audio.aws import settings_with_secrets
 from ecg_audio.logs import configure_logging, quiet_model_warnings
 from ecg_audio.settings import offline_model_env
+from ops.aws import settings_with_secrets
 
 offline_model_env()
 # secrets (AWS Secrets Manager, when configured) reach the environment before
@@ -73,9 +73,9 @@ def _init_process(**_: object) -> None:
     """Runs in each child process: load the models, start the callback dispatcher."""
     import tasks.pipeline_tasks  # noqa: F401  (registers the tasks in this process)
     from ecg_audio.callbacks import Dispatcher
-    from ecg_audio.job_metrics import job_metrics_from_settings
     from ecg_audio.uploads import sweep_uploads, uploads_dir
-    from pipeline.workspace import sweep_stale
+    from media_io.workspace import sweep_stale
+    from ops.job_metrics import job_metrics_from_settings
     from tasks import context
     from worker.models import get_registry
 

@@ -128,7 +128,7 @@ def instance_protection_from_settings(settings: Settings | None = None) -> Insta
         if not settings.worker_asg_name:
             log.warning("scale_in_protection_disabled", reason="ECG_WORKER_ASG_NAME is not set")
             return None
-        from ecg_audio import aws
+        from ops import aws
 
         instance_id = aws.instance_id(settings)
         if not instance_id:

@@ -98,7 +98,7 @@ def worker_group(settings: Settings) -> Callable[[int], list[str]]:
 
 
 def _create_worker_group(settings: Settings, desired: int) -> list[str]:
-    from ecg_audio import aws
+    from ops import aws
 
     ec2 = aws.client("ec2", settings)
     image_id = "ami-12c6146b"  # any id: moto does not check it, and listing images is slow

@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from ecg_audio import aws
 from ecg_audio.settings import Settings
+from ops import aws
 from tests.ops.helpers import free_port, make_settings
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from ecg_audio import aws
-from ecg_audio.job_metrics import JobMetrics, MetricBatcher
-from ecg_audio.queue_metrics import Backlog, publish
 from ecg_audio.settings import Settings
+from ops import aws
+from ops.job_metrics import JobMetrics, MetricBatcher
+from ops.queue_metrics import Backlog, publish
 from tests.ops.helpers import aws_settings, reset_moto
 
 # moto says which resource types its CloudFormation skips; the docstring above covers them.

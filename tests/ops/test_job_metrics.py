@@ -4,8 +4,9 @@ import datetime as dt
 
 import pytest
 
-from ecg_audio import aws
-from ecg_audio.job_metrics import (
+from ecg_audio.settings import Settings
+from ops import aws
+from ops.job_metrics import (
     MAX_DATA_PER_CALL,
     JobMetrics,
     MetricBatcher,
@@ -13,7 +14,6 @@ from ecg_audio.job_metrics import (
     host_memory_percent,
     job_metrics_from_settings,
 )
-from ecg_audio.settings import Settings
 
 NAMESPACE = "ECG/AudioAnalysis"
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from celery import Celery
 
-from ecg_audio import aws
-from ecg_audio.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog
 from ecg_audio.settings import Settings
+from ops import aws
+from ops.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog
 
 
 def _enqueue_like_the_shim(redis_url: str) -> None:
@@ -95,9 +95,9 @@ def test_beat_task_body(redis_url: str, redis_client, settings: Settings, worker
     _enqueue_like_the_shim(redis_url)
     worker_group(2)
     monkeypatch.setattr(
-        "ecg_audio.queue_metrics.get_settings", lambda: settings.model_copy(update={"redis_url": redis_url})
+        "ops.queue_metrics.get_settings", lambda: settings.model_copy(update={"redis_url": redis_url})
     )
-    monkeypatch.setattr("ecg_audio.queue_metrics._beat_publisher", None)
+    monkeypatch.setattr("ops.queue_metrics._beat_publisher", None)
 
     assert publish_queue_metrics() == {"queue_length": 7, "in_service_instances": 2, "backlog_per_instance": 3.5}
 

@@ -4,8 +4,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ecg_audio import aws
 from ecg_audio.settings import Settings
+from ops import aws
 from worker import scaling
 from worker.scaling import InstanceProtection
 

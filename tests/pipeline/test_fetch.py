@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from media_io.fetch import FetchLimits, fetch_to_file
+from media_io.urlguard import UrlPolicy, UrlRefused
 from pipeline.errors import DownloadError
-from pipeline.fetch import FetchLimits, fetch_to_file
-from pipeline.urlguard import UrlPolicy, UrlRefused
 
 from .test_urlguard import stub_resolver
 

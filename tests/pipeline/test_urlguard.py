@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import DownloadError
-from pipeline.urlguard import (
+from media_io.urlguard import (
     MAX_URL_LENGTH,
     UrlPolicy,
     UrlRefused,
@@ -19,6 +18,7 @@ from pipeline.urlguard import (
     redact_url,
     s3_bucket_and_key,
 )
+from pipeline.errors import DownloadError
 
 
 def stub_resolver(table: dict[str, list[str]]) -> Any:

@@ -43,7 +43,7 @@ def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # ty
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     from ecg_audio.logs import configure_logging
-    from ecg_audio.runner import analyze
+    from ecg_cli.runner import analyze
 
     configure_logging("INFO" if a.verbose else "WARNING", json_output=False)
     from pipeline.errors import AnalysisError
@@ -146,7 +146,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from ecg_audio.stack import bring_down, bring_up, wait_ready
+    from ops.stack import bring_down, bring_up, wait_ready
 
     var_dir = Path(a.var_dir)
     redis_url = a.redis_url or os.environ.get("ECG_REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -186,7 +186,7 @@ def cmd_up(a: argparse.Namespace) -> int:
 
 
 def cmd_down(a: argparse.Namespace) -> int:
-    from ecg_audio.stack import bring_down
+    from ops.stack import bring_down
 
     stopped = bring_down(Path(a.var_dir))
     print("stopped: " + (", ".join(stopped) or "nothing"))
@@ -195,9 +195,9 @@ def cmd_down(a: argparse.Namespace) -> int:
 
 def cmd_metrics(a: argparse.Namespace) -> int:
     """Publish the queue-depth metrics that drive the worker Auto Scaling Group."""
-    from ecg_audio.aws import settings_with_secrets
     from ecg_audio.logs import configure_logging
-    from ecg_audio.queue_metrics import publish_queue_metrics, run_forever
+    from ops.aws import settings_with_secrets
+    from ops.queue_metrics import publish_queue_metrics, run_forever
 
     settings = settings_with_secrets()
     configure_logging(settings.log_level, settings.log_json)

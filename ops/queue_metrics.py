@@ -164,7 +164,7 @@ class QueueMetricsPublisher:
     def __init__(self, settings: Settings | None = None, queues: Iterable[str] = DEFAULT_QUEUES) -> None:
         import redis
 
-        from ecg_audio import aws
+        from ops import aws
 
         self.settings = settings or get_settings()
         self.queues = tuple(queues)

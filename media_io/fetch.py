@@ -1,4 +1,4 @@
-"""Fetch a job's input into a local file, under the URL policy of ``pipeline.urlguard``.
+"""Fetch a job's input into a local file, under the URL policy of ``media_io.urlguard``.
 
 Four kinds of input:
 
@@ -40,8 +40,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpcore
 import httpx
 
-from pipeline.errors import DownloadError
-from pipeline.urlguard import (
+from media_io.urlguard import (
     CheckedUrl,
     Resolver,
     UrlPolicy,
@@ -51,6 +50,7 @@ from pipeline.urlguard import (
     redact_url,
     s3_bucket_and_key,
 )
+from pipeline.errors import DownloadError
 
 logger = logging.getLogger(__name__)
 

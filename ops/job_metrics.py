@@ -295,7 +295,7 @@ def job_metrics_from_settings(settings: Settings | None = None, cloudwatch: Any 
     if not settings.job_metrics_enabled:
         return None
     if cloudwatch is None:
-        from ecg_audio import aws
+        from ops import aws
 
         cloudwatch = aws.client("cloudwatch", settings)
     batcher = MetricBatcher(cloudwatch, settings.metrics_namespace, flush_interval_s=settings.metrics_interval_s)

@@ -1,0 +1,1 @@
+"""The ``ecg-audio`` command: the top layer, over the core, the ops tools, the tasks and the worker."""

@@ -1,0 +1,1 @@
+"""Operations beside the job core: AWS clients and secrets, CloudWatch metrics, the local stack."""
