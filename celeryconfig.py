@@ -8,35 +8,21 @@ from __future__ import annotations
 
 from kombu import Exchange, Queue
 
+from ecg_audio.queues import CPU_QUEUE, MODEL_QUEUE, PRIORITY_STEPS, QUEUES
 from ecg_audio.settings import get_settings
+from ecg_audio.stage_table import STAGES
 
 _s = get_settings()
 
-# Stage -> queue. Model stages hold the GPU; ingest/features/merge are CPU and I/O
-# work that can run beside them on a separate worker so the GPU never waits.
-MODEL_QUEUE = "model"
-CPU_QUEUE = "cpu"
-TASK_QUEUES = {
-    "ecg.ingest": CPU_QUEUE,
-    "ecg.diarize": MODEL_QUEUE,
-    "ecg.transcribe": MODEL_QUEUE,
-    "ecg.align": MODEL_QUEUE,
-    "ecg.features": CPU_QUEUE,
-    "ecg.merge": CPU_QUEUE,
-    "ecg.worker_info": MODEL_QUEUE,
-}
-CHAIN = ["ecg.ingest", "ecg.diarize", "ecg.transcribe", "ecg.align", "ecg.features", "ecg.merge"]
+# The chain, each task's queue and its time limits come from the stage table
+# (ecg_audio/stage_table.py): one row per stage. Model stages hold the GPU; ingest/features/merge
+# are CPU and I/O work that can run beside them on a separate worker so the GPU never waits.
+TASK_QUEUES = {s.task_name: s.queue for s in STAGES} | {"ecg.worker_info": MODEL_QUEUE}
+CHAIN = [s.task_name for s in STAGES]
 
 # Hard time limit per stage (seconds); the soft limit fires first so the stage can
 # fail with TIMEOUT_ERROR and a message instead of being killed.
-STAGE_TIME_LIMITS = {
-    "ecg.ingest": 1800,
-    "ecg.diarize": 3 * 3600,
-    "ecg.transcribe": 3 * 3600,
-    "ecg.align": 3600,
-    "ecg.features": 3600,
-    "ecg.merge": 600,
-}
+STAGE_TIME_LIMITS = {s.task_name: s.hard_limit_s for s in STAGES}
 LONGEST_HARD_LIMIT = max(STAGE_TIME_LIMITS.values())
 
 broker_url = _s.redis_url
@@ -46,7 +32,6 @@ result_backend = _s.redis_url
 # after visibility_timeout. It must be longer than the longest stage, or a slow
 # but healthy stage would be handed to a second worker and run twice. The shim
 # shares the broker, so it reads this same module.
-PRIORITY_STEPS = list(range(10))
 broker_transport_options = {
     "visibility_timeout": LONGEST_HARD_LIMIT + 1800,
     "queue_order_strategy": "priority",
@@ -84,7 +69,7 @@ task_track_started = True
 # Celery's per-task results expire with the job records.
 result_expires = _s.job_ttl_s
 
-task_queues = tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (MODEL_QUEUE, CPU_QUEUE))
+task_queues = tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES)
 task_default_queue = CPU_QUEUE
 # A typo in a queue name must fail loudly, not create a queue nobody consumes.
 task_create_missing_queues = False

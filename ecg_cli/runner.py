@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ecg_audio.settings import Settings, get_settings, offline_model_env
-from tasks.stages import STAGE_ORDER, JobSpec, run_stage
+from ecg_audio.stage_table import STAGE_NAMES
+from tasks.stages import JobSpec, run_stage
 
 
 def analyze(
@@ -67,7 +68,7 @@ def analyze(
         env.output_root = root / "output"
         env.s3_bucket = None  # in-process runs keep everything local
         t0 = time.perf_counter()
-        for name in STAGE_ORDER:
+        for name in STAGE_NAMES:
             run_stage(name, job, env)
         envelope: dict[str, Any] = env.workspace(job.job_id).read_json("result.json")
         envelope["result"]["metadata"]["wall_time"] = round(time.perf_counter() - t0, 3)

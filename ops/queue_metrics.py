@@ -30,16 +30,13 @@ from typing import Any
 
 import structlog
 
+from ecg_audio.queues import PRIORITY_STEPS, QUEUES, priority_queue_keys
 from ecg_audio.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 
-KOMBU_PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"
-# Every priority step kombu can map to: steps are values in 0..9, whatever
-# broker_transport_options["priority_steps"] says, so counting all ten is always right.
-ALL_PRIORITY_STEPS = tuple(range(10))
-DEFAULT_QUEUES = ("model", "cpu")
+DEFAULT_QUEUES = QUEUES
 
 
 @dataclass(frozen=True)
@@ -59,11 +56,6 @@ class PublishedMetrics:
     queue_length: int
     in_service_instances: int
     backlog_per_instance: float
-
-
-def priority_queue_keys(queue: str, steps: Iterable[int] = ALL_PRIORITY_STEPS, key_prefix: str = "") -> list[str]:
-    """The Redis list keys kombu uses for ``queue`` at each priority step."""
-    return [f"{key_prefix}{queue}{KOMBU_PRIORITY_SEP}{p}" if p else f"{key_prefix}{queue}" for p in steps]
 
 
 def read_backlog(
@@ -87,7 +79,7 @@ def read_backlog(
         pipe.hvals(f"{key_prefix}{UNACKED_KEY}")
         results = pipe.execute()
     raw_unacked = results.pop()
-    steps = len(ALL_PRIORITY_STEPS)
+    steps = len(PRIORITY_STEPS)  # priority_queue_keys gives one key per step
     waiting = {queue: int(sum(results[i * steps : (i + 1) * steps])) for i, queue in enumerate(queues)}
 
     # The unacked hash is shared by every queue on this Redis database; attribute each

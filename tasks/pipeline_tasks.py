@@ -16,6 +16,7 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
+from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
 from tasks.stages import JobSpec, run_stage
@@ -234,19 +235,15 @@ class StageTask(Task):
 
 
 def _stage_task(stage: str) -> Any:
-    @shared_task(name=f"ecg.{stage}", bind=True, base=StageTask)
+    @shared_task(name=STAGE_BY_NAME[stage].task_name, bind=True, base=StageTask)
     def task(self: StageTask, payload: dict[str, Any]) -> dict[str, Any]:
         return self.run_stage_task(stage, payload)
 
     return task
 
 
-ingest_task = _stage_task("ingest")
-diarize_task = _stage_task("diarize")
-transcribe_task = _stage_task("transcribe")
-align_task = _stage_task("align")
-features_task = _stage_task("features")
-merge_task = _stage_task("merge")
+# one task per row of the stage table (ecg_audio/stage_table.py)
+STAGE_TASKS = {name: _stage_task(name) for name in STAGE_NAMES}
 
 
 @shared_task(name="ecg.worker_info")

@@ -18,34 +18,34 @@ from typing import Any, Protocol
 
 import structlog
 
+from ecg_audio.stage_table import ASSEMBLING, STAGE_BY_NAME, STAGE_NAMES, STAGES, STEP_MESSAGES, VAD
 from media_io.workspace import S3Workspace, Workspace
 from pipeline.audio import release_freed_memory
 from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
 
 log = structlog.get_logger("ecg.stages")
 
-# stage name -> (artifact that marks it done, progress when done, message)
-STAGES: dict[str, tuple[str, int, str]] = {
-    "ingest": ("ingest.json", 10, "Input ready: audio extracted"),
-    "diarize": ("diarization.json", 40, "Speakers found"),
-    "transcribe": ("transcript.json", 60, "Transcription done"),
-    "align": ("alignment.json", 70, "Word timestamps done"),
-    "features": ("features.npz", 80, "Voice features measured"),
-    "merge": ("result.json", 100, "Done"),
-}
-STAGE_ORDER = list(STAGES)
-# milestones reported inside a stage
-VAD_PROGRESS = 25
-ASSEMBLING_PROGRESS = 85
+_Body = Callable[["JobSpec", "StageEnv", Workspace], None]
+_BODIES: dict[str, _Body] = {}
+
+
+def stage_body(name: str) -> Callable[[_Body], _Body]:
+    """Registers the body of the stage ``name`` of the stage table (ecg_audio/stage_table.py)."""
+
+    def register(body: _Body) -> _Body:
+        _BODIES[name] = body
+        return body
+
+    return register
 
 
 def _within(stage: str, fraction: float, *, start: int | None = None) -> int:
     """Progress part-way through a stage: between the previous milestone and this stage's, never reaching it
     (the stage's own milestone is reported when its artifact is written)."""
-    end = STAGES[stage][1]
+    end = STAGE_BY_NAME[stage].done.progress
     if start is None:
-        i = STAGE_ORDER.index(stage)
-        start = STAGES[STAGE_ORDER[i - 1]][1] if i else 0
+        i = STAGE_NAMES.index(stage)
+        start = STAGES[i - 1].done.progress if i else 0
     return min(end - 1, start + int((end - start) * max(0.0, min(1.0, fraction))))
 
 
@@ -163,7 +163,8 @@ class StageOutcome:
 
 def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     """Run one stage unless its checkpoint exists. Reports the stage's milestone either way."""
-    artifact, progress, message = STAGES[name]
+    row = STAGE_BY_NAME[name]
+    artifact, progress, message = row.artifact, row.done.progress, row.done.message
     ws = env.workspace(job.job_id)
     if ws.has(artifact):
         log.info("stage_skipped", job_id=job.job_id, stage=name, reason="checkpoint exists")
@@ -238,6 +239,7 @@ def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
     return str(path), dataclasses.replace(policy, allow_local_files=True)
 
 
+@stage_body("ingest")
 def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from media_io.fetch import FetchLimits, fetch_to_file
     from media_io.urlguard import UrlPolicy, redact_url
@@ -271,6 +273,7 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     )
 
 
+@stage_body("diarize")
 def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.diarize import diarize_wav
 
@@ -281,15 +284,15 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         # segmentation ends at ~30% of the diarization work: that is voice activity known
         # (on a long file, windowed, 30% of the whole file's work)
         if fraction < 0.3:
-            before = STAGES["ingest"][1]
-            progress = min(VAD_PROGRESS - 1, before + int((VAD_PROGRESS - before) * fraction / 0.3))
-            env.report("diarize", progress, "Detecting voice activity")
+            before = STAGE_BY_NAME["ingest"].done.progress
+            progress = min(VAD.progress - 1, before + int((VAD.progress - before) * fraction / 0.3))
+            env.report("diarize", progress, STEP_MESSAGES["detecting_voice_activity"])
         else:
             done = max(0.0, min(1.0, (fraction - 0.3) / 0.7))
             if done == 0.0:
-                env.report("diarize", VAD_PROGRESS, "Voice activity detected")
+                env.report("diarize", VAD.progress, VAD.message)
             else:
-                env.report("diarize", _within("diarize", done, start=VAD_PROGRESS), "Finding speakers")
+                env.report("diarize", _within("diarize", done, start=VAD.progress), STEP_MESSAGES["finding_speakers"])
 
     # window by window on long files: memory is bounded by a window, not the recording
     result = diarize_wav(
@@ -303,6 +306,7 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     ws.write_json("diarization.json", {**result.to_dict(), "model": name})
 
 
+@stage_body("transcribe")
 def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.transcribe import transcribe
 
@@ -322,7 +326,9 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
                 # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
                 # speech is found) would jump the record to the stage's end at once
                 hook=lambda step, f: (
-                    env.report("transcribe", _within("transcribe", f), "Transcribing") if step == "asr" else None
+                    env.report("transcribe", _within("transcribe", f), STEP_MESSAGES["transcribing"])
+                    if step == "asr"
+                    else None
                 ),
                 # Whisper's word times come nearly free with the decoding; not when wav2vec2 aligns
                 word_timestamps=not _aligner_configured(env),
@@ -352,6 +358,7 @@ def _aligner_configured(env: StageEnv) -> bool:
     return bool(getattr(settings, "alignment_model", None))
 
 
+@stage_body("align")
 def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import align_with_wav2vec2, align_with_whisper
     from pipeline.transcribe import Transcript
@@ -371,22 +378,25 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             ws.path("audio.wav"),
             transcript,
             batch_size=env.asr_batch_size(env.models.device),
-            hook=lambda f: env.report("align", _within("align", f), "Timing words"),
+            hook=lambda f: env.report("align", _within("align", f), STEP_MESSAGES["timing_words"]),
         )
     ws.write_json("alignment.json", alignment.to_dict())
 
 
+@stage_body("features")
 def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.features import compute_tracks
 
     tracks = compute_tracks(
-        ws.path("audio.wav"), hook=lambda f: env.report("features", _within("features", f), "Measuring voices")
+        ws.path("audio.wav"),
+        hook=lambda f: env.report("features", _within("features", f), STEP_MESSAGES["measuring_voices"]),
     )
     tmp = ws.tmp_path(".npz")
     tracks.save(tmp)
     ws.commit_file("features.npz", tmp)
 
 
+@stage_body("merge")
 def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import Alignment
     from pipeline.diarize import DiarizationResult
@@ -394,7 +404,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.merge import assemble, exports
 
     t0 = time.perf_counter()
-    env.report("merge", ASSEMBLING_PROGRESS, "Assembling the result")
+    env.report("merge", ASSEMBLING.progress, ASSEMBLING.message)
     ingest = ws.read_json("ingest.json")
     transcript = ws.read_json("transcript.json")
     diar = ws.read_json("diarization.json")
@@ -426,11 +436,6 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     env.write_output(f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
 
 
-_BODIES: dict[str, Callable[[JobSpec, StageEnv, Workspace], None]] = {
-    "ingest": _ingest,
-    "diarize": _diarize,
-    "transcribe": _transcribe,
-    "align": _align,
-    "features": _features,
-    "merge": _merge,
-}
+# every row of the stage table has a body, and every body a row
+if set(_BODIES) != set(STAGE_NAMES):
+    raise RuntimeError(f"stage table {STAGE_NAMES} and stage bodies {sorted(_BODIES)} differ")
