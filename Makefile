@@ -60,7 +60,7 @@ unit: setup system-deps
 test: lint typecheck security unit
 
 bench-quality: setup
-	$(PY) bench/quality.py
+	$(PY) -m bench.quality
 
 clean:
 	rm -rf $(VAR) .pytest_cache .mypy_cache .ruff_cache

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,10 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from ops.stack import worker_allocator_env  # noqa: E402  (jemalloc for workers, as `ecg-audio up`)
+from bench.harness import REPO, Fleet
 
 
 class Receiver:
@@ -87,150 +82,6 @@ class Receiver:
     def final_event_ids(self) -> list[str]:
         with self.lock:
             return [e["event_id"] for e in self.events if e.get("status") in ("completed", "failed")]
-
-
-class Fleet:
-    def __init__(self, var: Path, *, extra_env: dict[str, str] | None = None) -> None:
-        from ops.stack import free_port
-
-        self.var = var
-        self.redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.redis: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = dict(os.environ)
-        self.env.update(
-            {
-                "ECG_REDIS_URL": self.redis_url,
-                "ECG_WORKSPACE_ROOT": str(var / "workspaces"),
-                "ECG_OUTPUT_ROOT": str(var / "output"),
-                "ECG_VAR_DIR": str(var),
-                "ECG_URL_ALLOWLIST": '["127.0.0.1"]',
-                "ECG_WORKER_DEAD_AFTER_S": "10",
-                "ECG_WORKER_HEARTBEAT_S": "2",
-                "ECG_CALLBACK_BACKOFF_MAX_S": "5",
-                "ECG_CALLBACK_MAX_ATTEMPTS": "50",
-                "ECG_LOG_LEVEL": "WARNING",
-                "HF_HUB_OFFLINE": "1",
-                "PYANNOTE_METRICS_ENABLED": "false",
-                **(extra_env or {}),
-            }
-        )
-        self.start_redis()
-        from celery import Celery
-
-        import celeryconfig
-        from ecg_audio.jobs import JobStore
-
-        self.app = Celery("chaos")
-        self.app.config_from_object(celeryconfig)
-        self.app.conf.broker_url = self.app.conf.result_backend = self.redis_url
-        self.store = JobStore.from_url(self.redis_url)
-
-    def start_redis(self) -> None:
-        from ops.stack import start_redis
-
-        self.redis = start_redis(self.var / "redis", self.redis_port, appendonly=True, log=self.var / "redis.log")
-
-    def restart_redis(self) -> None:
-        assert self.redis is not None
-        self.redis.terminate()  # SIGTERM: Redis fsyncs the AOF and exits
-        self.redis.wait(20)
-        self.start_redis()
-
-    def start_worker(self, name: str) -> None:
-        log = open(self.var / f"{name}.log", "ab")  # noqa: SIM115
-        self.workers[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "-Q",
-                "model,cpu",
-                "--concurrency",
-                "1",
-                "-n",
-                f"{name}@%h",
-                "--loglevel",
-                "WARNING",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            cwd=REPO,
-            env={**self.env, **worker_allocator_env()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
-        p = self.workers[name]
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def wait_workers(self, n: int, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if len(self.app.control.ping(timeout=1.0) or []) >= n:
-                    return
-            except Exception:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"{n} workers not ready in {timeout} s")
-
-    def submit(self, source: str, callback: str | None = None, options: dict[str, Any] | None = None) -> str:
-        from ecg_audio.chain import job_payload, send_chain
-
-        job_id = f"chaos-{uuid.uuid4().hex[:10]}"
-        req = {"job_id": job_id, "video_url": source, "callback_url": callback, "options": options or {}}
-        assert self.store.create(job_id, req)
-        send_chain(self.app, job_payload(job_id, source, callback_url=callback, options=options))
-        return job_id
-
-    def wait_all(self, job_ids: list[str], timeout: float) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        status: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            for j in job_ids:
-                if status.get(j) in ("completed", "failed"):
-                    continue
-                try:
-                    rec = self.store.get(j)
-                except Exception:
-                    continue  # Redis restarting
-                status[j] = rec.status if rec else "missing"
-            if all(status.get(j) in ("completed", "failed") for j in job_ids):
-                break
-            time.sleep(0.5)
-        return status
-
-    def stage_runs(self, job_id: str) -> dict[str, int]:
-        h = self.store.r.hgetall(f"ecg:job:{job_id}")
-        return {k.split(":", 1)[1]: int(v) for k, v in h.items() if k.startswith("runs:")}
-
-    def signature(self, job_id: str) -> Any:
-        """What must not change under chaos: words and speakers (timings may jitter in the last digit)."""
-        env = self.store.get_result(job_id) or {}
-        segs = (env.get("result") or {}).get("segments", [])
-        return [(s["speaker"], s["text"]) for s in segs]
-
-    def close(self) -> None:
-        for name in list(self.workers):
-            self.kill_worker(name, signal.SIGTERM)
-        for p in self.workers.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        if self.redis:
-            self.redis.terminate()
-            self.redis.wait(10)
 
 
 def make_clips(var: Path, n: int, seconds: float) -> list[str]:

@@ -19,8 +19,8 @@ Prints ONE JSON line on stdout, e.g.
 ``{"file": "conv_2spk_10min", "threads": 2, "tuned": {"seconds": ..., "cpu_seconds": ...,
 "der": ..., "num_speakers": 2}, "naive": {...}, "others": {...}}``; progress goes to stderr.
 
-    .venv/bin/python bench/diarize_bench.py                # tuned and naive (~10+ min)
-    .venv/bin/python bench/diarize_bench.py --skip-naive --all
+    .venv/bin/python -m bench.diarize_bench                # tuned and naive (~10+ min)
+    .venv/bin/python -m bench.diarize_bench --skip-naive --all
 
 ``--memory``: peak RSS of ``pipeline.diarize.diarize_wav`` (the windowed entry point the
 diarize stage uses on long files) in a FRESH process per case (``ru_maxrss``), on the
@@ -32,7 +32,7 @@ models are loaded and warmed (``loaded_rss_mb``), the peak (``peak_rss_mb``), th
 the file went by (``peak_rss_mb_at``: fraction of the file -> MB), seconds, DER and
 speaker count. ``--whole`` adds the long file in one window (what ``diarize`` did before).
 
-    .venv/bin/python bench/diarize_bench.py --memory [--long-minutes 50] [--window-s S] [--whole]
+    .venv/bin/python -m bench.diarize_bench --memory [--long-minutes 50] [--window-s S] [--whole]
 
 The C allocator decides much of the peak: with glibc's malloc, whose mmap threshold rises
 to 32 MB after the first large free, the same window diarized again peaks higher each time
@@ -54,18 +54,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import REPO, concat_wav, emit
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
 from pipeline.diarize import DiarizationResult, diarize  # noqa: E402
 
-SHARED_AUDIO = ROOT.parent / "shared" / "audio"
+SHARED_AUDIO = REPO.parent / "shared" / "audio"
 
 
 def log(*args: Any) -> None:
@@ -141,7 +140,6 @@ LONG_SOURCES = ["conv_2spk_10min", "conv_3spk_overlap_3min"]
 def build_long(minutes: float, dest: Path) -> tuple[Path, Path]:
     """A ``minutes`` long WAV (16 kHz mono) of the shared recordings in turn, and its RTTM."""
     import soundfile as sf
-    from stages import concat_wav  # bench/stages.py
 
     target = minutes * 60.0
     listing: list[Path] = []
@@ -210,7 +208,7 @@ def rss_child(wav: Path, rttm: Path | None, window_s: float, threads: int, batch
     }
     if rttm is not None:
         out["der"] = der(result, rttm)
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 
@@ -228,16 +226,16 @@ def memory(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"bench": "diarize_memory", "threads": args.threads}
         for name, (wav, rttm, window_s) in cases.items():
             log(f"{name} ...")
-            cmd = [sys.executable, __file__, "--rss-child", str(wav), "--rttm", str(rttm)]
+            cmd = [sys.executable, "-m", "bench.diarize_bench", "--rss-child", str(wav), "--rttm", str(rttm)]
             cmd += ["--window-s", str(window_s), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
             report[name] = json.loads(done.stdout.strip().splitlines()[-1])
             log(name, report[name])
     base = report["10min"]["peak_rss_mb"]
     for name in cases:
         if name != "10min":
             report[name]["peak_over_10min"] = round(report[name]["peak_rss_mb"] / base, 3)
-    print(json.dumps(report))
+    emit(report)
     return 0
 
 
@@ -323,7 +321,7 @@ def main() -> int:
     import resource
 
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps(report))
+    emit(report)
     return 0
 
 

@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from ecg_audio.stage_table import STAGE_NAMES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
-STAGES = ["ingest", "diarize", "transcribe", "align", "features", "merge"]
 MIB = 1024**2
 
 
@@ -158,7 +157,7 @@ def main() -> int:
                     "seconds": round(s := statistics.median(float(r["stage_times"].get(name, 0.0)) for r in runs), 3),
                     "rtf": round(s / duration, 5),
                 }
-                for name in STAGES
+                for name in STAGE_NAMES
             }
             out["wall_s"] = round(statistics.median(r["wall_s"] for r in runs), 2)
             out["reps_done"] = len(runs)

@@ -24,39 +24,37 @@ Acceptance (issue "Performance"): the long job completes; peak worker RSS <= 3 G
 A worker whose RSS passes ``--rss-limit-gb`` (default 12) is killed and the job reported as
 ``aborted_rss`` with the stage it was in.
 
-usage: bench/long.py [--hours 3] [--keep DIR]        # --hours 0.5 first: memory scaling
-       bench/long.py --hours 0.05 --skip-reference   # smoke
+usage: python -m bench.long [--hours 3] [--keep DIR]        # --hours 0.5 first: memory scaling
+       python -m bench.long --hours 0.05 --skip-reference   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from overhead import BenchFleet, TreeRss, eprint, exit_cleanly_on_sigterm  # noqa: E402
-from stages import SHARED, concat_wav, loadavg, shared_audio  # noqa: E402
+from bench.harness import (
+    SHARED,
+    BenchFleet,
+    TreeRss,
+    concat_wav,
+    emit,
+    eprint,
+    exit_cleanly_on_sigterm,
+    loadavg,
+    shared_audio,
+)
+from ecg_audio.stage_table import STAGES
 
 GB = 1024**3
 ACCEPT_PEAK_BYTES = 3 * GB
 ACCEPT_PEAK_RATIO = 1.5
 SOURCES = ["conv_2spk_10min.wav", "conv_3spk_overlap_3min.wav"]
-# chain order and each stage's checkpoint (tasks/stages.py STAGES)
-ARTIFACTS = [
-    ("ingest", "ingest.json"),
-    ("diarize", "diarization.json"),
-    ("transcribe", "transcript.json"),
-    ("align", "alignment.json"),
-    ("features", "features.npz"),
-    ("merge", "result.json"),
-]
+# chain order and each stage's checkpoint
+ARTIFACTS = [(s.name, s.artifact) for s in STAGES]
 
 
 def build_long_file(hours: float, dest: Path) -> Path:
@@ -213,7 +211,7 @@ def main() -> int:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 

@@ -25,15 +25,13 @@ The busy intervals are merged (one process, so they should not overlap) and divi
 
 Acceptance (issue "Performance"): model-busy fraction >= 0.85.
 
-usage: bench/pipelining.py [--jobs 10] [--clip-seconds 60] [--keep DIR]
+usage: python -m bench.pipelining [--jobs 10] [--clip-seconds 60] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,14 +39,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from overhead import BenchFleet, eprint, exit_cleanly_on_sigterm  # noqa: E402
-from stages import loadavg, shared_audio  # noqa: E402
+from bench.harness import BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg, shared_audio
+from ecg_audio.queues import MODEL_QUEUE
+from ecg_audio.stage_table import STAGES
 
 ACCEPT_BUSY = 0.85
-MODEL_STAGES = {"diarize", "transcribe", "align"}
+MODEL_STAGES = {s.name for s in STAGES if s.queue == MODEL_QUEUE}
 
 
 def make_clips(src: Path, uploads: Path, n: int, seconds: float, total_s: float) -> list[str]:
@@ -203,7 +199,7 @@ def main() -> int:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 

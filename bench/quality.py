@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
+from bench.harness import SHARED
 
 
 def eval_set(tmp: Path) -> dict[str, dict[str, Any]]:

@@ -39,7 +39,7 @@ Acceptance (issue "Performance"): >= 1,000 accepted jobs/s sustained, p99 <= 50 
 
 Needs ``wrk`` (``apt-get install -y wrk``); exits 2 with a message when it is absent.
 
-usage: bench/shim_load.py [--seconds 30] [--processes 2] [--connections 32] [--threads 1] [--rate 1100]
+usage: python -m bench.shim_load [--seconds 30] [--processes 2] [--connections 32] [--threads 1] [--rate 1100]
 """
 
 from __future__ import annotations
@@ -49,17 +49,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from overhead import API_KEY, BenchFleet, eprint, exit_cleanly_on_sigterm  # noqa: E402
-from stages import loadavg  # noqa: E402
+from bench.harness import API_KEY, BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg
 
 ACCEPT_RPS = 1000.0
 ACCEPT_P99_MS = 50.0
@@ -331,7 +326,7 @@ def main() -> int:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 

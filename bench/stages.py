@@ -14,7 +14,7 @@ several times and reports the median of each stage.
 Acceptance (issue "Performance"): the whole pipeline in <= 60 s for the 601 s
 ``conv_2spk_10min.wav`` on 2 CPU cores.
 
-usage: bench/stages.py [--file conv_2spk_10min.wav] [--seconds N] [--reps 1]
+usage: python -m bench.stages [--file conv_2spk_10min.wav] [--seconds N] [--reps 1]
 
 ``--seconds N`` cuts the first N seconds into a temporary file (smoke tests).
 Prints one JSON line; progress goes to stderr.
@@ -23,7 +23,6 @@ Prints one JSON line; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,83 +31,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
+from bench.harness import cpu_now, cut, emit, loadavg, shared_audio
+from ecg_audio.stage_table import STAGE_NAMES, STAGES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
-STAGES = ["ingest", "diarize", "transcribe", "align", "features", "merge"]
 ACCEPT_TOTAL_S = 60.0
 
 
-def shared_audio(name: str) -> Path:
-    """A recording from ../shared/audio, or exit 2 with a clear message."""
-    path = SHARED / "audio" / name
-    if not path.is_file():
-        print(f"bench: {path} is absent: this bench needs the shared recordings in {SHARED}", file=sys.stderr)
-        raise SystemExit(2)
-    return path
-
-
-def cut(src: Path, seconds: float, dest_dir: Path) -> Path:
-    """The first ``seconds`` of ``src`` as a 16 kHz mono WAV in ``dest_dir``."""
-    import subprocess
-
-    from pipeline.media import ffmpeg_exe
-
-    dest = dest_dir / f"{src.stem}-{int(seconds)}s.wav"
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-y",
-            "-t",
-            str(seconds),
-            "-i",
-            str(src),
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            str(dest),
-        ],
-        check=True,
-    )
-    return dest
-
-
-def concat_wav(sources: list[Path], seconds: float, dest: Path) -> Path:
-    """``sources`` one after the other, cut to ``seconds``, as a 16 kHz mono PCM WAV ``dest``
-    (ffmpeg's concat demuxer; its listing is written beside ``dest``)."""
-    import subprocess
-
-    from pipeline.media import ffmpeg_exe
-
-    listing = dest.parent / "concat.txt"
-    listing.write_text("".join(f"file '{src}'\n" for src in sources))
-    subprocess.run(
-        [ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(listing)]
-        + ["-t", f"{seconds:.1f}", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(dest)],
-        check=True,
-    )
-    return dest
-
-
-def loadavg() -> list[float]:
-    """1, 5 and 15 minute load averages (noted beside every timing: the machine is shared)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_now() -> float:
-    """CPU seconds of this process and its waited-for children (ffmpeg), all threads."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-# the milestone that closes each stage (tasks/stages.py STAGES); 25 is inside diarize, 85 inside merge
-STAGE_END_PROGRESS = {"ingest": 10, "diarize": 40, "transcribe": 60, "align": 70, "features": 80, "merge": 100}
+# the milestone that closes each stage (others fall inside a stage: VAD in diarize, assembling in merge)
+STAGE_END_PROGRESS = {s.name: s.done.progress for s in STAGES}
 
 
 def cpu_by_stage(marks: list[tuple[str, int, float]]) -> dict[str, float]:
@@ -177,7 +110,7 @@ def main() -> int:
 
     duration = float(runs[0]["duration"])
     stages: dict[str, dict[str, float]] = {}
-    for name in STAGES:
+    for name in STAGE_NAMES:
         secs = statistics.median(float(r["stage_times"].get(name, 0.0)) for r in runs)
         cpu = statistics.median(float(r["cpu"].get(name, 0.0)) for r in runs)
         stages[name] = {"seconds": round(secs, 2), "rtf": round(secs / duration, 4), "cpu_s": round(cpu, 2)}
@@ -201,7 +134,7 @@ def main() -> int:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 

@@ -156,6 +156,52 @@ def worker_allocator_env() -> dict[str, str]:
     return {}
 
 
+def worker_command(
+    name: str,
+    queues: str = "model,cpu",
+    *,
+    log_level: str | None = "INFO",
+    quiet_cluster: bool = False,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
+    """The command line of one worker: one process (``--concurrency 1``: one GPU, one job)
+    on ``queues``, named ``{name}@host``.
+
+    ``quiet_cluster`` drops mingle and gossip (worker-to-worker chatter that fleets of
+    short-lived test and bench workers do not need, and that slows their start-up).
+    """
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "--concurrency", "1"]
+    cmd += ["-n", f"{name}@%h"]
+    if log_level:
+        cmd += ["--loglevel", log_level]
+    if quiet_cluster:
+        cmd += ["--without-mingle", "--without-gossip"]
+    return [*cmd, *extra_args]
+
+
+def start_worker(
+    name: str,
+    env: dict[str, str],
+    log: Path,
+    queues: str = "model,cpu",
+    *,
+    log_level: str | None = "INFO",
+    quiet_cluster: bool = False,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start one worker (:func:`worker_command`) in a session of its own, jemalloc preloaded
+    (:func:`worker_allocator_env`), its output appended to ``log``: what ``ecg-audio up``, the
+    benches and the fleet tests run."""
+    return subprocess.Popen(
+        worker_command(name, queues, log_level=log_level, quiet_cluster=quiet_cluster),
+        cwd=cwd,
+        start_new_session=True,
+        env={**env, **worker_allocator_env()},
+        stdout=open(log, "ab"),  # noqa: SIM115 - the child keeps it
+        stderr=subprocess.STDOUT,
+    )
+
+
 def bring_up(
     var_dir: Path,
     *,
@@ -184,39 +230,11 @@ def bring_up(
             print(f"starting redis on 127.0.0.1:{port} (AOF, noeviction)")
         stack.procs["redis"] = start_redis(var_dir / "redis", port, log=logs / "redis.log")
     env = stack.env()
-    worker_env = {**env, **worker_allocator_env()}
-    py = sys.executable
     if cpu_worker:
         # ingest, features and merge of other jobs run beside the model stages: the GPU never waits
-        stack.procs["cpu-worker"] = subprocess.Popen(
-            [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", "cpu", "-c", "1", "-n", "cpu@%h"],
-            start_new_session=True,
-            env=worker_env,
-            stdout=open(logs / "cpu-worker.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-    stack.procs["worker"] = subprocess.Popen(
-        [
-            py,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            "model" if cpu_worker else "model,cpu",
-            "--concurrency",
-            "1",
-            "-n",
-            "worker@%h",
-            "--loglevel",
-            "INFO",
-        ],
-        start_new_session=True,
-        env=worker_env,
-        stdout=open(logs / "worker.log", "ab"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
-    )
+        stack.procs["cpu-worker"] = start_worker("cpu", env, logs / "cpu-worker.log", "cpu", log_level=None)
+    stack.procs["worker"] = start_worker("worker", env, logs / "worker.log", "model" if cpu_worker else "model,cpu")
+    py = sys.executable
     stack.procs["shim"] = subprocess.Popen(
         [py, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(shim_port), "--no-access-log"],
         start_new_session=True,

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints one JSON line; run them as ``python -m bench.<name>`` from the repository root."""
