@@ -3,16 +3,17 @@
 Torch-free and task-free: the shim builds the chain from names in ``celeryconfig.CHAIN``,
 so it never imports the stage code.
 
-``ChainMessages.build`` writes the first task's message (``ecg.ingest``) exactly as
-``celery.chain(...).apply_async()`` and kombu's Redis transport store it: Celery's task
-protocol 2 in JSON, the body base64 in kombu's envelope, the remaining stages in the
-body's ``chain`` embed (last stage first, as Celery pops them), pushed with LPUSH on the
-queue's list (a priority sub-queue when a priority is given); and, when
-``celeryconfig.task_send_sent_event`` is on, the ``task-sent`` event that Celery would
-PUBLISH for it (Flower lists the task as soon as it is queued). Building it is a few
-dozen microseconds of string work, where Celery's client-side publish of the same chain
-(signatures, freezing, producer pool, result-backend subscription, the event) costs
-milliseconds, which at a thousand submissions a second is the shim's whole CPU budget.
+``ChainMessages.build`` has Celery build the first task's message (``ecg.ingest``) as
+``celery.chain(...).apply_async()`` would: the chain embed from Celery signatures (the
+remaining stages, last first, as Celery pops them), the task protocol 2 headers, body and
+``task-sent`` event fields from ``app.amqp.as_task_v2`` and Celery's ``Event``, the body
+serialised by kombu. What is ours is only kombu's Redis envelope around it (base64 body,
+delivery info, priority), pushed with LPUSH on the queue's list (a priority sub-queue when
+a priority is given, see ``ecg_audio/queues.py``) and, when
+``celeryconfig.task_send_sent_event`` is on, the event that Celery would PUBLISH for it
+(Flower lists the task as soon as it is queued). This skips Celery's client path around
+the message (freezing the canvas, the producer pool, the result-backend subscription),
+which costs milliseconds per job where building the message costs well under one.
 
 Two paths push it, so they cannot drift apart:
 
@@ -28,26 +29,27 @@ through a real worker.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import json
 import os
-import time
 import uuid
 from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery import Celery
+from celery.events.event import Event
 from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
+from kombu.serialization import dumps as kombu_dumps
 
 import celeryconfig
+from ecg_audio.queues import queue_key
+from ecg_audio.stage_table import STAGE_NAMES
 
-# kombu's Redis transport names a priority sub-queue ``{queue}\x06\x16{step}``
-PRIORITY_SEP = "\x06\x16"
-STAGES: tuple[str, ...] = tuple(name.split(".", 1)[1] for name in celeryconfig.CHAIN)
+STAGES: tuple[str, ...] = STAGE_NAMES
 
 
 def job_payload(
@@ -78,16 +80,6 @@ def task_ids(job_id: str, nonce: str) -> list[str]:
     return [f"{job_id}:{stage}:{nonce}" for stage in STAGES]
 
 
-def queue_key(queue: str, priority: int | None) -> str:
-    """The Redis list that kombu's Redis transport pushes a message of ``priority`` to."""
-    if not priority:
-        return queue
-    p = max(0, min(9, int(priority)))  # kombu clamps to 0..9
-    steps = sorted(celeryconfig.PRIORITY_STEPS)
-    step = steps[bisect.bisect(steps, p) - 1]
-    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
-
-
 @dataclass(frozen=True)
 class ChainMessage:
     """What one sending of a job's chain writes to Redis."""
@@ -100,12 +92,28 @@ class ChainMessage:
 
 
 def _dumps(obj: Any) -> str:
-    # kombu's JSON serialiser is json.dumps with its default separators
-    return json.dumps(obj)
+    return str(kombu_dumps(obj, serializer="json")[2])
 
 
-def _b64(text: str) -> str:
-    return b64encode(text.encode("utf-8")).decode("ascii")
+def _envelope(body: str, headers: dict[str, Any], properties: dict[str, Any]) -> str:
+    """A message as kombu's Redis transport stores it: JSON, the body in base64."""
+    return json.dumps(
+        {
+            "body": b64encode(body.encode("utf-8")).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {**properties, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+        }
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _celery() -> Celery:
+    """An app with the project's settings, only to build messages (it never connects)."""
+    app = Celery("ecg", set_as_current=False)
+    app.config_from_object(celeryconfig)
+    return app
 
 
 class ChainMessages:
@@ -134,102 +142,52 @@ class ChainMessages:
         return self._origin
 
     def build(self, job_id: str, *, priority: int | None = None, nonce: str | None = None) -> ChainMessage:
+        app = _celery()
         ids = task_ids(job_id, nonce or new_nonce())
         first, first_id = celeryconfig.CHAIN[0], ids[0]
         queue = celeryconfig.TASK_QUEUES[first]
-        chain: list[dict[str, Any]] = []
+        chain = []
         for name, tid in zip(reversed(celeryconfig.CHAIN[1:]), reversed(ids[1:]), strict=True):
             options: dict[str, Any] = {"queue": celeryconfig.TASK_QUEUES[name], "task_id": tid}
             if priority is not None:
                 options["priority"] = priority
             options["reply_to"] = self.reply_to
-            chain.append(
-                {"task": name, "args": [], "kwargs": {}, "options": options, "subtask_type": None, "immutable": False}
-            )
+            chain.append(app.signature(name, **options))
+        origin = self.origin()
         # only the job id travels: stages read the request from the job record, so URLs (and any
         # token in them) stay out of messages, results and their logs
-        args = [{"job_id": job_id}]
-        body = _dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": chain, "chord": None}])
-        argsrepr = repr(({"job_id": job_id},))
-        origin = self.origin()
-        headers: dict[str, Any] = {
-            "lang": "py",
-            "task": first,
-            "id": first_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": first_id,
-            "parent_id": None,
-            "argsrepr": argsrepr,
-            "kwargsrepr": "{}",
-            "origin": origin,
-            "ignore_result": None,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        }
+        task = app.amqp.as_task_v2(
+            first_id,
+            first,
+            args=({"job_id": job_id},),
+            chain=chain,
+            reply_to=self.reply_to,
+            create_sent_event=self.sent_event,
+            origin=origin,
+            ignore_result=None,
+        )
         properties = {
-            "correlation_id": first_id,
-            "reply_to": self.reply_to,
+            **task.properties,
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": priority or 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
         }
-        message = _dumps(
-            {
-                "body": _b64(body),
-                "content-encoding": "utf-8",
-                "content-type": "application/json",
-                "headers": headers,
-                "properties": properties,
-            }
-        )
-        event = self._sent_event(first, first_id, argsrepr, queue, origin) if self.sent_event else ""
+        message = _envelope(_dumps(task.body), task.headers, properties)
+        event = ""
+        if task.sent_event is not None:
+            event = self._sent_event(origin, {**task.sent_event, "queue": queue, "exchange": "", "routing_key": queue})
         return ChainMessage(first_id, queue_key(queue, priority), message, self.event_channel, event)
 
-    def _sent_event(self, name: str, task_id: str, argsrepr: str, queue: str, origin: str) -> str:
-        fields = {
-            "hostname": origin,
-            "utcoffset": utcoffset(),
-            "pid": os.getpid(),
-            "clock": next(self._clock),
-            "uuid": task_id,
-            "root_id": task_id,
-            "parent_id": None,
-            "name": name,
-            "args": argsrepr,
-            "kwargs": "{}",
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "queue": queue,
-            "exchange": "",
-            "routing_key": queue,
-            "timestamp": time.time(),
-            "type": "task-sent",
+    def _sent_event(self, origin: str, fields: dict[str, Any]) -> str:
+        """The task-sent event, as Celery's event dispatcher publishes it (transient, on celeryev)."""
+        clock = next(self._clock)
+        event = Event("task-sent", hostname=origin, utcoffset=utcoffset(), pid=os.getpid(), clock=clock, **fields)
+        properties = {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
+            "priority": 0,
         }
-        return _dumps(
-            {
-                "body": _b64(_dumps(fields)),
-                "content-encoding": "utf-8",
-                "content-type": "application/json",
-                "headers": {"hostname": origin},
-                "properties": {
-                    "delivery_mode": 1,
-                    "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
-                    "priority": 0,
-                    "body_encoding": "base64",
-                    "delivery_tag": str(uuid.uuid4()),
-                },
-            }
-        )
+        return _envelope(_dumps(event), {"hostname": origin}, properties)
 
 
 def push(client: redis.Redis, msg: ChainMessage) -> None:
