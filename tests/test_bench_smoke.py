@@ -16,13 +16,12 @@ import pytest
 
 from tests.conftest import REPO, SHARED
 
-BENCH = REPO / "bench"
 BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu"]
 
 
 def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), *args],
+        [sys.executable, "-m", f"bench.{name}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -38,7 +37,7 @@ def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
 @pytest.mark.parametrize("name", BENCHES)
 def test_every_bench_documents_itself(name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", f"bench.{name}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout

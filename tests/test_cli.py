@@ -1,4 +1,5 @@
-"""``ecg-audio analyze`` in-process on pyannote's sample call, scored with the shared scorer."""
+"""``ecg-audio analyze`` in-process on pyannote's sample call, scored with the shared scorer (or,
+without ../shared, :mod:`tests.scoring`)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from tests.conftest import REPO, score
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_analyze_sample_call(tmp_path: Path, sample_wav: Path, score_py: Path) -> None:
+def test_analyze_sample_call(tmp_path: Path, sample_wav: Path, score_py: Path | None) -> None:
     out = tmp_path / "sample.json"
     png = tmp_path / "timeline.png"
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "ecg_cli.main",
+            "ecg_cli",
             "analyze",
             str(sample_wav),
             "-o",
@@ -61,7 +62,7 @@ def test_analyze_reports_bad_input(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video" * 100)
     proc = subprocess.run(
-        [sys.executable, "-m", "ecg_cli.main", "analyze", str(junk), "-q"],
+        [sys.executable, "-m", "ecg_cli", "analyze", str(junk), "-q"],
         cwd=REPO,
         capture_output=True,
         text=True,

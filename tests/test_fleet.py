@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ecg_audio.callbacks import verify_signature
-from tests.conftest import API_KEY, Proc, Receiver, make_media, score, wait_for_worker, wait_job
+from tests.conftest import API_KEY, Call, Proc, Receiver, make_media, score, wait_for_worker, wait_job
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -50,14 +50,14 @@ def test_health_and_auth(shim: str, ready: httpx.Client) -> None:
 def test_mp4_with_three_speakers_through_the_shim(
     ready: httpx.Client,
     receiver: Receiver,
-    shared_dir: Path,
-    score_py: Path,
+    scored_call: Call,
+    score_py: Path | None,
     ffmpeg: str,
     tmp_path: Path,
     stack_env: dict[str, str],
     worker: Proc,
 ) -> None:
-    src = shared_dir / "audio" / "conv_3spk_overlap_3min.wav"
+    src = scored_call.wav
     mp4 = make_media(
         ffmpeg, src, tmp_path / "conv3.mp4", "-c:a", "aac", "-b:a", "96k", "-shortest", video=True, seconds=200
     )
@@ -74,7 +74,7 @@ def test_mp4_with_three_speakers_through_the_shim(
     st = wait_job(ready, job_id)
     assert st["status"] == "completed", st
     result = st["result"]
-    assert result["metadata"]["speakers_detected"] == 3
+    assert result["metadata"]["speakers_detected"] == scored_call.speakers
     # the callback receiver: progress never goes back, exactly one completed payload, all signed
     deadline = time.monotonic() + 30
     while not any(e["status"] == "completed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
@@ -93,8 +93,8 @@ def test_mp4_with_three_speakers_through_the_shim(
     # quality on this file
     out = tmp_path / "result.json"
     out.write_text(json.dumps({"job_id": job_id, "result": result}))
-    s = score(score_py, out, src.with_suffix(".json"), src.with_suffix(".rttm"))
-    assert s["speakers_hyp"] == 3 and s["der"] < 0.15, s
+    s = score(score_py, out, scored_call.ref, scored_call.rttm)
+    assert s["speakers_hyp"] == scored_call.speakers and s["der"] < scored_call.der_max, s
     # a second job on the same warm worker loads no model
     after = worker_info(stack_env)
     assert after["pid"] == before["pid"] and after["loads"] == before["loads"], (before, after)
@@ -208,12 +208,13 @@ def test_cancel_and_operator_requeue(ready: httpx.Client, sample_wav: Path, stac
 
 
 def test_cancel_stops_the_running_stage(
-    ready: httpx.Client, shared_dir: Path, stack_env: dict[str, str], worker: Proc, sample_wav: Path
+    ready: httpx.Client, stack_env: dict[str, str], worker: Proc, sample_wav: Path, ffmpeg: str, tmp_path: Path
 ) -> None:
     """DELETE during transcription stops that stage at its next progress report, not after it."""
     import redis
 
-    src = shared_dir / "audio" / "conv_3spk_overlap_3min.wav"  # ~10 s of transcription on 2 cores
+    # the sample four times over: 2 minutes, several seconds of transcription on 2 cores
+    src = make_media(ffmpeg, None, tmp_path / "long.wav", "-stream_loop", "3", "-i", str(sample_wav))
     with open(src, "rb") as fh:
         url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
     job_id = f"cancel-running-{uuid.uuid4().hex[:8]}"
