@@ -25,16 +25,14 @@ import argparse
 import json
 import random
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REPO, Fleet
+from bench.harness import REPO, Fleet, place_clip
 
 
 class Receiver:
@@ -88,8 +86,6 @@ def make_clips(var: Path, n: int, seconds: float) -> list[str]:
     """Short clips cut from pyannote's bundled sample call (and ../shared when present)."""
     import pyannote.audio
 
-    from pipeline.media import ffmpeg_exe
-
     sources = [Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"]
     conv = REPO.parent / "shared" / "audio" / "conv_2spk_10min.wav"
     if conv.exists():
@@ -100,26 +96,7 @@ def make_clips(var: Path, n: int, seconds: float) -> list[str]:
     for i in range(n):
         src = sources[i % len(sources)]
         start = 5.0 + 7.0 * (i // len(sources))
-        upload_id = uuid.uuid4().hex
-        subprocess.run(
-            [
-                ffmpeg_exe(),
-                "-loglevel",
-                "error",
-                "-y",
-                "-ss",
-                str(start),
-                "-t",
-                str(seconds),
-                "-i",
-                str(src),
-                "-f",
-                "wav",
-                str(uploads / upload_id),
-            ],
-            check=True,
-        )
-        clips.append(f"upload://{upload_id}")
+        clips.append(place_clip(src, uploads, start, seconds))
     return clips
 
 

@@ -25,8 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def emit(result: dict[str, Any]) -> None:
-    """The bench's one line on stdout: its result as JSON."""
+def emit(
+    result: dict[str, Any], load_before: list[float] | None = None, load_after: list[float] | None = None
+) -> None:
+    """The bench's one line on stdout: its result as JSON, ending with the load averages
+    before and after the run when they are given (the machine may be shared)."""
+    if load_before is not None:
+        result = {**result, "loadavg_before": load_before, "loadavg_after": load_after}
     print(json.dumps(result), flush=True)
 
 
@@ -85,6 +90,28 @@ def concat_wav(sources: list[Path], seconds: float, dest: Path) -> Path:
         check=True,
     )
     return dest
+
+
+def place_clip(src: Path, uploads: Path, start: float, seconds: float) -> str:
+    """``seconds`` of ``src`` from ``start`` as a WAV where ``POST /api/uploads`` would put it;
+    returns its ``upload://`` URL."""
+    from pipeline.media import ffmpeg_exe
+
+    upload_id = uuid.uuid4().hex
+    cmd = [ffmpeg_exe(), "-loglevel", "error", "-y", "-ss", f"{start:.2f}", "-t", str(seconds), "-i", str(src)]
+    subprocess.run([*cmd, "-f", "wav", str(uploads / upload_id)], check=True)
+    return f"upload://{upload_id}"
+
+
+def process_tree(pid: int) -> list[Any]:
+    """A process and its live descendants (psutil), [] when it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def loadavg() -> list[float]:
@@ -369,13 +396,8 @@ class TreeRss:
             import psutil
         except ImportError:  # /proc fallback
             return _proc_tree_rss(self.pid)
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
         total = 0
-        for p in procs:
+        for p in process_tree(self.pid):
             try:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:

@@ -208,10 +208,8 @@ def main() -> int:
         "meets_completes": big["status"] == "completed",
         "meets_peak": peak <= ACCEPT_PEAK_BYTES,
         "meets_ratio": (ratio <= ACCEPT_PEAK_RATIO) if ratio else None,
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
     }
-    emit(out)
+    emit(out, load_before, load_after)
     return 0
 
 

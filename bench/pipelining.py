@@ -31,15 +31,13 @@ usage: python -m bench.pipelining [--jobs 10] [--clip-seconds 60] [--keep DIR]
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg, shared_audio
+from bench.harness import BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg, place_clip, shared_audio
 from ecg_audio.queues import MODEL_QUEUE
 from ecg_audio.stage_table import STAGES
 
@@ -49,33 +47,9 @@ MODEL_STAGES = {s.name for s in STAGES if s.queue == MODEL_QUEUE}
 
 def make_clips(src: Path, uploads: Path, n: int, seconds: float, total_s: float) -> list[str]:
     """``n`` clips of ``seconds`` from evenly spread offsets, placed as uploads."""
-    from pipeline.media import ffmpeg_exe
-
     uploads.mkdir(parents=True, exist_ok=True)
     step = max(0.0, (total_s - seconds) / max(1, n - 1))
-    out = []
-    for i in range(n):
-        upload_id = uuid.uuid4().hex
-        subprocess.run(
-            [
-                ffmpeg_exe(),
-                "-loglevel",
-                "error",
-                "-y",
-                "-ss",
-                f"{i * step:.2f}",
-                "-t",
-                str(seconds),
-                "-i",
-                str(src),
-                "-f",
-                "wav",
-                str(uploads / upload_id),
-            ],
-            check=True,
-        )
-        out.append(f"upload://{upload_id}")
-    return out
+    return [place_clip(src, uploads, i * step, seconds) for i in range(n)]
 
 
 class TaskEvents:
@@ -196,10 +170,8 @@ def main() -> int:
         "method": "Celery task events (task-started -> task-succeeded) of the model-queue tasks",
         "accept_busy_ge": ACCEPT_BUSY,
         "meets_busy": busy / window >= ACCEPT_BUSY,
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
     }
-    emit(out)
+    emit(out, load_before, load_after)
     return 0
 
 

@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import API_KEY, BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg
+from bench.harness import API_KEY, BenchFleet, emit, eprint, exit_cleanly_on_sigterm, loadavg, process_tree
 
 ACCEPT_RPS = 1000.0
 ACCEPT_P99_MS = 50.0
@@ -129,13 +129,8 @@ def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its live descendants."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
     total = 0.0
-    for p in procs:
+    for p in process_tree(pid):
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -323,10 +318,8 @@ def main() -> int:
         "meets_rps": rps >= ACCEPT_RPS,
         "meets_p99": p99_ms <= ACCEPT_P99_MS,
         "meets_lost": lost == 0,
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
     }
-    emit(out)
+    emit(out, load_before, load_after)
     return 0
 
 
