@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "auto",
         description="CTranslate2 compute type; 'auto' = float16 on CUDA, int8 on CPU. On CPUs without VNNI "
         "(AVX2 only) int8 rounds differently and tiny.en loses ~1 point of WER; float32 there is more "
-        "accurate and ~25% slower (bench/README.md, 5th session)",
+        "accurate and slower",
     )
     batch_size: int | None = Field(
         None,

@@ -55,9 +55,9 @@ class OrtFunction:
         cache_dir: where the exported model is kept (None: export to memory, every time).
         threads: intra-op threads in all (default: torch's).
         streams: sessions that may run at once, from as many Python threads, sharing
-            ``threads`` between them. For a network of many small operations (CAM++) two
-            one-thread sessions beside each other did ~22 % more work per second on 2 cores than
-            one two-thread session; for the segmentation LSTM they did no better.
+            ``threads`` between them. A network of many small operations (CAM++) leaves a
+            two-thread session's second thread idle much of the time, so two one-thread sessions
+            beside each other do more work per second; a large LSTM (segmentation) does not.
         memory_arena: ONNX Runtime's CPU arena keeps the largest buffers it ever allocated for
             the life of the session, i.e. of the worker, beside whatever stage runs next. Off,
             they go back to the allocator after each call, at the cost of a malloc per buffer

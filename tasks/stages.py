@@ -125,8 +125,8 @@ class StageEnv:
     _s3: Any = None
 
     def asr_batch_size(self, device: str) -> int:
-        """4 on CPU: as fast as 8 there (18.5-21.8 s vs 23.5-23.9 s on the 601 s file) with half
-        the encoder's attention memory; 8 on a GPU."""
+        """4 on CPU: no slower than 8 there (the CPU is busy either way) with half the encoder's
+        attention memory; 8 on a GPU, where a larger batch keeps it busy."""
         return self.batch_size or (4 if device == "cpu" else 8)
 
     def s3(self) -> Any:

@@ -176,10 +176,9 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
             cache_dir=cache_dir,
             name="segmentation",
             # its SincNet buffers are large and few: without the arena they are freed after
-            # each call instead of sitting beside the transcription that follows. On the
-            # 10-minute file diarize + transcribe in one process peaked at 1.94/1.99 GB
-            # instead of 2.18/2.22, diarization as fast (11.2/10.4 s vs 10.6/11.3 s). CAM++'s
-            # many small buffers keep theirs: without it diarization took up to 2.5 s longer.
+            # each call instead of sitting beside the transcription that follows, which lowers
+            # a worker's peak at no cost in speed. CAM++'s many small buffers keep theirs:
+            # a malloc per buffer would slow its diarization down.
             memory_arena=False,
         )
         embedding = getattr(self._embedding, "model_", None)
@@ -187,9 +186,8 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
             embedding.use_onnxruntime(cache_dir)
         # the instance's forward replaces the class's: pyannote's Inference calls model(chunks)
         model.forward = segmentation  # type: ignore[method-assign,assignment]
-        # ONNX Runtime's memory arena keeps its largest buffers: 32 chunks of SincNet output
-        # held diarize() ~0.9 GB above torch on the 10-minute file, 8 chunks +0.24 GB, at
-        # most ~1 s slower (bench/README.md, long)
+        # ONNX Runtime's memory arena keeps its largest buffers, which grow with the chunks
+        # per call: fewer chunks hold far less memory above torch, for a little speed
         self._segmentation.batch_size = min(self._segmentation.batch_size, ORT_SEGMENTATION_BATCH)
 
     def get_segmentations(

@@ -22,10 +22,9 @@ DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
     # fill same-speaker pauses shorter than this (sentence pauses inside a turn)
     "segmentation": {"min_duration_off": 0.4},
     # cosine distance, average linkage. A cluster of fewer training pieces (2-3 s each) is
-    # folded into the nearest larger one. Over 24 calls (the evaluation set and the 19
-    # bench/quality.py --heldout calls, bench/README.md) spurious clusters had 1-4 pieces and the
-    # smallest real speaker 5 (8 s of speech in a 3-minute call): 6 lost a speaker in 2 calls,
-    # 4 or fewer invented one in 2 calls (3: in conv_2spk_10min too), 5 did neither.
+    # folded into the nearest larger one: spurious clusters are a few pieces, and the smallest
+    # real speaker (a few seconds of speech in a call) has more; 5 separates them on the
+    # evaluation set and the bench/quality.py --heldout calls (git log -S min_cluster_size).
     "clustering": {"method": "average", "threshold": 0.35, "min_cluster_size": 5},
 }
 

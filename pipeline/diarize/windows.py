@@ -17,8 +17,7 @@ from pipeline.diarize.run import ProgressHook, apply_pipeline, diarize
 DIARIZE_WINDOW_S = 660.0
 """Files up to this long go through :func:`diarize` in one piece; longer ones in windows
 about this long (memory stays that of one window). 11 minutes: a 10-minute recording still
-goes whole; with 900 s windows a worker diarizing a 3 h file peaked at 3.43 GB (+1.68 GB
-over its floor, against +0.81 GB for the 601 s file whole), over the 3 GB budget."""
+goes whole; much longer windows take a worker on a 3 h file over its 3 GB budget."""
 LINK_THRESHOLD = 0.35
 """Average-linkage cosine distance up to which local speakers of different windows are one
 speaker (CAM++ pieces; the same scale as the pipeline's own clustering threshold)."""
