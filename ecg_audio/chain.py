@@ -1,6 +1,6 @@
 """The job chain by task *names*: the one definition of the message that starts a job.
 
-Torch-free and task-free: the shim builds the chain from names in ``celeryconfig.CHAIN``,
+Torch-free and task-free: the shim builds the chain from the task names of the stage table,
 so it never imports the stage code.
 
 ``ChainMessages.build`` has Celery build the first task's message (``ecg.ingest``) as
@@ -45,11 +45,10 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 from kombu.serialization import dumps as kombu_dumps
 
-import celeryconfig
+from ecg_audio import stage_table
 from ecg_audio.queues import queue_key
-from ecg_audio.stage_table import STAGE_NAMES
 
-STAGES: tuple[str, ...] = STAGE_NAMES
+STAGES: tuple[str, ...] = stage_table.STAGE_NAMES
 
 
 def job_payload(
@@ -112,7 +111,8 @@ def _envelope(body: str, headers: dict[str, Any], properties: dict[str, Any]) ->
 def _celery() -> Celery:
     """An app with the project's settings, only to build messages (it never connects)."""
     app = Celery("ecg", set_as_current=False)
-    app.config_from_object(celeryconfig)
+    # by name, as the worker app does: the settings module sits above this core package
+    app.config_from_object("celeryconfig")
     return app
 
 
@@ -120,9 +120,10 @@ class ChainMessages:
     """Builds ``ChainMessage``s for one Redis database (the event channel names it)."""
 
     def __init__(self, *, db: int = 0, sent_event: bool | None = None) -> None:
-        if celeryconfig.broker_transport_options.get("global_keyprefix"):
+        conf = _celery().conf
+        if (conf.broker_transport_options or {}).get("global_keyprefix"):
             raise ValueError("global_keyprefix is not supported by ChainMessages: it would prefix every key")
-        self.sent_event = bool(celeryconfig.task_send_sent_event if sent_event is None else sent_event)
+        self.sent_event = bool(conf.task_send_sent_event if sent_event is None else sent_event)
         self.event_channel = f"/{int(db)}.celeryev/task.sent"
         # Celery puts the sending app's oid here; the Redis result backend never reads it
         self.reply_to = str(uuid.uuid4())
@@ -144,15 +145,16 @@ class ChainMessages:
     def build(self, job_id: str, *, priority: int | None = None, nonce: str | None = None) -> ChainMessage:
         app = _celery()
         ids = task_ids(job_id, nonce or new_nonce())
-        first, first_id = celeryconfig.CHAIN[0], ids[0]
-        queue = celeryconfig.TASK_QUEUES[first]
+        rows = stage_table.STAGES
+        first, first_id = rows[0].task_name, ids[0]
+        queue = rows[0].queue
         chain = []
-        for name, tid in zip(reversed(celeryconfig.CHAIN[1:]), reversed(ids[1:]), strict=True):
-            options: dict[str, Any] = {"queue": celeryconfig.TASK_QUEUES[name], "task_id": tid}
+        for stage, tid in zip(reversed(rows[1:]), reversed(ids[1:]), strict=True):
+            options: dict[str, Any] = {"queue": stage.queue, "task_id": tid}
             if priority is not None:
                 options["priority"] = priority
             options["reply_to"] = self.reply_to
-            chain.append(app.signature(name, **options))
+            chain.append(app.signature(stage.task_name, **options))
         origin = self.origin()
         # only the job id travels: stages read the request from the job record, so URLs (and any
         # token in them) stay out of messages, results and their logs
