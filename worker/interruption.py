@@ -255,12 +255,15 @@ def _celery_drain(app: Any, consumer: Any, settings: Settings, lifecycle: Lifecy
         killed = 0
         for request in list(state.active_requests):
             pid = getattr(request, "worker_pid", None)
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
+            if not pid:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed += 1
+            _wait_gone(pid)
+            _release_stage_lease(settings, request)
         return killed
 
     def shutdown() -> None:
@@ -276,6 +279,44 @@ def _celery_drain(app: Any, consumer: Any, settings: Settings, lifecycle: Lifecy
         spot_margin_s=settings.interruption_margin_s,
         lifecycle_drain_s=settings.lifecycle_drain_s,
     )
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def _release_stage_lease(settings: Settings, request: Any) -> None:
+    """Free the killed stage's lease now, so the worker that takes the requeued message runs it at once.
+
+    The lease (tasks/pipeline_tasks.py) would otherwise keep the next worker waiting
+    until its TTL lapses. Safe: its holder, the pool child, is dead.
+    """
+    import redis
+
+    from tasks.pipeline_tasks import StageLease
+
+    try:
+        args = request.args or []
+        job_id = args[0]["job_id"] if args and isinstance(args[0], dict) else None
+        stage = str(request.name).removeprefix("ecg.")
+    except Exception:  # an odd message: the lease lapses on its own within its TTL
+        return
+    if not job_id:
+        return
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        # the key as StageLease builds it (constructing one only sets attributes)
+        client.delete(StageLease(client, str(job_id), stage).key)
+    except redis.RedisError as e:
+        log.warning("lease_release_failed", error=str(e))
+    finally:
+        client.close()
 
 
 def lifecycle_from_settings(settings: Settings) -> LifecycleAction | None:
