@@ -247,6 +247,9 @@ def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: d
         def utilization_percent(self) -> float:
             return 80.0
 
+        def memory_used_mib(self) -> float:
+            return 9000.0
+
     metrics = JobMetrics(
         MetricBatcher(cloudwatch, "ECG/AudioAnalysis"),
         GROUP,
