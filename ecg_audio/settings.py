@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     allow_http_urls: bool = True
     allow_private_urls: bool = False
     url_allowlist: list[str] = Field(default_factory=list)
+    submit_rate_per_key: int = Field(
+        0, ge=0, description="Submissions an API key may make per submit_rate_window_s (api_shim/limits.py); 0 = off"
+    )
+    submit_rate_window_s: float = Field(60.0, gt=0)
+    queued_jobs_per_key: int = Field(0, ge=0, description="Unfinished jobs one API key may have; 0 = no cap")
+    queue_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for the queue cap.")
 
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(
