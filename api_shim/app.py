@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import celeryconfig
 from api_shim.limits import limiter_from_settings, submission_limit
+from api_shim.presign import presign_router
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobRecord, JobStore
 from ecg_audio.logs import configure_logging
@@ -335,6 +336,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Auth = Annotated[str, Depends(require_key)]
     Limited = Annotated[None, Depends(submission_limit(limiter_from_settings(settings)))]  # per-key 429s
+    app.include_router(presign_router(settings, require_key))  # large uploads straight to S3
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,11 +46,12 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session()
 
 
-def client(service: str, settings: Settings | None = None) -> Any:
+def client(service: str, settings: Settings | None = None, *, config: Config | None = None) -> Any:
     """A boto3 client for ``service`` with the region and endpoint from the settings.
 
     Credentials come from boto3's usual chain (environment, instance profile). boto3
-    clients are thread-safe; callers may keep one.
+    clients are thread-safe; callers may keep one. ``config`` is merged over the
+    defaults (e.g. ``Config(signature_version="s3v4")`` for presigned URLs).
     """
     settings = settings or get_settings()
     with _session_lock:
@@ -58,7 +59,7 @@ def client(service: str, settings: Settings | None = None) -> Any:
             service,  # type: ignore[call-overload]
             region_name=settings.aws_region,
             endpoint_url=settings.aws_endpoint_url,
-            config=_CLIENT_CONFIG,
+            config=_CLIENT_CONFIG.merge(config) if config is not None else _CLIENT_CONFIG,
         )
 
 
