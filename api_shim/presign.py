@@ -36,6 +36,10 @@ MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT
 URL_EXPIRES_S = 3600
 
 
+class ErrorBody(BaseModel):
+    detail: Any
+
+
 class PresignRequest(BaseModel):
     bytes: int = Field(gt=0, description="Exact size of the file; S3 refuses a body of any other size.")
     content_type: str = Field("application/octet-stream", max_length=200, pattern=r"^[\w.+-]+/[\w.+-]+$")
@@ -68,7 +72,13 @@ def presign_router(settings: Settings, auth: Callable[..., Awaitable[str]]) -> A
         PRESIGNED_PATH,
         status_code=201,
         response_model=PresignedUpload,
-        responses={404: {"description": "no S3 backend: use POST /api/uploads"}, 413: {"description": "too large"}},
+        responses={
+            401: {"model": ErrorBody, "description": "No API key"},
+            403: {"model": ErrorBody, "description": "API key not accepted"},
+            404: {"model": ErrorBody, "description": "No S3 backend: use POST /api/uploads"},
+            413: {"model": ErrorBody, "description": "Larger than the shim accepts"},
+            503: {"model": ErrorBody, "description": "The upload store is unavailable"},
+        },
         summary="Get a presigned URL to PUT a large media file straight to the bucket",
         dependencies=[Depends(auth)],  # the shim's API key check
     )
