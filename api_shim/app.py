@@ -37,6 +37,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import celeryconfig
+from api_shim.limits import limiter_from_settings, submission_limit
+from api_shim.presign import presign_router
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobRecord, JobStore
 from ecg_audio.logs import configure_logging
@@ -333,6 +335,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return "key"
 
     Auth = Annotated[str, Depends(require_key)]
+    Limited = Annotated[None, Depends(submission_limit(limiter_from_settings(settings)))]  # per-key 429s
+    app.include_router(presign_router(settings, require_key))  # large uploads straight to S3
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -445,7 +449,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={200: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Accept a job (idempotent on job_id)",
     )
-    async def process_video(req: ProcessRequest, _: Auth) -> Any:
+    async def process_video(req: ProcessRequest, _: Auth, _limit: Limited) -> Any:
         created, rec = await submit(req)
         if created or rec is None:
             # the Accepted model's JSON, without validating a model built from values just checked
@@ -458,7 +462,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={202: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Submit and wait for the result",
     )
-    async def transcribe(req: ProcessRequest, _: Auth) -> Any:
+    async def transcribe(req: ProcessRequest, _: Auth, _limit: Limited) -> Any:
         found = (await submit(req))[1]
         rec = found or await async_store().get(req.job_id)
         if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly

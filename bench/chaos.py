@@ -11,12 +11,13 @@ workers with the real models, a real callback receiver — and disturbs them:
 4. ``sigterm``:  SIGTERM to a busy worker (warm shutdown).
 5. ``many``:     many short jobs over 2 workers.
 6. ``oom``:      a CUDA out-of-memory error injected in transcribe.
+7. ``spot``:     a spot interruption notice (fake IMDSv2) to the worker running a model stage.
 
 Prints one JSON line of counts. ``--quick`` shrinks every scenario (what ``make test``
 runs); the defaults are the issue's figures (20 jobs / 5 kills, 10 queued, 60 s down,
 200 jobs).
 
-usage: bench/chaos.py [--quick] [--scenarios kill,redis,receiver,sigterm,many,oom]
+usage: bench/chaos.py [--quick] [--scenarios kill,redis,receiver,sigterm,many,oom,spot]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import random
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -261,10 +263,79 @@ def scenario_oom(var: Path) -> dict[str, Any]:
         fleet.close()
 
 
+def scenario_spot(var: Path, seconds: float, drain_s: float) -> dict[str, Any]:
+    """A spot notice to the worker running a model stage; each worker reads its own fake IMDSv2.
+
+    The liveness restore is pushed out of reach (``worker_dead_after_s`` 600 s), so the job
+    can only finish in time if the interrupted worker hands its stage back itself.
+    """
+    from tests.fake_imds import FakeImds
+
+    imds = {"w1": FakeImds("i-0chaos1"), "w2": FakeImds("i-0chaos2")}
+    fleet = Fleet(
+        var / "spot",
+        extra_env={
+            "ECG_INTERRUPTION_WATCH": "true",
+            "ECG_INTERRUPTION_POLL_S": "1",
+            "ECG_INTERRUPTION_DRAIN_S": str(drain_s),
+            "ECG_WORKER_DEAD_AFTER_S": "600",
+        },
+    )
+    try:
+        clips = make_clips(fleet.var, 1, seconds)
+        base_env = fleet.env
+        for name, server in imds.items():
+            fleet.env = {**base_env, "ECG_IMDS_ENDPOINT": server.endpoint}
+            fleet.start_worker(name)
+        fleet.env = base_env
+        fleet.wait_workers(2)
+        job = fleet.submit(clips[0])
+        victim, stage = _running_model_stage(fleet, timeout=300)
+        notice_at = time.monotonic()
+        imds[victim].interrupt(in_s=120)
+        try:
+            fleet.workers[victim].wait(150)
+            stopped_s: float | None = round(time.monotonic() - notice_at, 1)
+        except subprocess.TimeoutExpired:
+            stopped_s = None
+        status = fleet.wait_all([job], 300)
+        done_s = round(time.monotonic() - notice_at, 1)
+        runs = fleet.stage_runs(job)
+        return {
+            "drain_s": drain_s,
+            "interrupted_stage": stage,
+            "worker_stopped_s": stopped_s,
+            "worker_exit_code": fleet.workers[victim].poll(),
+            "completed": int(status[job] == "completed"),
+            "lost": int(status[job] not in ("completed", "failed")),
+            "completed_after_notice_s": done_s,
+            "runs": runs,
+            "stages_recomputed_beyond_interrupted": sum(n - 1 for s, n in runs.items() if n > 1 and s != stage),
+        }
+    finally:
+        fleet.close()
+        for server in imds.values():
+            server.close()
+
+
+def _running_model_stage(fleet: Fleet, timeout: float) -> tuple[str, str]:
+    """(worker name, stage) of the first model stage seen running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = fleet.app.control.inspect(timeout=1.0).active() or {}
+        for hostname, tasks in active.items():
+            for task in tasks:
+                stage = str(task.get("name", "")).removeprefix("ecg.")
+                if stage in ("diarize", "transcribe", "align"):
+                    return hostname.split("@", 1)[0], stage
+        time.sleep(0.2)
+    raise RuntimeError(f"no model stage ran within {timeout} s")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts, for make test")
-    ap.add_argument("--scenarios", default="kill,redis,receiver,sigterm,many,oom")
+    ap.add_argument("--scenarios", default="kill,redis,receiver,sigterm,many,oom,spot")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
     wanted = a.scenarios.split(",")
@@ -284,6 +355,9 @@ def main() -> int:
             out["many"] = scenario_many(var, 12 if a.quick else 200)
         if "oom" in wanted:
             out["oom"] = scenario_oom(var)
+        if "spot" in wanted:
+            # quick: the stage is handed back at once (drain 0 s); full: it may finish first (90 s)
+            out["spot"] = scenario_spot(var, 20.0 if a.quick else 60.0, 0.0 if a.quick else 90.0)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out))
     return 0

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     allow_http_urls: bool = True
     allow_private_urls: bool = False
     url_allowlist: list[str] = Field(default_factory=list)
+    submit_rate_per_key: int = Field(
+        0, ge=0, description="Submissions an API key may make per submit_rate_window_s (api_shim/limits.py); 0 = off"
+    )
+    submit_rate_window_s: float = Field(60.0, gt=0)
+    queued_jobs_per_key: int = Field(0, ge=0, description="Unfinished jobs one API key may have; 0 = no cap")
+    queue_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for the queue cap.")
 
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(
@@ -131,6 +137,38 @@ class Settings(BaseSettings):
     )
     scale_in_protection: bool = Field(
         default=False, description="Protect this worker's instance from scale-in while it holds a task."
+    )
+    imds_endpoint: str | None = Field(
+        default=None,
+        description="Instance metadata base URL; none = AWS_EC2_METADATA_SERVICE_ENDPOINT, else "
+        "http://169.254.169.254 (tests point it at a local fake)",
+    )
+    interruption_watch: bool = Field(
+        default=False,
+        description="Watch IMDSv2 for a spot interruption notice or a scale-in/deploy termination and drain "
+        "this worker (worker/interruption.py)",
+    )
+    interruption_poll_s: float = Field(default=5.0, gt=0, description="How often the metadata is read.")
+    interruption_drain_s: float = Field(
+        default=90.0,
+        ge=0,
+        description="After a spot notice, how long the running stage may go on before its message is handed "
+        "back (capped by the notice's own time, less interruption_margin_s)",
+    )
+    interruption_margin_s: float = Field(
+        default=20.0, ge=0, description="Kept free before a spot reclaim for hand-back and a warm shutdown."
+    )
+    lifecycle_drain_s: float = Field(
+        default=3000.0,
+        ge=0,
+        description="On a termination lifecycle hook (scale-in, instance refresh): how long the running stage "
+        "may finish before its message is handed back; keep it under the hook's HeartbeatTimeout",
+    )
+    lifecycle_hook_name: str | None = Field(
+        default=None, description="Termination lifecycle hook the worker completes once idle or handed back."
+    )
+    gpu_report_interval_s: float = Field(
+        default=60.0, ge=1.0, description="Per-instance GPU utilisation and memory are sent this often."
     )
 
     # --- reliability ---------------------------------------------------------

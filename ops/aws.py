@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -45,11 +46,12 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session()
 
 
-def client(service: str, settings: Settings | None = None) -> Any:
+def client(service: str, settings: Settings | None = None, *, config: Config | None = None) -> Any:
     """A boto3 client for ``service`` with the region and endpoint from the settings.
 
     Credentials come from boto3's usual chain (environment, instance profile). boto3
-    clients are thread-safe; callers may keep one.
+    clients are thread-safe; callers may keep one. ``config`` is merged over the
+    defaults (e.g. ``Config(signature_version="s3v4")`` for presigned URLs).
     """
     settings = settings or get_settings()
     with _session_lock:
@@ -57,7 +59,7 @@ def client(service: str, settings: Settings | None = None) -> Any:
             service,  # type: ignore[call-overload]
             region_name=settings.aws_region,
             endpoint_url=settings.aws_endpoint_url,
-            config=_CLIENT_CONFIG,
+            config=_CLIENT_CONFIG.merge(config) if config is not None else _CLIENT_CONFIG,
         )
 
 
@@ -124,37 +126,87 @@ def settings_with_secrets() -> Settings:
     return get_settings()
 
 
+class Imds:
+    """A small IMDSv2 client: a session token from a PUT, then GETs that carry it.
+
+    The token is kept until it expires or the service refuses it (401). Inside a
+    container on the default bridge network the PUT response needs a hop limit of 2
+    (the launch template in ``infra/worker-asg.yaml`` sets it).
+    """
+
+    _TOKEN_TTL_S = 6 * 3600
+
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"instance metadata endpoint must be http://host[:port], not {endpoint!r}")
+        self.endpoint = endpoint
+        self._host, self._port = url.hostname, url.port or 80
+        self._timeout_s = timeout_s
+        self._token: str | None = None
+        self._token_expires = 0.0
+
+    def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+        connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout_s)
+        try:
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    def _session_token(self) -> str:
+        if self._token is None or time.monotonic() >= self._token_expires:
+            status, body = self._request(
+                "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": str(self._TOKEN_TTL_S)}
+            )
+            if status != 200:
+                raise OSError(f"IMDSv2 token request answered {status}")
+            # renew a minute early so a GET never carries a token about to lapse
+            self._token, self._token_expires = body, time.monotonic() + self._TOKEN_TTL_S - 60
+        return self._token
+
+    def get(self, path: str) -> str | None:
+        """The text at ``path`` (``/latest/meta-data/...``), or None when it does not exist (404).
+
+        Raises:
+            OSError, http.client.HTTPException: the service is unreachable or answers an error.
+        """
+        for _ in range(2):
+            status, body = self._request("GET", path, {"X-aws-ec2-metadata-token": self._session_token()})
+            if status == 401:  # token expired or the service restarted: get a new one once
+                self._token = None
+                continue
+            if status == 404:
+                return None
+            if status != 200:
+                raise OSError(f"IMDS GET {path} answered {status}")
+            return body
+        raise OSError(f"IMDS GET {path} refused a fresh token")
+
+
+def imds(settings: Settings | None = None) -> Imds:
+    """An :class:`Imds` at ``ECG_IMDS_ENDPOINT``, else the SDKs' variable, else the link-local address."""
+    settings = settings or get_settings()
+    endpoint = settings.imds_endpoint or os.environ.get(_IMDS_ENDPOINT_ENV, _IMDS_DEFAULT_ENDPOINT)
+    return Imds(endpoint, settings.imds_timeout_s)
+
+
 def instance_id(settings: Settings | None = None) -> str | None:
     """This machine's EC2 instance id: ``ECG_INSTANCE_ID``, else IMDSv2, else None.
 
-    IMDSv2 needs a session token from a PUT first. Inside a container on the default
-    bridge network the PUT response needs a hop limit of 2 (the launch template in
-    ``infra/worker-asg.yaml`` sets it). Off EC2 the request times out quickly and this
-    returns None.
+    Off EC2 the request times out quickly and this returns None.
     """
     settings = settings or get_settings()
     if settings.instance_id:
         return settings.instance_id
-    endpoint = os.environ.get(_IMDS_ENDPOINT_ENV, _IMDS_DEFAULT_ENDPOINT)
-    url = urllib.parse.urlsplit(endpoint)
-    if url.scheme != "http" or not url.hostname:
-        log.warning("imds_endpoint_invalid", endpoint=endpoint)
-        return None
-    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=settings.imds_timeout_s)
     try:
-        connection.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-        response = connection.getresponse()
-        token = response.read().decode()
-        if response.status != 200:
-            raise OSError(f"token request answered {response.status}")
-        connection.request("GET", "/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
-        response = connection.getresponse()
-        found = response.read().decode().strip()
-        if response.status != 200:
-            raise OSError(f"instance-id request answered {response.status}")
-    except (OSError, http.client.HTTPException) as e:
-        log.info("imds_unavailable", endpoint=endpoint, error=str(e))
+        client_ = imds(settings)
+        found = client_.get("/latest/meta-data/instance-id")
+    except ValueError as e:
+        log.warning("imds_endpoint_invalid", error=str(e))
         return None
-    finally:
-        connection.close()
-    return found or None
+    except (OSError, http.client.HTTPException) as e:
+        log.info("imds_unavailable", error=str(e))
+        return None
+    return (found or "").strip() or None

@@ -8,9 +8,20 @@ worker group, plus ``Stage``):
 ``ErrorRate``       Percent   100 for a failed stage or job, 0 for a good one: Average = error %
 ``MemoryUsage``     Percent   host memory in use at the end of a stage
 ``GPUUtilization``  Percent   mean NVML utilisation while a stage ran (only with pynvml + a GPU)
+``GPUMemoryPeak``   Megabytes peak GPU memory in use while a stage ran (the job's peak = Maximum
+                              over its stages)
 =================  ========  ================================================================
 
-``MemoryUsage`` and ``GPUUtilization`` are also sent with the group dimension alone:
+Per instance, every ``gpu_report_interval_s`` (60 s), busy or idle, with the dimensions
+``AutoScalingGroupName`` and ``InstanceId`` (one series per instance, which the
+dashboard finds with a SEARCH expression):
+
+=================  ========  ================================================================
+``GPUUtilization``  Percent   mean of one-second NVML samples over the interval
+``GPUMemoryUsed``   Megabytes peak GPU memory in use over the interval
+=================  ========  ================================================================
+
+``MemoryUsage``, ``GPUUtilization`` and ``GPUMemoryPeak`` are also sent with the group dimension alone:
 CloudWatch does not aggregate across dimensions, and the alarms in
 ``infra/worker-asg.yaml`` watch that fleet-wide series. Job ids are never a
 dimension: each distinct dimension set is a billed metric.
@@ -123,6 +134,8 @@ class MetricBatcher:
 class GpuProbe(Protocol):
     def utilization_percent(self) -> float: ...
 
+    def memory_used_mib(self) -> float: ...
+
 
 class NvmlGpuProbe:
     """Mean utilisation of the GPUs NVML shows this process."""
@@ -150,31 +163,99 @@ class NvmlGpuProbe:
         rates = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
         return float(sum(rates)) / len(rates)
 
+    def memory_used_mib(self) -> float:
+        """GPU memory in use on this instance's GPUs, all processes (the driver's view, not torch's)."""
+        return float(sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)) / 2**20
+
+
+@dataclass(frozen=True)
+class GpuSummary:
+    utilization_percent: float | None  # mean of the samples
+    memory_peak_mib: float | None
+
 
 class _UtilizationSampler:
-    """Samples a probe on a daemon thread while a stage runs; ``stop()`` gives the mean."""
+    """Samples a probe on a daemon thread while a stage runs; ``stop()`` gives the mean and the peak."""
 
     def __init__(self, probe: GpuProbe, interval_s: float) -> None:
         self._probe = probe
         self._interval_s = interval_s
         self._samples: list[float] = []
+        self._memory: list[float] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-utilization-sampler", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            try:
-                self._samples.append(self._probe.utilization_percent())
-            except Exception as e:  # NVML errors vary by driver; a lost sample is harmless
-                log.debug("gpu_sample_failed", error=str(e))
+            self.sample()
             if self._stop.wait(self._interval_s):
                 return
 
-    def stop(self) -> float | None:
+    def sample(self) -> None:
+        try:
+            utilization, memory = self._probe.utilization_percent(), self._probe.memory_used_mib()
+        except Exception as e:  # NVML errors vary by driver; a lost sample is harmless
+            log.debug("gpu_sample_failed", error=str(e))
+            return
+        with self._lock:
+            self._samples.append(utilization)
+            self._memory.append(memory)
+
+    def take(self) -> GpuSummary:
+        """The summary so far, and start over (the per-instance reporter's interval)."""
+        with self._lock:
+            samples, memory, self._samples, self._memory = self._samples, self._memory, [], []
+        return GpuSummary(sum(samples) / len(samples) if samples else None, max(memory) if memory else None)
+
+    def stop(self) -> GpuSummary:
         self._stop.set()
         self._thread.join(timeout=5)
-        return sum(self._samples) / len(self._samples) if self._samples else None
+        return self.take()
+
+
+class InstanceGpuReporter:
+    """Every ``interval_s``, this instance's GPU utilisation (mean) and memory (peak), busy or idle.
+
+    The per-stage series only exist while stages run; these show an idle or stuck GPU too.
+    """
+
+    def __init__(
+        self,
+        batcher: MetricBatcher,
+        probe: GpuProbe,
+        group: str,
+        instance_id: str,
+        *,
+        interval_s: float = 60.0,
+        sample_interval_s: float = 1.0,
+    ) -> None:
+        self._batcher = batcher
+        self._dimensions = {"AutoScalingGroupName": group, "InstanceId": instance_id}
+        self._interval_s = interval_s
+        self._sampler = _UtilizationSampler(probe, sample_interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-instance-reporter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.report()
+
+    def report(self) -> None:
+        summary = self._sampler.take()
+        if summary.utilization_percent is not None:
+            self._batcher.add("GPUUtilization", summary.utilization_percent, "Percent", self._dimensions)
+        if summary.memory_peak_mib is not None:
+            self._batcher.add("GPUMemoryUsed", summary.memory_peak_mib, "Megabytes", self._dimensions)
+        # sent now, not at the stage metrics' pace: an idle worker sends nothing else
+        self._batcher.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sampler.stop()
 
 
 def host_memory_percent(meminfo: Path = Path("/proc/meminfo")) -> float | None:
@@ -224,6 +305,11 @@ class JobMetrics:
         self._clock = clock
         self._running: dict[str, _RunningStage] = {}
         self._lock = threading.Lock()
+        self._instance_reporter: InstanceGpuReporter | None = None
+
+    @property
+    def has_gpu(self) -> bool:
+        return self._gpu is not None
 
     # -- stage lifecycle, keyed by e.g. the Celery task id ----------------------------
 
@@ -243,8 +329,14 @@ class JobMetrics:
             running = self._running.pop(key, None)
         if running is None:
             return
-        gpu = running.sampler.stop() if running.sampler else None
-        self.record_stage(running.stage, self._clock() - running.started, ok=ok, gpu_utilization=gpu)
+        gpu = running.sampler.stop() if running.sampler else GpuSummary(None, None)
+        self.record_stage(
+            running.stage,
+            self._clock() - running.started,
+            ok=ok,
+            gpu_utilization=gpu.utilization_percent,
+            gpu_memory_peak_mib=gpu.memory_peak_mib,
+        )
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[None]:
@@ -261,7 +353,13 @@ class JobMetrics:
     # -- direct recording ------------------------------------------------------------
 
     def record_stage(
-        self, stage: str, duration_s: float, *, ok: bool | None, gpu_utilization: float | None = None
+        self,
+        stage: str,
+        duration_s: float,
+        *,
+        ok: bool | None,
+        gpu_utilization: float | None = None,
+        gpu_memory_peak_mib: float | None = None,
     ) -> None:
         per_stage = {"AutoScalingGroupName": self.group, "Stage": stage}
         fleet = {"AutoScalingGroupName": self.group}
@@ -275,6 +373,9 @@ class JobMetrics:
         if gpu_utilization is not None:
             self.batcher.add("GPUUtilization", gpu_utilization, "Percent", per_stage)
             self.batcher.add("GPUUtilization", gpu_utilization, "Percent", fleet)
+        if gpu_memory_peak_mib is not None:
+            self.batcher.add("GPUMemoryPeak", gpu_memory_peak_mib, "Megabytes", per_stage)
+            self.batcher.add("GPUMemoryPeak", gpu_memory_peak_mib, "Megabytes", fleet)
         self.batcher.flush_if_due()
 
     def record_job(self, duration_s: float, *, ok: bool) -> None:
@@ -284,8 +385,18 @@ class JobMetrics:
         self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", dimensions)
         self.batcher.flush_if_due()
 
+    def report_instance_gpu(self, instance_id: str, *, interval_s: float) -> None:
+        """Also send this instance's GPU utilisation and memory every ``interval_s``."""
+        if self._gpu is not None and self._instance_reporter is None:
+            self._instance_reporter = InstanceGpuReporter(
+                self.batcher, self._gpu, self.group, instance_id, interval_s=interval_s
+            )
+
     def close(self) -> int:
         """Send what is buffered (call at worker shutdown)."""
+        if self._instance_reporter is not None:
+            self._instance_reporter.stop()
+            self._instance_reporter = None
         return self.batcher.flush()
 
 
@@ -299,4 +410,13 @@ def job_metrics_from_settings(settings: Settings | None = None, cloudwatch: Any 
 
         cloudwatch = aws.client("cloudwatch", settings)
     batcher = MetricBatcher(cloudwatch, settings.metrics_namespace, flush_interval_s=settings.metrics_interval_s)
-    return JobMetrics(batcher, settings.worker_asg_name or "local", gpu=NvmlGpuProbe.create())
+    metrics = JobMetrics(batcher, settings.worker_asg_name or "local", gpu=NvmlGpuProbe.create())
+    if metrics.has_gpu:
+        from ops import aws
+
+        instance_id = aws.instance_id(settings)
+        if instance_id:
+            metrics.report_instance_gpu(instance_id, interval_s=settings.gpu_report_interval_s)
+        else:
+            log.info("instance_gpu_metrics_disabled", reason="no instance id (ECG_INSTANCE_ID or IMDSv2)")
+    return metrics

@@ -105,8 +105,25 @@ def in_service_instances(autoscaling: Any, asg_name: str) -> int:
     return sum(1 for i in groups[0].get("Instances", []) if i.get("LifecycleState") == "InService")
 
 
-def publish(cloudwatch: Any, asg: Any, backlog: Backlog, settings: Settings | None = None) -> PublishedMetrics:
-    """Put ``QueueLength`` and ``BacklogPerInstance`` for the worker group.
+def dead_letters(client: Any) -> int:
+    """Callback events given up on (every attempt failed), over all jobs still in Redis."""
+    from ecg_audio.callbacks import DEAD_PREFIX
+
+    total = 0
+    for key in client.scan_iter(match=DEAD_PREFIX + "*", count=500):
+        total += int(client.llen(key))
+    return total
+
+
+def publish(
+    cloudwatch: Any,
+    asg: Any,
+    backlog: Backlog,
+    settings: Settings | None = None,
+    *,
+    callback_dead_letters: int | None = None,
+) -> PublishedMetrics:
+    """Put ``QueueLength``, ``BacklogPerInstance`` (and ``CallbackDeadLetters``) for the worker group.
 
     With no instance in service the backlog itself is published as the per-instance
     value, so any backlog above the target still scales out from zero.
@@ -135,6 +152,18 @@ def publish(cloudwatch: Any, asg: Any, backlog: Backlog, settings: Settings | No
                 "Value": per_instance,
                 "Unit": "Count",
             },
+            *(
+                []
+                if callback_dead_letters is None
+                else [
+                    {
+                        "MetricName": "CallbackDeadLetters",
+                        "Dimensions": dimensions,
+                        "Value": float(callback_dead_letters),
+                        "Unit": "Count",
+                    }
+                ]
+            ),
         ],
     )
     published = PublishedMetrics(total, instances, per_instance)
@@ -166,7 +195,13 @@ class QueueMetricsPublisher:
 
     def publish_once(self) -> PublishedMetrics:
         backlog = read_backlog(self._redis, self.queues)
-        return publish(self._cloudwatch, self._autoscaling, backlog, self.settings)
+        return publish(
+            self._cloudwatch,
+            self._autoscaling,
+            backlog,
+            self.settings,
+            callback_dead_letters=dead_letters(self._redis),
+        )
 
     def close(self) -> None:
         self._redis.close()

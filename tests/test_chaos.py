@@ -33,3 +33,8 @@ def test_chaos_quick() -> None:
     assert many["completed"] == many["jobs"] and many["duplicates"] == 0, many
     oom = out["oom"]
     assert oom["completed"] == 1 and any("retried with" in n for n in oom["notes"]), oom
+    spot = out["spot"]  # a spot notice mid-stage: handed back at once, finished elsewhere from its checkpoint
+    assert spot["completed"] == 1 and spot["lost"] == 0, spot
+    assert spot["worker_stopped_s"] is not None and spot["worker_exit_code"] == 0, spot
+    assert spot["completed_after_notice_s"] <= 60.0, spot
+    assert spot["stages_recomputed_beyond_interrupted"] == 0, spot

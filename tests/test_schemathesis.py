@@ -97,6 +97,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("POST", "/api/uploads"),
+    ("POST", "/api/uploads/presigned"),
     ("GET", "/health"),
 ]
 

@@ -34,6 +34,11 @@ if _settings.scale_in_protection:
 
     connect_celery_signals()
 
+if _settings.interruption_watch:
+    from worker.interruption import connect_celery_signals as watch_interruptions
+
+    watch_interruptions()
+
 
 @signals.worker_ready.connect
 def _parent_ready(sender: Any = None, **_: object) -> None:

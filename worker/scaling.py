@@ -4,8 +4,9 @@ Target tracking scales in by terminating instances of its choosing. A worker hol
 a task protects its own instance from scale-in (``SetInstanceProtection``) and drops
 the protection when it holds none, so scale-in only ever removes idle workers.
 
-Shutdown. When an instance does go (scale-in of an idle worker, a spot reclaim, a
-deploy), ``docker stop`` sends SIGTERM and Celery does a *warm shutdown*: it stops
+Shutdown. A spot notice or a termination lifecycle hook (scale-in, deploy) is seen
+first by ``worker/interruption.py``, which drains the worker and hands a running stage
+back at once. Without a notice, ``docker stop`` sends SIGTERM and Celery does a *warm shutdown*: it stops
 taking messages, lets the running task finish, then exits. The container's stop
 timeout (``--stop-timeout`` in the launch template's user data, ``stop_grace_period``
 in ``docker-compose.yml``; 15 minutes) bounds that wait; past it Docker sends SIGKILL.

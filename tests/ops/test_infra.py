@@ -140,6 +140,8 @@ def test_worker_role_is_least_privilege(infra_settings: Settings, stack: dict[st
         "s3:ListBucket",
         "cloudwatch:PutMetricData",
         "autoscaling:SetInstanceProtection",
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
         "secretsmanager:GetSecretValue",
         "ecr:BatchGetImage",
         "ecr:GetDownloadUrlForLayer",
@@ -150,7 +152,8 @@ def test_worker_role_is_least_privilege(infra_settings: Settings, stack: dict[st
     }
     bucket = stack["MediaBucket"]
     assert allowed["s3:GetObject"]["Resource"] == f"arn:aws:s3:::{bucket}/*"
-    assert allowed["autoscaling:SetInstanceProtection"]["Resource"].endswith(f":autoScalingGroupName/{GROUP}")
+    for action in ("SetInstanceProtection", "CompleteLifecycleAction", "RecordLifecycleActionHeartbeat"):
+        assert allowed[f"autoscaling:{action}"]["Resource"].endswith(f":autoScalingGroupName/{GROUP}")
     assert ":secret:ecg/prod" in allowed["secretsmanager:GetSecretValue"]["Resource"]
     assert allowed["cloudwatch:PutMetricData"]["Condition"] == {
         "StringEquals": {"cloudwatch:namespace": "ECG/AudioAnalysis"}
@@ -244,6 +247,9 @@ def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: d
         def utilization_percent(self) -> float:
             return 80.0
 
+        def memory_used_mib(self) -> float:
+            return 9000.0
+
     metrics = JobMetrics(
         MetricBatcher(cloudwatch, "ECG/AudioAnalysis"),
         GROUP,
@@ -263,3 +269,114 @@ def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: d
     for alarm in described.values():
         watched = (alarm["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in alarm["Dimensions"])))
         assert watched in sent, f"{alarm['AlarmName']} watches {watched}, which no worker sends"
+
+
+def test_spot_above_an_on_demand_base(infra_settings: Settings, stack: dict[str, str]) -> None:
+    group = aws.client("autoscaling", infra_settings).describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])[
+        "AutoScalingGroups"
+    ][0]
+    policy = group["MixedInstancesPolicy"]
+    assert policy["InstancesDistribution"]["OnDemandBaseCapacity"] == 1
+    assert policy["InstancesDistribution"]["OnDemandPercentageAboveBaseCapacity"] == 0
+    assert policy["InstancesDistribution"]["SpotAllocationStrategy"] == "price-capacity-optimized"
+    types = [o["InstanceType"] for o in policy["LaunchTemplate"]["Overrides"]]
+    assert types == ["g4dn.xlarge", "g5.xlarge", "g6.xlarge"]
+    # moto's CloudFormation does not carry CapacityRebalance over; the template must say it
+    assert _template()["Resources"]["WorkerGroup"]["Properties"]["CapacityRebalance"] is True
+
+
+def test_the_termination_hook_is_the_one_the_workers_complete(infra_settings: Settings, stack: dict[str, str]) -> None:
+    resources = _template()["Resources"]
+    (hook,) = resources["WorkerGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    user_data = resources["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]
+    assert f"ECG_LIFECYCLE_HOOK_NAME={hook['LifecycleHookName']}" in user_data["Fn::Sub"]
+    assert "ECG_INTERRUPTION_WATCH=true" in user_data["Fn::Sub"]
+    autoscaling = aws.client("autoscaling", infra_settings)
+    autoscaling.put_lifecycle_hook(AutoScalingGroupName=GROUP, **hook)  # moto's CloudFormation skips the list
+    (described,) = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=GROUP)["LifecycleHooks"]
+    assert described["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    # the worker may wait lifecycle_drain_s for a stage: the hook must wait longer
+    assert described["HeartbeatTimeout"] > Settings.model_fields["lifecycle_drain_s"].default
+    assert described["DefaultResult"] == "CONTINUE"
+
+
+def test_deploys_keep_the_minimum_healthy_percentage(infra_settings: Settings, stack: dict[str, str]) -> None:
+    rolling = _template()["Resources"]["WorkerGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert rolling["MaxBatchSize"] == 1 and rolling["MinActiveInstancesPercent"] == {"Ref": "DeployMinHealthyPercent"}
+    outputs = aws.client("cloudformation", infra_settings).describe_stacks(StackName=STACK)["Stacks"][0]["Outputs"]
+    preferences = json.loads(next(o["OutputValue"] for o in outputs if o["OutputKey"] == "InstanceRefreshPreferences"))
+    assert preferences["MinHealthyPercentage"] == 100
+    # moto lacks StartInstanceRefresh: check the preferences against the service's own request model
+    from botocore.validate import validate_parameters
+
+    model = aws.client("autoscaling", infra_settings).meta.service_model.operation_model("StartInstanceRefresh")
+    validate_parameters({"AutoScalingGroupName": GROUP, "Preferences": preferences}, model.input_shape)
+
+
+def test_dashboard_shows_series_that_are_sent(infra_settings: Settings, stack: dict[str, str]) -> None:
+    body = _template()["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    rendered = body.replace("${WorkerGroup}", GROUP).replace("${AWS::Region}", "us-east-1")
+    rendered = rendered.replace("${BacklogTargetPerInstance}", "4")
+    cloudwatch = aws.client("cloudwatch", infra_settings)
+    cloudwatch.put_dashboard(DashboardName="ecg-test", DashboardBody=rendered)
+    widgets = json.loads(cloudwatch.get_dashboard(DashboardName="ecg-test")["DashboardBody"])["widgets"]
+    shown: set[str] = set()
+    for widget in widgets:
+        previous: list[Any] = []
+        for row in widget["properties"]["metrics"]:
+            if isinstance(row[0], dict):
+                shown.add(row[0]["expression"].split('MetricName="')[1].split('"')[0])
+                continue
+            row = [previous[i] if v == "." else v for i, v in enumerate(row)]
+            previous = row
+            shown.add(row[1])
+    assert shown == {
+        "QueueLength",
+        "BacklogPerInstance",
+        "GroupInServiceInstances",
+        "GroupDesiredCapacity",
+        "ProcessingTime",
+        "ErrorRate",
+        "GPUUtilization",
+        "GPUMemoryUsed",
+        "GPUMemoryPeak",
+        "CallbackDeadLetters",
+    }
+    stats = {w["properties"]["stat"] for w in widgets if "ProcessingTime" in json.dumps(w)}
+    assert {"p50", "p90"} <= stats
+    from celeryconfig import CHAIN
+
+    staged = {
+        row[5] for w in widgets for row in w["properties"]["metrics"] if not isinstance(row[0], dict) and len(row) > 5
+    }
+    assert {name.removeprefix("ecg.") for name in CHAIN} <= staged
+
+
+def test_night_scale_down_is_an_option(moto_endpoint: str) -> None:
+    reset_moto(moto_endpoint)
+    settings = aws_settings(moto_endpoint)
+    ec2 = aws.client("ec2", settings)
+    subnets = [s["SubnetId"] for s in ec2.describe_subnets()["Subnets"]][:2]
+    secret_arn = aws.client("secretsmanager", settings).create_secret(Name="ecg/night", SecretString="{}")["ARN"]
+    cloudformation = aws.client("cloudformation", settings)
+    cloudformation.create_stack(
+        StackName="night",
+        TemplateBody=TEMPLATE.read_text(),
+        Capabilities=["CAPABILITY_IAM"],
+        Parameters=[
+            {"ParameterKey": "ImageId", "ParameterValue": "ami-12c6146b"},
+            {"ParameterKey": "Subnets", "ParameterValue": ",".join(subnets)},
+            {
+                "ParameterKey": "SecurityGroupIds",
+                "ParameterValue": ec2.describe_security_groups()["SecurityGroups"][0]["GroupId"],
+            },
+            {"ParameterKey": "SecretArn", "ParameterValue": secret_arn},
+            {"ParameterKey": "NightScaleDown", "ParameterValue": "true"},
+            {"ParameterKey": "ScheduleTimeZone", "ParameterValue": "Asia/Seoul"},
+        ],
+    )
+    actions = aws.client("autoscaling", settings).describe_scheduled_actions(AutoScalingGroupName="night-workers")[
+        "ScheduledUpdateGroupActions"
+    ]
+    by_cron = {a["Recurrence"]: (a["MinSize"], a["MaxSize"]) for a in actions}
+    assert by_cron == {"0 20 * * *": (0, 1), "0 7 * * 1-5": (1, 5)}

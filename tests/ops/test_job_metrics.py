@@ -19,10 +19,13 @@ NAMESPACE = "ECG/AudioAnalysis"
 
 
 class _FixedGpu:
-    """The GPU is the edge of the world here: a probe that always reads 42 %."""
+    """The GPU is the edge of the world here: a probe that always reads 42 % and 1234 MiB."""
 
     def utilization_percent(self) -> float:
         return 42.0
+
+    def memory_used_mib(self) -> float:
+        return 1234.0
 
 
 def _count_put_calls(cloudwatch) -> list[int]:
@@ -88,8 +91,8 @@ def test_stage_and_job_metrics_reach_cloudwatch(settings: Settings) -> None:
     metrics.stage_finished("task-3", ok=None)  # will be retried: no error-rate sample yet
     metrics.record_job(45.0, ok=True)
     metrics.record_job(50.0, ok=False)
-    # 3 stages x (time, memory x2, GPU x2) + 2 stage outcomes + 2 jobs x (time, outcome)
-    assert metrics.close() == 21
+    # 3 stages x (time, memory x2, GPU x2, GPU memory x2) + 2 stage outcomes + 2 jobs x (time, outcome)
+    assert metrics.close() == 27
 
     group = {"AutoScalingGroupName": "ecg-workers-test"}
     assert _stats(settings, "ErrorRate", {**group, "Stage": "transcribe"})["Average"] == 0.0
@@ -100,12 +103,13 @@ def test_stage_and_job_metrics_reach_cloudwatch(settings: Settings) -> None:
     assert _stats(settings, "ProcessingTime", {**group, "Stage": "job"})["Maximum"] == 50.0
     gpu = _stats(settings, "GPUUtilization", {**group, "Stage": "transcribe"})
     assert (gpu["SampleCount"], gpu["Average"]) == (1.0, 42.0)
+    assert _stats(settings, "GPUMemoryPeak", {**group, "Stage": "transcribe"})["Maximum"] == 1234.0
     # The fleet-wide series the alarms watch carry the group dimension alone. (moto's
     # statistics match dimensions as a subset, CloudWatch matches them exactly, so
     # check the dimension sets rather than the fleet statistics.)
     listed = aws.client("cloudwatch", settings).list_metrics(Namespace=NAMESPACE)["Metrics"]
     dimension_sets = {(m["MetricName"], tuple(d["Name"] for d in m["Dimensions"])) for m in listed}
-    for name in ("MemoryUsage", "GPUUtilization"):
+    for name in ("MemoryUsage", "GPUUtilization", "GPUMemoryPeak"):
         assert (name, ("AutoScalingGroupName",)) in dimension_sets
     for name in ("ErrorRate", "ProcessingTime"):
         assert (name, ("AutoScalingGroupName",)) not in dimension_sets

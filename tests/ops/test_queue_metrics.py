@@ -135,3 +135,31 @@ def test_task_held_by_a_worker_counts_as_unacked(redis_url: str, redis_client) -
     assert backlog.unacked == {"model": 1, "cpu": 0}
     assert backlog.waiting["model"] == 1
     assert backlog.total == 2
+
+
+def test_callback_dead_letters_are_counted_and_published(
+    redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
+) -> None:
+    from ecg_audio.callbacks import DEAD_PREFIX
+    from ops.queue_metrics import QueueMetricsPublisher
+
+    redis_client.rpush(DEAD_PREFIX + "job-a", "{}", "{}")
+    redis_client.rpush(DEAD_PREFIX + "job-b", "{}")
+    redis_client.rpush("ecg:cb:q:job-c", "{}")  # still being delivered: not a dead letter
+    worker_group(1)
+    publisher = QueueMetricsPublisher(settings.model_copy(update={"redis_url": redis_url}))
+    try:
+        publisher.publish_once()
+    finally:
+        publisher.close()
+    now = dt.datetime.now(dt.UTC)
+    points = aws.client("cloudwatch", settings).get_metric_statistics(
+        Namespace=settings.metrics_namespace,
+        MetricName="CallbackDeadLetters",
+        Dimensions=[{"Name": "AutoScalingGroupName", "Value": settings.worker_asg_name}],
+        StartTime=now - dt.timedelta(minutes=5),
+        EndTime=now + dt.timedelta(minutes=5),
+        Period=600,
+        Statistics=["Maximum"],
+    )["Datapoints"]
+    assert [p["Maximum"] for p in points] == [3.0]

@@ -1,0 +1,206 @@
+"""Per-API-key limits in front of GPU work: a submission rate and a cap on unfinished jobs.
+
+Both live in Redis, checked and updated by one Lua script, so every shim process and
+every shim machine shares them. Past either limit a submission gets 429 with
+``Retry-After``:
+
+- rate: at most ``submit_rate_per_key`` submissions in any ``submit_rate_window_s``
+  (a sliding log: a sorted set of admission times per key). ``Retry-After`` is when the
+  oldest one leaves the window;
+- queue: at most ``queued_jobs_per_key`` jobs of the key that have not finished
+  (a sorted set of job ids per key). Jobs that completed or failed, and ids whose
+  record never appeared (a submission refused after admission), are pruned before
+  each check. ``Retry-After`` is ``queue_retry_after_s``: when a job ends is unknown.
+
+A re-POST of a job id the key already has queued is idempotent (200 with its state)
+and passes the queue cap; it still counts towards the rate. Keys are identified by
+a hash, never stored in clear. 0 disables a limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio
+import structlog
+from fastapi import HTTPException, Request
+
+from ecg_audio.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RATE_PREFIX = "ecg:limit:rate:"
+QUEUED_PREFIX = "ecg:limit:queued:"
+# an admitted id whose record does not exist yet may be a submission still in flight
+_MISSING_GRACE_S = 60.0
+_FINISHED = ("completed", "failed")
+
+# KEYS: rate zset, queued zset. ARGV: now_ms, window_ms, rate, cap, job_id, ttl_ms, nonce, pruned ids...
+# Returns {0, 0} admitted, {1, retry_ms} rate exceeded, {2, 0} queue cap reached.
+_ADMIT = """
+local now, window, rate, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local job, ttl, nonce = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+for i = 8, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[1]) >= rate then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {1, tonumber(oldest[2]) + window - now}
+  end
+end
+local known = redis.call('ZSCORE', KEYS[2], job)
+if cap > 0 and not known and redis.call('ZCARD', KEYS[2]) >= cap then
+  return {2, 0}
+end
+if rate > 0 then
+  redis.call('ZADD', KEYS[1], now, now .. ':' .. nonce)
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if cap > 0 and not known then
+  redis.call('ZADD', KEYS[2], now, job)
+end
+if cap > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {0, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    rate: int
+    window_s: float
+    queued: int
+    queue_retry_after_s: int
+    job_ttl_s: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.submit_rate_per_key,
+            settings.submit_rate_window_s,
+            settings.queued_jobs_per_key,
+            settings.queue_retry_after_s,
+            settings.job_ttl_s,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0 or self.queued > 0
+
+
+def key_id(api_key: str) -> str:
+    """The key's name in Redis and in logs: a hash, so neither ever holds the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
+
+
+class SubmissionLimiter:
+    """Admits a submission or raises 429; ``status_of(job_id)`` reads a job's status (None if unknown)."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        limits: Limits,
+        status_of: Callable[[list[str]], Awaitable[list[str | None]]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._r = client
+        self.limits = limits
+        self._status_of = status_of
+        self._clock = clock
+        self._script = client.register_script(_ADMIT)
+
+    async def admit(self, api_key: str, job_id: str) -> None:
+        kid = key_id(api_key)
+        queued_key = QUEUED_PREFIX + kid
+        now = self._clock()
+        pruned: list[str] = []
+        if self.limits.queued > 0:
+            admitted = cast(list[tuple[Any, float]], await self._r.zrange(queued_key, 0, -1, withscores=True))
+            ids = [m.decode() if isinstance(m, bytes) else str(m) for m, _ in admitted]
+            statuses = await self._status_of(ids) if ids else []
+            for (_, at), job, status in zip(admitted, ids, statuses, strict=True):
+                if status in _FINISHED or (status is None and now - float(at) / 1000 > _MISSING_GRACE_S):
+                    pruned.append(job)
+        verdict, retry_ms = await self._script(
+            keys=[RATE_PREFIX + kid, queued_key],
+            args=[
+                int(now * 1000),
+                int(self.limits.window_s * 1000),
+                self.limits.rate,
+                self.limits.queued,
+                job_id,
+                self.limits.job_ttl_s * 1000,
+                uuid.uuid4().hex,
+                *pruned,
+            ],
+        )
+        if int(verdict) == 1:
+            retry_after = max(1, -(-int(retry_ms) // 1000))  # whole seconds, rounded up
+            log.info("submission_rate_limited", key=kid, retry_after_s=retry_after)
+            raise HTTPException(
+                429,
+                f"more than {self.limits.rate} submissions in {self.limits.window_s:g} s for this API key",
+                headers={"Retry-After": str(retry_after)},
+            )
+        if int(verdict) == 2:
+            log.info("submission_queue_capped", key=kid, cap=self.limits.queued)
+            raise HTTPException(
+                429,
+                f"this API key already has {self.limits.queued} unfinished jobs; retry when some have finished",
+                headers={"Retry-After": str(self.limits.queue_retry_after_s)},
+            )
+
+
+def submission_limit(
+    limiter: SubmissionLimiter | None,
+) -> Callable[[Request], Awaitable[None]]:
+    """The FastAPI dependency for the submission routes; a no-op when no limit is configured.
+
+    Runs after the API key dependency (declare it after ``Auth``), so only accepted keys
+    are counted. The job id comes from the JSON body FastAPI has already read.
+    """
+
+    async def limit(request: Request) -> None:
+        if limiter is None:
+            return
+        auth = request.headers.get("authorization", "")
+        api_key = auth.split(" ", 1)[1] if " " in auth else auth
+        try:
+            body: Any = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return  # the body's own validation answers 422
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            return
+        try:
+            await limiter.admit(api_key, job_id)
+        except redis.RedisError as e:
+            # the submission itself needs Redis and will answer 503; the limit must not hide that
+            log.warning("limit_check_failed", error=type(e).__name__)
+
+    return limit
+
+
+def limiter_from_settings(settings: Settings) -> SubmissionLimiter | None:
+    limits = Limits.from_settings(settings)
+    if not limits.enabled:
+        return None
+    client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+    async def status_of(job_ids: list[str]) -> list[str | None]:
+        from ecg_audio.jobs import PREFIX  # the job record: a hash with a 'status' field
+
+        pipe = client.pipeline(transaction=False)
+        for job in job_ids:
+            pipe.hget(PREFIX + job, "status")
+        raw = await pipe.execute()
+        return [v.decode() if isinstance(v, bytes) else v for v in raw]
+
+    return SubmissionLimiter(client, limits, status_of)
+
+
+__all__ = ["Limits", "SubmissionLimiter", "key_id", "limiter_from_settings", "submission_limit"]
