@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api_shim.deps import CurrentKey, ShimDep, StoreDep
-from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.errors import CONFLICT, NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.schemas import Accepted, JobState, ProcessRequest
 from api_shim.submission import existing_job, state_of, state_of_async, submit
 
@@ -21,11 +21,11 @@ router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
     "/api/upload-video/process-video",
     status_code=202,
     response_model=Accepted | JobState,
-    responses={200: {"model": JobState}, **UNAVAILABLE},
+    responses={200: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Accept a job (idempotent on job_id)",
 )
 async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    created, rec = await submit(shim, req)
+    created, rec = await submit(shim, req, caller)
     if created or rec is None:
         # the Accepted model's JSON, without validating a model built from values just checked
         return JSONResponse(status_code=202, content={"job_id": req.job_id, "status": "queued"})
@@ -35,11 +35,11 @@ async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) 
 @router.post(
     "/transcribe",
     response_model=JobState,
-    responses={202: {"model": JobState}, **UNAVAILABLE},
+    responses={202: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Submit and wait for the result",
 )
 async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    found = (await submit(shim, req))[1]
+    found = (await submit(shim, req, caller))[1]
     store = shim.async_store()
     rec = found or await store.get(req.job_id)
     if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
@@ -54,12 +54,12 @@ async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> 
 
 @router.get("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
 def get_job(job_id: str, store: StoreDep, caller: CurrentKey) -> JobState:
-    return state_of(store, existing_job(store, job_id))
+    return state_of(store, existing_job(store, job_id, caller))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
 def cancel_job(job_id: str, store: StoreDep, caller: CurrentKey) -> JobState:
-    rec = existing_job(store, job_id)
+    rec = existing_job(store, job_id, caller)
     if rec.status not in ("completed", "failed"):
         store.mark_failed(job_id, "CANCELLED", "cancelled by request", rec.stage)
         rec = store.get(job_id) or rec
