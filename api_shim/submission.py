@@ -159,14 +159,6 @@ def job_state(rec: JobRecord, result: dict[str, Any] | None) -> JobState:
     )
 
 
-def state_of(store: JobStore, rec: JobRecord) -> JobState:
-    result = None
-    if rec.status == "completed":
-        env = store.get_result(rec.job_id)
-        result = env.get("result") if env else None
-    return job_state(rec, result)
-
-
 async def state_of_async(shim: Shim, rec: JobRecord) -> JobState:
     result = None
     if rec.status == "completed":

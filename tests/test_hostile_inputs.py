@@ -207,7 +207,10 @@ def test_request_row(shim: str, submitted: Submitted, row: RequestRow) -> None:
         kwargs["content"] = row.content
     r = httpx.request(row.method, shim + row.path, timeout=30, **kwargs)
     assert r.status_code == row.expect, (row.name, r.status_code, r.text[:500])
-    assert r.headers["content-type"].startswith("application/json"), r.headers
+    # RFC 9457 problem details, keeping `detail` (what the backend reads)
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    problem = r.json()
+    assert problem["status"] == row.expect and problem["code"] and problem["title"] and "detail" in problem, problem
     assert row.detail in r.text, (row.name, r.text[:500])
     assert "Traceback" not in r.text and 'File "' not in r.text
     assert len(r.content) < 16 * 1024, "an error answer echoes the input"

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api_shim.deps import ShimDep
-from api_shim.errors import ApiError
-from api_shim.schemas import ErrorBody, Health
+from api_shim.errors import UNAVAILABLE, ApiError
+from api_shim.schemas import Health
 
 router = APIRouter(tags=["health"])
 
@@ -37,7 +37,7 @@ async def live() -> Probe:
     return Probe(status="ok")
 
 
-@router.get("/health/ready", response_model=Probe, responses={503: {"model": ErrorBody, "description": "Not ready"}})
+@router.get("/health/ready", response_model=Probe, responses=UNAVAILABLE)
 async def ready(shim: ShimDep) -> Probe:
     try:
         await shim.async_store().r.ping()
