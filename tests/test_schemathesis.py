@@ -102,6 +102,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}/result"),
     ("GET", "/jobs/{job_id}/exports/{fmt}"),
     ("POST", "/api/uploads"),
+    ("POST", "/v1/audio/transcriptions"),
     ("GET", "/health"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
