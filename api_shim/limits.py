@@ -28,8 +28,10 @@ from typing import Any, cast
 
 import redis.asyncio
 import structlog
-from fastapi import HTTPException, Request
 
+from api_shim.errors import ApiError
+from ecg_audio.jobs import PREFIX as JOB_PREFIX
+from ecg_audio.jobs import TERMINAL
 from ecg_audio.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -38,7 +40,6 @@ RATE_PREFIX = "ecg:limit:rate:"
 QUEUED_PREFIX = "ecg:limit:queued:"
 # an admitted id whose record does not exist yet may be a submission still in flight
 _MISSING_GRACE_S = 60.0
-_FINISHED = ("completed", "failed")
 
 # KEYS: rate zset, queued zset. ARGV: now_ms, window_ms, rate, cap, job_id, ttl_ms, nonce, pruned ids...
 # Returns {0, 0} admitted, {1, retry_ms} rate exceeded, {2, 0} queue cap reached.
@@ -123,7 +124,7 @@ class SubmissionLimiter:
             ids = [m.decode() if isinstance(m, bytes) else str(m) for m, _ in admitted]
             statuses = await self._status_of(ids) if ids else []
             for (_, at), job, status in zip(admitted, ids, statuses, strict=True):
-                if status in _FINISHED or (status is None and now - float(at) / 1000 > _MISSING_GRACE_S):
+                if status in TERMINAL or (status is None and now - float(at) / 1000 > _MISSING_GRACE_S):
                     pruned.append(job)
         verdict, retry_ms = await self._script(
             keys=[RATE_PREFIX + kid, queued_key],
@@ -141,66 +142,33 @@ class SubmissionLimiter:
         if int(verdict) == 1:
             retry_after = max(1, -(-int(retry_ms) // 1000))  # whole seconds, rounded up
             log.info("submission_rate_limited", key=kid, retry_after_s=retry_after)
-            raise HTTPException(
+            raise ApiError(
                 429,
+                "RATE_LIMITED",
                 f"more than {self.limits.rate} submissions in {self.limits.window_s:g} s for this API key",
                 headers={"Retry-After": str(retry_after)},
             )
         if int(verdict) == 2:
             log.info("submission_queue_capped", key=kid, cap=self.limits.queued)
-            raise HTTPException(
+            raise ApiError(
                 429,
+                "TOO_MANY_UNFINISHED_JOBS",
                 f"this API key already has {self.limits.queued} unfinished jobs; retry when some have finished",
                 headers={"Retry-After": str(self.limits.queue_retry_after_s)},
             )
 
 
-def submission_limit(
-    limiter: SubmissionLimiter | None,
-) -> Callable[[Request], Awaitable[None]]:
-    """The FastAPI dependency for the submission routes; a no-op when no limit is configured.
-
-    Runs after the API key dependency (declare it after ``Auth``), so only accepted keys
-    are counted. The job id comes from the JSON body FastAPI has already read.
-    """
-
-    async def limit(request: Request) -> None:
-        if limiter is None:
-            return
-        auth = request.headers.get("authorization", "")
-        api_key = auth.split(" ", 1)[1] if " " in auth else auth
-        try:
-            body: Any = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return  # the body's own validation answers 422
-        job_id = body.get("job_id") if isinstance(body, dict) else None
-        if not isinstance(job_id, str) or not job_id:
-            return
-        try:
-            await limiter.admit(api_key, job_id)
-        except redis.RedisError as e:
-            # the submission itself needs Redis and will answer 503; the limit must not hide that
-            log.warning("limit_check_failed", error=type(e).__name__)
-
-    return limit
-
-
-def limiter_from_settings(settings: Settings) -> SubmissionLimiter | None:
-    limits = Limits.from_settings(settings)
-    if not limits.enabled:
-        return None
-    client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+def limiter_for(client: redis.asyncio.Redis, limits: Limits) -> SubmissionLimiter:
+    """A limiter on the shim's async Redis client; job statuses are read from the job records."""
 
     async def status_of(job_ids: list[str]) -> list[str | None]:
-        from ecg_audio.jobs import PREFIX  # the job record: a hash with a 'status' field
-
         pipe = client.pipeline(transaction=False)
         for job in job_ids:
-            pipe.hget(PREFIX + job, "status")
+            pipe.hget(JOB_PREFIX + job, "status")
         raw = await pipe.execute()
         return [v.decode() if isinstance(v, bytes) else v for v in raw]
 
     return SubmissionLimiter(client, limits, status_of)
 
 
-__all__ = ["Limits", "SubmissionLimiter", "key_id", "limiter_from_settings", "submission_limit"]
+__all__ = ["Limits", "SubmissionLimiter", "key_id", "limiter_for"]

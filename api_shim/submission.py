@@ -1,0 +1,192 @@
+"""Accepting a job: check the request, then create the record and queue the chain in one step.
+
+Submission is the hot path (issue 7: a thousand jobs a second on two cores): it runs on the
+event loop (an async Redis client, no thread-pool hop unless a host name must be resolved
+for the SSRF check), and one Redis script creates the job record and pushes the chain's
+first message, built by ``ecg_audio.chain.ChainMessages`` rather than by Celery's client
+(whose publish cost more CPU than the rest of the request together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from typing import Any
+
+import redis
+import structlog
+from starlette.concurrency import run_in_threadpool
+
+from api_shim import dns
+from api_shim.deps import Caller, Shim
+from api_shim.errors import ApiError
+from api_shim.schemas import JOB_ID_PATTERN, JobState, ProcessRequest
+from ecg_audio.jobs import JobRecord, JobStore
+from ecg_audio.uploads import upload_id
+
+log = structlog.get_logger("ecg.shim")
+
+ENGLISH = {"en", "english"}
+RETRY_AFTER_S = "5"  # seconds, after a temporary DNS failure at submission
+
+
+def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
+    """Refuse (422) what no worker could run: a language or model the fleet lacks, a URL the policy refuses."""
+    settings = shim.settings
+    lang = (req.language or "").lower()
+    if (
+        lang
+        and lang not in ENGLISH
+        and not settings.asr_multilingual_model
+        and (settings.asr_model == "embedded" or settings.asr_model.rstrip("/").endswith(".en"))
+    ):
+        raise ApiError(
+            422,
+            "UNSUPPORTED_OPTION",
+            f"language {req.language!r} is not available: the configured ASR model is English-only "
+            "(tiny.en). An operator must set ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers.",
+        )
+    if req.options.model and req.options.model not in {settings.asr_model, settings.asr_multilingual_model}:
+        raise ApiError(
+            422, "UNSUPPORTED_OPTION", "options.model must name an ASR model the workers are configured with"
+        )
+    resolve = resolve or dns.resolve_with_deadline
+    _check_source(shim, req.video_url, "video_url", resolve)
+    if req.callback_url:
+        _check_url(req.callback_url, "callback_url", shim.callback_policy, resolve)
+
+
+def _check_source(shim: Shim, url: str, field: str, resolve: Any) -> None:
+    if url.startswith("upload://"):
+        if upload_id(url) is None:
+            raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: malformed upload id")
+        return
+    _check_url(url, field, shim.source_policy, resolve)
+
+
+def _check_url(url: str, field: str, policy: Any, resolve: Any) -> None:
+    from media_io.urlguard import check_url
+    from pipeline.errors import AnalysisError  # torch-free
+
+    try:
+        check_url(url, policy, resolve=resolve)
+    except dns.NeedsDns:
+        raise
+    except AnalysisError as e:  # UrlRefused and friends carry a safe message
+        if e.retryable:
+            # a DNS failure that may pass (EAI_AGAIN, a silent name server): a backend treats a 4xx as
+            # final, so this is a 503 that says when to try again
+            raise ApiError(
+                503, e.code, f"{field}: {e.message}; this may pass, retry shortly", {"Retry-After": RETRY_AFTER_S}
+            ) from None
+        raise ApiError(422, e.code, f"{field}: {e.message}") from None
+    except Exception:
+        raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: URL not accepted") from None
+
+
+async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
+    """``check_request`` on the event loop; in the thread pool only when a host name must be
+    resolved (a resolver that does not answer must not stall the loop)."""
+    try:
+        check_request(shim, req, dns.no_dns)
+    except dns.NeedsDns:
+        await run_in_threadpool(check_request, shim, req)
+
+
+async def submit(shim: Shim, req: ProcessRequest, caller: Caller) -> tuple[bool, JobRecord | None]:
+    """Check, then create the record (owned by the caller's key) and queue the chain in one Redis script.
+
+    ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known with the same
+    request from the same key (nothing is queued again); 409 when it is known otherwise. The
+    script writes both or neither, so a failure leaves nothing to undo; a reply lost after Redis
+    ran it makes a retry find the job (200), never queue it twice.
+    """
+    await check_request_async(shim, req)
+    await shim.admit(caller, req.job_id)
+    request = req.model_dump(mode="json")
+    try:
+        created, rec = await shim.async_store().create_or_get(
+            req.job_id, request, message=shim.messages.build(req.job_id), owner=caller.fingerprint
+        )
+    except redis.RedisError as e:
+        log.error("enqueue_failed", job_id=req.job_id, error=type(e).__name__)
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly") from e
+    if created:
+        log.info("job_accepted", job_id=req.job_id)
+    elif rec is not None:
+        same_job(rec, request, caller)
+    return created, rec
+
+
+def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:
+    """409 unless ``request`` from ``caller`` is the one that created ``rec`` (a repeat is idempotent).
+
+    The answer names the differing fields, never their values nor the job's state: another key
+    learns only that the job_id is taken.
+    """
+    if not visible_to(rec, caller):
+        raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {rec.job_id!r} is already taken: choose another job_id")
+    differ = sorted(k for k in request.keys() | rec.request.keys() if request.get(k) != rec.request.get(k))
+    if differ:
+        raise ApiError(
+            409,
+            "JOB_ID_CONFLICT",
+            f"job_id {rec.job_id!r} was already submitted with a different {', '.join(differ)}: "
+            "repeat the original body to read the job, or choose another job_id",
+        )
+
+
+def visible_to(rec: JobRecord, caller: Caller) -> bool:
+    """A job belongs to the key that created it; a job with no owner (made by an operator's
+    command, not through the shim) is visible to every key."""
+    return rec.owner is None or hmac.compare_digest(rec.owner, caller.fingerprint)
+
+
+async def wait_until_done(shim: Shim, job_id: str, rec: JobRecord | None) -> JobRecord:
+    """The job's record once it is completed or failed, or when ECG_TRANSCRIBE_WAIT_S has passed."""
+    store = shim.async_store()
+    rec = rec or await store.get(job_id)
+    if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly")
+    deadline = time.monotonic() + shim.settings.transcribe_wait_s
+    while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        rec = await store.get(job_id) or rec
+    return rec
+
+
+# --- reading jobs ----------------------------------------------------------------------------
+
+
+def job_state(rec: JobRecord, result: dict[str, Any] | None) -> JobState:
+    return JobState(
+        job_id=rec.job_id,
+        status=rec.status,  # type: ignore[arg-type]
+        progress=rec.progress,
+        message=rec.message,
+        stage=rec.stage,
+        result=result,
+        error_code=rec.error_code,
+        error_message=rec.error_message,
+        created_at=rec.created_at,
+        updated_at=rec.updated_at,
+    )
+
+
+async def state_of_async(shim: Shim, rec: JobRecord) -> JobState:
+    result = None
+    if rec.status == "completed":
+        env = await shim.async_store().get_result(rec.job_id)
+        result = env.get("result") if env else None
+    return job_state(rec, result)
+
+
+def existing_job(store: JobStore, job_id: str, caller: Caller) -> JobRecord:
+    """The caller's job, or 404: for an id that could never be valid, and for another key's job
+    (which must not learn that it exists)."""
+    rec = store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+    if rec is None or not visible_to(rec, caller):
+        raise ApiError(404, "NOT_FOUND", "no such job")
+    return rec
