@@ -1,0 +1,209 @@
+"""The per-job event log: every progress milestone and the final event of a job, in order.
+
+A Redis Stream at ``ecg:job:{job_id}:events``, one entry per event, written whether or not
+the job has a ``callback_url``. Entry fields: ``event_id`` (the id the callback carries in
+``X-ECG-Event-Id`` and in its body) and ``payload`` (the callback's JSON body, ``event_id``
+included). The stream is trimmed to about ``MAXLEN`` entries and expires with the job record.
+
+The shim's ``GET /jobs/{id}/events`` (Server-Sent Events) and the job page read it; the
+callback outbox delivers the same events to the backend. Event ids are made here
+(``new_event_id``) so that a job without a callback has them too, and the outbox reuses them.
+
+Appending is one Redis script: it refuses an event whose id equals the last entry's (a
+redelivered task reporting again) and anything after the final event (the log is closed),
+so a reader that stops at the final event never misses a later one, and sees the final once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+
+KEY_PREFIX = "ecg:job:"
+KEY_SUFFIX = ":events"
+MAXLEN = 1000
+DEFAULT_TTL_S = 7 * 24 * 3600  # JobStore's default: the log lives as long as the record
+FINAL_SUFFIX = ":final"
+
+# KEYS[1]: the stream. ARGV: event_id, payload JSON, maxlen, ttl_s.
+# Returns the new entry id, or false when the event is refused (a repeat, or the log is closed).
+_APPEND_LUA = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'event_id' then
+      local prev = fields[i + 1]
+      if prev == ARGV[1] or string.sub(prev, -6) == ':final' then return false end
+    end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event_id', ARGV[1], 'payload', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return id
+"""
+
+
+def key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}{KEY_SUFFIX}"
+
+
+def new_event_id(job_id: str, *, final: bool = False) -> str:
+    """The id of a job's next event: ``{job_id}:final`` for the final one (receivers can tell it
+    apart, and a repeat of it is recognised), else ``{job_id}:<12 hex>``."""
+    return f"{job_id}{FINAL_SUFFIX}" if final else f"{job_id}:{uuid.uuid4().hex[:12]}"
+
+
+def is_final(event_id: str) -> bool:
+    return event_id.endswith(FINAL_SUFFIX)
+
+
+def append(
+    client_or_pipeline: Any,
+    job_id: str,
+    event_id: str,
+    payload: dict[str, Any],
+    *,
+    ttl_s: int = DEFAULT_TTL_S,
+) -> Any:
+    """Append one event to the job's log.
+
+    ``client_or_pipeline``: a ``redis.Redis`` or one of its pipelines (the event then goes
+    with the pipeline's other commands). Returns the stream entry id (bytes or str, as the
+    client decodes), ``None`` when the event was refused (a repeat of the last event, or an
+    event after the final one), or, on a pipeline, the pipeline (the reply comes with
+    ``execute()``). On a ``redis.asyncio`` client, the same as an awaitable.
+    """
+    body = json.dumps({**payload, "event_id": event_id}, ensure_ascii=False, separators=(",", ":"))
+    args = [event_id, body, MAXLEN, int(ttl_s)]
+    return client_or_pipeline.eval(_APPEND_LUA, 1, key(job_id), *args)
+
+
+@dataclass(frozen=True)
+class Event:
+    entry_id: str  # the stream's own id (ms-seq): where a reader resumes
+    event_id: str  # the callback's event id: what clients see and send back as Last-Event-ID
+    payload: dict[str, Any]
+
+    @property
+    def final(self) -> bool:
+        return is_final(self.event_id)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    return Event(_text(entry_id), f.get("event_id", ""), json.loads(f.get("payload", "{}")))
+
+
+def _entries(entries: Any) -> list[Event]:
+    """``XRANGE`` entries, or the one stream of an ``XREAD`` reply (RESP2: ``[[key, entries]]``;
+    RESP3: ``{key: [entries]}``), as events."""
+    if isinstance(entries, dict):
+        entries = next(iter(entries.values()), [[]])[0]
+    elif entries and isinstance(entries[0], list | tuple) and len(entries[0]) == 2 and isinstance(entries[0][1], list):
+        entries = entries[0][1]
+    return [_event(eid, fields) for eid, fields in entries or ()]
+
+
+def _after(events: list[Event], last_event_id: str | None) -> tuple[str, list[Event]]:
+    """Where to resume after ``last_event_id``: (the stream position, the events past it).
+
+    An id not in the log (trimmed away, or from another job) restarts from the beginning:
+    a client may then see an event again, but misses none.
+    """
+    if last_event_id:
+        for i, ev in enumerate(events):
+            if ev.event_id == last_event_id:
+                return ev.entry_id, events[i + 1 :]
+    return "0-0", events
+
+
+# --- sync reader ------------------------------------------------------------
+
+
+def read_all(client: redis.Redis, job_id: str) -> list[Event]:
+    entries: Any = client.xrange(key(job_id))
+    return _entries(entries)
+
+
+def follow(
+    client: redis.Redis, job_id: str, *, last_event_id: str | None = None, block_ms: int = 5000
+) -> Iterator[Event | None]:
+    """The job's events after ``last_event_id``, then new ones as they come, until the final event.
+
+    Yields ``None`` each time ``block_ms`` passes without an event (the caller may give up).
+    ``client`` must allow a socket timeout longer than ``block_ms``.
+    """
+    position, backlog = _after(read_all(client, job_id), last_event_id)
+    for ev in backlog:
+        yield ev
+        if ev.final:
+            return
+        position = ev.entry_id
+    k = key(job_id)
+    while True:
+        reply: Any = client.xread({k: position}, count=100, block=block_ms)
+        if not reply:
+            yield None
+            continue
+        for ev in _entries(reply):
+            position = ev.entry_id
+            yield ev
+            if ev.final:
+                return
+
+
+# --- asyncio reader ---------------------------------------------------------
+
+
+async def read_all_async(client: redis.asyncio.Redis, job_id: str) -> list[Event]:
+    entries: Any = await client.xrange(key(job_id))
+    return _entries(entries)
+
+
+class AsyncFollower:
+    """``follow`` on a ``redis.asyncio`` client: one ``XREAD BLOCK`` at a time, no thread.
+
+    ``async for ev in AsyncFollower(...)`` yields events, and ``None`` after each quiet
+    ``block_ms`` (time for a keep-alive), until the final event.
+    """
+
+    def __init__(
+        self, client: redis.asyncio.Redis, job_id: str, *, last_event_id: str | None = None, block_ms: int = 5000
+    ) -> None:
+        self.r = client
+        self.job_id = job_id
+        self.last_event_id = last_event_id
+        self.block_ms = block_ms
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[Event | None]:
+        position, backlog = _after(await read_all_async(self.r, self.job_id), self.last_event_id)
+        for ev in backlog:
+            yield ev
+            position = ev.entry_id
+            if ev.final:
+                self.done = True
+                return
+        k = key(self.job_id)
+        while True:
+            reply: Any = await self.r.xread({k: position}, count=100, block=self.block_ms)
+            if not reply:
+                yield None
+                continue
+            for ev in _entries(reply):
+                position = ev.entry_id
+                yield ev
+                if ev.final:
+                    self.done = True
+                    return
