@@ -16,6 +16,7 @@ so a reader that stops at the final event never misses a later one, and sees the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -207,3 +208,136 @@ class AsyncFollower:
                 if ev.final:
                     self.done = True
                     return
+
+
+# --- one reader for many streams ----------------------------------------------
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _streams(reply: Any) -> list[tuple[str, list[Event]]]:
+    """An ``XREAD`` reply over several streams (RESP2 list or RESP3 dict) as (key, events)."""
+    if isinstance(reply, dict):
+        return [(_text(k), _entries(v[0] if v and isinstance(v[0], list) else v)) for k, v in reply.items()]
+    return [(_text(k), _entries(entries)) for k, entries in reply or ()]
+
+
+class Subscription:
+    """One follower of one job's log, from ``EventHub.subscribe``: iterate it, then ``close()`` it."""
+
+    def __init__(self, hub: EventHub, stream: str, position: str, backlog: list[Event]) -> None:
+        self.hub = hub
+        self.stream = stream
+        self.position = position  # the last entry this follower has (or will have, from the backlog)
+        self.backlog = backlog
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.gap_to: str | None = None  # the hub had read past ``position``: fetch up to here first
+
+    async def events(self, idle_s: float = 15.0) -> AsyncIterator[Event | None]:
+        """The backlog, then new events until the final one; ``None`` after each quiet ``idle_s``."""
+        position = self.position
+        for ev in self.backlog:
+            yield ev
+            if ev.final:
+                return
+        if self.gap_to is not None:
+            missed: Any = await self.hub.r.xrange(self.stream, min=f"({position}", max=self.gap_to)
+            for ev in _entries(missed):
+                yield ev
+                position = ev.entry_id
+                if ev.final:
+                    return
+        while True:
+            try:
+                ev = await asyncio.wait_for(self.queue.get(), idle_s)
+            except TimeoutError:
+                yield None
+                continue
+            if _order(ev.entry_id) <= _order(position):
+                continue  # already had it (backlog or gap)
+            yield ev
+            position = ev.entry_id
+            if ev.final:
+                return
+
+    def close(self) -> None:
+        self.hub._unsubscribe(self)
+
+
+class EventHub:
+    """One ``XREAD BLOCK`` over every stream a process's clients follow, on one connection.
+
+    A follower reads its backlog with ``XRANGE``, then subscribes; the hub's single reader hands
+    each new entry to the queues of that stream's followers. A thousand open event streams cost
+    one blocked Redis connection and one task, not a connection (nor a thread) each. A stream
+    subscribed while the reader is blocked joins at its next call, at most ``block_ms`` later
+    (nothing is lost meanwhile: the reader starts from the follower's position).
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, *, block_ms: int = 200, count: int = 100) -> None:
+        self.r = client
+        self.block_ms = block_ms
+        self.count = count
+        self.positions: dict[str, str] = {}  # stream key -> the last entry id the reader has seen
+        self.subs: dict[str, set[Subscription]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, job_id: str, *, last_event_id: str | None = None) -> Subscription:
+        """Follow a job's log from after ``last_event_id`` (from its start without one)."""
+        stream = key(job_id)
+        position, backlog = _after(await read_all_async(self.r, job_id), last_event_id)
+        if backlog:
+            position = backlog[-1].entry_id
+        return self._subscribe(stream, position, backlog)
+
+    async def follow(
+        self, job_id: str, *, last_event_id: str | None = None, idle_s: float = 15.0
+    ) -> AsyncIterator[Event | None]:
+        """``subscribe`` + ``events`` + ``close``, as ``AsyncFollower`` does with its own reads."""
+        sub = await self.subscribe(job_id, last_event_id=last_event_id)
+        try:
+            async for ev in sub.events(idle_s):
+                yield ev
+        finally:
+            sub.close()
+
+    def _subscribe(self, stream: str, position: str, backlog: list[Event]) -> Subscription:
+        sub = Subscription(self, stream, position, backlog)
+        known = self.positions.get(stream)
+        if known is None:
+            self.positions[stream] = position
+        elif _order(known) > _order(position):
+            sub.gap_to = known
+        self.subs.setdefault(stream, set()).add(sub)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._read(), name="ecg-event-hub")
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self.subs.get(sub.stream)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self.subs[sub.stream]
+            self.positions.pop(sub.stream, None)
+
+    async def _read(self) -> None:
+        while self.subs:
+            try:
+                streams: dict[Any, Any] = dict(self.positions)
+                reply: Any = await self.r.xread(streams, count=self.count, block=self.block_ms)
+            except redis.RedisError:
+                # Redis away: the followers keep their queues and get keep-alives; try again shortly
+                await asyncio.sleep(0.5)
+                continue
+            for stream, events in _streams(reply):
+                for ev in events:
+                    known = self.positions.get(stream)
+                    if known is not None and _order(ev.entry_id) > _order(known):
+                        self.positions[stream] = ev.entry_id
+                    for sub in self.subs.get(stream, ()):
+                        sub.queue.put_nowait(ev)
