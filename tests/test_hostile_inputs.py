@@ -251,7 +251,6 @@ def test_declared_oversize_json_is_refused_before_the_body(shim: str) -> None:
 
 def test_no_keys_configured_refuses_every_protected_route(redis_url: str, tmp_path: Path) -> None:
     """With ECG_API_KEYS empty (or only empty strings) nothing but /health and the docs answers."""
-    from fastapi.routing import APIRoute
     from fastapi.testclient import TestClient
 
     from api_shim.app import create_app
@@ -262,15 +261,20 @@ def test_no_keys_configured_refuses_every_protected_route(redis_url: str, tmp_pa
         settings = Settings(api_keys=keys, redis_url=redis_url, workspace_root=tmp_path / "ws", log_json=True)
         app = create_app(settings)
         client = TestClient(app)  # no lifespan: no dispatcher needed to answer 401/403
-        routes = [r for r in app.routes if isinstance(r, APIRoute) and r.path not in open_paths]
-        assert len(routes) >= 5
-        for route in routes:
-            path = route.path.replace("{job_id}", "some-job")
-            for method in route.methods or ():
-                for auth, expect in ((None, 401), ("Bearer ", 401), ("Bearer anything", 403), ("Bearer  ", 401)):
-                    headers = {"Authorization": auth} if auth else {}
-                    r = client.request(method, path, headers=headers, json=GOOD_BODY)
-                    assert r.status_code == expect, (keys, method, path, auth, r.status_code, r.text)
+        # the documented operations: routes live in included routers, which app.routes does not flatten
+        operations = [
+            (method.upper(), path)
+            for path, item in app.openapi()["paths"].items()
+            if path not in open_paths
+            for method in item
+        ]
+        assert len(operations) >= 5
+        for method, template in operations:
+            path = template.replace("{job_id}", "some-job")
+            for auth, expect in ((None, 401), ("Bearer ", 401), ("Bearer anything", 403), ("Bearer  ", 401)):
+                headers = {"Authorization": auth} if auth else {}
+                r = client.request(method, path, headers=headers, json=GOOD_BODY)
+                assert r.status_code == expect, (keys, method, path, auth, r.status_code, r.text)
         assert client.get("/health").status_code == 200
         assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())
 
@@ -285,6 +289,7 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
     from fastapi.testclient import TestClient
 
     import api_shim.app as shim_app
+    from api_shim import dns
     from ecg_audio.settings import Settings
 
     release = threading.Event()
@@ -293,8 +298,8 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
         release.wait(60)
         raise socket.gaierror(socket.EAI_NONAME, "too late")
 
-    monkeypatch.setattr(shim_app, "DNS_DEADLINE_S", 0.5)
-    monkeypatch.setattr(shim_app.socket, "getaddrinfo", never_answers)
+    monkeypatch.setattr(dns, "DNS_DEADLINE_S", 0.5)
+    monkeypatch.setattr(dns.socket, "getaddrinfo", never_answers)
     settings = Settings(api_keys=[API_KEY], redis_url=redis_url, workspace_root=tmp_path / "ws")
     client = TestClient(shim_app.create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"})
     try:

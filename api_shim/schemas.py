@@ -1,0 +1,84 @@
+"""Request and response models of the shim's routes (the OpenAPI document is built from them)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+JobStatus = Literal["queued", "processing", "completed", "failed"]
+
+
+class JobOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_speakers: int | None = Field(None, ge=1, le=32, description="Exact number of speakers, when known.")
+    min_speakers: int | None = Field(None, ge=1, le=32)
+    max_speakers: int | None = Field(None, ge=1, le=32)
+    model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobOptions:
+        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
+            raise ValueError("give either num_speakers, or min_speakers/max_speakers, not both")
+        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise ValueError("min_speakers must not exceed max_speakers")
+        return self
+
+
+class ProcessRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(
+        ...,
+        min_length=1,
+        max_length=128,
+        pattern=JOB_ID_PATTERN,
+        description="Your id for the job: letters, digits, '.', '_', '-'. Posting it again returns the same job.",
+    )
+    video_url: str = Field(..., min_length=1, max_length=2048, description="https://, s3://, or an upload:// id.")
+    language: str | None = Field(None, min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z]{2,4})?$")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("job_id")
+    @classmethod
+    def _no_dots_only(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError("job_id must not contain '..'")
+        return v
+
+
+class JobState(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: int = Field(ge=0, le=100)
+    message: str = ""
+    stage: str | None = None
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+class Accepted(BaseModel):
+    job_id: str
+    status: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    broker: bool
+    workers: int
+    queue_depth: dict[str, int]
+
+
+class UploadAccepted(BaseModel):
+    video_url: str
+    bytes: int
+
+
+class ErrorBody(BaseModel):
+    detail: Any
