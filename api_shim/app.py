@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from api_shim.deps import Shim, make_celery
 from api_shim.errors import install_error_handlers
 from api_shim.middleware import MAX_JSON_BODY_BYTES, UPLOAD_PATH, BodySizeLimit
-from api_shim.routes import health, jobs, uploads
+from api_shim.routes import events, health, jobs, uploads, view
 from api_shim.routes.health import queue_depth
 from api_shim.schemas import ProcessRequest
 from ecg_audio.logs import configure_logging
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shim = shim
     app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, exempt_paths=frozenset({UPLOAD_PATH}))
     install_error_handlers(app)
-    for router in (jobs.router, uploads.router, health.router):
+    for router in (jobs.router, uploads.router, health.router, events.router, view.router):
         app.include_router(router)
     return app
 

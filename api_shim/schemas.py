@@ -61,6 +61,9 @@ class JobState(BaseModel):
     error_message: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    view_url: str | None = Field(
+        None, description="The job's page for a person (live progress, then the result): signed, expires; no API key"
+    )
 
 
 class Accepted(BaseModel):

@@ -52,10 +52,10 @@ def check_token(secret: bytes | None, job_id: str, token: str, *, now: float | N
     return hmac.compare_digest(_mac(secret, job_id, expires), mac)
 
 
-def view_path(settings: Settings, job_id: str, *, now: float | None = None) -> str | None:
-    """``/jobs/{job_id}/view?token=...`` valid for ``ECG_VIEW_TTL_S``; None when no secret can be had."""
+def view_url(settings: Settings, job_id: str, base_url: str = "/", *, now: float | None = None) -> str | None:
+    """``{base_url}jobs/{job_id}/view?token=...``, valid for ``ECG_VIEW_TTL_S``; None when no secret can be had."""
     secret = view_secret(settings)
     if secret is None:
         return None
     expires = int((time.time() if now is None else now) + settings.view_ttl_s)
-    return f"/jobs/{job_id}/view?token={make_token(secret, job_id, expires)}"
+    return f"{base_url.rstrip('/')}/jobs/{job_id}/view?token={make_token(secret, job_id, expires)}"

@@ -6,13 +6,14 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api_shim.deps import CurrentKey, ShimDep, StoreDep
 from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.schemas import Accepted, JobState, ProcessRequest
 from api_shim.submission import existing_job, state_of, state_of_async, submit
+from api_shim.view_tokens import view_url
 
 router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
 
@@ -53,8 +54,10 @@ async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> 
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
-def get_job(job_id: str, store: StoreDep, caller: CurrentKey) -> JobState:
-    return state_of(store, existing_job(store, job_id))
+def get_job(job_id: str, store: StoreDep, shim: ShimDep, caller: CurrentKey, request: Request) -> JobState:
+    state = state_of(store, existing_job(store, job_id))
+    state.view_url = view_url(shim.settings, job_id, str(request.base_url))
+    return state
 
 
 @router.delete("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
