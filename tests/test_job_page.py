@@ -165,7 +165,10 @@ def test_job_page_shows_live_progress_then_who_said_what(
         if state.get("rendered"):
             break
         time.sleep(0.2)
-    assert state.get("rendered"), f"the page never showed the result: {state} {chrome.console}"
+    assert state.get("rendered"), (
+        f"the page never showed the result: {state} {chrome.console}\njob: {client.get(f'/jobs/{job_id}').text[:500]}"
+        f"\nworker:\n{worker.tail(40)}"
+    )
     assert running_png.exists(), f"no screenshot while running; progress seen: {seen}"
     running = [p for p in seen if 0 < p < 100]
     assert len(set(running)) >= 2, f"progress did not advance on the page while the job ran: {seen}"
