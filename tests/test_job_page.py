@@ -149,18 +149,17 @@ def test_job_page_shows_live_progress_then_who_said_what(
     running_png = ARTIFACTS / "job-page-running.png"
     running_png.unlink(missing_ok=True)
     seen: list[int] = []
+    shot2 = False
     state: dict[str, Any] = {}
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         state = json.loads(chrome.js(PAGE_STATE) or "{}")
         if state.get("progress", -1) >= 0 and (not seen or state["progress"] != seen[-1]):
             seen.append(state["progress"])
-        if (
-            not running_png.exists()
-            and state.get("status") == "processing"
-            and 0 < state["progress"] < 100
-            and len(set(seen)) >= 2
-        ):
+        running_now = state.get("status") == "processing" and 0 < state["progress"] < 100
+        # a first screenshot as soon as the job runs, a later one once progress has moved on
+        if running_now and (not running_png.exists() or (len({p for p in seen if 0 < p < 100}) >= 2 and not shot2)):
+            shot2 = running_png.exists()
             chrome.screenshot(running_png)
         if state.get("rendered"):
             break

@@ -131,7 +131,7 @@
     const turns = (result.diarization && result.diarization.length) ? result.diarization : (result.segments || []);
     const meta = result.metadata || {};
     const end = Math.max(Number(meta.duration) || 0, ...turns.map((t) => t.end), 1);
-    const W = 1100, left = 120, right = 12, laneH = 30, top = 8, axisH = 24;
+    const W = 1100, left = 120, right = 28, laneH = 30, top = 8, axisH = 24;
     const H = top + laneH * speakers.length + axisH;
     const x = (t) => left + (W - left - right) * (t / end);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "speaker timeline" });
