@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from api_shim.deps import Shim, make_celery
 from api_shim.errors import install_error_handlers
 from api_shim.middleware import MAX_JSON_BODY_BYTES, UPLOAD_PATH, BodySizeLimit
+from api_shim.probes import queue_depth
 from api_shim.routes import events, health, jobs, uploads, view
-from api_shim.routes.health import queue_depth
 from api_shim.schemas import ProcessRequest
 from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings

@@ -28,6 +28,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import celeryconfig
 from api_shim.errors import ApiError
+from api_shim.probes import HealthProbe
+from api_shim.progress import ProgressEstimator
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobStore
 from ecg_audio.settings import Settings
@@ -70,6 +72,8 @@ class Shim:
         self.bucket = upload_bucket(settings)
         self.sweep_throttle = SweepThrottle()
         self._async_stores: list[tuple[asyncio.AbstractEventLoop, AsyncJobStore]] = []
+        self.health = HealthProbe(self.r, lambda: self.celery)
+        self.progress = ProgressEstimator(self.store)
 
     @functools.cached_property
     def celery(self) -> Celery:

@@ -12,12 +12,13 @@ MAX_JSON_BODY_BYTES = 64 * 1024
 
 
 def _send_413(max_bytes: int) -> JSONResponse:
-    return JSONResponse(
-        status_code=413,
-        content={
-            "detail": f"request body larger than {max_bytes} bytes ({max_bytes // 1024} KiB): job requests are "
-            f"small JSON documents; send media with POST {UPLOAD_PATH}"
-        },
+    from api_shim.errors import problem_response
+
+    return problem_response(
+        413,
+        "PAYLOAD_TOO_LARGE",
+        f"request body larger than {max_bytes} bytes ({max_bytes // 1024} KiB): job requests are "
+        f"small JSON documents; send media with POST {UPLOAD_PATH}",
     )
 
 

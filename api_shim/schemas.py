@@ -61,9 +61,34 @@ class JobState(BaseModel):
     error_message: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    queue_position: int | None = Field(
+        None, ge=0, description="While queued: how many jobs the workers take before this one."
+    )
+    eta_s: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds until done, from the audio's duration and measured stage speeds; "
+        "null until both are known.",
+    )
     view_url: str | None = Field(
         None, description="The job's page for a person (live progress, then the result): signed, expires; no API key"
     )
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: int = Field(ge=0, le=100)
+    message: str = ""
+    stage: str | None = None
+    error_code: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
 
 
 class Accepted(BaseModel):
@@ -81,7 +106,3 @@ class Health(BaseModel):
 class UploadAccepted(BaseModel):
     video_url: str
     bytes: int
-
-
-class ErrorBody(BaseModel):
-    detail: Any

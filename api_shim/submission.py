@@ -9,6 +9,7 @@ first message, built by ``ecg_audio.chain.ChainMessages`` rather than by Celery'
 
 from __future__ import annotations
 
+import hmac
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ import structlog
 from starlette.concurrency import run_in_threadpool
 
 from api_shim import dns
-from api_shim.deps import Shim
+from api_shim.deps import Caller, Shim
 from api_shim.errors import ApiError
 from api_shim.schemas import JOB_ID_PATTERN, JobState, ProcessRequest
 from ecg_audio.jobs import JobRecord, JobStore
@@ -26,6 +27,7 @@ from ecg_audio.uploads import upload_id
 log = structlog.get_logger("ecg.shim")
 
 ENGLISH = {"en", "english"}
+RETRY_AFTER_S = "5"  # seconds, after a temporary DNS failure at submission
 
 
 def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
@@ -57,21 +59,29 @@ def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
 def _check_source(shim: Shim, url: str, field: str, resolve: Any) -> None:
     if url.startswith("upload://"):
         if upload_id(url) is None:
-            raise ApiError(422, "INVALID_URL", f"{field}: malformed upload id")
+            raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: malformed upload id")
         return
     _check_url(url, field, shim.source_policy, resolve)
 
 
 def _check_url(url: str, field: str, policy: Any, resolve: Any) -> None:
-    from pipeline.urlguard import check_url  # torch-free
+    from pipeline.errors import AnalysisError  # torch-free
+    from pipeline.urlguard import check_url
 
     try:
         check_url(url, policy, resolve=resolve)
     except dns.NeedsDns:
         raise
-    except Exception as e:  # UrlRefused and friends carry a safe message
-        msg = getattr(e, "message", None) or "URL not accepted"
-        raise ApiError(422, "INVALID_URL", f"{field}: {msg}") from None
+    except AnalysisError as e:  # UrlRefused and friends carry a safe message
+        if e.retryable:
+            # a DNS failure that may pass (EAI_AGAIN, a silent name server): a backend treats a 4xx as
+            # final, so this is a 503 that says when to try again
+            raise ApiError(
+                503, e.code, f"{field}: {e.message}; this may pass, retry shortly", {"Retry-After": RETRY_AFTER_S}
+            ) from None
+        raise ApiError(422, e.code, f"{field}: {e.message}") from None
+    except Exception:
+        raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: URL not accepted") from None
 
 
 async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
@@ -83,24 +93,52 @@ async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
         await run_in_threadpool(check_request, shim, req)
 
 
-async def submit(shim: Shim, req: ProcessRequest) -> tuple[bool, JobRecord | None]:
-    """Check, then create the record and queue the chain in one Redis script.
+async def submit(shim: Shim, req: ProcessRequest, caller: Caller) -> tuple[bool, JobRecord | None]:
+    """Check, then create the record (owned by the caller's key) and queue the chain in one Redis script.
 
-    ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known (nothing
-    is queued again). The script writes both or neither, so a failure leaves nothing to undo;
-    a reply lost after Redis ran it makes a retry find the job (200), never queue it twice.
+    ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known with the same
+    request from the same key (nothing is queued again); 409 when it is known otherwise. The
+    script writes both or neither, so a failure leaves nothing to undo; a reply lost after Redis
+    ran it makes a retry find the job (200), never queue it twice.
     """
     await check_request_async(shim, req)
+    request = req.model_dump(mode="json")
     try:
         created, rec = await shim.async_store().create_or_get(
-            req.job_id, req.model_dump(mode="json"), message=shim.messages.build(req.job_id)
+            req.job_id, request, message=shim.messages.build(req.job_id), owner=caller.fingerprint
         )
     except redis.RedisError as e:
         log.error("enqueue_failed", job_id=req.job_id, error=type(e).__name__)
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly") from e
     if created:
         log.info("job_accepted", job_id=req.job_id)
+    elif rec is not None:
+        same_job(rec, request, caller)
     return created, rec
+
+
+def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:
+    """409 unless ``request`` from ``caller`` is the one that created ``rec`` (a repeat is idempotent).
+
+    The answer names the differing fields, never their values nor the job's state: another key
+    learns only that the job_id is taken.
+    """
+    if not visible_to(rec, caller):
+        raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {rec.job_id!r} is already taken: choose another job_id")
+    differ = sorted(k for k in request.keys() | rec.request.keys() if request.get(k) != rec.request.get(k))
+    if differ:
+        raise ApiError(
+            409,
+            "JOB_ID_CONFLICT",
+            f"job_id {rec.job_id!r} was already submitted with a different {', '.join(differ)}: "
+            "repeat the original body to read the job, or choose another job_id",
+        )
+
+
+def visible_to(rec: JobRecord, caller: Caller) -> bool:
+    """A job belongs to the key that created it; a job with no owner (made by an operator's
+    command, not through the shim) is visible to every key."""
+    return rec.owner is None or hmac.compare_digest(rec.owner, caller.fingerprint)
 
 
 # --- reading jobs ----------------------------------------------------------------------------
@@ -121,14 +159,6 @@ def job_state(rec: JobRecord, result: dict[str, Any] | None) -> JobState:
     )
 
 
-def state_of(store: JobStore, rec: JobRecord) -> JobState:
-    result = None
-    if rec.status == "completed":
-        env = store.get_result(rec.job_id)
-        result = env.get("result") if env else None
-    return job_state(rec, result)
-
-
 async def state_of_async(shim: Shim, rec: JobRecord) -> JobState:
     result = None
     if rec.status == "completed":
@@ -137,9 +167,10 @@ async def state_of_async(shim: Shim, rec: JobRecord) -> JobState:
     return job_state(rec, result)
 
 
-def existing_job(store: JobStore, job_id: str) -> JobRecord:
-    """The job's record, or 404 (an id that could never be valid is simply not found)."""
+def existing_job(store: JobStore, job_id: str, caller: Caller) -> JobRecord:
+    """The caller's job, or 404: for an id that could never be valid, and for another key's job
+    (which must not learn that it exists)."""
     rec = store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
-    if rec is None:
+    if rec is None or not visible_to(rec, caller):
         raise ApiError(404, "NOT_FOUND", "no such job")
     return rec

@@ -46,33 +46,48 @@ if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', key, ARGV[4]) end
 return 1
 """
 
+OWNER_PREFIX = "ecg:jobs:owner:"
+
 # KEYS: the record, the index of all jobs[, the queue list]
-# ARGV: job_id, now, request JSON, ttl, message ('' = none), task-sent event ('' = none), event channel
+# ARGV: job_id, now, request JSON, ttl, message ('' = none), task-sent event ('' = none), event channel,
+#       owner (a fingerprint of the API key that created the job; '' = none), the message's task id
 # An existing record is returned whole (HGETALL), so a repeated POST needs no second round trip.
 # The message is pushed before anything else is written: should that fail (OOM, a wrong type), the
-# script has written nothing.
+# script has written nothing. An owned job is also indexed per owner (OWNER_PREFIX), newest last,
+# entries older than the TTL trimmed on the way.
 _CREATE_LUA = """
 local key = KEYS[1]
 if redis.call('HEXISTS', key, 'job_id') == 1 then return redis.call('HGETALL', key) end
-if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[5]) end
+if ARGV[5] ~= '' then
+  redis.call('LPUSH', KEYS[3], ARGV[5])
+  redis.call('HSET', key, 'queue_key', KEYS[3], 'queue_task_id', ARGV[9])
+end
 redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 'message', 'Queued',
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', key, ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[8] ~= '' then
+  local index = '""" + OWNER_PREFIX + """' .. ARGV[8]
+  redis.call('HSET', key, 'owner', ARGV[8])
+  redis.call('ZADD', index, ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[4])))
+  redis.call('EXPIRE', index, ARGV[4])
+end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
 """
 
 
 def _create_call(
-    job_id: str, request: dict[str, Any], ttl_s: int, message: ChainMessage | None
+    job_id: str, request: dict[str, Any], ttl_s: int, message: ChainMessage | None, owner: str | None = None
 ) -> tuple[list[str], list[str]]:
     now = repr(time.time())  # as redis-py writes a float
     keys = [PREFIX + job_id, ALL_SET]
-    args = [job_id, now, json.dumps(request), str(int(ttl_s)), "", "", ""]
+    args = [job_id, now, json.dumps(request), str(int(ttl_s)), "", "", "", owner or "", ""]
     if message is not None:
         keys.append(message.queue_key)
-        args[4:] = [message.message, message.event, message.event_channel]
+        args[4:7] = [message.message, message.event, message.event_channel]
+        args[8] = message.task_id
     return keys, args
 
 
@@ -96,6 +111,10 @@ class JobRecord:
     updated_at: float = 0.0
     request: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
+    owner: str | None = None  # fingerprint of the API key that created the job (the shim's tenancy)
+    queue_key: str | None = None  # where the first message was pushed, and its task id (queue position)
+    queue_task_id: str | None = None
+    duration: float | None = None  # the audio's length in seconds, once the ingest stage knows it
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -111,6 +130,10 @@ class JobRecord:
             updated_at=float(h.get("updated_at", 0)),
             request=json.loads(h.get("request", "{}")),
             attempts=int(h.get("attempts", 0)),
+            owner=h.get("owner") or None,
+            queue_key=h.get("queue_key") or None,
+            queue_task_id=h.get("queue_task_id") or None,
+            duration=float(h["duration"]) if h.get("duration") else None,
         )
 
 
@@ -131,10 +154,10 @@ class JobStore:
         return self.create_or_get(job_id, request, message=message)[0]
 
     def create_or_get(
-        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None
+        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None, owner: str | None = None
     ) -> tuple[bool, JobRecord | None]:
         """``(True, None)`` when created (and ``message`` pushed), else ``(False, the existing record)``."""
-        keys, args = _create_call(job_id, request, self.ttl_s, message)
+        keys, args = _create_call(job_id, request, self.ttl_s, message, owner)
         return _create_reply(self._create(keys=keys, args=args))
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -202,9 +225,9 @@ class AsyncJobStore:
         self._create = self.r.register_script(_CREATE_LUA)
 
     async def create_or_get(
-        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None
+        self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None, owner: str | None = None
     ) -> tuple[bool, JobRecord | None]:
-        keys, args = _create_call(job_id, request, self.ttl_s, message)
+        keys, args = _create_call(job_id, request, self.ttl_s, message, owner)
         return _create_reply(await self._create(keys=keys, args=args))
 
     async def get(self, job_id: str) -> JobRecord | None:

@@ -147,6 +147,8 @@ class StageTask(Task):
                 if not outcome.skipped:
                     # counted for operators and the chaos bench: a finished stage never runs twice
                     store.r.hincrby(f"ecg:job:{job.job_id}", f"runs:{stage}", 1)
+                if stage == "ingest":  # the audio's length, on the record: the shim's eta_s uses it
+                    store.update(job.job_id, duration=env.workspace(job.job_id).read_json("ingest.json")["duration"])
             if stage == "merge":
                 self._complete(job, env)
             return {"job_id": job.job_id}

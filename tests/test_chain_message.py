@@ -177,7 +177,9 @@ def test_record_and_message_are_written_together_once(redis_url: str) -> None:
         assert r.llen("cpu") == 1
         assert json.loads(r.lindex("cpu", 0))["headers"]["id"].startswith(f"{job_id}:ingest:")  # type: ignore[arg-type]
         h = r.hgetall(f"ecg:job:{job_id}")
-        assert set(h) == {"job_id", "status", "progress", "message", "created_at", "updated_at", "request", "attempts"}
+        assert set(h) == {"job_id", "status", "progress", "message", "created_at", "updated_at", "request", "attempts",
+                          "queue_key", "queue_task_id"}
+        assert h["queue_key"] == "cpu" and h["queue_task_id"] == json.loads(r.lindex("cpu", 0))["headers"]["id"]
         assert h["created_at"] == h["updated_at"] and float(h["created_at"]) > 0
         assert r.zscore("ecg:jobs:all", job_id) == float(h["created_at"])
         assert 0 < r.ttl(f"ecg:job:{job_id}") <= 600

@@ -207,7 +207,10 @@ def test_request_row(shim: str, submitted: Submitted, row: RequestRow) -> None:
         kwargs["content"] = row.content
     r = httpx.request(row.method, shim + row.path, timeout=30, **kwargs)
     assert r.status_code == row.expect, (row.name, r.status_code, r.text[:500])
-    assert r.headers["content-type"].startswith("application/json"), r.headers
+    # RFC 9457 problem details, keeping `detail` (what the backend reads)
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    problem = r.json()
+    assert problem["status"] == row.expect and problem["code"] and problem["title"] and "detail" in problem, problem
     assert row.detail in r.text, (row.name, r.text[:500])
     assert "Traceback" not in r.text and 'File "' not in r.text
     assert len(r.content) < 16 * 1024, "an error answer echoes the input"
@@ -256,7 +259,9 @@ def test_no_keys_configured_refuses_every_protected_route(redis_url: str, tmp_pa
     from api_shim.app import create_app
     from ecg_audio.settings import Settings
 
-    open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    open_paths = {
+        "/health", "/health/live", "/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"
+    }
     for keys in ([], [""]):
         settings = Settings(api_keys=keys, redis_url=redis_url, workspace_root=tmp_path / "ws", log_json=True)
         app = create_app(settings)
@@ -284,7 +289,7 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
 ) -> None:
     """Submission resolves the media host; a resolver that never answers is cut off at the deadline.
 
-    More submissions than the DNS pool has threads still each get their 422 on time.
+    More submissions than the DNS pool has threads still each get their answer (503, retry) on time.
     """
     from fastapi.testclient import TestClient
 
@@ -307,7 +312,9 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
             t0 = time.monotonic()
             r = client.post(PROCESS, json=_body(job_id=f"dns-{n}", video_url=f"https://slow-{n}.example/a.mp4"))
             assert time.monotonic() - t0 < 3, "the deadline did not hold"
-            assert r.status_code == 422 and "no DNS answer within 0.5 s" in r.json()["detail"], r.text
+            # a name server that does not answer may answer later: 503 and when to retry, not a final 4xx
+            assert r.status_code == 503 and "no DNS answer within 0.5 s" in r.json()["detail"], r.text
+            assert int(r.headers["retry-after"]) > 0, r.headers
     finally:
         release.set()
 

@@ -27,12 +27,14 @@ from tests.conftest import API_KEY, Proc, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
+OTHER_KEY = "another-tenant-key-0123456789"
+
 
 @pytest.fixture(scope="module")
 def live_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The shim with a 1 s keep-alive (the session's shim keeps the default 15 s)."""
     port = free_port()
-    env = {**stack_env, "ECG_SSE_KEEPALIVE_S": "1"}
+    env = {**stack_env, "ECG_SSE_KEEPALIVE_S": "1", "ECG_API_KEYS": json.dumps([API_KEY, OTHER_KEY])}
     log = tmp_path_factory.mktemp("logs") / "live-shim.log"
     p = Proc("live-shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1",
                            "--port", str(port)], env, log)
@@ -149,10 +151,10 @@ def test_reconnect_with_last_event_id_gets_what_was_missed_once(client: httpx.Cl
     assert read_sse(client, f"/jobs/{job}/events").ids == sent
 
 
-def test_page_token_opens_the_stream_of_its_job_only(live_shim: str, r: redis.Redis, stack_env: dict[str, str]) -> None:
+def test_page_token_opens_the_stream_of_its_job_only(live_shim: str, r: redis.Redis) -> None:
     job, other = new_job(r), new_job(r)
     emit(r, job, 100, final=True)
-    secret = view_secret(Settings(api_keys=json.loads(stack_env["ECG_API_KEYS"])))
+    secret = view_secret(Settings(api_keys=[API_KEY, OTHER_KEY]))
     assert secret is not None
     good = make_token(secret, job, int(time.time()) + 600)
     with httpx.Client(base_url=live_shim, timeout=30) as anon:  # no API key
@@ -205,3 +207,17 @@ def test_many_streams_on_one_event_loop(client: httpx.Client, r: redis.Redis, li
         t.join(60)
     assert {j: results[j].ids for j in jobs} == expected
 
+
+
+def test_another_keys_job_is_not_found(client: httpx.Client, live_shim: str) -> None:
+    job = f"tenant-{uuid.uuid4().hex[:8]}"
+    body = {"job_id": job, "video_url": "s3://bucket/nothing-here.wav"}
+    assert client.post("/api/upload-video/process-video", json=body).status_code == 202
+    view_url = client.get(f"/jobs/{job}").json()["view_url"]
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=30) as other:
+        for path in (f"/jobs/{job}/events", f"/jobs/{job}/view/data", f"/jobs/{job}/view"):
+            resp = other.get(path)
+            assert resp.status_code == 404, (path, resp.status_code)
+            assert resp.headers["content-type"].startswith("application/problem+json")
+    # the page link itself works for whoever holds it, without a key
+    assert httpx.get(view_url, timeout=30).status_code == 200

@@ -11,6 +11,8 @@ session's shim except two, each for a reason:
   a queue that no worker consumes: they cannot collide with the table's job ids
   nor load the worker the other tests share;
 * ``POST /transcribe`` waits 0.5 s, not 10 min, for jobs that nobody runs.
+
+Besides the schema, every error answer must be RFC 9457 problem+json (``problem_json_errors``).
 """
 
 from __future__ import annotations
@@ -94,10 +96,15 @@ def api_schema(fuzz_shim: str) -> Any:
 OPERATIONS = [
     ("POST", "/api/upload-video/process-video"),
     ("POST", "/transcribe"),
+    ("GET", "/jobs"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
+    ("GET", "/jobs/{job_id}/result"),
+    ("GET", "/jobs/{job_id}/exports/{fmt}"),
     ("POST", "/api/uploads"),
     ("GET", "/health"),
+    ("GET", "/health/live"),
+    ("GET", "/health/ready"),
 ]
 
 
@@ -110,6 +117,17 @@ def _acceptable(drawn: tuple[Any, bool, bytes]) -> Any:
         case.body["video_url"] = f"upload://{upload_id.hex()}"
         case.body.pop("callback_url", None)
     return case
+
+
+def problem_json_errors(ctx: Any, response: Any, case: Any) -> None:
+    """Every 4xx and 5xx answers RFC 9457 problem+json with a stable code."""
+    if response.status_code < 400:
+        return
+    kind = response.headers.get("content-type", [""])
+    kind = kind[0] if isinstance(kind, list) else kind
+    assert kind.startswith("application/problem+json"), (response.status_code, kind)
+    body = response.json()
+    assert body["status"] == response.status_code and body["title"] and body["code"], body
 
 
 def test_every_operation_is_fuzzed(api_schema: Any) -> None:
@@ -147,7 +165,7 @@ def test_fuzz(api_schema: Any, fuzz_shim: str, method: str, path: str, mode: Gen
             session=session,
             headers=AUTH,
             timeout=30,
-            checks=[not_a_server_error, response_schema_conformance, content_type_conformance],
+            checks=[not_a_server_error, response_schema_conformance, content_type_conformance, problem_json_errors],
         )
         seen = _statuses.setdefault(label, {})
         seen[response.status_code] = seen.get(response.status_code, 0) + 1

@@ -31,6 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from api_shim.deps import ShimDep, bearer, require_key
 from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, ApiError
 from api_shim.schemas import JOB_ID_PATTERN
+from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
 from ecg_audio import event_log
 from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord
@@ -54,7 +55,8 @@ async def job_access(
         Query(max_length=200, description="The job page's signed token (from `view_url`), instead of an API key."),
     ] = None,
 ) -> JobRecord:
-    """The job's record, for a caller with an API key or with a valid page token for this job."""
+    """The job's record, for the API key that made the job or a valid page token for this job."""
+    caller = None
     if token is not None:
         if not check_token(view_secret(shim.settings), job_id, token):
             raise ApiError(
@@ -63,9 +65,10 @@ async def job_access(
                 "this job page link is not valid or has expired; ask for the job's current view_url",
             )
     else:
-        await require_key(shim, creds)
+        caller = await require_key(shim, creds)
     rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
-    if rec is None:
+    # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
+    if rec is None or (caller is not None and not visible_to(rec, caller)):
         raise ApiError(404, "NOT_FOUND", "no such job")
     return rec
 

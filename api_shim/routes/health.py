@@ -1,45 +1,46 @@
-"""Health: broker, workers, queue depth. Open (no API key), for load balancers and people."""
+"""Health: open (no API key), for load balancers, orchestrators and people.
+
+* ``/health``: broker, workers, queue depth (cached a few seconds: ``api_shim.probes``);
+* ``/health/live``: the process answers (restart it when this fails);
+* ``/health/ready``: it can accept jobs, i.e. the broker answers (503 otherwise: route traffic elsewhere).
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import redis
 from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
-import celeryconfig
 from api_shim.deps import ShimDep
+from api_shim.errors import UNAVAILABLE, ApiError
 from api_shim.schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
-def queue_depth(
-    r: redis.Redis, queues: tuple[str, ...] = (celeryconfig.MODEL_QUEUE, celeryconfig.CPU_QUEUE)
-) -> dict[str, int]:
-    """Messages waiting per queue, priority sub-queues included."""
-    from ecg_audio.chain import queue_key
-
-    pipe = r.pipeline()
-    names: list[str] = []
-    for q in queues:
-        for p in celeryconfig.PRIORITY_STEPS:
-            names.append(q)
-            pipe.llen(queue_key(q, p))
-    out: dict[str, int] = dict.fromkeys(queues, 0)
-    for q, n in zip(names, pipe.execute(), strict=True):
-        out[q] += int(n)
-    return out
+class Probe(BaseModel):
+    status: Literal["ok"]
 
 
 @router.get("/health", response_model=Health)
-def health(shim: ShimDep) -> Health:
-    r = shim.r
+async def health(shim: ShimDep) -> Health:
+    # async, and a thread only to refresh: a flood of cached answers costs no thread-pool slot
+    report = shim.health.fresh()
+    return report if report is not None else await run_in_threadpool(shim.health.refresh)
+
+
+@router.get("/health/live", response_model=Probe)
+async def live() -> Probe:
+    return Probe(status="ok")
+
+
+@router.get("/health/ready", response_model=Probe, responses=UNAVAILABLE)
+async def ready(shim: ShimDep) -> Probe:
     try:
-        r.ping()
-        depth = queue_depth(r)
-    except redis.RedisError:
-        return Health(status="degraded", broker=False, workers=0, queue_depth={})
-    try:
-        workers = len(shim.celery.control.ping(timeout=0.5) or [])
-    except Exception:
-        workers = 0
-    return Health(status="ok" if workers else "degraded", broker=True, workers=workers, queue_depth=depth)
+        await shim.async_store().r.ping()
+    except (redis.RedisError, OSError) as e:
+        raise ApiError(503, "BROKER_UNAVAILABLE", "the broker (Redis) does not answer: jobs cannot be accepted") from e
+    return Probe(status="ok")

@@ -1,18 +1,20 @@
-"""Jobs: submit (and wait), read, cancel."""
+"""Jobs: submit (and wait), list, read, cancel, and a finished job's result and exports."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
 
-from api_shim.deps import CurrentKey, ShimDep, StoreDep
-from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
-from api_shim.schemas import Accepted, JobState, ProcessRequest
-from api_shim.submission import existing_job, state_of, state_of_async, submit
+from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, StoreDep
+from api_shim.errors import CONFLICT, NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.exports import MEDIA_TYPES, ExportFormat, render
+from api_shim.listing import Cursor, list_jobs
+from api_shim.schemas import Accepted, JobPage, JobState, JobStatus, JobSummary, ProcessRequest
+from api_shim.submission import existing_job, job_state, state_of_async, submit
 from api_shim.view_tokens import view_url
 
 router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
@@ -22,25 +24,29 @@ router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
     "/api/upload-video/process-video",
     status_code=202,
     response_model=Accepted | JobState,
-    responses={200: {"model": JobState}, **UNAVAILABLE},
+    responses={200: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Accept a job (idempotent on job_id)",
 )
 async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    created, rec = await submit(shim, req)
+    created, rec = await submit(shim, req, caller)
     if created or rec is None:
         # the Accepted model's JSON, without validating a model built from values just checked
-        return JSONResponse(status_code=202, content={"job_id": req.job_id, "status": "queued"})
+        return JSONResponse(
+            status_code=202,
+            content={"job_id": req.job_id, "status": "queued"},
+            headers={"Location": f"/jobs/{req.job_id}"},
+        )
     return JSONResponse(status_code=200, content=(await state_of_async(shim, rec)).model_dump())
 
 
 @router.post(
     "/transcribe",
     response_model=JobState,
-    responses={202: {"model": JobState}, **UNAVAILABLE},
+    responses={202: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Submit and wait for the result",
 )
 async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    found = (await submit(shim, req))[1]
+    found = (await submit(shim, req, caller))[1]
     store = shim.async_store()
     rec = found or await store.get(req.job_id)
     if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
@@ -50,20 +56,105 @@ async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> 
         await asyncio.sleep(0.25)
         rec = await store.get(req.job_id) or rec
     code = 200 if rec.status in ("completed", "failed") else 202
-    return JSONResponse(status_code=code, content=(await state_of_async(shim, rec)).model_dump())
+    headers = {"Location": f"/jobs/{req.job_id}"} if code == 202 else None
+    return JSONResponse(status_code=code, content=(await state_of_async(shim, rec)).model_dump(), headers=headers)
+
+
+@router.get("/jobs", response_model=JobPage, summary="This API key's jobs, newest first")
+def get_jobs(
+    store: StoreDep,
+    caller: CurrentKey,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+) -> JobPage:
+    after = Cursor.decode(cursor) if cursor else None
+    recs, last = list_jobs(store, caller.fingerprint, limit=limit, status=status, cursor=after)
+    jobs = [
+        JobSummary(
+            job_id=r.job_id,
+            status=r.status,  # type: ignore[arg-type]
+            progress=r.progress,
+            message=r.message,
+            stage=r.stage,
+            error_code=r.error_code,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+        )
+        for r in recs
+    ]
+    return JobPage(jobs=jobs, next_cursor=last.encode() if last else None)
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
-def get_job(job_id: str, store: StoreDep, shim: ShimDep, caller: CurrentKey, request: Request) -> JobState:
-    state = state_of(store, existing_job(store, job_id))
-    state.view_url = view_url(shim.settings, job_id, str(request.base_url))
+def get_job(job_id: str, shim: ShimDep, caller: CurrentKey, request: Request) -> JobState:
+    rec = existing_job(shim.store, job_id, caller)
+    result = _result_of(shim, rec.job_id) if rec.status == "completed" else None
+    state = job_state(rec, result)
+    state.queue_position = shim.progress.queue_position(rec)
+    state.eta_s = shim.progress.eta_s(rec)
+    state.view_url = view_url(shim.settings, rec.job_id, str(request.base_url))
     return state
 
 
 @router.delete("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
 def cancel_job(job_id: str, store: StoreDep, caller: CurrentKey) -> JobState:
-    rec = existing_job(store, job_id)
+    rec = existing_job(store, job_id, caller)
     if rec.status not in ("completed", "failed"):
         store.mark_failed(job_id, "CANCELLED", "cancelled by request", rec.stage)
         rec = store.get(job_id) or rec
-    return state_of(store, rec)
+    env = store.get_result(job_id) if rec.status == "completed" else None
+    return job_state(rec, env.get("result") if env else None)
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **NOT_FOUND},
+    summary="A finished job's result document (404 until it is completed)",
+)
+def get_result(job_id: str, shim: ShimDep, caller: CurrentKey) -> JSONResponse:
+    result = _finished_result(shim, job_id, caller)
+    return JSONResponse(result, headers={"Content-Disposition": f'inline; filename="{job_id}.json"'})
+
+
+EXPORT_DOCS = {
+    200: {"content": {m.split(";")[0]: {"schema": {"type": "string"}} for m in MEDIA_TYPES.values()}},
+    **NOT_FOUND,
+}
+
+
+@router.get(
+    "/jobs/{job_id}/exports/{fmt}",
+    responses=EXPORT_DOCS,  # type: ignore[arg-type]
+    summary="A finished job as subtitles (srt, vtt), diarization (rttm) or plain text (txt)",
+)
+def get_export(job_id: str, fmt: ExportFormat, shim: ShimDep, caller: CurrentKey) -> Response:
+    result = _finished_result(shim, job_id, caller)
+    export = render(result, job_id, fmt)
+    return Response(
+        export.text,
+        media_type=export.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.{fmt}"'},
+    )
+
+
+def _result_of(shim: Shim, job_id: str) -> dict[str, Any] | None:
+    env = shim.store.get_result(job_id)
+    return env.get("result") if env else None
+
+
+def _finished_result(shim: Shim, job_id: str, caller: Caller) -> dict[str, Any]:
+    rec = existing_job(shim.store, job_id, caller)
+    if rec.status == "failed":
+        raise ApiError(
+            404, rec.error_code or "PROCESSING_ERROR", f"job {job_id} failed, so it has no result: {rec.error_message}"
+        )
+    result = _result_of(shim, job_id) if rec.status == "completed" else None
+    if result is None:
+        raise ApiError(
+            404,
+            "RESULT_NOT_READY",
+            f"job {job_id} has no result yet: it is {rec.status} ({rec.progress}%); "
+            f"poll GET /jobs/{job_id} or wait for the final callback",
+        )
+    return result

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api_shim.deps import CurrentKey, ShimDep
-from api_shim.errors import PROTECTED_RESPONSES, ApiError
+from api_shim.errors import PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.middleware import UPLOAD_PATH
 from api_shim.schemas import UploadAccepted
 from ecg_audio.uploads import sweep_uploads, upload_to_s3, uploads_dir
@@ -22,6 +22,7 @@ router = APIRouter(tags=["uploads"], responses=PROTECTED_RESPONSES)
     UPLOAD_PATH,
     response_model=UploadAccepted,
     status_code=201,
+    responses=UNAVAILABLE,
     summary="Upload a media file; use the returned video_url in a job",
     openapi_extra={
         "requestBody": {

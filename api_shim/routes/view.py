@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from api_shim.deps import ShimDep
 from api_shim.errors import NOT_FOUND, ApiError
+from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.routes.events import JobAccess, live_state
-from pipeline.merge import exports as render_exports
 
 router = APIRouter(tags=["live"])
 
@@ -33,38 +32,11 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
-EXPORT_TYPES = {
-    "srt": "application/x-subrip; charset=utf-8",
-    "vtt": "text/vtt; charset=utf-8",
-    "rttm": "text/plain; charset=utf-8",
-    "txt": "text/plain; charset=utf-8",
-}
 
 
 @functools.cache
 def static_text(name: str) -> str:
     return (resources.files("api_shim") / "static" / name).read_text(encoding="utf-8")
-
-
-def _clock(t: float) -> str:
-    m, s = divmod(max(0.0, float(t)), 60.0)
-    h, m = divmod(int(m), 60)
-    return f"{h:02d}:{m:02d}:{s:04.1f}"
-
-
-def to_txt(result: dict[str, Any]) -> str:
-    """One line per segment: ``[start - end] SPEAKER: text``."""
-    return "".join(
-        f"[{_clock(s['start'])} - {_clock(s['end'])}] {s.get('speaker') or '?'}: {str(s.get('text', '')).strip()}\n"
-        for s in result.get("segments", [])
-    )
-
-
-def render_export(result: dict[str, Any], job_id: str, fmt: str) -> str:
-    """The export as ``pipeline.merge`` writes it next to the result (SRT, VTT, RTTM), or plain text."""
-    if fmt == "txt":
-        return to_txt(result)
-    return render_exports(result, job_id)[fmt]
 
 
 @router.get(
@@ -104,16 +76,16 @@ async def job_page_data(rec: JobAccess, shim: ShimDep) -> JSONResponse:
 
 @router.get(
     "/jobs/{job_id}/view/exports/{fmt}",
-    responses={200: {"content": {t.split(";")[0]: {} for t in EXPORT_TYPES.values()}}, **NOT_FOUND},
+    responses={200: {"content": {t.split(";")[0]: {} for t in MEDIA_TYPES.values()}}, **NOT_FOUND},
     summary="The job page's downloads: SRT, VTT, RTTM or plain text",
 )
-async def job_page_export(rec: JobAccess, fmt: Literal["srt", "vtt", "rttm", "txt"], shim: ShimDep) -> Response:
+async def job_page_export(rec: JobAccess, fmt: ExportFormat, shim: ShimDep) -> Response:
     envelope = await live_state(shim.settings).store.get_result(rec.job_id) if rec.status == "completed" else None
     if envelope is None or "result" not in envelope:
         raise ApiError(404, "RESULT_NOT_READY", f"the job is {rec.status}: its exports exist once it has completed")
-    body = render_export(envelope["result"], rec.job_id, fmt)
+    export = render(envelope["result"], rec.job_id, fmt)  # as GET /jobs/{id}/exports/{fmt} renders it
     return Response(
-        body,
-        media_type=EXPORT_TYPES[fmt],
+        export.text,
+        media_type=export.media_type,
         headers={"Content-Disposition": f'attachment; filename="{rec.job_id}.{fmt}"', "Cache-Control": "no-store"},
     )

@@ -1,0 +1,124 @@
+"""What a waiting person wants to know: how many jobs are ahead, and how long it will take.
+
+* ``queue_position``: messages ahead of the job's first message in its queue, counted inside
+  Redis (a script scans the list from the consumer's end for the message's task id, at most
+  ``MAX_SCAN`` messages) plus every message in the higher-priority sub-queues.
+* ``eta_s``: the audio's duration (on the record once ingest has run) times each remaining
+  stage's measured speed (seconds of work per second of audio: the median over the most
+  recent completed jobs' ``metadata.stage_times``), less the part of the current stage done.
+  None until both are known.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import redis
+
+from ecg_audio.chain import PRIORITY_SEP, STAGES
+from ecg_audio.jobs import ALL_SET, PREFIX, JobRecord, JobStore
+
+MAX_SCAN = 10_000
+SPEEDS_TTL_S = 60.0
+RECENT_JOBS = 200  # newest jobs looked at for completed ones
+SPEED_SAMPLES = 20  # completed jobs whose stage times make the medians
+
+# KEYS: the queue list; ARGV: the quoted task id, the most messages to look at.
+# Returns how many messages the consumer takes before this one, -1 when it is not there (taken
+# already), -2 when it is further than the cap. The consumer pops from the right.
+_POSITION_LUA = """
+local needle, cap, seen = ARGV[1], tonumber(ARGV[2]), 0
+while seen < cap do
+  local batch = redis.call('LRANGE', KEYS[1], -(seen + 100), -(seen + 1))
+  for i = #batch, 1, -1 do
+    if string.find(batch[i], needle, 1, true) then return seen + (#batch - i) end
+  end
+  if #batch < 100 then return -1 end
+  seen = seen + #batch
+end
+return -2
+"""
+
+
+class ProgressEstimator:
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.r: redis.Redis = store.r
+        self._position = self.r.register_script(_POSITION_LUA)
+        self._lock = threading.Lock()
+        self._speeds: dict[str, float] = {}
+        self._speeds_at = -SPEEDS_TTL_S
+
+    def queue_position(self, rec: JobRecord) -> int | None:
+        if rec.status != "queued" or not rec.queue_key or not rec.queue_task_id:
+            return None
+        within = int(self._position(keys=[rec.queue_key], args=[f'"{rec.queue_task_id}"', MAX_SCAN]))  # type: ignore[arg-type]
+        if within < 0:
+            return None  # taken a moment ago, or further than anyone would count
+        queue, _, step = rec.queue_key.partition(PRIORITY_SEP)
+        mine = int(step or 0)
+        # kombu's Redis transport serves lower priority steps first: those lists are all ahead
+        ahead = [queue] if mine > 0 else []
+        ahead += [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, mine)]
+        pipe = self.r.pipeline()
+        for key in ahead:
+            pipe.llen(key)
+        return within + sum(int(n) for n in pipe.execute())
+
+    def eta_s(self, rec: JobRecord) -> float | None:
+        if rec.status not in ("queued", "processing") or not rec.duration:
+            return None
+        speeds = self.speeds()
+        if not speeds or any(s not in speeds for s in STAGES):
+            return None
+        done = _stage_done(rec)
+        remaining = sum(speeds[s] * rec.duration * (1.0 - done.get(s, 0.0)) for s in STAGES)
+        return round(remaining, 1)
+
+    def speeds(self) -> dict[str, float]:
+        """Median seconds of work per second of audio, per stage, over recent completed jobs (cached)."""
+        with self._lock:
+            if time.monotonic() - self._speeds_at < SPEEDS_TTL_S:
+                return self._speeds
+            self._speeds = self._measure()
+            self._speeds_at = time.monotonic()
+            return self._speeds
+
+    def _measure(self) -> dict[str, float]:
+        ids = [str(i) for i in self.r.zrevrange(ALL_SET, 0, RECENT_JOBS - 1)]  # type: ignore[union-attr]
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hget(PREFIX + job_id, "status")
+        completed = [j for j, st in zip(ids, pipe.execute(), strict=True) if st == "completed"][:SPEED_SAMPLES]
+        samples: dict[str, list[float]] = {s: [] for s in STAGES}
+        for job_id in completed:
+            env = self.store.get_result(job_id) or {}
+            md: dict[str, Any] = (env.get("result") or {}).get("metadata") or {}
+            duration = float(md.get("duration") or 0)
+            if duration <= 0:
+                continue
+            for stage, seconds in (md.get("stage_times") or {}).items():
+                if stage in samples:
+                    samples[stage].append(float(seconds) / duration)
+        return {s: statistics.median(v) for s, v in samples.items() if v}
+
+
+def _stage_done(rec: JobRecord) -> dict[str, float]:
+    """Fraction done of each stage, from the record's stage and progress (stage milestones in order)."""
+    from tasks.stages import STAGES as MILESTONES  # torch-free: the stage table (artifact, progress, message)
+
+    if rec.status == "queued" or rec.stage not in MILESTONES:
+        return {}
+    out: dict[str, float] = {}
+    before = 0
+    for name in STAGES:
+        end = MILESTONES[name][1]
+        if name == rec.stage:
+            out[name] = max(0.0, min(1.0, (rec.progress - before) / max(1, end - before)))
+            break
+        out[name] = 1.0
+        before = end
+    return out
