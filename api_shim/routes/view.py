@@ -16,11 +16,11 @@ from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from api_shim.deps import ShimDep
-from api_shim.errors import NOT_FOUND, ApiError
+from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, ApiError
 from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.routes.events import JobAccess, live_state
 
-router = APIRouter(tags=["live"])
+router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
 
 ASSETS = {"view.js": "text/javascript; charset=utf-8", "view.css": "text/css; charset=utf-8"}
 PAGE_HEADERS = {
