@@ -10,14 +10,20 @@ callback outbox delivers the same events to the backend. Event ids are made here
 (``new_event_id``) so that a job without a callback has them too, and the outbox reuses them.
 
 Appending is one Redis script: it refuses an event whose id equals the last entry's (a
-redelivered task reporting again) and anything after the final event (the log is closed),
-so a reader that stops at the final event never misses a later one, and sees the final once.
+redelivered task reporting again, a final event made twice), so a reader sees each event once.
+
+A final event's id is ``{job_id}:final``, or ``{job_id}:final:{run}`` when an operator's requeue
+starts a new run (the single event builder numbers them): a log can hold a final event with a
+later run after it. Readers therefore stop at a final event only when nothing follows it (yet):
+a live follower ends with its run; one that resumes after a final event that is no longer the
+last gets the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ DEFAULT_TTL_S = 7 * 24 * 3600  # JobStore's default: the log lives as long as th
 FINAL_SUFFIX = ":final"
 
 # KEYS[1]: the stream. ARGV: event_id, payload JSON, maxlen, ttl_s.
-# Returns the new entry id, or false when the event is refused (a repeat, or the log is closed).
+# Returns the new entry id, or false when the event is refused (a repeat of the last event).
 _APPEND_LUA = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -41,7 +47,7 @@ if #last > 0 then
   for i = 1, #fields, 2 do
     if fields[i] == 'event_id' then
       local prev = fields[i + 1]
-      if prev == ARGV[1] or string.sub(prev, -6) == ':final' then return false end
+      if prev == ARGV[1] then return false end
     end
   end
 end
@@ -61,8 +67,12 @@ def new_event_id(job_id: str, *, final: bool = False) -> str:
     return f"{job_id}{FINAL_SUFFIX}" if final else f"{job_id}:{uuid.uuid4().hex[:12]}"
 
 
+_FINAL = re.compile(r":final(:\d+)?$")
+
+
 def is_final(event_id: str) -> bool:
-    return event_id.endswith(FINAL_SUFFIX)
+    """``{job_id}:final`` or ``{job_id}:final:{run}``."""
+    return _FINAL.search(event_id) is not None
 
 
 def append(
@@ -77,9 +87,9 @@ def append(
 
     ``client_or_pipeline``: a ``redis.Redis`` or one of its pipelines (the event then goes
     with the pipeline's other commands). Returns the stream entry id (bytes or str, as the
-    client decodes), ``None`` when the event was refused (a repeat of the last event, or an
-    event after the final one), or, on a pipeline, the pipeline (the reply comes with
-    ``execute()``). On a ``redis.asyncio`` client, the same as an awaitable.
+    client decodes), ``None`` when the event was refused (a repeat of the last event), or, on
+    a pipeline, the pipeline (the reply comes with ``execute()``). On a ``redis.asyncio``
+    client, the same as an awaitable.
     """
     body = json.dumps({**payload, "event_id": event_id}, ensure_ascii=False, separators=(",", ":"))
     args = [event_id, body, MAXLEN, int(ttl_s)]
@@ -123,9 +133,9 @@ def _after(events: list[Event], last_event_id: str | None) -> tuple[str, list[Ev
     a client may then see an event again, but misses none.
     """
     if last_event_id:
-        for i, ev in enumerate(events):
-            if ev.event_id == last_event_id:
-                return ev.entry_id, events[i + 1 :]
+        for i in range(len(events) - 1, -1, -1):
+            if events[i].event_id == last_event_id:
+                return events[i].entry_id, events[i + 1 :]
     return "0-0", events
 
 
@@ -148,7 +158,7 @@ def follow(
     position, backlog = _after(read_all(client, job_id), last_event_id)
     for ev in backlog:
         yield ev
-        if ev.final:
+        if ev.final and ev is backlog[-1]:  # an earlier run's final event is passed on
             return
         position = ev.entry_id
     k = key(job_id)
@@ -165,6 +175,12 @@ def follow(
 
 
 # --- asyncio reader ---------------------------------------------------------
+
+
+async def last_event_async(client: redis.asyncio.Redis, job_id: str) -> Event | None:
+    entries: Any = await client.xrevrange(key(job_id), count=1)
+    found = _entries(entries)
+    return found[0] if found else None
 
 
 async def read_all_async(client: redis.asyncio.Redis, job_id: str) -> list[Event]:
@@ -193,7 +209,7 @@ class AsyncFollower:
         for ev in backlog:
             yield ev
             position = ev.entry_id
-            if ev.final:
+            if ev.final and ev is backlog[-1]:  # an earlier run's final event is passed on
                 self.done = True
                 return
         k = key(self.job_id)
@@ -241,14 +257,14 @@ class Subscription:
         position = self.position
         for ev in self.backlog:
             yield ev
-            if ev.final:
+            if ev.final and ev is self.backlog[-1] and self.gap_to is None:  # not an earlier run's
                 return
         if self.gap_to is not None:
-            missed: Any = await self.hub.r.xrange(self.stream, min=f"({position}", max=self.gap_to)
-            for ev in _entries(missed):
+            missed = _entries(await self.hub.r.xrange(self.stream, min=f"({position}", max=self.gap_to))
+            for ev in missed:
                 yield ev
                 position = ev.entry_id
-                if ev.final:
+                if ev.final and ev is missed[-1] and self.queue.empty():
                     return
         while True:
             try:

@@ -20,7 +20,7 @@ def _progress(job_id: str, p: int) -> dict[str, object]:
     return {"job_id": job_id, "status": "processing", "progress": p}
 
 
-def test_append_orders_events_refuses_repeats_and_closes_after_final(redis_url: str) -> None:
+def test_append_orders_events_and_refuses_repeats(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = _job()
     ids = [event_log.new_event_id(job) for _ in range(3)]
@@ -31,7 +31,6 @@ def test_append_orders_events_refuses_repeats_and_closes_after_final(redis_url: 
     assert final == f"{job}:final"
     assert event_log.append(r, job, final, {"job_id": job, "status": "completed", "progress": 100})
     assert event_log.append(r, job, final, {"job_id": job, "status": "completed"}) is None  # final once
-    assert event_log.append(r, job, event_log.new_event_id(job), _progress(job, 50)) is None  # log closed
     events = event_log.read_all(r, job)
     assert [e.event_id for e in events] == [*ids, final]
     assert [e.payload["event_id"] for e in events] == [*ids, final]  # the callback body carries its id
@@ -106,3 +105,18 @@ def test_async_follower_blocks_without_a_thread(redis_url: str) -> None:
     got = asyncio.run(main())
     assert [g for g in got if g is not None] == [f"{job}:a", f"{job}:final"]
     assert got[0] is None  # it waited (keep-alive ticks) before the first event
+
+
+def test_a_requeued_run_follows_the_earlier_final_event(redis_url: str) -> None:
+    """Final ids ``{job}:final:{run}`` (the event builder's, after an operator requeue): a reader passes
+    an earlier run's final event and stops at the last one; resuming after run 1's final gets run 2."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    job = _job()
+    run1 = [f"{job}:a", f"{job}:final:1"]
+    run2 = [f"{job}:b", f"{job}:final:2"]
+    for eid in run1 + run2:
+        assert event_log.append(r, job, eid, {"job_id": job})
+    assert all(event_log.is_final(e) for e in (f"{job}:final", f"{job}:final:1", f"{job}:final:12"))
+    assert not event_log.is_final(f"{job}:finalize")
+    assert [e.event_id for e in event_log.follow(r, job) if e] == run1 + run2
+    assert [e.event_id for e in event_log.follow(r, job, last_event_id=run1[-1]) if e] == run2

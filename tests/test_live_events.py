@@ -221,3 +221,17 @@ def test_another_keys_job_is_not_found(client: httpx.Client, live_shim: str) -> 
             assert resp.headers["content-type"].startswith("application/problem+json")
     # the page link itself works for whoever holds it, without a key
     assert httpx.get(view_url, timeout=30).status_code == 200
+
+
+def test_after_a_requeue_the_stream_carries_the_new_run(client: httpx.Client, r: redis.Redis) -> None:
+    """Final ids ``{job}:final:{run}``: a client holding run 1's final event gets 204 until a new run
+    starts, then the new run's events (it is not told to stop for good by an earlier final)."""
+    job = new_job(r)
+    for eid in (f"{job}:a", f"{job}:final:1"):
+        event_log.append(r, job, eid, {"job_id": job, "status": "processing", "progress": 10})
+    assert read_sse(client, f"/jobs/{job}/events", headers={"Last-Event-ID": f"{job}:final:1"}).status == 204
+    for eid in (f"{job}:b", f"{job}:final:2"):
+        event_log.append(r, job, eid, {"job_id": job, "status": "processing", "progress": 10})
+    got = read_sse(client, f"/jobs/{job}/events", headers={"Last-Event-ID": f"{job}:final:1"})
+    assert got.ended and got.ids == [f"{job}:b", f"{job}:final:2"]
+    assert read_sse(client, f"/jobs/{job}/events").ids == [f"{job}:a", f"{job}:final:1", f"{job}:b", f"{job}:final:2"]

@@ -179,8 +179,11 @@ async def job_events(
         str | None, Header(max_length=300, description="Resume after this event (browsers send it on reconnect)")
     ] = None,
 ) -> Response:
-    if last_event_id == event_log.new_event_id(rec.job_id, final=True):
-        return Response(status_code=204)
+    if last_event_id and event_log.is_final(last_event_id):
+        last = await event_log.last_event_async(live_state(shim.settings).hub.r, rec.job_id)
+        if last is not None and last.event_id == last_event_id:
+            # the client has the job's last word; after a requeue (a later run) it would get the new events
+            return Response(status_code=204)
     stream = event_stream(live_state(shim.settings), rec.job_id, last_event_id, shim.settings.sse_keepalive_s)
     # its first step (read the backlog, subscribe) runs now: a client that sees the stream open is
     # already following, and a Redis failure is an error status, not a broken stream. Once started,
