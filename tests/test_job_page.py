@@ -250,3 +250,41 @@ def test_sse_client_reconnecting_mid_job_gets_every_event_once(
         assert time.monotonic() < deadline, "callbacks not delivered"
         time.sleep(0.2)
     assert [e["event_id"] for e in receiver.for_job(job_id)] == ids
+
+
+def test_job_page_renders_korean_text(client: httpx.Client, redis_url: str, chrome: Chrome) -> None:  # noqa: F811
+    """UTF-8 all the way: Korean segment text from the stored result reaches the DOM unchanged, the
+    document's language follows the result's, and the downloads carry the same text."""
+    from ecg_audio.jobs import JobStore
+
+    store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), 3600)
+    job_id = f"ko-{uuid.uuid4().hex[:8]}"
+    store.create(job_id, {"job_id": job_id, "video_url": "s3://bucket/none.wav", "language": "ko"})
+    lines = [("SPEAKER_00", "안녕하세요, 회의를 시작하겠습니다."), ("SPEAKER_01", "네, 좋습니다. 자료는 보셨나요?")]
+    segments = [
+        {"id": i, "start": 2.0 * i, "end": 2.0 * i + 1.8, "speaker": spk, "text": text, "words": []}
+        for i, (spk, text) in enumerate(lines)
+    ]
+    result = {
+        "segments": segments,
+        "diarization": [{"start": s["start"], "end": s["end"], "speaker": s["speaker"]} for s in segments],
+        "speakers": {spk: {"total_duration": 1.8, "segment_count": 1, "word_count": 3} for spk, _ in lines},
+        "metadata": {"duration": 4.0, "language": "ko"},
+    }
+    store.set_result(job_id, {"job_id": job_id, "result": result})
+    store.update(job_id, status="completed", progress=100, stage="merge", message="Done")
+    view_url = client.get(f"/jobs/{job_id}").json()["view_url"]
+    chrome.open(view_url)
+    deadline = time.monotonic() + 60
+    state: dict[str, Any] = {}
+    while not state.get("rendered") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = json.loads(chrome.js(PAGE_STATE) or "{}")
+    assert [s["text"] for s in state["segments"]] == [text for _, text in lines]
+    assert state["lanes"] == ["SPEAKER_00", "SPEAKER_01"]
+    assert chrome.js("document.documentElement.lang") == "ko"
+    assert chrome.js("document.characterSet") == "UTF-8"
+    base = view_url.split("?")[0].rsplit("/", 1)[0] + "/"
+    txt = httpx.get(base + next(h for h in state["downloads"] if "/txt" in h), timeout=30)
+    assert txt.headers["content-type"] == "text/plain; charset=utf-8"
+    assert all(text in txt.text for _, text in lines)
