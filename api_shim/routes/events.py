@@ -23,13 +23,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import redis
 import redis.asyncio
 from fastapi import APIRouter, Depends, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from api_shim.deps import ShimDep, bearer, require_key
-from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, ApiError
+from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.schemas import JOB_ID_PATTERN
 from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
@@ -66,7 +67,10 @@ async def job_access(
             )
     else:
         caller = await require_key(shim, creds)
-    rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+    try:
+        rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
     # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
     if rec is None or (caller is not None and not visible_to(rec, caller)):
         raise ApiError(404, "NOT_FOUND", "no such job")
@@ -169,6 +173,7 @@ async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
         200: {"content": {"text/event-stream": {}}, "description": "The job's events as Server-Sent Events"},
         204: {"description": "The client has already seen the final event (Last-Event-ID): nothing more will come"},
         **NOT_FOUND,
+        **UNAVAILABLE,
     },
     summary="Live progress: the job's events (SSE), ids = callback event ids",
 )
@@ -188,7 +193,10 @@ async def job_events(
     # its first step (read the backlog, subscribe) runs now: a client that sees the stream open is
     # already following, and a Redis failure is an error status, not a broken stream. Once started,
     # the generator's cleanup (unsubscribing) runs even if the answer is never sent.
-    first = await anext(stream)
+    try:
+        first = await anext(stream)
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
     # no-transform/X-Accel-Buffering: proxies must pass each event on as it comes, not buffer the stream
     headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
     return StreamingResponse(_then(first, stream), media_type="text/event-stream", headers=headers)
