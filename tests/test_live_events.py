@@ -235,3 +235,32 @@ def test_after_a_requeue_the_stream_carries_the_new_run(client: httpx.Client, r:
     got = read_sse(client, f"/jobs/{job}/events", headers={"Last-Event-ID": f"{job}:final:1"})
     assert got.ended and got.ids == [f"{job}:b", f"{job}:final:2"]
     assert read_sse(client, f"/jobs/{job}/events").ids == [f"{job}:a", f"{job}:final:1", f"{job}:b", f"{job}:final:2"]
+
+
+def test_websocket_variant_carries_the_same_events(live_shim: str, r: redis.Redis) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    job = new_job(r)
+    first = emit(r, job, 10)
+    secret = view_secret(Settings(api_keys=[API_KEY, OTHER_KEY]))
+    assert secret is not None
+    token = make_token(secret, job, int(time.time()) + 600)
+    ws_base = live_shim.replace("http://", "ws://")
+    got: list[dict[str, Any]] = []
+    with connect(f"{ws_base}/jobs/{job}/events/ws?token={token}", open_timeout=30) as ws:
+        got.append(json.loads(ws.recv(timeout=30)))
+        later = [emit(r, job, 60), emit(r, job, 100, final=True)]
+        try:
+            while True:
+                got.append(json.loads(ws.recv(timeout=30)))
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code == 1000  # a normal close after the final event
+    assert [m["id"] for m in got] == [first, *later]
+    assert all(m["data"]["event_id"] == m["id"] for m in got)
+    # resume, and refusal without a key or token
+    with connect(f"{ws_base}/jobs/{job}/events/ws?token={token}&last_event_id={later[0]}", open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["id"] == later[1]
+    with pytest.raises((InvalidStatus, ConnectionClosed)):
+        with connect(f"{ws_base}/jobs/{job}/events/ws", open_timeout=30) as ws:
+            ws.recv(timeout=10)

@@ -25,16 +25,17 @@ from typing import Annotated, Any
 
 import redis
 import redis.asyncio
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
-from api_shim.deps import ShimDep, bearer, require_key
+from api_shim.deps import Shim, ShimDep, bearer, require_key
 from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.schemas import JOB_ID_PATTERN
 from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
 from ecg_audio import event_log
+from ecg_audio.event_log import Event
 from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord
 from ecg_audio.settings import Settings
 
@@ -57,6 +58,12 @@ async def job_access(
     ] = None,
 ) -> JobRecord:
     """The job's record, for the API key that made the job or a valid page token for this job."""
+    return await authorise(shim, job_id, creds, token)
+
+
+async def authorise(
+    shim: Shim, job_id: str, creds: HTTPAuthorizationCredentials | None, token: str | None
+) -> JobRecord:
     caller = None
     if token is not None:
         if not check_token(view_secret(shim.settings), job_id, token):
@@ -137,25 +144,34 @@ async def _final_from_record(store: AsyncJobStore, rec: JobRecord) -> dict[str, 
     }
 
 
+async def followed(
+    live: LiveState, sub: event_log.Subscription, keepalive_s: float
+) -> AsyncIterator[Event | None]:
+    """A subscription's events, ``None`` after each quiet ``keepalive_s``; ends after the final event,
+    or when the job is forgotten. A job that ended without a final event in its log gets one."""
+    job_id = sub.stream[len(event_log.KEY_PREFIX) : -len(event_log.KEY_SUFFIX)]
+    async for ev in sub.events(idle_s=keepalive_s):
+        yield ev
+        if ev is not None:
+            continue
+        rec = await live.store.get(job_id)
+        if rec is None:  # the job was forgotten (expired, purged): nothing more will come
+            return
+        if rec.status in TERMINAL and time.time() - rec.updated_at > FINAL_GRACE_S:
+            final = await _final_from_record(live.store, rec)
+            # appended, not just sent: every reader (and a reconnect) sees the same final event once
+            final_id = event_log.new_event_id(job_id, final=True)
+            await event_log.append(live.hub.r, job_id, final_id, final, ttl_s=live.store.ttl_s)
+
+
 async def event_stream(
     live: LiveState, job_id: str, last_event_id: str | None, keepalive_s: float
 ) -> AsyncIterator[str]:
     sub = await live.hub.subscribe(job_id, last_event_id=last_event_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
-        async for ev in sub.events(idle_s=keepalive_s):
-            if ev is not None:
-                yield sse_frame(ev)
-                continue
-            yield ": keep-alive\n\n"
-            rec = await live.store.get(job_id)
-            if rec is None:  # the job was forgotten (expired, purged): nothing more will come
-                return
-            if rec.status in TERMINAL and time.time() - rec.updated_at > FINAL_GRACE_S:
-                final = await _final_from_record(live.store, rec)
-                # appended, not just sent: every reader (and a reconnect) sees the same final event once
-                final_id = event_log.new_event_id(job_id, final=True)
-                await event_log.append(live.hub.r, job_id, final_id, final, ttl_s=live.store.ttl_s)
+        async for ev in followed(live, sub, keepalive_s):
+            yield ": keep-alive\n\n" if ev is None else sse_frame(ev)
     finally:
         sub.close()
 
@@ -200,3 +216,32 @@ async def job_events(
     # no-transform/X-Accel-Buffering: proxies must pass each event on as it comes, not buffer the stream
     headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
     return StreamingResponse(_then(first, stream), media_type="text/event-stream", headers=headers)
+
+
+@router.websocket("/jobs/{job_id}/events/ws")
+async def job_events_ws(
+    websocket: WebSocket, job_id: str, token: str | None = None, last_event_id: str | None = None
+) -> None:
+    """The same events over a WebSocket: one text message per event, ``{"id": event id, "data": payload}``,
+    then a normal close after the final event. Access as for the SSE route: ``Authorization: Bearer``
+    or ``?token=``; ``?last_event_id=`` resumes."""
+    shim: Shim = websocket.app.state.shim
+    scheme, _, value = (websocket.headers.get("authorization") or "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=value.strip()) if value else None
+    try:
+        rec = await authorise(shim, job_id, creds, token)
+    except ApiError as e:
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(e.detail)[:120])
+        return
+    live = live_state(shim.settings)
+    sub = await live.hub.subscribe(rec.job_id, last_event_id=last_event_id)
+    try:
+        await websocket.accept()
+        async for ev in followed(live, sub, shim.settings.sse_keepalive_s):
+            if ev is not None:
+                await websocket.send_text(json.dumps({"id": ev.event_id, "data": ev.payload}, ensure_ascii=False))
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        sub.close()
