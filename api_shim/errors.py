@@ -6,7 +6,8 @@ Every error body is ``application/problem+json``::
      "detail": "no such job", "instance": "/jobs/x"}
 
 ``code`` is stable and machine-readable (the job error codes where they apply:
-``DOWNLOAD_ERROR``, ``UNSUPPORTED_OPTION`` …); ``detail`` is what a person reads. It is the
+``DOWNLOAD_ERROR``, ``UNSUPPORTED_OPTION`` …); ``detail`` is what a person reads. Under ``/v1/``
+(the OpenAI-compatible routes) the body also carries OpenAI's ``error`` object, for its clients. It is the
 field the backend has always read: a string, or for a malformed request (422
 ``VALIDATION_ERROR``) FastAPI's list of ``{loc, msg, type}``, kept for the clients that parse it.
 
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = structlog.get_logger("ecg.shim")
 
 PROBLEM_JSON = "application/problem+json"
+OPENAI_PREFIX = "/v1/"
 
 # the code of an error that no route named
 DEFAULT_CODES = {
@@ -76,26 +78,34 @@ def problem_response(
     body = {"type": "about:blank", "title": title, "status": status, "code": code, "detail": detail}
     if instance is not None:
         body["instance"] = instance
+        if instance.startswith(OPENAI_PREFIX):
+            # an extension member in OpenAI's error shape, which OpenAI clients read (message, code)
+            body["error"] = {
+                "message": detail if isinstance(detail, str) else title,
+                "type": "invalid_request_error" if status < 500 else "server_error",
+                "param": None,
+                "code": code,
+            }
     return JSONResponse(status_code=status, content=body, headers=headers, media_type=PROBLEM_JSON)
 
 
-def _problem_doc(description: str) -> dict[str, Any]:
+def problem_doc(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}}
 
 
 # every protected route can answer these; documented so clients (and schema checks) know their shape
 PROTECTED_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _problem_doc("No API key"),
-    403: _problem_doc("API key not accepted"),
-    413: _problem_doc("Request body too large"),
-    422: _problem_doc("The request is malformed or not accepted; `detail` says why"),
+    401: problem_doc("No API key"),
+    403: problem_doc("API key not accepted"),
+    413: problem_doc("Request body too large"),
+    422: problem_doc("The request is malformed or not accepted; `detail` says why"),
 }
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem_doc("No such job (or another API key's job)")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_doc("No such job (or another API key's job)")}
 CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: _problem_doc("The job_id is taken by another request; `detail` names what differs")
+    409: problem_doc("The job_id is taken by another request; `detail` names what differs")
 }
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: _problem_doc("Try again shortly (after Retry-After seconds where it is given)")
+    503: problem_doc("Try again shortly (after Retry-After seconds where it is given)")
 }
 
 

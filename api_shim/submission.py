@@ -9,8 +9,10 @@ first message, built by ``ecg_audio.chain.ChainMessages`` rather than by Celery'
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
+import time
 from typing import Any
 
 import redis
@@ -139,6 +141,19 @@ def visible_to(rec: JobRecord, caller: Caller) -> bool:
     """A job belongs to the key that created it; a job with no owner (made by an operator's
     command, not through the shim) is visible to every key."""
     return rec.owner is None or hmac.compare_digest(rec.owner, caller.fingerprint)
+
+
+async def wait_until_done(shim: Shim, job_id: str, rec: JobRecord | None) -> JobRecord:
+    """The job's record once it is completed or failed, or when ECG_TRANSCRIBE_WAIT_S has passed."""
+    store = shim.async_store()
+    rec = rec or await store.get(job_id)
+    if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly")
+    deadline = time.monotonic() + shim.settings.transcribe_wait_s
+    while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        rec = await store.get(job_id) or rec
+    return rec
 
 
 # --- reading jobs ----------------------------------------------------------------------------

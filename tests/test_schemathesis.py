@@ -106,6 +106,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}/view/data"),
     ("GET", "/jobs/{job_id}/view/exports/{fmt}"),
     ("POST", "/api/uploads"),
+    ("POST", "/v1/audio/transcriptions"),
     ("GET", "/health"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,7 +12,7 @@ from api_shim.errors import CONFLICT, NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABL
 from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.listing import Cursor, list_jobs
 from api_shim.schemas import Accepted, JobPage, JobState, JobStatus, JobSummary, ProcessRequest
-from api_shim.submission import existing_job, job_state, state_of_async, submit
+from api_shim.submission import existing_job, job_state, state_of_async, submit, wait_until_done
 from api_shim.view_tokens import view_url
 
 router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
@@ -47,14 +45,7 @@ async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) 
 )
 async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
     found = (await submit(shim, req, caller))[1]
-    store = shim.async_store()
-    rec = found or await store.get(req.job_id)
-    if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
-        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly")
-    deadline = time.monotonic() + shim.settings.transcribe_wait_s
-    while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        rec = await store.get(req.job_id) or rec
+    rec = await wait_until_done(shim, req.job_id, found)
     code = 200 if rec.status in ("completed", "failed") else 202
     headers = {"Location": f"/jobs/{req.job_id}"} if code == 202 else None
     return JSONResponse(status_code=code, content=(await state_of_async(shim, rec)).model_dump(), headers=headers)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 import structlog
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from api_shim.deps import CurrentKey, ShimDep
+from api_shim.deps import CurrentKey, Shim, ShimDep
 from api_shim.errors import PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.middleware import UPLOAD_PATH
 from api_shim.schemas import UploadAccepted
@@ -32,11 +33,21 @@ router = APIRouter(tags=["uploads"], responses=PROTECTED_RESPONSES)
     },
 )
 async def upload(request: Request, shim: ShimDep, caller: CurrentKey) -> UploadAccepted:
+    refuse_declared_oversize(shim, request)
+    return await save_upload(shim, request.stream())
+
+
+def refuse_declared_oversize(shim: Shim, request: Request) -> None:
+    """413 before a byte is read when the declared length is over the cap."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > shim.settings.max_download_bytes:
+        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"upload larger than {shim.settings.max_download_bytes} bytes")
+
+
+async def save_upload(shim: Shim, chunks: AsyncIterator[bytes]) -> UploadAccepted:
+    """Stream ``chunks`` into the uploads store (S3 when configured) under a new id."""
     settings = shim.settings
     too_big = f"upload larger than {settings.max_download_bytes} bytes"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_download_bytes:
-        raise ApiError(413, "PAYLOAD_TOO_LARGE", too_big)
     uploads = uploads_dir(settings)
     uploads.mkdir(parents=True, exist_ok=True)
     new_id = uuid.uuid4().hex
@@ -45,7 +56,7 @@ async def upload(request: Request, shim: ShimDep, caller: CurrentKey) -> UploadA
     size = 0
     try:
         with open(tmp, "wb") as fh:
-            async for chunk in request.stream():
+            async for chunk in chunks:
                 size += len(chunk)
                 if size > settings.max_download_bytes:
                     raise ApiError(413, "PAYLOAD_TOO_LARGE", too_big)
