@@ -70,6 +70,9 @@ class JobState(BaseModel):
         description="Seconds until done, from the audio's duration and measured stage speeds; "
         "null until both are known.",
     )
+    view_url: str | None = Field(
+        None, description="The job's page for a person (live progress, then the result): signed, expires; no API key"
+    )
 
 
 class JobSummary(BaseModel):

@@ -28,6 +28,8 @@ import httpx
 import redis
 import structlog
 
+from ecg_audio import event_log
+
 QUEUE_PREFIX = "ecg:cb:q:"
 DUE_KEY = "ecg:cb:due"
 LOCK_PREFIX = "ecg:cb:lock:"
@@ -95,14 +97,16 @@ class CallbackOutbox:
         self.guard = guard
 
     # --- producing -----------------------------------------------------
-    def enqueue(self, job_id: str, url: str, payload: dict[str, Any], *, final: bool = False) -> str | None:
-        """Append an event; a job's final event is enqueued once, whatever happens. Returns the event id."""
-        if final:
-            event_id = f"{job_id}:final"
-            if not self.r.set(FINAL_PREFIX + job_id, event_id, nx=True, ex=7 * 24 * 3600):
-                return None
-        else:
-            event_id = f"{job_id}:{uuid.uuid4().hex[:12]}"
+    def enqueue(
+        self, job_id: str, url: str, payload: dict[str, Any], *, final: bool = False, event_id: str | None = None
+    ) -> str | None:
+        """Append an event; a job's final event is enqueued once, whatever happens. Returns the event id.
+
+        ``event_id``: the id the job's event log (``ecg_audio.event_log``) gave this event, so the
+        callback and the event stream carry the same one; made here when not given."""
+        event_id = event_id or event_log.new_event_id(job_id, final=final)
+        if final and not self.r.set(FINAL_PREFIX + job_id, event_id, nx=True, ex=7 * 24 * 3600):
+            return None
         event = {"event_id": event_id, "url": url, "payload": {**payload, "event_id": event_id}, "attempts": 0}
         pipe = self.r.pipeline()
         pipe.rpush(QUEUE_PREFIX + job_id, json.dumps(event))

@@ -116,6 +116,17 @@ class Settings(BaseSettings):
     queued_jobs_per_key: int = Field(0, ge=0, description="Unfinished jobs one API key may have; 0 = no cap")
     queue_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for the queue cap.")
 
+    # --- live progress and the job page ----------------------------------
+    view_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key that signs job page links (view_url); none = one derived from the API keys "
+        "(changing the keys then voids the links given out)",
+    )
+    view_ttl_s: int = Field(24 * 3600, ge=60, description="How long a job page link (view_url) stays valid.")
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, le=120, description="A quiet event stream sends a keep-alive comment this often."
+    )
+
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(
         default=None, description="AWS region; none = boto3's chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)."
@@ -184,7 +195,7 @@ class Settings(BaseSettings):
         None, description="Test hook, e.g. 'cuda_oom:transcribe:1' raises a CUDA OOM once in transcribe."
     )
 
-    @field_validator("callback_signing_key", "hf_token")
+    @field_validator("callback_signing_key", "hf_token", "view_secret")
     @classmethod
     def _reject_placeholders(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and v.get_secret_value().strip().lower() in _PLACEHOLDERS:

@@ -16,6 +16,7 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
+from ecg_audio import event_log
 from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
@@ -95,22 +96,21 @@ class StageTask(Task):
             meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
             if self.request.id:
                 self.update_state(state="PROGRESS", meta=meta)
+            rec = store.get(job.job_id)
+            event = {
+                "job_id": job.job_id,
+                "status": "processing",
+                "progress": rec.progress if rec else progress,
+                "message": message,
+                "stage": stage,
+                "result": None,
+                "error_code": None,
+                "error_message": None,
+            }
+            event_id = event_log.new_event_id(job.job_id)
             if job.callback_url:
-                rec = store.get(job.job_id)
-                outbox.enqueue(
-                    job.job_id,
-                    job.callback_url,
-                    {
-                        "job_id": job.job_id,
-                        "status": "processing",
-                        "progress": rec.progress if rec else progress,
-                        "message": message,
-                        "stage": stage,
-                        "result": None,
-                        "error_code": None,
-                        "error_message": None,
-                    },
-                )
+                outbox.enqueue(job.job_id, job.callback_url, event, event_id=event_id)
+            event_log.append(store.r, job.job_id, event_id, event, ttl_s=store.ttl_s)
 
         return report
 
@@ -196,44 +196,41 @@ class StageTask(Task):
             speakers=md["speakers_detected"],
             segments=md["segments_created"],
         )
+        event = {
+            "job_id": job.job_id,
+            "status": "completed",
+            "progress": 100,
+            "message": "Done",
+            "stage": "merge",
+            "result": envelope["result"],
+            "error_code": None,
+            "error_message": None,
+        }
+        event_id = event_log.new_event_id(job.job_id, final=True)
         if job.callback_url:
-            context.outbox().enqueue(
-                job.job_id,
-                job.callback_url,
-                {
-                    "job_id": job.job_id,
-                    "status": "completed",
-                    "progress": 100,
-                    "message": "Done",
-                    "stage": "merge",
-                    "result": envelope["result"],
-                    "error_code": None,
-                    "error_message": None,
-                },
-                final=True,
-            )
+            context.outbox().enqueue(job.job_id, job.callback_url, event, final=True, event_id=event_id)
+        event_log.append(store.r, job.job_id, event_id, event, ttl_s=store.ttl_s)
 
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
         store = context.job_store()
         changed = store.mark_failed(job.job_id, err.code, err.message, stage)
         log.warning("job_failed", error_code=err.code, error=err.message)
-        if changed and job.callback_url:
+        if changed:
             rec = store.get(job.job_id)
-            context.outbox().enqueue(
-                job.job_id,
-                job.callback_url,
-                {
-                    "job_id": job.job_id,
-                    "status": "failed",
-                    "progress": rec.progress if rec else 0,
-                    "message": f"Failed: {err.message}",
-                    "stage": stage,
-                    "result": None,
-                    "error_code": err.code,
-                    "error_message": err.message,
-                },
-                final=True,
-            )
+            event = {
+                "job_id": job.job_id,
+                "status": "failed",
+                "progress": rec.progress if rec else 0,
+                "message": f"Failed: {err.message}",
+                "stage": stage,
+                "result": None,
+                "error_code": err.code,
+                "error_message": err.message,
+            }
+            event_id = event_log.new_event_id(job.job_id, final=True)
+            if job.callback_url:
+                context.outbox().enqueue(job.job_id, job.callback_url, event, final=True, event_id=event_id)
+            event_log.append(store.r, job.job_id, event_id, event, ttl_s=store.ttl_s)
 
 
 def _stage_task(stage: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, StoreDep
@@ -13,6 +13,7 @@ from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.listing import Cursor, list_jobs
 from api_shim.schemas import Accepted, JobPage, JobState, JobStatus, JobSummary, ProcessRequest
 from api_shim.submission import existing_job, job_state, state_of_async, submit, wait_until_done
+from api_shim.view_tokens import view_url
 
 router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
 
@@ -77,12 +78,13 @@ def get_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
-def get_job(job_id: str, shim: ShimDep, caller: CurrentKey) -> JobState:
+def get_job(job_id: str, shim: ShimDep, caller: CurrentKey, request: Request) -> JobState:
     rec = existing_job(shim.store, job_id, caller)
     result = _result_of(shim, rec.job_id) if rec.status == "completed" else None
     state = job_state(rec, result)
     state.queue_position = shim.progress.queue_position(rec)
     state.eta_s = shim.progress.eta_s(rec)
+    state.view_url = view_url(shim.settings, rec.job_id, str(request.base_url))
     return state
 
 

@@ -1,0 +1,247 @@
+"""A job's events as Server-Sent Events: every progress milestone, then the final event.
+
+The events are the job's event log (``ecg_audio.event_log``, a Redis Stream), the same events
+the callbacks carry, under the same ids: each SSE message's ``id:`` is the callback event id, its
+``data:`` the callback body. A client that reconnects with ``Last-Event-ID`` gets what came after
+that event, nothing twice; the stream ends after the final event (a reconnect after it answers
+204, which tells a browser's ``EventSource`` to stop). A quiet stream sends a keep-alive comment
+every ``ECG_SSE_KEEPALIVE_S``.
+
+Each open stream is one coroutine waiting on a queue; one task per process reads every followed
+job's log with a single ``XREAD BLOCK`` (``event_log.EventHub``): no thread, and no Redis
+connection, per stream.
+
+Access: an API key, or the job page's signed ``token`` (``api_shim.view_tokens``) for that job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis
+import redis.asyncio
+from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect, status
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
+
+from api_shim.deps import Shim, ShimDep, bearer, require_key
+from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.schemas import JOB_ID_PATTERN
+from api_shim.submission import visible_to
+from api_shim.view_tokens import check_token, view_secret
+from ecg_audio import event_log
+from ecg_audio.event_log import Event
+from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord
+from ecg_audio.settings import Settings
+
+router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
+
+RETRY_MS = 2000  # how soon a browser reconnects after a dropped stream
+# A job that ended without a final event in its log (cancelled through the API; finished before
+# the log existed) gets one made from its record, once the record has been terminal this long: the
+# worker appends its own final event a moment after it marks the record, and that one must win.
+FINAL_GRACE_S = 5.0
+
+
+async def job_access(
+    job_id: str,
+    shim: ShimDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    token: Annotated[
+        str | None,
+        Query(max_length=200, description="The job page's signed token (from `view_url`), instead of an API key."),
+    ] = None,
+) -> JobRecord:
+    """The job's record, for the API key that made the job or a valid page token for this job."""
+    return await authorise(shim, job_id, creds, token)
+
+
+async def authorise(
+    shim: Shim, job_id: str, creds: HTTPAuthorizationCredentials | None, token: str | None
+) -> JobRecord:
+    caller = None
+    if token is not None:
+        if not check_token(view_secret(shim.settings), job_id, token):
+            raise ApiError(
+                status.HTTP_403_FORBIDDEN,
+                "VIEW_LINK_INVALID",
+                "this job page link is not valid or has expired; ask for the job's current view_url",
+            )
+    else:
+        caller = await require_key(shim, creds)
+    try:
+        rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
+    if rec is None or (caller is not None and not visible_to(rec, caller)):
+        raise ApiError(404, "NOT_FOUND", "no such job")
+    return rec
+
+
+JobAccess = Annotated[JobRecord, Depends(job_access)]
+
+# connections for the followers' own reads (backlog, record look-ups); a burst of new streams
+# waits for one rather than failing (redis-py's asyncio pool holds 100 and raises past that). The
+# hub's blocked read holds just one more.
+STREAM_POOL_CONNECTIONS = 32
+
+
+class LiveState:
+    """Per event loop: the hub and the job store that the event streams and the page read through."""
+
+    def __init__(self, settings: Settings) -> None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=STREAM_POOL_CONNECTIONS,
+            timeout=30,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+        )
+        client = redis.asyncio.Redis(connection_pool=pool)
+        self.hub = event_log.EventHub(client)
+        self.store = AsyncJobStore(client, settings.job_ttl_s)
+
+
+_live: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, LiveState]] = {}
+
+
+def live_state(settings: Settings) -> LiveState:
+    """The running loop's ``LiveState`` (uvicorn runs one loop; a test client may start several)."""
+    loop = asyncio.get_running_loop()
+    slot = (id(loop), settings.redis_url)
+    found = _live.get(slot)
+    if found is None or found[0] is not loop:
+        found = _live[slot] = (loop, LiveState(settings))
+    return found[1]
+
+
+def sse_frame(ev: event_log.Event) -> str:
+    data = json.dumps(ev.payload, ensure_ascii=False, separators=(",", ":"))  # one line: JSON escapes newlines
+    return f"id: {ev.event_id}\ndata: {data}\n\n"
+
+
+async def _final_from_record(store: AsyncJobStore, rec: JobRecord) -> dict[str, Any]:
+    result = None
+    if rec.status == "completed":
+        envelope = await store.get_result(rec.job_id)
+        result = envelope.get("result") if envelope else None
+    return {
+        "job_id": rec.job_id,
+        "status": rec.status,
+        "progress": rec.progress,
+        "message": rec.message,
+        "stage": rec.stage,
+        "result": result,
+        "error_code": rec.error_code,
+        "error_message": rec.error_message,
+    }
+
+
+async def followed(
+    live: LiveState, sub: event_log.Subscription, keepalive_s: float
+) -> AsyncIterator[Event | None]:
+    """A subscription's events, ``None`` after each quiet ``keepalive_s``; ends after the final event,
+    or when the job is forgotten. A job that ended without a final event in its log gets one."""
+    job_id = sub.stream[len(event_log.KEY_PREFIX) : -len(event_log.KEY_SUFFIX)]
+    async for ev in sub.events(idle_s=keepalive_s):
+        yield ev
+        if ev is not None:
+            continue
+        rec = await live.store.get(job_id)
+        if rec is None:  # the job was forgotten (expired, purged): nothing more will come
+            return
+        if rec.status in TERMINAL and time.time() - rec.updated_at > FINAL_GRACE_S:
+            final = await _final_from_record(live.store, rec)
+            # appended, not just sent: every reader (and a reconnect) sees the same final event once
+            final_id = event_log.new_event_id(job_id, final=True)
+            await event_log.append(live.hub.r, job_id, final_id, final, ttl_s=live.store.ttl_s)
+
+
+async def event_stream(
+    live: LiveState, job_id: str, last_event_id: str | None, keepalive_s: float
+) -> AsyncIterator[str]:
+    sub = await live.hub.subscribe(job_id, last_event_id=last_event_id)
+    try:
+        yield f"retry: {RETRY_MS}\n\n"
+        async for ev in followed(live, sub, keepalive_s):
+            yield ": keep-alive\n\n" if ev is None else sse_frame(ev)
+    finally:
+        sub.close()
+
+
+async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The job's events as Server-Sent Events"},
+        204: {"description": "The client has already seen the final event (Last-Event-ID): nothing more will come"},
+        **NOT_FOUND,
+        **UNAVAILABLE,
+    },
+    summary="Live progress: the job's events (SSE), ids = callback event ids",
+)
+async def job_events(
+    rec: JobAccess,
+    shim: ShimDep,
+    last_event_id: Annotated[
+        str | None, Header(max_length=300, description="Resume after this event (browsers send it on reconnect)")
+    ] = None,
+) -> Response:
+    if last_event_id and event_log.is_final(last_event_id):
+        last = await event_log.last_event_async(live_state(shim.settings).hub.r, rec.job_id)
+        if last is not None and last.event_id == last_event_id:
+            # the client has the job's last word; after a requeue (a later run) it would get the new events
+            return Response(status_code=204)
+    stream = event_stream(live_state(shim.settings), rec.job_id, last_event_id, shim.settings.sse_keepalive_s)
+    # its first step (read the backlog, subscribe) runs now: a client that sees the stream open is
+    # already following, and a Redis failure is an error status, not a broken stream. Once started,
+    # the generator's cleanup (unsubscribing) runs even if the answer is never sent.
+    try:
+        first = await anext(stream)
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    # no-transform/X-Accel-Buffering: proxies must pass each event on as it comes, not buffer the stream
+    headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_then(first, stream), media_type="text/event-stream", headers=headers)
+
+
+@router.websocket("/jobs/{job_id}/events/ws")
+async def job_events_ws(
+    websocket: WebSocket, job_id: str, token: str | None = None, last_event_id: str | None = None
+) -> None:
+    """The same events over a WebSocket: one text message per event, ``{"id": event id, "data": payload}``,
+    then a normal close after the final event. Access as for the SSE route: ``Authorization: Bearer``
+    or ``?token=``; ``?last_event_id=`` resumes."""
+    shim: Shim = websocket.app.state.shim
+    scheme, _, value = (websocket.headers.get("authorization") or "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=value.strip()) if value else None
+    try:
+        rec = await authorise(shim, job_id, creds, token)
+    except ApiError as e:
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(e.detail)[:120])
+        return
+    live = live_state(shim.settings)
+    sub = await live.hub.subscribe(rec.job_id, last_event_id=last_event_id)
+    try:
+        await websocket.accept()
+        async for ev in followed(live, sub, shim.settings.sse_keepalive_s):
+            if ev is not None:
+                await websocket.send_text(json.dumps({"id": ev.event_id, "data": ev.payload}, ensure_ascii=False))
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        sub.close()

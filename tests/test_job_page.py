@@ -1,0 +1,290 @@
+"""The job page and the event stream on a real job: a worker runs pyannote's sample call.
+
+Headless Chromium (found as tests/test_flower.py finds it) is driven over the Chrome DevTools
+protocol: it opens the job's ``view_url`` while the job runs and reads the page's DOM as the
+events arrive (progress must advance), then after completion (one timeline lane per speaker,
+every segment's text). Screenshots: var/test-artifacts/job-page-running.png and job-page-done.png.
+
+The SSE test connects mid-job, hangs up, reconnects with Last-Event-ID, and must have received
+every event of the job once, in order, with the final one; the ids are the callbacks' ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from websockets.sync.client import ClientConnection, connect
+
+from ecg_audio import event_log
+from tests.conftest import REPO, Proc, Receiver, free_port, wait_for_worker, wait_job
+from tests.test_flower import chromium
+from tests.test_live_events import client, live_shim, read_sse  # noqa: F401 - fixtures used here
+
+pytestmark = pytest.mark.timeout(900)
+
+ARTIFACTS = REPO / "var" / "test-artifacts"
+
+
+class Chrome:
+    """Headless Chromium with one page, driven over the DevTools protocol (a WebSocket)."""
+
+    def __init__(self, exe: str, tmp: Path) -> None:
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp / ('chrome-' + uuid.uuid4().hex[:6])}", f"--remote-debugging-port={port}",
+             "--remote-allow-origins=*", "--window-size=1400,1000", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        ws_url = None
+        while ws_url is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("Chromium did not open its DevTools port")
+            try:
+                pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                ws_url = next((p["webSocketDebuggerUrl"] for p in pages if p.get("type") == "page"), None)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if ws_url is None:
+                time.sleep(0.3)
+        self.ws: ClientConnection = connect(ws_url, max_size=None, open_timeout=30)
+        self.ids = itertools.count(1)
+        self.console: list[str] = []
+        self.call("Runtime.enable")
+        self.call("Page.enable")
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        n = next(self.ids)
+        self.ws.send(json.dumps({"id": n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("method") == "Runtime.exceptionThrown":
+                self.console.append(json.dumps(msg["params"])[:500])
+            if msg.get("id") == n:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})  # type: ignore[no-any-return]
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def js(self, expression: str) -> Any:
+        reply = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return reply.get("result", {}).get("value")
+
+    def screenshot(self, path: Path) -> None:
+        """The whole page, not just the window."""
+        height = int(self.js("Math.ceil(document.documentElement.scrollHeight)") or 1000)
+        self.call("Emulation.setDeviceMetricsOverride", width=1400, height=max(height, 600), deviceScaleFactor=1,
+                  mobile=False)
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        self.call("Emulation.clearDeviceMetricsOverride")
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture()
+def chrome(tmp_path: Path) -> Iterator[Chrome]:
+    c = Chrome(chromium(), tmp_path)
+    yield c
+    c.close()
+
+
+PAGE_STATE = """JSON.stringify({
+  status: document.body.dataset.status || null,
+  rendered: document.body.dataset.rendered === "true",
+  progress: Number((document.getElementById("progress") || {}).textContent || -1),
+  milestones: Array.from(document.querySelectorAll("#milestones li")).map(li => Number(li.dataset.progress)),
+  lanes: Array.from(document.querySelectorAll("#timeline svg g.lane")).map(g => g.dataset.speaker),
+  turns: document.querySelectorAll("#timeline svg rect.turn").length,
+  segments: Array.from(document.querySelectorAll("#transcript li.segment")).map(li => ({
+    speaker: li.dataset.speaker, text: li.querySelector(".text").textContent})),
+  talk: Array.from(document.querySelectorAll("#talk-time tr.talk")).map(tr => tr.dataset.speaker),
+  downloads: Array.from(document.querySelectorAll("#downloads a")).map(a => a.getAttribute("href")),
+})"""
+
+
+def upload(api: httpx.Client, wav: Path) -> str:
+    return str(api.post("/api/uploads", content=wav.read_bytes()).json()["video_url"])
+
+
+def test_job_page_shows_live_progress_then_who_said_what(
+    client: httpx.Client,  # noqa: F811
+    live_shim: str,  # noqa: F811
+    worker: Proc,
+    sample_wav: Path,
+    chrome: Chrome,
+) -> None:
+    wait_for_worker(client, worker)
+    job_id = f"page-{uuid.uuid4().hex[:8]}"
+    video_url = upload(client, sample_wav)
+    accepted = client.post("/api/upload-video/process-video", json={"job_id": job_id, "video_url": video_url})
+    assert accepted.status_code == 202
+    view_url = client.get(f"/jobs/{job_id}").json()["view_url"]
+    assert re.fullmatch(rf"https?://[^/]+/jobs/{job_id}/view\?token=\d+\.[A-Za-z0-9_-]+", view_url), view_url
+    chrome.open(view_url)  # the page needs no API key: the token is the key
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    running_png = ARTIFACTS / "job-page-running.png"
+    running_png.unlink(missing_ok=True)
+    seen: list[int] = []
+    shot2 = False
+    state: dict[str, Any] = {}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        state = json.loads(chrome.js(PAGE_STATE) or "{}")
+        if state.get("progress", -1) >= 0 and (not seen or state["progress"] != seen[-1]):
+            seen.append(state["progress"])
+        running_now = state.get("status") == "processing" and 0 < state["progress"] < 100
+        # a first screenshot as soon as the job runs, a later one once progress has moved on
+        if running_now and (not running_png.exists() or (len({p for p in seen if 0 < p < 100}) >= 2 and not shot2)):
+            shot2 = running_png.exists()
+            chrome.screenshot(running_png)
+        if state.get("rendered"):
+            break
+        time.sleep(0.2)
+    assert state.get("rendered"), (
+        f"the page never showed the result: {state} {chrome.console}\njob: {client.get(f'/jobs/{job_id}').text[:500]}"
+        f"\nworker:\n{worker.tail(40)}"
+    )
+    assert running_png.exists(), f"no screenshot while running; progress seen: {seen}"
+    running = [p for p in seen if 0 < p < 100]
+    assert len(set(running)) >= 2, f"progress did not advance on the page while the job ran: {seen}"
+    assert seen == sorted(seen) and seen[-1] == 100, seen
+    # the milestones came from the event stream, in order, the final one last
+    assert state["milestones"] == sorted(state["milestones"]) and state["milestones"][-1] == 100
+
+    status = wait_job(client, job_id)
+    assert status["status"] == "completed"
+    result = status["result"]
+
+    # after completion, a fresh load of the same link (the old document is marked, to tell them apart)
+    chrome.js("document.body.dataset.stale = 'true'")
+    chrome.open(view_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fresh = chrome.js("document.body && document.body.dataset.stale !== 'true'")
+        state = json.loads(chrome.js(PAGE_STATE) or "{}")
+        if fresh and state.get("rendered"):
+            break
+        time.sleep(0.2)
+    assert fresh and state.get("rendered"), state
+    done_png = ARTIFACTS / "job-page-done.png"
+    chrome.screenshot(done_png)
+    speakers = sorted(result["speakers"])
+    assert len(speakers) >= 2
+    assert state["lanes"] == speakers, "one timeline lane per speaker"
+    assert state["turns"] == len(result["diarization"])
+    assert sorted(state["talk"]) == speakers
+    assert [s["text"] for s in state["segments"]] == [s["text"].strip() for s in result["segments"]]
+    assert [s["speaker"] for s in state["segments"]] == [s["speaker"] for s in result["segments"]]
+    for png in (running_png, done_png):
+        assert png.stat().st_size > 10_000
+
+    # the download links work with the page's token alone
+    assert len(state["downloads"]) == 4
+    base = view_url.split("?")[0].rsplit("/", 1)[0] + "/"
+    with httpx.Client(timeout=30) as anon:
+        for href in state["downloads"]:
+            resp = anon.get(base + href)
+            assert resp.status_code == 200, (href, resp.text[:200])
+            assert "attachment" in resp.headers["content-disposition"]
+        vtt = anon.get(base + next(h for h in state["downloads"] if "/vtt" in h)).text
+        assert vtt.startswith("WEBVTT") and result["segments"][0]["text"].strip() in vtt
+
+
+def test_sse_client_reconnecting_mid_job_gets_every_event_once(
+    client: httpx.Client,  # noqa: F811
+    worker: Proc,
+    receiver: Receiver,
+    sample_wav: Path,
+    redis_url: str,
+) -> None:
+    wait_for_worker(client, worker)
+    job_id = f"sse-job-{uuid.uuid4().hex[:8]}"
+    body = {"job_id": job_id, "video_url": upload(client, sample_wav), "callback_url": receiver.url()}
+    assert client.post("/api/upload-video/process-video", json=body).status_code == 202
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + 600
+    while not event_log.read_all(r, job_id):  # mid-job: the first milestone is out
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first = read_sse(client, f"/jobs/{job_id}/events", stop_after=1)
+    assert len(first.ids) == 1
+    # away while at least one more milestone happens
+    while len(event_log.read_all(r, job_id)) < 3 and client.get(f"/jobs/{job_id}").json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    second = read_sse(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": first.ids[-1]})
+    assert second.ended
+    got = first.events + second.events
+    ids = [i for i, _ in got]
+    logged = [e.event_id for e in event_log.read_all(r, job_id)]
+    assert ids == logged and len(set(ids)) == len(ids), "every event once, in order"
+    assert ids[-1] == f"{job_id}:final" and got[-1][1]["status"] == "completed" and got[-1][1]["result"]
+    progress = [e["progress"] for _, e in got]
+    assert progress == sorted(progress) and len(set(progress)) >= 5, progress  # the milestones, 10 ... 100
+    # the same ids the backend's callbacks carry
+    while len(receiver.for_job(job_id)) < len(ids):
+        assert time.monotonic() < deadline, "callbacks not delivered"
+        time.sleep(0.2)
+    assert [e["event_id"] for e in receiver.for_job(job_id)] == ids
+
+
+def test_job_page_renders_korean_text(client: httpx.Client, redis_url: str, chrome: Chrome) -> None:  # noqa: F811
+    """UTF-8 all the way: Korean segment text from the stored result reaches the DOM unchanged, the
+    document's language follows the result's, and the downloads carry the same text."""
+    from ecg_audio.jobs import JobStore
+
+    store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), 3600)
+    job_id = f"ko-{uuid.uuid4().hex[:8]}"
+    store.create(job_id, {"job_id": job_id, "video_url": "s3://bucket/none.wav", "language": "ko"})
+    lines = [("SPEAKER_00", "안녕하세요, 회의를 시작하겠습니다."), ("SPEAKER_01", "네, 좋습니다. 자료는 보셨나요?")]
+    segments = [
+        {"id": i, "start": 2.0 * i, "end": 2.0 * i + 1.8, "speaker": spk, "text": text, "words": []}
+        for i, (spk, text) in enumerate(lines)
+    ]
+    result = {
+        "segments": segments,
+        "diarization": [{"start": s["start"], "end": s["end"], "speaker": s["speaker"]} for s in segments],
+        "speakers": {spk: {"total_duration": 1.8, "segment_count": 1, "word_count": 3} for spk, _ in lines},
+        "metadata": {"duration": 4.0, "language": "ko"},
+    }
+    store.set_result(job_id, {"job_id": job_id, "result": result})
+    store.update(job_id, status="completed", progress=100, stage="merge", message="Done")
+    view_url = client.get(f"/jobs/{job_id}").json()["view_url"]
+    chrome.open(view_url)
+    deadline = time.monotonic() + 60
+    state: dict[str, Any] = {}
+    while not state.get("rendered") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = json.loads(chrome.js(PAGE_STATE) or "{}")
+    assert [s["text"] for s in state["segments"]] == [text for _, text in lines]
+    assert state["lanes"] == ["SPEAKER_00", "SPEAKER_01"]
+    assert chrome.js("document.documentElement.lang") == "ko"
+    assert chrome.js("document.characterSet") == "UTF-8"
+    base = view_url.split("?")[0].rsplit("/", 1)[0] + "/"
+    txt = httpx.get(base + next(h for h in state["downloads"] if "/txt" in h), timeout=30)
+    assert txt.headers["content-type"] == "text/plain; charset=utf-8"
+    assert all(text in txt.text for _, text in lines)
