@@ -27,7 +27,7 @@ import redis
 import redis.asyncio
 import structlog
 from celery import Celery
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -39,14 +39,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import celeryconfig
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobRecord, JobStore
+from ecg_audio.languages import UnsupportedOptionError, check_job
 from ecg_audio.logs import configure_logging
+from ecg_audio.messages import resolve_locale
 from ecg_audio.settings import Settings
 from ecg_audio.uploads import SweepThrottle, sweep_uploads, upload_bucket, upload_id, upload_to_s3, uploads_dir
 
 log = structlog.get_logger("ecg.shim")
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-ENGLISH = {"en", "english"}
 UPLOAD_PATH = "/api/uploads"
 # Job requests are small JSON documents; anything bigger is a mistake or an attack.
 MAX_JSON_BODY_BYTES = 64 * 1024
@@ -62,6 +63,9 @@ class JobOptions(BaseModel):
     min_speakers: int | None = Field(None, ge=1, le=32)
     max_speakers: int | None = Field(None, ge=1, le=32)
     model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
+    locale: Literal["en", "ko"] | None = Field(
+        None, description="Language of progress and error messages; default: Accept-Language, then the server's."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobOptions":
@@ -376,20 +380,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     def check_request(req: ProcessRequest, resolve: Any = None) -> None:
-        lang = (req.language or "").lower()
-        if (
-            lang
-            and lang not in ENGLISH
-            and not settings.asr_multilingual_model
-            and (settings.asr_model == "embedded" or settings.asr_model.rstrip("/").endswith(".en"))
-        ):
-            raise HTTPException(
-                422,
-                f"language {req.language!r} is not available: the configured ASR model is English-only "
-                "(tiny.en). An operator must set ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers.",
-            )
-        if req.options.model and req.options.model not in {settings.asr_model, settings.asr_multilingual_model}:
-            raise HTTPException(422, "options.model must name an ASR model the workers are configured with")
+        try:  # the one language rule (ecg_audio.languages), as the CLI and the worker apply it
+            check_job(req.language, req.options.model, settings)
+        except UnsupportedOptionError as e:
+            raise HTTPException(422, e.message) from None
         resolve = resolve or resolve_with_deadline
         _check_source(req.video_url, "video_url", resolve)
         if req.callback_url:
@@ -419,7 +413,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except _NeedsDns:
             await run_in_threadpool(check_request, req)
 
-    async def submit(req: ProcessRequest) -> tuple[bool, JobRecord | None]:
+    async def submit(req: ProcessRequest, accept_language: str | None = None) -> tuple[bool, JobRecord | None]:
         """Check, then create the record and queue the chain in one Redis script.
 
         ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known (nothing
@@ -427,6 +421,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         a reply lost after Redis ran it makes a retry find the job (200), never queue it twice.
         """
         await check_request_async(req)
+        if req.options.locale is None and accept_language:
+            req.options.locale = resolve_locale(accept_language, settings.default_locale)
         try:
             created, rec = await async_store().create_or_get(
                 req.job_id, req.model_dump(mode="json"), message=messages.build(req.job_id)
@@ -445,8 +441,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={200: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Accept a job (idempotent on job_id)",
     )
-    async def process_video(req: ProcessRequest, _: Auth) -> Any:
-        created, rec = await submit(req)
+    async def process_video(
+        req: ProcessRequest, _: Auth, accept_language: Annotated[str | None, Header()] = None
+    ) -> Any:
+        created, rec = await submit(req, accept_language)
         if created or rec is None:
             # the Accepted model's JSON, without validating a model built from values just checked
             return JSONResponse(status_code=202, content={"job_id": req.job_id, "status": "queued"})
@@ -458,8 +456,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={202: {"model": JobState}, **PROTECTED_RESPONSES, 503: {"model": ErrorBody}},
         summary="Submit and wait for the result",
     )
-    async def transcribe(req: ProcessRequest, _: Auth) -> Any:
-        found = (await submit(req))[1]
+    async def transcribe(req: ProcessRequest, _: Auth, accept_language: Annotated[str | None, Header()] = None) -> Any:
+        found = (await submit(req, accept_language))[1]
         rec = found or await async_store().get(req.job_id)
         if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
             raise HTTPException(503, "the job queue is unavailable; retry shortly")

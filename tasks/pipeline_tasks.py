@@ -16,9 +16,10 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
+from ecg_audio.messages import error_message, failed, localize
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
-from tasks.stages import JobSpec, run_stage
+from tasks.stages import JobSpec, job_locale, run_stage
 
 log = structlog.get_logger("ecg.tasks")
 
@@ -181,7 +182,8 @@ class StageTask(Task):
         # reported complete, so a client that sees 'completed' never sees leftovers
         if not env.keep_workspace:
             env.workspace(job.job_id).remove()
-        store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
+        done = localize("Done", job_locale(job, env))
+        store.update(job.job_id, status="completed", progress=100, stage="merge", message=done)
         md = envelope["result"]["metadata"]
         import resource
 
@@ -201,7 +203,7 @@ class StageTask(Task):
                     "job_id": job.job_id,
                     "status": "completed",
                     "progress": 100,
-                    "message": "Done",
+                    "message": done,
                     "stage": "merge",
                     "result": envelope["result"],
                     "error_code": None,
@@ -212,7 +214,9 @@ class StageTask(Task):
 
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
         store = context.job_store()
-        changed = store.mark_failed(job.job_id, err.code, err.message, stage)
+        locale = job_locale(job)
+        detail = error_message(err.code, err.message, locale)  # the code's meaning in the job's locale
+        changed = store.mark_failed(job.job_id, err.code, detail, stage)
         log.warning("job_failed", error_code=err.code, error=err.message)
         if changed and job.callback_url:
             rec = store.get(job.job_id)
@@ -223,11 +227,11 @@ class StageTask(Task):
                     "job_id": job.job_id,
                     "status": "failed",
                     "progress": rec.progress if rec else 0,
-                    "message": f"Failed: {err.message}",
+                    "message": failed(err.code, err.message, locale),
                     "stage": stage,
                     "result": None,
                     "error_code": err.code,
-                    "error_message": err.message,
+                    "error_message": detail,
                 },
                 final=True,
             )
