@@ -76,7 +76,9 @@ def check_job(language: str | None, model: str | None, settings: Settings) -> La
     if code is not None and code not in WHISPER_LANGUAGES:
         raise UnsupportedOptionError(
             f"language {language!r} is not one Whisper knows; give an ISO 639-1 code such as 'en', 'ko' or "
-            "'ja', or leave it out to have the language identified"
+            "'ja', or leave it out to have the language identified. The languages served are set on the "
+            "workers: ECG_ASR_MODEL (English with the default tiny.en) and ECG_ASR_MULTILINGUAL_MODEL "
+            "(every Whisper language; default 'embedded-base')"
         )
     if code is not None and code != "en":
         chosen = [model] if model else [settings.asr_model, settings.asr_multilingual_model]

