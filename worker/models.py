@@ -52,9 +52,10 @@ class ModelRegistry:
     ) -> tuple[Any, str]:
         """The ASR models a job uses (a ``pipeline.transcribe.AsrRoute``) and a label for them.
 
-        ``model`` (options.model, checked against the allowlist) decodes everything alone.
-        Otherwise English goes to ``asr_model`` (tiny.en by default, the fast path) and every
-        other language, and the identification of an unknown one, to ``asr_multilingual_model``.
+        ``model`` (options.model, checked against the allowlist) decodes everything alone, as
+        does a multilingual ``asr_model`` (large-v3-turbo in a GPU image). With an English-only
+        ``asr_model`` (tiny.en by default) English goes to it, the fast path, and every other
+        language, and the identification of an unknown one, to ``asr_multilingual_model``.
         """
         from ecg_audio.languages import check_job, is_english_only
         from pipeline.transcribe import AsrRoute
@@ -66,10 +67,10 @@ class ModelRegistry:
         multi = self.settings.asr_multilingual_model
         if model:
             return AsrRoute(self._asr_model(model, device), self.asr_label(model)), self.asr_label(model)
-        if language == "en" or not multi:
+        if language == "en" or not multi or not is_english_only(main_name):
             return AsrRoute(self._asr_model(main_name, device), self.asr_label(main_name)), self.asr_label(main_name)
         route = AsrRoute(self._asr_model(multi, device), self.asr_label(multi))
-        if language is None and is_english_only(main_name) and main_name != multi:
+        if language is None and main_name != multi:
             route.english, route.english_name = self._asr_model(main_name, device), self.asr_label(main_name)
         return route, route.main_name
 
@@ -157,9 +158,8 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Build the default models now, so the first job pays nothing."""
-        self.asr("en")  # the English fast path
-        if self.settings.asr_multilingual_model:
-            self.asr(None)  # the multilingual model: every other language, and identification
+        self.asr("en")  # asr_model: the English fast path (or every language, when multilingual)
+        self.asr(None)  # the model that identifies languages (asr_multilingual_model beside tiny.en)
         self.diarization()
 
     def stats(self) -> dict[str, Any]:
