@@ -123,6 +123,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
             body["language"] = a.language
         if a.num_speakers:
             body["options"]["num_speakers"] = a.num_speakers
+        if a.locale:
+            body["options"]["locale"] = a.locale
         r = client.post("/api/upload-video/process-video", json=body)
         if r.status_code >= 400:
             print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--job-id")
     sb.add_argument("--language")
     sb.add_argument("--num-speakers", type=int)
+    sb.add_argument("--locale", choices=["en", "ko"], help="language of the job's progress and error messages")
     sb.add_argument("-o", "--output")
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))
     sb.set_defaults(func=cmd_submit)
