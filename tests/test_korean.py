@@ -191,3 +191,22 @@ def test_korean_job_through_the_shim_speaks_korean(ready: httpx.Client, receiver
     events = receiver.for_job(job_id)
     assert len(events) >= 4 and events[-1]["message"] == "분석 완료"
     assert all(has_hangul(e["message"]) for e in events), [e["message"] for e in events]
+
+
+def test_errors_speak_the_locale_from_accept_language(ready: httpx.Client, receiver: Receiver) -> None:
+    up = ready.post("/api/uploads", content=b"\x00\x01garbage" * 1000).json()["video_url"]
+    job_id = f"ko-bad-{uuid.uuid4().hex[:6]}"
+    r = ready.post(
+        "/api/upload-video/process-video",
+        json={"job_id": job_id, "video_url": up, "callback_url": receiver.url()},
+        headers={"Accept-Language": "ko-KR,ko;q=0.9,en;q=0.8"},
+    )
+    assert r.status_code == 202, r.text
+    st = wait_job(ready, job_id, timeout=300)
+    assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA"  # codes unchanged
+    assert st["error_message"].startswith("읽을 수 없는 미디어 파일입니다: "), st
+    deadline = time.monotonic() + 30
+    while not any(e["status"] == "failed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    final = [e for e in receiver.for_job(job_id) if e["status"] == "failed"]
+    assert len(final) == 1 and final[0]["message"].startswith("실패: 읽을 수 없는 미디어 파일입니다"), final
