@@ -6,6 +6,7 @@ near each window's end), so memory stays bounded by the window, not the file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ def load_asr_model(
         )
         _tame_whisperx_logger()  # whisperx (re)installs its stdout handler while loading
         _set_vad_step(model, VAD_STEP_RATIO)
+        if is_multilingual(model):
+            # decode with timestamp tokens, as Whisper itself does (the text keeps only the text
+            # tokens): on korean_conv_24s, Whisper base's CER 0.218 -> 0.200 (2026-11-30)
+            model.options = dataclasses.replace(model.options, without_timestamps=False)
         return model
     except Exception as e:
         raise ProcessingError(
