@@ -331,9 +331,10 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
 
 def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from ecg_audio.languages import normalize
     from pipeline.transcribe import transcribe
 
-    language = job.language or job.options.get("language")
+    language = normalize(job.language or job.options.get("language"))  # 'ko-KR' -> 'ko'
     batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
     device = env.models.device
     notes: list[str] = []

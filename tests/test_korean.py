@@ -139,10 +139,10 @@ def test_korean_plumbing_with_espeak(registry: Any, espeak_korean: Path) -> None
     """espeak-ng's Korean is poor speech (Whisper base: CER ~0.9), so only the plumbing is checked."""
     progress: list[str] = []
     result = analyze(
-        espeak_korean, registry, language="ko", locale="ko", on_progress=lambda s, p, m: progress.append(m)
+        espeak_korean, registry, language="ko-KR", locale="ko", on_progress=lambda s, p, m: progress.append(m)
     )
     md = result["metadata"]
-    assert md["language"] == "ko" and md["language_probability"] is None  # forced, not identified
+    assert md["language"] == "ko" and md["language_probability"] is None  # forced (ko-KR -> ko), not identified
     assert md["models"]["asr"] == "whisper-base (embedded)"
     assert has_hangul(" ".join(s["text"] for s in result["segments"])), result["segments"]
     assert progress and all(has_hangul(m) for m in progress), progress
