@@ -216,7 +216,7 @@ class StageTask(Task):
         store = context.job_store()
         locale = job_locale(job)
         detail = error_message(err.code, err.message, locale)  # the code's meaning in the job's locale
-        changed = store.mark_failed(job.job_id, err.code, detail, stage)
+        changed = store.mark_failed(job.job_id, err.code, detail, stage, summary=failed(err.code, err.message, locale))
         log.warning("job_failed", error_code=err.code, error=err.message)
         if changed and job.callback_url:
             rec = store.get(job.job_id)

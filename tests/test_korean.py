@@ -205,6 +205,7 @@ def test_errors_speak_the_locale_from_accept_language(ready: httpx.Client, recei
     st = wait_job(ready, job_id, timeout=300)
     assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA"  # codes unchanged
     assert st["error_message"].startswith("읽을 수 없는 미디어 파일입니다: "), st
+    assert st["message"].startswith("실패: 읽을 수 없는 미디어 파일입니다: "), st
     deadline = time.monotonic() + 30
     while not any(e["status"] == "failed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
         time.sleep(0.2)
