@@ -32,6 +32,8 @@ system-deps:
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	  command -v wrk >/dev/null || missing="$$missing wrk"; \
+	  command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	  fc-list 2>/dev/null | grep -qi -e nanum -e "noto sans cjk" || missing="$$missing fonts-nanum"; \
 	  [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ] || missing="$$missing libjemalloc2"; \
 	  if [ -n "$$missing" ]; then \
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null \

@@ -17,6 +17,9 @@ class JobOptions(BaseModel):
     min_speakers: int | None = Field(None, ge=1, le=32)
     max_speakers: int | None = Field(None, ge=1, le=32)
     model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
+    locale: Literal["en", "ko"] | None = Field(
+        None, description="Language of progress and error messages; default: Accept-Language, then the server's."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:

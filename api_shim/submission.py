@@ -24,34 +24,21 @@ from api_shim.deps import Caller, Shim
 from api_shim.errors import ApiError
 from api_shim.schemas import JOB_ID_PATTERN, JobState, ProcessRequest
 from ecg_audio.jobs import JobRecord, JobStore
+from ecg_audio.languages import UnsupportedOptionError, check_job
+from ecg_audio.messages import resolve_locale
 from ecg_audio.uploads import upload_id
 
 log = structlog.get_logger("ecg.shim")
 
-ENGLISH = {"en", "english"}
 RETRY_AFTER_S = "5"  # seconds, after a temporary DNS failure at submission
 
 
 def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
     """Refuse (422) what no worker could run: a language or model the fleet lacks, a URL the policy refuses."""
-    settings = shim.settings
-    lang = (req.language or "").lower()
-    if (
-        lang
-        and lang not in ENGLISH
-        and not settings.asr_multilingual_model
-        and (settings.asr_model == "embedded" or settings.asr_model.rstrip("/").endswith(".en"))
-    ):
-        raise ApiError(
-            422,
-            "UNSUPPORTED_OPTION",
-            f"language {req.language!r} is not available: the configured ASR model is English-only "
-            "(tiny.en). An operator must set ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers.",
-        )
-    if req.options.model and req.options.model not in {settings.asr_model, settings.asr_multilingual_model}:
-        raise ApiError(
-            422, "UNSUPPORTED_OPTION", "options.model must name an ASR model the workers are configured with"
-        )
+    try:  # the one language and model rule (ecg_audio.languages), as the CLI and the worker apply it
+        check_job(req.language, req.options.model, shim.settings)
+    except UnsupportedOptionError as e:
+        raise ApiError(422, "UNSUPPORTED_OPTION", e.message) from None
     resolve = resolve or dns.resolve_with_deadline
     _check_source(shim, req.video_url, "video_url", resolve)
     if req.callback_url:
@@ -95,7 +82,9 @@ async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
         await run_in_threadpool(check_request, shim, req)
 
 
-async def submit(shim: Shim, req: ProcessRequest, caller: Caller) -> tuple[bool, JobRecord | None]:
+async def submit(
+    shim: Shim, req: ProcessRequest, caller: Caller, accept_language: str | None = None
+) -> tuple[bool, JobRecord | None]:
     """Check, then create the record (owned by the caller's key) and queue the chain in one Redis script.
 
     ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known with the same
@@ -104,6 +93,9 @@ async def submit(shim: Shim, req: ProcessRequest, caller: Caller) -> tuple[bool,
     ran it makes a retry find the job (200), never queue it twice.
     """
     await check_request_async(shim, req)
+    if req.options.locale is None and accept_language:
+        # messages in the caller's language unless the job names one (options.locale)
+        req.options.locale = resolve_locale(accept_language, shim.settings.default_locale)
     await shim.admit(caller, req.job_id)
     request = req.model_dump(mode="json")
     try:

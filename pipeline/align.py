@@ -13,7 +13,6 @@ Two methods, and the result says which one ran:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,51 +20,10 @@ import numpy as np
 
 from pipeline.audio import load_wav
 from pipeline.errors import ProcessingError
-from pipeline.transcribe import Transcript
+from pipeline.speech_types import AlignedSegment, Alignment, Transcript, Word
 
 PREPEND_PUNCT = "\"'“¿([{-"
 APPEND_PUNCT = "\"'.。,，!！?？:：”)]}、"
-
-
-@dataclass
-class Word:
-    word: str
-    start: float
-    end: float
-    score: float | None = None
-
-
-@dataclass
-class AlignedSegment:
-    start: float
-    end: float
-    text: str
-    words: list[Word]
-
-
-@dataclass
-class Alignment:
-    segments: list[AlignedSegment]
-    method: str  # "whisper" or "wav2vec2"
-    model: str | None = None
-
-    @property
-    def words(self) -> list[Word]:
-        return [w for s in self.segments for w in s.words]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "model": self.model, "segments": [asdict(s) for s in self.segments]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Alignment:
-        return cls(
-            method=d["method"],
-            model=d.get("model"),
-            segments=[
-                AlignedSegment(start=s["start"], end=s["end"], text=s["text"], words=[Word(**w) for w in s["words"]])
-                for s in d["segments"]
-            ],
-        )
 
 
 def align_with_whisper(
@@ -85,7 +43,8 @@ def align_with_whisper(
             hook(1.0)
         return Alignment(
             segments=[
-                AlignedSegment(s.start, s.end, s.text, [Word(**w) for w in s.words or []]) for s in transcript.segments
+                AlignedSegment(s.start, s.end, s.text, [Word(**w) for w in s.words or []], s.language)
+                for s in transcript.segments
             ],
             method="whisper",
         )
@@ -93,16 +52,30 @@ def align_with_whisper(
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
     whisper = asr_model.model  # faster_whisper.WhisperModel
-    tokenizer = Tokenizer(
-        whisper.hf_tokenizer, whisper.model.is_multilingual, task="transcribe", language=transcript.language
-    )
+    tokenizers: dict[str, Any] = {}
+
+    def tokenizer_for(language: str) -> Any:
+        if language not in tokenizers:
+            tokenizers[language] = Tokenizer(
+                whisper.hf_tokenizer, whisper.model.is_multilingual, task="transcribe", language=language
+            )
+        return tokenizers[language]
+
     n_mels = whisper.feat_kwargs.get("feature_size") or 80
 
     out: list[AlignedSegment] = []
     segs = transcript.segments
-    for first in range(0, len(segs), batch_size):
-        batch = segs[first : first + batch_size]
+    # batches of consecutive segments in one language: one prompt (language token) per call
+    batches: list[list[Any]] = []
+    for seg in segs:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].language == seg.language:
+            batches[-1].append(seg)
+        else:
+            batches.append([seg])
+    done = 0
+    for batch in batches:
         feats, tokens, frames = [], [], []
+        tokenizer = tokenizer_for(batch[0].language or transcript.language)
         for s in batch:
             audio = load_wav(wav_path, s.start, s.end)[:N_SAMPLES]
             mel = log_mel_spectrogram(audio, n_mels=n_mels, padding=N_SAMPLES - audio.shape[0])
@@ -118,9 +91,10 @@ def align_with_whisper(
             words = words_from_alignment(res, toks, tokenizer, whisper, s.end - s.start)
             for w in words:
                 w.start, w.end = round(s.start + w.start, 3), round(s.start + w.end, 3)
-            out.append(AlignedSegment(s.start, s.end, s.text, words))
+            out.append(AlignedSegment(s.start, s.end, s.text, words, s.language))
         if hook:
-            hook(min(1.0, (first + len(batch)) / max(1, len(segs))))
+            done += len(batch)
+            hook(min(1.0, done / max(1, len(segs))))
     return Alignment(segments=out, method="whisper")
 
 
@@ -195,5 +169,30 @@ def align_with_wav2vec2(
             for w in s.get("words", [])
             if "start" in w and "end" in w
         ]
-        out.append(AlignedSegment(float(s["start"]), float(s["end"]), s["text"].strip(), words))
+        out.append(AlignedSegment(float(s["start"]), float(s["end"]), s["text"].strip(), words, transcript.language))
     return Alignment(segments=out, method="wav2vec2", model=name)
+
+
+def align_by_language(
+    transcript: Transcript,
+    aligner_for: Callable[[str], tuple[Any, str] | None],
+    whisper_words: Callable[[Transcript], Alignment],
+    wav2vec2_words: Callable[[Transcript, tuple[Any, str]], Alignment],
+) -> Alignment:
+    """Word times for each language of ``transcript`` by its own method: the wav2vec2 aligner
+    ``aligner_for(language)`` gives, else Whisper's (``whisper_words``). The result's method
+    names every method that ran, in order of first use ('whisper', 'wav2vec2' or both joined by '+')."""
+    by_language: dict[str, list[Any]] = {}
+    for seg in transcript.segments:
+        by_language.setdefault(seg.language or transcript.language, []).append(seg)
+    if not by_language:
+        by_language[transcript.language] = []
+    parts: list[Alignment] = []
+    for language, segs in by_language.items():
+        part = Transcript(segments=segs, language=language)
+        aligner = aligner_for(language)
+        parts.append(whisper_words(part) if aligner is None else wav2vec2_words(part, aligner))
+    methods = list(dict.fromkeys(p.method for p in parts))
+    models = list(dict.fromkeys(p.model for p in parts if p.model))
+    segments = sorted((s for p in parts for s in p.segments), key=lambda s: (s.start, s.end))
+    return Alignment(segments=segments, method="+".join(methods), model=", ".join(models) or None)

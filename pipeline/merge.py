@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.speech_types import CHARACTER_SUBTITLE_LANGUAGES, UNSPACED_LANGUAGES
+
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 MAX_GAP_S = 1.5  # a pause this long starts a new segment
 MAX_SEGMENT_S = 30.0  # long monologues are split at a sentence end after this
@@ -65,6 +67,7 @@ class SegmentOut:
     text: str
     words: list[WordOut]
     features: dict[str, Any] = field(default_factory=dict)
+    language: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +75,7 @@ class SegmentOut:
             "start": self.start,
             "end": self.end,
             "speaker": self.speaker,
+            "language": self.language,
             "text": self.text,
             "words": [w.to_dict() for w in self.words],
             "features": self.features,
@@ -245,34 +249,41 @@ def _speaker_runs(words: Sequence[WordOut], idx: list[int]) -> list[list[int]]:
     return runs
 
 
-def build_segments(words: Sequence[WordOut]) -> list[SegmentOut]:
-    """Group words into segments: split at speaker changes, long pauses, and long monologues."""
+def build_segments(words: Sequence[WordOut], languages: Sequence[str | None] | None = None) -> list[SegmentOut]:
+    """Group words into segments: split at speaker changes, language changes (``languages``: one
+    per word), long pauses, and long monologues. Words of languages written without spaces join
+    without them."""
     segments: list[SegmentOut] = []
     cur: list[WordOut] = []
+    langs = list(languages) if languages is not None else [None] * len(words)
+    cur_lang: list[str | None] = [None]
 
     def flush() -> None:
         if cur:
+            sep = "" if cur_lang[0] in UNSPACED_LANGUAGES else " "
             segments.append(
                 SegmentOut(
                     id=len(segments),
                     start=round(cur[0].start, 3),
                     end=round(max(w.end for w in cur), 3),
                     speaker=cur[0].speaker,
-                    text=" ".join(w.word for w in cur),
+                    text=sep.join(w.word for w in cur),
                     words=list(cur),
+                    language=cur_lang[0],
                 )
             )
             cur.clear()
 
-    for w in words:
+    for w, lang in zip(words, langs, strict=True):
         if cur:
             prev = cur[-1]
-            new_speaker = w.speaker != prev.speaker
+            new_speaker = w.speaker != prev.speaker or lang != cur_lang[0]
             long_pause = w.start - prev.end > MAX_GAP_S
             too_long = w.end - cur[0].start > MAX_SEGMENT_S and prev.word.endswith(SENTENCE_END)
             if new_speaker or long_pause or too_long:
                 flush()
         cur.append(w)
+        cur_lang[0] = lang
     flush()
     return segments
 
@@ -313,20 +324,56 @@ def _clock(t: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
+# Subtitle cues for Korean, Japanese and Chinese: a cue holds at most this many characters and
+# lasts at most this long (Netflix's timed-text guides: 16 characters a line for Korean and
+# Chinese, 13 for Japanese; 7 s a cue). Words in these languages are long (a Korean eojeol) or
+# single characters (Japanese, Chinese), so lines are cut by characters, not after N words.
+CUE_MAX_CHARS = {"ko": 16, "ja": 13, "zh": 16, "yue": 16}
+CUE_MAX_S = 7.0
+
+
+def _cues(segment: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """(start, end, text) per subtitle cue: the whole segment, or for a language in
+    CHARACTER_SUBTITLE_LANGUAGES pieces cut by characters and duration at word times."""
+    lang = segment.get("language")
+    words = segment.get("words") or []
+    if lang not in CHARACTER_SUBTITLE_LANGUAGES or not words:
+        return [(segment["start"], segment["end"], segment["text"])]
+    limit, sep = CUE_MAX_CHARS.get(lang, 16), ("" if lang in UNSPACED_LANGUAGES else " ")
+    pieces: list[tuple[float, float, str]] = []  # one per word, long words cut into limit-sized parts
+    for w in words:
+        text, start, end = w["word"], w["start"], w["end"]
+        n = max(1, math.ceil(len(text) / limit))
+        step = (end - start) / n
+        pieces += [(start + k * step, start + (k + 1) * step, text[k * limit : (k + 1) * limit]) for k in range(n)]
+    cues: list[tuple[float, float, str]] = []
+    cur: list[tuple[float, float, str]] = []
+    for p in pieces:
+        if cur and (len(sep.join(t for _, _, t in cur + [p])) > limit or p[1] - cur[0][0] > CUE_MAX_S):
+            cues.append((cur[0][0], cur[-1][1], sep.join(t for _, _, t in cur)))
+            cur = []
+        cur.append(p)
+    if cur:
+        cues.append((cur[0][0], cur[-1][1], sep.join(t for _, _, t in cur)))
+    return cues
+
+
 def to_srt(segments: Sequence[dict[str, Any]]) -> str:
-    blocks = []
-    for i, s in enumerate(segments, 1):
+    blocks: list[str] = []
+    for s in segments:
         who = f"[{s['speaker']}] " if s.get("speaker") else ""
-        blocks.append(f"{i}\n{_clock(s['start'], ',')} --> {_clock(s['end'], ',')}\n{who}{s['text']}\n")
+        for start, end, text in _cues(s):
+            n = len(blocks) + 1
+            blocks.append(f"{n}\n{_clock(start, ',')} --> {_clock(end, ',')}\n{who}{text}\n")
     return "\n".join(blocks)
 
 
 def to_vtt(segments: Sequence[dict[str, Any]]) -> str:
     blocks = ["WEBVTT\n"]
     for s in segments:
-        text = s["text"].replace("-->", "->")
         who = f"<v {s['speaker']}>" if s.get("speaker") else ""
-        blocks.append(f"{_clock(s['start'], '.')} --> {_clock(s['end'], '.')}\n{who}{text}\n")
+        for start, end, text in _cues(s):
+            blocks.append(f"{_clock(start, '.')} --> {_clock(end, '.')}\n{who}{text.replace('-->', '->')}\n")
     return "\n".join(blocks)
 
 
@@ -348,6 +395,8 @@ def assemble(
     *,
     duration: float,
     language: str,
+    language_probability: float | None = None,
+    languages: dict[str, float] | None = None,
     models: dict[str, Any],
     device: str,
     stage_times: dict[str, float],
@@ -367,7 +416,9 @@ def assemble(
     turns = [_Turn(t.start, t.end, names.get(t.speaker, t.speaker)) for t in diarization.turns]
     excl = [_Turn(t.start, t.end, names.get(t.speaker, t.speaker)) for t in diarization.exclusive_turns]
     words = assign_word_speakers(alignment.words, excl, turns)
-    segments = build_segments(words)
+    # one language per word, from the transcript segment it came from (words keep their order)
+    word_languages = [s.language or language for s in alignment.segments for _ in s.words]
+    segments = build_segments(words, word_languages)
     for seg in segments:
         seg.features = segment_features(tracks, seg.start, seg.end, len(seg.words))
     seg_dicts = [s.to_dict() for s in segments]
@@ -380,6 +431,8 @@ def assemble(
         "metadata": {
             "duration": round(duration, 3),
             "language": language,
+            "language_probability": language_probability,  # None: requested, not identified
+            "languages": dict(languages or {}),  # seconds of speech decoded as each language
             "models": models,
             "alignment_method": alignment.method,
             "device": device,

@@ -12,6 +12,27 @@ if TYPE_CHECKING:
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 
 
+# Fonts with Hangul (and CJK ideographs), tried in order after matplotlib's default DejaVu Sans
+# (which has none): speaker names and titles may be Korean. Debian: fonts-nanum, fonts-noto-cjk.
+CJK_FONTS = ("NanumGothic", "NanumBarunGothic", "Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans KR", "UnDotum")
+
+
+def cjk_font() -> str | None:
+    """The first installed font of CJK_FONTS, or None (Hangul then renders as empty boxes)."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((name for name in CJK_FONTS if name in installed), None)
+    if found is None:
+        # installed after matplotlib cached its font list: register the files directly
+        for path in font_manager.findSystemFonts():
+            if any(key in Path(path).name for key in ("NanumGothic.", "NanumBarunGothic.", "NotoSansCJK")):
+                font_manager.fontManager.addfont(path)
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        found = next((name for name in CJK_FONTS if name in installed), None)
+    return found
+
+
 def _mmss(seconds: float, _position: object = None) -> str:
     seconds = max(0.0, seconds)
     minutes, rest = divmod(int(round(seconds)), 60)
@@ -36,6 +57,15 @@ def render_timeline(turns: list[SpeakerTurn], duration: float, out_png: Path, ti
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cjk = cjk_font()
+    # matplotlib (>= 3.6) falls back glyph by glyph along the family list
+    with plt.rc_context({"font.family": ["DejaVu Sans", cjk] if cjk else ["DejaVu Sans"]}):
+        return _draw(turns, duration, out_png, title)
+
+
+def _draw(turns: list[SpeakerTurn], duration: float, out_png: Path, title: str) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 

@@ -17,10 +17,11 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from ecg_audio import event_log
+from ecg_audio.messages import error_message, failed, localize
 from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
-from tasks.stages import JobSpec, run_stage
+from tasks.stages import JobSpec, job_locale, run_stage
 
 log = structlog.get_logger("ecg.tasks")
 
@@ -184,7 +185,8 @@ class StageTask(Task):
         # reported complete, so a client that sees 'completed' never sees leftovers
         if not env.keep_workspace:
             env.workspace(job.job_id).remove()
-        store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
+        done = localize("Done", job_locale(job, env))
+        store.update(job.job_id, status="completed", progress=100, stage="merge", message=done)
         md = envelope["result"]["metadata"]
         import resource
 
@@ -200,7 +202,7 @@ class StageTask(Task):
             "job_id": job.job_id,
             "status": "completed",
             "progress": 100,
-            "message": "Done",
+            "message": done,
             "stage": "merge",
             "result": envelope["result"],
             "error_code": None,
@@ -213,7 +215,9 @@ class StageTask(Task):
 
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
         store = context.job_store()
-        changed = store.mark_failed(job.job_id, err.code, err.message, stage)
+        locale = job_locale(job)
+        detail = error_message(err.code, err.message, locale)  # the code's meaning in the job's locale
+        changed = store.mark_failed(job.job_id, err.code, detail, stage, summary=failed(err.code, err.message, locale))
         log.warning("job_failed", error_code=err.code, error=err.message)
         if changed:
             rec = store.get(job.job_id)
@@ -221,11 +225,11 @@ class StageTask(Task):
                 "job_id": job.job_id,
                 "status": "failed",
                 "progress": rec.progress if rec else 0,
-                "message": f"Failed: {err.message}",
+                "message": failed(err.code, err.message, locale),
                 "stage": stage,
                 "result": None,
                 "error_code": err.code,
-                "error_message": err.message,
+                "error_message": detail,
             }
             event_id = event_log.new_event_id(job.job_id, final=True)
             if job.callback_url:

@@ -54,6 +54,10 @@ class ModelProvider(Protocol):
 
     def asr(self, language: str | None = None, *, device: str | None = None) -> tuple[Any, str]: ...
 
+    def asr_route(
+        self, language: str | None = None, *, model: str | None = None, device: str | None = None
+    ) -> tuple[Any, str]: ...
+
     def diarization(self) -> tuple[Any, str]: ...
 
     def aligner(self, language: str) -> tuple[Any, str] | None: ...
@@ -165,6 +169,7 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     """Run one stage unless its checkpoint exists. Reports the stage's milestone either way."""
     row = STAGE_BY_NAME[name]
     artifact, progress, message = row.artifact, row.done.progress, row.done.message
+    env = _localized(env, job)
     ws = env.workspace(job.job_id)
     if ws.has(artifact):
         log.info("stage_skipped", job_id=job.job_id, stage=name, reason="checkpoint exists")
@@ -183,6 +188,27 @@ def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     if name != "merge":
         env.report(name, progress, message)
     return StageOutcome(name, False, seconds)
+
+
+def job_locale(job: JobSpec, env: StageEnv | None = None) -> str:
+    """The locale of the job's messages: options.locale, else the deployment's default."""
+    settings = getattr(env.models, "settings", None) if env is not None else None
+    if settings is None:
+        from ecg_audio.settings import get_settings
+
+        settings = get_settings()
+    return str(job.options.get("locale") or settings.default_locale)
+
+
+def _localized(env: StageEnv, job: JobSpec) -> StageEnv:
+    """``env`` whose reporter speaks the job's locale (the stages report English; ecg_audio.messages)."""
+    from ecg_audio.messages import localize, resolve_locale
+
+    locale = resolve_locale(job_locale(job, env))
+    if locale == "en":
+        return env
+    report = env.report
+    return dataclasses.replace(env, report=lambda stage, p, m: report(stage, p, localize(m, locale)))
 
 
 # --- fault injection (tests only) --------------------------------------
@@ -245,6 +271,7 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from media_io.urlguard import UrlPolicy, redact_url
     from pipeline.media import extract_audio
 
+    _check_languages(job, env)  # a language or model no configured model serves: refused before any work
     limits = FetchLimits(max_bytes=env.max_download_bytes, timeout_s=env.network_timeout_s)
     downloads = ws.root / "download"
     downloads.mkdir(exist_ok=True)
@@ -308,14 +335,15 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
 @stage_body("transcribe")
 def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
+    from ecg_audio.languages import normalize
     from pipeline.transcribe import transcribe
 
-    language = job.language or job.options.get("language")
+    language = normalize(job.language or job.options.get("language"))  # 'ko-KR' -> 'ko'
     batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
     device = env.models.device
     notes: list[str] = []
     while True:
-        model, name = env.models.asr(language, device=device)
+        model, name = env.models.asr_route(language, model=job.options.get("model"), device=device)
         try:
             _maybe_inject(env, "transcribe", ws)
             transcript = transcribe(
@@ -330,8 +358,9 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
                     if step == "asr"
                     else None
                 ),
-                # Whisper's word times come nearly free with the decoding; not when wav2vec2 aligns
-                word_timestamps=not _aligner_configured(env),
+                # Whisper's word times come nearly free with the decoding: the fallback wherever
+                # no wav2vec2 aligner is configured for a language
+                word_timestamps=True,
             )
             break
         except Exception as e:
@@ -348,38 +377,49 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             log.warning("cuda_oom_recovered", job_id=job.job_id, stage="transcribe", batch_size=batch, device=device)
     ws.write_json(
         "transcript.json",
-        {**transcript.to_dict(), "model": name, "batch_size": batch, "device": device, "notes": notes},
+        {
+            **transcript.to_dict(),
+            "model": model.labels_for(transcript.languages) if hasattr(model, "labels_for") else name,
+            "batch_size": batch,
+            "device": device,
+            "notes": notes,
+        },
     )
 
 
-def _aligner_configured(env: StageEnv) -> bool:
-    """Whether a wav2vec2 aligner is set (settings.alignment_model), without loading it."""
-    settings = getattr(env.models, "settings", None)
-    return bool(getattr(settings, "alignment_model", None))
+def _check_languages(job: JobSpec, env: StageEnv) -> None:
+    from ecg_audio.languages import check_job
+    from ecg_audio.settings import get_settings
+
+    settings = getattr(env.models, "settings", None) or get_settings()
+    check_job(job.language or job.options.get("language"), job.options.get("model"), settings)
 
 
 @stage_body("align")
 def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
-    from pipeline.align import align_with_wav2vec2, align_with_whisper
+    from pipeline.align import align_by_language, align_with_wav2vec2, align_with_whisper
     from pipeline.transcribe import Transcript
 
     tdata = ws.read_json("transcript.json")
     transcript = Transcript.from_dict(tdata)
-    aligner = env.models.aligner(transcript.language)
-    if aligner is not None:
-        model, name = aligner
-        alignment = align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=env.models.device, name=name)
-    else:
-        timed = all(s.words is not None for s in transcript.segments)
+
+    def whisper_words(part: Transcript) -> Any:
+        timed = all(s.words is not None for s in part.segments)
         # words timed by the transcribe stage need no model here
-        asr = None if timed else env.models.asr(transcript.language, device=tdata.get("device"))[0]
-        alignment = align_with_whisper(
+        asr = None if timed else env.models.asr(part.language, device=tdata.get("device"))[0]
+        return align_with_whisper(
             asr,
             ws.path("audio.wav"),
-            transcript,
+            part,
             batch_size=env.asr_batch_size(env.models.device),
             hook=lambda f: env.report("align", _within("align", f), STEP_MESSAGES["timing_words"]),
         )
+
+    def wav2vec2_words(part: Transcript, aligner: tuple[Any, str]) -> Any:
+        model, name = aligner
+        return align_with_wav2vec2(model, ws.path("audio.wav"), part, device=env.models.device, name=name)
+
+    alignment = align_by_language(transcript, env.models.aligner, whisper_words, wav2vec2_words)
     ws.write_json("alignment.json", alignment.to_dict())
 
 
@@ -416,6 +456,8 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         FeatureTracks.load(ws.path("features.npz")),
         duration=ingest["duration"],
         language=transcript["language"],
+        language_probability=transcript.get("language_probability"),
+        languages=transcript.get("languages") or {},
         models={
             "asr": transcript.get("model"),
             "diarization": diar.get("model"),

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import structlog
 
 from ecg_audio.settings import EMBEDDED, Settings, offline_model_env
-from pipeline.errors import UnsupportedOptionError
 
 log = structlog.get_logger("ecg.models")
 
@@ -28,7 +27,8 @@ class ModelRegistry:
         self.device = settings.resolved_device()
         self.loads: Counter[str] = Counter()
         self._lock = threading.RLock()
-        self._asr: dict[tuple[str, str], Any] = {}
+        self.unloads: Counter[str] = Counter()
+        self._asr: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._diarization: Any = None
         self._aligners: dict[str, Any] = {}
         self._configure_threads()
@@ -47,42 +47,76 @@ class ModelRegistry:
         return "float16" if device == "cuda" else "int8"
 
     # --- ASR -------------------------------------------------------------
-    def asr_name_for(self, language: str | None) -> str:
-        """Which configured ASR model serves ``language``."""
-        if language and language.lower() not in {"en", "english"}:
-            if self.settings.asr_multilingual_model:
-                return self.settings.asr_multilingual_model
-            if self._is_english_only_name(self.settings.asr_model):
-                raise UnsupportedOptionError(
-                    f"language {language!r} needs a multilingual ASR model, but the configured model "
-                    f"({self.settings.asr_model!r}, tiny.en when 'embedded') is English-only; set "
-                    "ECG_ASR_MULTILINGUAL_MODEL (e.g. large-v3) on the workers"
-                )
-        return self.settings.asr_model
+    def asr_route(
+        self, language: str | None = None, *, model: str | None = None, device: str | None = None
+    ) -> tuple[Any, str]:
+        """The ASR models a job uses (a ``pipeline.transcribe.AsrRoute``) and a label for them.
 
-    @staticmethod
-    def _is_english_only_name(name: str) -> bool:
-        return name == EMBEDDED or name.rstrip("/").endswith(".en")
+        ``model`` (options.model, checked against the allowlist) decodes everything alone, as
+        does a multilingual ``asr_model`` (large-v3-turbo in a GPU image). With an English-only
+        ``asr_model`` (tiny.en by default) English goes to it, the fast path, and every other
+        language, and the identification of an unknown one, to ``asr_multilingual_model``.
+        """
+        from ecg_audio.languages import check_job, is_english_only
+        from pipeline.transcribe import AsrRoute
+
+        choice = check_job(language, model, self.settings)
+        language, model = choice.language, choice.model
+        device = device or self.device
+        main_name = self.settings.asr_model
+        multi = self.settings.asr_multilingual_model
+        if model:
+            return AsrRoute(self._asr_model(model, device), self.asr_label(model)), self.asr_label(model)
+        if language == "en" or not multi or not is_english_only(main_name):
+            return AsrRoute(self._asr_model(main_name, device), self.asr_label(main_name)), self.asr_label(main_name)
+        route = AsrRoute(self._asr_model(multi, device), self.asr_label(multi))
+        if language is None and main_name != multi:
+            route.english, route.english_name = self._asr_model(main_name, device), self.asr_label(main_name)
+        return route, route.main_name
 
     def asr(self, language: str | None = None, *, device: str | None = None) -> tuple[Any, str]:
-        from pipeline.transcribe import check_language, load_asr_model
+        """The one model that decodes ``language`` (None: the one that identifies languages)."""
+        route, _ = self.asr_route(language, device=device)
+        return route.for_language(language) if language else (route.main, route.main_name)
 
-        name = self.asr_name_for(language)
-        device = device or self.device
+    @staticmethod
+    def asr_label(name: str) -> str:
+        from pipeline.transcribe import EMBEDDED_MULTILINGUAL
+
+        return {EMBEDDED: "tiny.en (embedded)", EMBEDDED_MULTILINGUAL: "whisper-base (embedded)"}.get(name, name)
+
+    def _asr_model(self, name: str, device: str) -> Any:
+        """Load (once) and return an ASR model; beyond ``asr_max_resident`` the least recently
+        used other one is unloaded."""
+        from pipeline.audio import release_freed_memory
+        from pipeline.transcribe import load_asr_model
+
         key = (name, device)
         with self._lock:
-            if key not in self._asr:
-                log.info("model_loading", model="asr", name=name, device=device)
-                self._asr[key] = load_asr_model(
-                    name,
-                    device=device,
-                    compute_type=self.compute_type(device),
-                    beam_size=self.settings.asr_beam_size,
-                )
-                self.loads[f"asr:{name}:{device}"] += 1
-            model = self._asr[key]
-        check_language(model, language, name)
-        return model, ("tiny.en (embedded)" if name == EMBEDDED else name)
+            if key in self._asr:
+                self._asr.move_to_end(key)
+                return self._asr[key]
+            log.info("model_loading", model="asr", name=name, device=device)
+            model = load_asr_model(
+                name,
+                device=device,
+                compute_type=self.compute_type(device),
+                beam_size=self.settings.asr_beam_size,
+                cache_dir=self.settings.model_cache_dir,
+            )
+            self.loads[f"asr:{name}:{device}"] += 1
+            self._asr[key] = model
+            while len(self._asr) > self.settings.asr_max_resident:
+                old, _ = self._asr.popitem(last=False)
+                self.unloads[f"asr:{old[0]}:{old[1]}"] += 1
+                log.info("model_unloaded", model="asr", name=old[0], device=old[1], reason="least recently used")
+            release_freed_memory()
+            return model
+
+    def resident_asr(self) -> list[str]:
+        """Names of the ASR models loaded now, least recently used first."""
+        with self._lock:
+            return [name for name, _ in self._asr]
 
     # --- diarization -----------------------------------------------------
     def diarization(self) -> tuple[Any, str]:
@@ -107,8 +141,11 @@ class ModelRegistry:
 
     # --- alignment -------------------------------------------------------
     def aligner(self, language: str) -> tuple[Any, str] | None:
-        """A wav2vec2 aligner when one is configured, else None (Whisper's own timestamps are used)."""
-        name = self.settings.alignment_model
+        """The wav2vec2 aligner configured for ``language`` (ECG_ALIGNMENT_MODELS, else
+        ECG_ALIGNMENT_MODEL), or None: Whisper's own word times are used."""
+        from ecg_audio.languages import aligner_name
+
+        name = aligner_name(language, self.settings)
         if not name:
             return None
         from pipeline.align import load_wav2vec2_aligner
@@ -121,11 +158,18 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Build the default models now, so the first job pays nothing."""
-        self.asr(None)
+        self.asr("en")  # asr_model: the English fast path (or every language, when multilingual)
+        self.asr(None)  # the model that identifies languages (asr_multilingual_model beside tiny.en)
         self.diarization()
 
     def stats(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": self.device, "loads": dict(self.loads)}
+        return {
+            "pid": os.getpid(),
+            "device": self.device,
+            "loads": dict(self.loads),
+            "unloads": dict(self.unloads),
+            "asr_resident": self.resident_asr(),
+        }
 
 
 _registry: ModelRegistry | None = None

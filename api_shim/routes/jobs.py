@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, StoreDep
@@ -25,8 +25,10 @@ router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
     responses={200: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Accept a job (idempotent on job_id)",
 )
-async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    created, rec = await submit(shim, req, caller)
+async def process_video(
+    req: ProcessRequest, shim: ShimDep, caller: CurrentKey, accept_language: Annotated[str | None, Header()] = None
+) -> Any:
+    created, rec = await submit(shim, req, caller, accept_language)
     if created or rec is None:
         # the Accepted model's JSON, without validating a model built from values just checked
         return JSONResponse(
@@ -43,8 +45,10 @@ async def process_video(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) 
     responses={202: {"model": JobState}, **CONFLICT, **UNAVAILABLE},
     summary="Submit and wait for the result",
 )
-async def transcribe(req: ProcessRequest, shim: ShimDep, caller: CurrentKey) -> Any:
-    found = (await submit(shim, req, caller))[1]
+async def transcribe(
+    req: ProcessRequest, shim: ShimDep, caller: CurrentKey, accept_language: Annotated[str | None, Header()] = None
+) -> Any:
+    found = (await submit(shim, req, caller, accept_language))[1]
     rec = await wait_until_done(shim, req.job_id, found)
     code = 200 if rec.status in ("completed", "failed") else 202
     headers = {"Location": f"/jobs/{req.job_id}"} if code == 202 else None
