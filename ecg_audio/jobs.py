@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 
+# the one terminal-status type lives with the event builder (the final event and the terminal state
+# are written together there)
+from ecg_audio.job_events import FAILED_SET, TERMINAL, JobEvents, JobStatus, is_terminal
+
 if TYPE_CHECKING:
     from ecg_audio.chain import ChainMessage
 
 PREFIX = "ecg:job:"
 RESULT_PREFIX = "ecg:result:"
-FAILED_SET = "ecg:jobs:failed"
 ALL_SET = "ecg:jobs:all"
 
-TERMINAL = ("completed", "failed")
+__all__ = ["TERMINAL", "JobStatus", "is_terminal", "JobRecord", "JobStore", "AsyncJobStore"]
 
 _UPDATE_LUA = """
 local key = KEYS[1]
@@ -59,6 +62,8 @@ redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', key, ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+-- the all-jobs index keeps what the records keep (Redis runs noeviction)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[4]))
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
 """
@@ -96,6 +101,7 @@ class JobRecord:
     updated_at: float = 0.0
     request: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
+    run: int = 1  # 1, then one more per operator requeue; the final event's id names it
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -111,6 +117,7 @@ class JobRecord:
             updated_at=float(h.get("updated_at", 0)),
             request=json.loads(h.get("request", "{}")),
             attempts=int(h.get("attempts", 0)),
+            run=int(h.get("run") or 1),
         )
 
 
@@ -120,6 +127,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._update = self.r.register_script(_UPDATE_LUA)
         self._create = self.r.register_script(_CREATE_LUA)
+        self.events = JobEvents(client, ttl_s)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -164,18 +172,19 @@ class JobStore:
         raw = self.r.get(RESULT_PREFIX + job_id)
         return json.loads(raw) if raw else None  # type: ignore[arg-type]
 
-    def mark_failed(self, job_id: str, code: str, message: str, stage: str | None) -> bool:
-        changed = self.update(
+    def mark_failed(self, job_id: str, code: str, message: str, stage: str | None, *, run: int | None = None) -> bool:
+        """Fail the job and emit its final event, in one step (``JobEvents.finish``). False when the job
+        is unknown or already finished."""
+        rc, _ = self.events.finish(
             job_id,
-            status="failed",
+            JobStatus.FAILED,
+            stage=stage,
+            message=f"Failed: {message}",
             error_code=code,
             error_message=message,
-            stage=stage or "",
-            message=f"Failed: {message}",
+            run=run,
         )
-        if changed:
-            self.r.zadd(FAILED_SET, {job_id: time.time()})
-        return changed
+        return rc == 1
 
     def requeue(self, job_id: str) -> bool:
         """Reopen a failed job (operator action). Progress is kept; the error is cleared."""

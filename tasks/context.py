@@ -28,6 +28,10 @@ def models() -> ModelProvider:
     return _model_provider()
 
 
+def settings() -> Settings:
+    return get_settings()
+
+
 @functools.lru_cache(maxsize=1)
 def job_store() -> JobStore:
     s = get_settings()

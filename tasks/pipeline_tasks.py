@@ -7,7 +7,9 @@ faults are, three times, with backoff), and the final outcome, reported once.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import uuid
 from typing import Any
@@ -16,6 +18,7 @@ import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
+from ecg_audio.jobs import JobStatus, is_terminal
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
 from tasks.stages import JobSpec, run_stage
@@ -69,6 +72,22 @@ class StageLease:
                 log.warning("lease_release_failed", key=self.key)
 
 
+def _maybe_crash(point: str, job_id: str) -> None:
+    """Fault injection (tests and the chaos bench): ``crash:<point>:<n>`` kills this process the first
+    n times a job reaches ``point`` (a stage name, or ``before_final``: the result stored, the job not
+    yet reported). Counted in Redis, so it survives the crash it causes."""
+    rules = context.settings().fault_injection
+    if not rules:
+        return
+    for rule in rules.split(","):
+        parts = rule.strip().split(":")
+        if len(parts) == 3 and parts[0] == "crash" and parts[1] == point:
+            seen = int(context.job_store().r.incr(f"ecg:fault:{job_id}:{point}"))
+            if seen <= int(parts[2]):
+                log.warning("fault_injected_crash", point=point, n=seen)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StageTask(Task):
     """Base for stage tasks: ``run_stage_task`` wraps a stage with the job lifecycle."""
 
@@ -78,38 +97,20 @@ class StageTask(Task):
 
     def reporter(self, job: JobSpec) -> Any:
         store = context.job_store()
-        outbox = context.outbox()
 
         def report(stage: str, progress: int, message: str) -> None:
-            changed = store.update(job.job_id, status="processing", progress=progress, stage=stage, message=message)
-            if not changed:
+            if not store.events.progress(job.job_id, progress=progress, stage=stage, message=message):
                 # the record refuses updates once the job is over (cancelled by DELETE /jobs/{id},
                 # failed or finished elsewhere): stop this stage now rather than at the next stage
                 # boundary (a long file's transcription runs for minutes). No record: carry on.
                 rec = store.get(job.job_id)
-                if rec is not None and rec.status in ("failed", "completed"):
+                if rec is not None and is_terminal(rec.status):
                     why = f" ({rec.error_code})" if rec.error_code else ""
                     raise CancelledError(f"job {rec.status}{why}; the {stage} stage stopped")
                 return
-            meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
             if self.request.id:
+                meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
                 self.update_state(state="PROGRESS", meta=meta)
-            if job.callback_url:
-                rec = store.get(job.job_id)
-                outbox.enqueue(
-                    job.job_id,
-                    job.callback_url,
-                    {
-                        "job_id": job.job_id,
-                        "status": "processing",
-                        "progress": rec.progress if rec else progress,
-                        "message": message,
-                        "stage": stage,
-                        "result": None,
-                        "error_code": None,
-                        "error_message": None,
-                    },
-                )
 
         return report
 
@@ -118,21 +119,27 @@ class StageTask(Task):
         no URL, token included, travels in task arguments, return values or their logs."""
         store = context.job_store()
         job_id = str(payload["job_id"])
+        key = f"ecg:job:{job_id}"
         structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage)
+        run: int | None = None
         try:
             rec = store.get(job_id)
             if rec is not None and rec.request.get("video_url"):
                 job = JobSpec.from_request(job_id, rec.request)
             else:
                 job = JobSpec.from_dict(payload)
-            if rec is not None and rec.status in ("completed", "failed"):
-                # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain
-                log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
-                raise Ignore()
+            if rec is not None:
+                run = rec.run
+                if is_terminal(rec.status):
+                    # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain.
+                    # Whoever finished it emitted the final event; should it not have, this does (once).
+                    self._ensure_final(job_id, rec)
+                    log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
+                    raise Ignore()
             env = context.stage_env(self.reporter(job))
             if stage == "merge" and store.get_result(job.job_id) is not None:
                 # a redelivered merge after the result was stored: only the reporting is left
-                self._complete(job, env)
+                self._complete(job, env, run)
                 return {"job_id": job.job_id}
             with StageLease(store.r, job.job_id, stage) as lease:
                 if not lease.held:
@@ -140,20 +147,21 @@ class StageTask(Task):
                     # later, when its checkpoint will make this a no-op
                     log.info("stage_busy_elsewhere")
                     raise self.retry(countdown=LEASE_RETRY_S, max_retries=LEASE_MAX_WAITS)
+                _maybe_crash(stage, job_id)
                 try:
                     outcome = run_stage(stage, job, env)
                 except SoftTimeLimitExceeded as e:
                     raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
                 if not outcome.skipped:
                     # counted for operators and the chaos bench: a finished stage never runs twice
-                    store.r.hincrby(f"ecg:job:{job.job_id}", f"runs:{stage}", 1)
+                    store.r.hincrby(key, f"runs:{stage}", 1)
             if stage == "merge":
-                self._complete(job, env)
+                self._complete(job, env, run)
             return {"job_id": job.job_id}
         except (Ignore, Retry):
             raise
         except CancelledError as e:
-            # the record already says how the job ended; nothing to report, the chain stops here
+            # the record already says how the job ended (and its final event is out); the chain stops here
             log.info("stage_cancelled", reason=e.message)
             raise Ignore() from e
         except AnalysisError as e:
@@ -161,17 +169,30 @@ class StageTask(Task):
                 countdown = min(60.0, 2.0 * 2**self.request.retries) * random.uniform(0.5, 1.0)
                 log.warning("stage_retry", code=e.code, error=e.message, retry=self.request.retries + 1)
                 raise self.retry(exc=e, countdown=countdown, max_retries=NETWORK_RETRIES) from e
-            self._fail(job, stage, e)
+            self._fail(job, stage, e, run)
             raise
         except Exception as e:
             log.exception("stage_crashed")
             err = ProcessingError(f"internal error in the {stage} stage ({type(e).__name__}); the team has the details")
-            self._fail(job, stage, err)
+            self._fail(job, stage, err, run)
             raise err from e
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "stage")
 
-    def _complete(self, job: JobSpec, env: Any) -> None:
+    @staticmethod
+    def _ensure_final(job_id: str, rec: Any) -> None:
+        context.job_store().events.finish(
+            job_id,
+            JobStatus(rec.status),
+            stage=rec.stage,
+            message=rec.message,
+            error_code=rec.error_code,
+            error_message=rec.error_message,
+            result=(context.job_store().get_result(job_id) or {}).get("result") if rec.status == "completed" else None,
+            run=rec.run,
+        )
+
+    def _complete(self, job: JobSpec, env: Any, run: int | None) -> None:
         store = context.job_store()
         envelope = store.get_result(job.job_id)
         if envelope is None:
@@ -181,56 +202,38 @@ class StageTask(Task):
         # reported complete, so a client that sees 'completed' never sees leftovers
         if not env.keep_workspace:
             env.workspace(job.job_id).remove()
-        store.update(job.job_id, status="completed", progress=100, stage="merge", message="Done")
+        _maybe_crash("before_final", job.job_id)
+        # the terminal state and the final event in one step; on a job cancelled meanwhile, the final
+        # event says what the record says (failed/CANCELLED), once
+        rc, event_id = store.events.finish(
+            job.job_id,
+            JobStatus.COMPLETED,
+            stage="merge",
+            message="Done",
+            progress=100,
+            result=envelope["result"],
+            run=run,
+        )
+        if rc != 1:
+            log.info("completion_not_reported", code=rc)
+            return
         md = envelope["result"]["metadata"]
         import resource
 
         log.info(
             "video_processing_completed",
+            event_id=event_id,
             duration=md["duration"],
             processing_time=md["processing_time"],
             peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             speakers=md["speakers_detected"],
             segments=md["segments_created"],
         )
-        if job.callback_url:
-            context.outbox().enqueue(
-                job.job_id,
-                job.callback_url,
-                {
-                    "job_id": job.job_id,
-                    "status": "completed",
-                    "progress": 100,
-                    "message": "Done",
-                    "stage": "merge",
-                    "result": envelope["result"],
-                    "error_code": None,
-                    "error_message": None,
-                },
-                final=True,
-            )
 
-    def _fail(self, job: JobSpec, stage: str, err: AnalysisError) -> None:
+    def _fail(self, job: JobSpec, stage: str, err: AnalysisError, run: int | None) -> None:
         store = context.job_store()
-        changed = store.mark_failed(job.job_id, err.code, err.message, stage)
+        store.mark_failed(job.job_id, err.code, err.message, stage, run=run)
         log.warning("job_failed", error_code=err.code, error=err.message)
-        if changed and job.callback_url:
-            rec = store.get(job.job_id)
-            context.outbox().enqueue(
-                job.job_id,
-                job.callback_url,
-                {
-                    "job_id": job.job_id,
-                    "status": "failed",
-                    "progress": rec.progress if rec else 0,
-                    "message": f"Failed: {err.message}",
-                    "stage": stage,
-                    "result": None,
-                    "error_code": err.code,
-                    "error_message": err.message,
-                },
-                final=True,
-            )
 
 
 def _stage_task(stage: str) -> Any:

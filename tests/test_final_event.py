@@ -1,0 +1,164 @@
+"""The final event goes out with the terminal state, matches it, and exactly once per run.
+
+The merge stage runs in-process (the real task code, its result already stored, as on a
+redelivered merge) against a real Redis; the outbox and the event log are read back raw.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+RESULT = {
+    "result": {
+        "metadata": {"duration": 1.0, "processing_time": 1.0, "speakers_detected": 1, "segments_created": 0},
+        "segments": [],
+    }
+}
+
+
+class NoModels:
+    device = "cpu"
+
+    def asr(self, language: str | None = None, *, device: str | None = None) -> tuple[Any, str]:
+        raise AssertionError("no model is needed here")
+
+    def diarization(self) -> tuple[Any, str]:
+        raise AssertionError("no model is needed here")
+
+    def aligner(self, language: str) -> tuple[Any, str] | None:
+        raise AssertionError("no model is needed here")
+
+
+@pytest.fixture
+def tasks_env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    monkeypatch.setenv("ECG_REDIS_URL", redis_url)
+    monkeypatch.setenv("ECG_WORKSPACE_ROOT", str(tmp_path / "ws"))
+    monkeypatch.setenv("ECG_OUTPUT_ROOT", str(tmp_path / "out"))
+    from ecg_audio.settings import get_settings
+    from tasks import context
+
+    def clear() -> None:
+        get_settings.cache_clear()
+        context.job_store.cache_clear()
+        context.outbox.cache_clear()
+
+    clear()
+    context.set_model_provider(lambda: NoModels())  # type: ignore[arg-type, return-value]
+    yield redis.Redis.from_url(redis_url, decode_responses=True)
+    clear()
+
+
+def _job(r: redis.Redis, *, callback: str | None = "http://127.0.0.1:9/cb") -> str:
+    from tasks import context
+
+    job = f"fin-{uuid.uuid4().hex[:8]}"
+    store = context.job_store()
+    assert store.create(job, {"job_id": job, "video_url": "https://example.com/a.wav", "callback_url": callback})
+    store.update(job, status="processing", progress=80, stage="features", message="Voice features measured")
+    store.set_result(job, RESULT)
+    return job
+
+
+def _outbox(r: redis.Redis, job: str) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in r.lrange(f"ecg:cb:q:{job}", 0, -1)]
+
+
+def _finals(r: redis.Redis, job: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in _outbox(r, job) if e["payload"]["status"] in ("completed", "failed")]
+
+
+def _merge(job: str) -> None:
+    from celery.exceptions import Ignore
+
+    from tasks.pipeline_tasks import merge_task
+
+    try:
+        merge_task.run_stage_task("merge", {"job_id": job})
+    except Ignore:
+        pass
+
+
+def test_delete_during_merge_final_says_cancelled(tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DELETE that lands while merge runs: the record says failed/CANCELLED, and so does the one final."""
+    from tasks import context
+
+    job = _job(tasks_env)
+    real = context.stage_env
+
+    def env_then_delete(*a: Any, **k: Any) -> Any:
+        env = real(*a, **k)
+        context.job_store().mark_failed(job, "CANCELLED", "cancelled by request", "merge")  # what DELETE does
+        return env
+
+    monkeypatch.setattr(context, "stage_env", env_then_delete)
+    _merge(job)
+    rec = context.job_store().get(job)
+    assert rec is not None and rec.status == "failed" and rec.error_code == "CANCELLED"
+    finals = _finals(tasks_env, job)
+    assert len(finals) == 1, finals
+    assert finals[0]["status"] == "failed" and finals[0]["error_code"] == "CANCELLED", finals[0]
+
+
+def test_cancelled_job_emits_exactly_one_final(tasks_env: redis.Redis) -> None:
+    from tasks import context
+
+    job = _job(tasks_env)
+    assert context.job_store().mark_failed(job, "CANCELLED", "cancelled by request", "features")
+    _merge(job)  # the chain's next delivery finds the job over
+    _merge(job)
+    finals = _finals(tasks_env, job)
+    assert len(finals) == 1 and finals[0]["error_code"] == "CANCELLED", finals
+
+
+def test_crash_between_terminal_state_and_final_still_one_final(
+    tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process fails right after merge's work (here: the separate enqueue step, where there is one);
+    the redelivered merge must still leave the job completed with exactly one final event."""
+    from tasks import context
+
+    class Broken:
+        def enqueue(self, *a: Any, **k: Any) -> None:
+            raise redis.ConnectionError("crash between the terminal state and the final event")
+
+    job = _job(tasks_env)
+    monkeypatch.setattr(context, "outbox", lambda: Broken())
+    try:
+        _merge(job)
+    except Exception:
+        pass
+    monkeypatch.undo()
+    _merge(job)  # the redelivery
+    rec = context.job_store().get(job)
+    finals = _finals(tasks_env, job)
+    assert rec is not None and rec.status == "completed", rec
+    assert len(finals) == 1 and finals[0]["status"] == "completed" and finals[0]["result"] == RESULT["result"], finals
+
+
+@pytest.mark.parametrize("callback", ["http://127.0.0.1:9/cb", None])
+def test_every_event_goes_to_the_event_log(tasks_env: redis.Redis, callback: str | None) -> None:
+    """Milestones and the final, with or without a callback_url, in the per-job stream; the same ids and
+    bodies as the outbox."""
+    from tasks import context
+
+    job = _job(tasks_env, callback=callback)
+    report = context.job_store().events
+    assert report.progress(job, progress=85, stage="merge", message="Assembling")
+    _merge(job)
+    entries = tasks_env.xrange(f"ecg:job:{job}:events")
+    payloads = [json.loads(f["payload"]) for _, f in entries]
+    assert [p["status"] for p in payloads] == ["processing", "completed"], payloads
+    assert all(f["event_id"] == p["event_id"] for (_, f), p in zip(entries, payloads, strict=True))
+    assert payloads[-1]["event_id"] == f"{job}:final:1"
+    assert tasks_env.ttl(f"ecg:job:{job}:events") > 0
+    if callback:
+        assert [e["payload"] for e in _outbox(tasks_env, job)] == payloads
+    else:
+        assert _outbox(tasks_env, job) == []
