@@ -69,6 +69,28 @@ return 1
 """
 
 
+# KEYS: record, failed index. ARGV: force, now, ttl. Returns the new run, 0 unknown, -1 not finished.
+_REQUEUE_LUA = """
+local key = KEYS[1]
+if redis.call('HEXISTS', key, 'job_id') == 0 then return 0 end
+local status = redis.call('HGET', key, 'status')
+if ARGV[1] ~= '1' and status ~= 'completed' and status ~= 'failed' then return -1 end
+local run = (tonumber(redis.call('HGET', key, 'run') or '1') or 1) + 1
+local fields = redis.call('HKEYS', key)
+for _, f in ipairs(fields) do
+  local p = string.sub(f, 1, 11)
+  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:' then
+    redis.call('HDEL', key, f)
+  end
+end
+redis.call('HSET', key, 'status', 'queued', 'error_code', '', 'error_message', '',
+           'message', 'Requeued by operator', 'run', run, 'updated_at', ARGV[2])
+redis.call('EXPIRE', key, ARGV[3])
+redis.call('ZREM', KEYS[2], redis.call('HGET', key, 'job_id'))
+return run
+"""
+
+
 def _create_call(
     job_id: str, request: dict[str, Any], ttl_s: int, message: ChainMessage | None
 ) -> tuple[list[str], list[str]]:
@@ -127,6 +149,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._update = self.r.register_script(_UPDATE_LUA)
         self._create = self.r.register_script(_CREATE_LUA)
+        self._requeue = self.r.register_script(_REQUEUE_LUA)
         self.events = JobEvents(client, ttl_s)
 
     @classmethod
@@ -186,14 +209,13 @@ class JobStore:
         )
         return rc == 1
 
-    def requeue(self, job_id: str) -> bool:
-        """Reopen a failed job (operator action). Progress is kept; the error is cleared."""
-        ok = self.update(
-            job_id, status="queued", force=True, error_code="", error_message="", message="Requeued by operator"
-        )
-        if ok:
-            self.r.zrem(FAILED_SET, job_id)
-        return ok
+    def requeue(self, job_id: str, *, force: bool = False) -> int | None:
+        """Reopen a finished job (operator action) as a new run: progress is kept, the error and the
+        per-stage delivery counts are cleared. Returns the new run number, or None when the job is
+        unknown or (without ``force``) not finished: a running job would get a second chain."""
+        r = self._requeue(keys=[PREFIX + job_id, FAILED_SET], args=["1" if force else "0", time.time(), self.ttl_s])
+        n = int(r)  # type: ignore[arg-type]
+        return n if n > 0 else None
 
     def failed_ids(self, limit: int = 100) -> list[str]:
         return list(self.r.zrevrange(FAILED_SET, 0, limit - 1))  # type: ignore[arg-type]

@@ -11,63 +11,72 @@ import os
 import random
 import signal
 import threading
-import uuid
 from typing import Any
 
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from redis.exceptions import LockNotOwnedError
 
 from ecg_audio.jobs import JobStatus, is_terminal
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context
-from tasks.stages import JobSpec, run_stage
+from tasks.stages import STAGE_ORDER, JobSpec, run_stage
 
 log = structlog.get_logger("ecg.tasks")
 
 NETWORK_RETRIES = 3
 LEASE_TTL_S = 30.0
 LEASE_RETRY_S = 5.0
-LEASE_MAX_WAITS = 100_000  # a duplicate waits as long as the original runs
 
 
 class StageLease:
     """At most one run of a given job's stage at a time, across workers.
 
-    A lease in Redis with a short TTL, renewed by a thread while the stage runs:
-    a worker that dies stops renewing, so its lease lapses within LEASE_TTL_S and a
-    redelivered copy can take over, while a live duplicate is kept waiting.
+    A redis-py ``Lock`` (token-checked acquire, extend and release, each one atomic Redis
+    script) with a short TTL, renewed by a thread while the stage runs: a worker that dies stops
+    renewing, so its lease lapses within ``ttl_s`` and a redelivered copy can take over, while a
+    live duplicate is kept waiting. A holder whose lease lapsed (a stalled process) finds ``lost``
+    set instead of extending or releasing someone else's.
     """
 
-    def __init__(self, client: Any, job_id: str, stage: str) -> None:
-        self.r = client
+    def __init__(self, client: Any, job_id: str, stage: str, *, ttl_s: float = LEASE_TTL_S) -> None:
         self.key = f"ecg:lease:{job_id}:{stage}"
-        self.token = uuid.uuid4().hex
+        self.ttl_s = ttl_s
+        self.lock = client.lock(self.key, timeout=ttl_s, blocking=False, thread_local=False)
         self.held = False
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> StageLease:
-        self.held = bool(self.r.set(self.key, self.token, nx=True, px=int(LEASE_TTL_S * 1000)))
+        self.held = bool(self.lock.acquire(blocking=False))
         if self.held:
             self._thread = threading.Thread(target=self._renew, name="ecg-lease", daemon=True)
             self._thread.start()
         return self
 
     def _renew(self) -> None:
-        while not self._stop.wait(LEASE_TTL_S / 3):
+        while not self._stop.wait(self.ttl_s / 3):
             try:
-                if self.r.get(self.key) in (self.token, self.token.encode()):
-                    self.r.pexpire(self.key, int(LEASE_TTL_S * 1000))
+                self.lock.reacquire()
+            except LockNotOwnedError:
+                self.lost.set()
+                log.warning("lease_lost", key=self.key)
+                return
             except Exception:  # a Redis hiccup: the next round tries again
                 log.warning("lease_renew_failed", key=self.key)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
         if self.held:
             try:
-                if self.r.get(self.key) in (self.token, self.token.encode()):
-                    self.r.delete(self.key)
+                self.lock.release()
+            except LockNotOwnedError:
+                self.lost.set()
+                log.warning("lease_lost", key=self.key)
             except Exception:
                 log.warning("lease_release_failed", key=self.key)
 
@@ -93,6 +102,9 @@ class StageTask(Task):
 
     abstract = True
     acks_late = True
+    # retries are counted by kind in the job record (network faults get NETWORK_RETRIES; waiting for a
+    # duplicate's lease is not a fault and has no budget), not by Celery's one counter
+    max_retries = None
     stage: str = ""
 
     def reporter(self, job: JobSpec) -> Any:
@@ -146,15 +158,26 @@ class StageTask(Task):
                     # the same stage of this job runs elsewhere (a redelivered duplicate): come back
                     # later, when its checkpoint will make this a no-op
                     log.info("stage_busy_elsewhere")
-                    raise self.retry(countdown=LEASE_RETRY_S, max_retries=LEASE_MAX_WAITS)
+                    raise self.retry(countdown=LEASE_RETRY_S)
+                # read by a duplicate of the previous stage: its successor (this one) is under way
+                store.r.hset(key, f"started:{stage}", "1")
                 _maybe_crash(stage, job_id)
                 try:
                     outcome = run_stage(stage, job, env)
                 except SoftTimeLimitExceeded as e:
                     raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
+                if lease.lost.is_set():
+                    # another delivery took over this stage: it publishes the next stage, not us
+                    log.warning("stage_lease_lost_not_publishing")
+                    raise Ignore()
                 if not outcome.skipped:
                     # counted for operators and the chaos bench: a finished stage never runs twice
                     store.r.hincrby(key, f"runs:{stage}", 1)
+                elif self._next_started(store, key, stage):
+                    # a duplicate delivery of a finished stage whose successor already runs (or ran):
+                    # publishing the next stage again would start a second copy of the rest of the chain
+                    log.info("duplicate_contained")
+                    raise Ignore()
             if stage == "merge":
                 self._complete(job, env, run)
             return {"job_id": job.job_id}
@@ -165,10 +188,12 @@ class StageTask(Task):
             log.info("stage_cancelled", reason=e.message)
             raise Ignore() from e
         except AnalysisError as e:
-            if e.retryable and self.request.retries < NETWORK_RETRIES:
-                countdown = min(60.0, 2.0 * 2**self.request.retries) * random.uniform(0.5, 1.0)
-                log.warning("stage_retry", code=e.code, error=e.message, retry=self.request.retries + 1)
-                raise self.retry(exc=e, countdown=countdown, max_retries=NETWORK_RETRIES) from e
+            if e.retryable:
+                tries = int(store.r.hincrby(key, f"netretries:{stage}", 1))
+                if tries <= NETWORK_RETRIES:
+                    countdown = min(60.0, 2.0 * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+                    log.warning("stage_retry", code=e.code, error=e.message, retry=tries)
+                    raise self.retry(exc=e, countdown=countdown) from e
             self._fail(job, stage, e, run)
             raise
         except Exception as e:
@@ -178,6 +203,14 @@ class StageTask(Task):
             raise err from e
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "stage")
+
+    @staticmethod
+    def _next_started(store: Any, key: str, stage: str) -> bool:
+        i = STAGE_ORDER.index(stage)
+        if i + 1 >= len(STAGE_ORDER):
+            return False
+        nxt = STAGE_ORDER[i + 1]
+        return bool(store.r.hexists(key, f"started:{nxt}"))
 
     @staticmethod
     def _ensure_final(job_id: str, rec: Any) -> None:

@@ -162,3 +162,23 @@ def test_every_event_goes_to_the_event_log(tasks_env: redis.Redis, callback: str
         assert [e["payload"] for e in _outbox(tasks_env, job)] == payloads
     else:
         assert _outbox(tasks_env, job) == []
+
+
+def test_duplicate_of_a_finished_stage_does_not_publish_the_next_again(tasks_env: redis.Redis) -> None:
+    """A redelivered ingest whose checkpoint exists, while diarize already started: returning normally
+    would make Celery publish diarize a second time. It stops the chain copy instead (Ignore)."""
+    from celery.exceptions import Ignore
+
+    from pipeline.workspace import Workspace
+    from tasks import context
+    from tasks.pipeline_tasks import ingest_task
+
+    job = _job(tasks_env)
+    ws = Workspace.open(context.settings().workspace_root, job)
+    ws.write_json("ingest.json", {"duration": 1.0})
+    tasks_env.hset(f"ecg:job:{job}", "started:diarize", "1")
+    with pytest.raises(Ignore):
+        ingest_task.run_stage_task("ingest", {"job_id": job})
+    # the first delivery, before diarize started, still passes the chain on
+    tasks_env.hdel(f"ecg:job:{job}", "started:diarize")
+    assert ingest_task.run_stage_task("ingest", {"job_id": job}) == {"job_id": job}
