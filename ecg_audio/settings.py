@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     worker_dead_after_s: float = Field(
         default=30.0, gt=0, description="A worker silent this long is dead; its held messages are requeued."
     )
+    max_stage_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="A stage delivered this many times without finishing (its process died each time) fails the "
+        "job with STAGE_CRASHED instead of being delivered again.",
+    )
 
     # --- operations ------------------------------------------------------
     log_level: str = "INFO"

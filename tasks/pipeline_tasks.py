@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 from celery import Task, shared_task
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from redis.exceptions import LockNotOwnedError
 
 from ecg_audio.jobs import JobStatus, is_terminal
@@ -159,13 +159,27 @@ class StageTask(Task):
                     # later, when its checkpoint will make this a no-op
                     log.info("stage_busy_elsewhere")
                     raise self.retry(countdown=LEASE_RETRY_S)
-                # read by a duplicate of the previous stage: its successor (this one) is under way
-                store.r.hset(key, f"started:{stage}", "1")
-                _maybe_crash(stage, job_id)
+                # counted before any work, and taken back when the body returns or raises: what is left
+                # counts the deliveries whose process died (a segfault, the OOM killer, a kill), so a
+                # stage that dies every time ends here instead of being delivered for ever
+                pipe = store.r.pipeline()
+                pipe.hincrby(key, f"deliveries:{stage}", 1)
+                pipe.hset(key, f"started:{stage}", "1")
+                deliveries = int(pipe.execute()[0])
+                limit = context.settings().max_stage_deliveries
+                if deliveries > limit:
+                    raise ProcessingError(
+                        f"the {stage} stage was started {limit} times and its process died each time "
+                        "(killed, out of memory or crashed); giving up",
+                        code="STAGE_CRASHED",
+                    )
                 try:
+                    _maybe_crash(stage, job_id)
                     outcome = run_stage(stage, job, env)
                 except SoftTimeLimitExceeded as e:
                     raise StageTimeoutError(f"the {stage} stage took longer than its time limit") from e
+                finally:
+                    store.r.hincrby(key, f"deliveries:{stage}", -1)
                 if lease.lost.is_set():
                     # another delivery took over this stage: it publishes the next stage, not us
                     log.warning("stage_lease_lost_not_publishing")
@@ -224,6 +238,23 @@ class StageTask(Task):
             result=(context.job_store().get_result(job_id) or {}).get("result") if rec.status == "completed" else None,
             run=rec.run,
         )
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Celery calls this in the worker's parent when a stage is killed at its hard time limit: the
+        job fails with TIMEOUT_ERROR and its final event, instead of staying ``processing`` for ever."""
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        payload = (args[0] if args else None) or (kwargs or {}).get("payload") or {}
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        if not job_id:
+            return
+        stage = self.name.removeprefix("ecg.")
+        try:
+            context.job_store().mark_failed(
+                str(job_id), "TIMEOUT_ERROR", f"the {stage} stage was stopped at its hard time limit", stage
+            )
+        except Exception:
+            log.exception("timeout_report_failed", job_id=job_id)
 
     def _complete(self, job: JobSpec, env: Any, run: int | None) -> None:
         store = context.job_store()

@@ -182,3 +182,71 @@ def test_duplicate_of_a_finished_stage_does_not_publish_the_next_again(tasks_env
     # the first delivery, before diarize started, still passes the chain on
     tasks_env.hdel(f"ecg:job:{job}", "started:diarize")
     assert ingest_task.run_stage_task("ingest", {"job_id": job}) == {"job_id": job}
+
+
+def _deliver_in_child(job: str, stage: str) -> int:
+    """One delivery of ``stage`` in a forked process (as a pool child runs it); returns its exit code."""
+    import multiprocessing
+
+    def child() -> None:
+        from ecg_audio.settings import get_settings
+        from tasks import context
+        from tasks.pipeline_tasks import StageTask
+
+        get_settings.cache_clear()
+        context.job_store.cache_clear()
+        task = StageTask()
+        task.name = f"ecg.{stage}"
+        try:
+            task.run_stage_task(stage, {"job_id": job})
+        except BaseException:
+            pass
+
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(120)
+    return int(p.exitcode or 0)
+
+
+def test_a_stage_that_kills_its_process_ends_after_n_deliveries(
+    tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Poison message: diarize SIGKILLs its own process on every delivery. After
+    max_stage_deliveries (3) the next delivery fails the job with STAGE_CRASHED, its final event goes
+    out, and it is on the dead-letter list."""
+    from ecg_audio.settings import get_settings
+    from tasks import context
+
+    monkeypatch.setenv("ECG_FAULT_INJECTION", "crash:diarize:1000")
+    get_settings.cache_clear()
+    job = _job(tasks_env)
+    codes = []
+    for _ in range(4):
+        codes.append(_deliver_in_child(job, "diarize"))
+        tasks_env.delete(f"ecg:lease:{job}:diarize")  # the dead holder's lease lapses (30 s in production)
+        rec = context.job_store().get(job)
+        if rec is not None and rec.status == "failed":
+            break
+    assert codes[:3] == [-9, -9, -9], codes  # the first three deliveries died
+    rec = context.job_store().get(job)
+    assert rec is not None and rec.status == "failed" and rec.error_code == "STAGE_CRASHED", (rec, codes)
+    assert len(codes) == 4 and "diarize" in (rec.error_message or "")
+    finals = _finals(tasks_env, job)
+    assert len(finals) == 1 and finals[0]["error_code"] == "STAGE_CRASHED", finals
+    assert job in context.job_store().failed_ids(1000)
+
+
+def test_hard_time_limit_fails_the_job(tasks_env: redis.Redis) -> None:
+    """Celery kills the child at the hard limit and calls on_failure in the parent: the job must not
+    stay 'processing' for ever."""
+    from celery.exceptions import TimeLimitExceeded
+
+    from tasks import context
+    from tasks.pipeline_tasks import transcribe_task
+
+    job = _job(tasks_env)
+    transcribe_task.on_failure(TimeLimitExceeded(10800), f"{job}:transcribe:x", [{"job_id": job}], {}, None)
+    rec = context.job_store().get(job)
+    assert rec is not None and rec.status == "failed" and rec.error_code == "TIMEOUT_ERROR", rec
+    finals = _finals(tasks_env, job)
+    assert len(finals) == 1 and finals[0]["error_code"] == "TIMEOUT_ERROR"
