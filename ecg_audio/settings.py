@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(8, ge=1, le=50)
     callback_backoff_base_s: float = 0.5
     callback_backoff_max_s: float = 60.0
+    callback_deadline_s: float = Field(
+        30.0, gt=0, description="One callback POST, all of it (connect, send, every read); then it is retried."
+    )
 
     # --- shim ------------------------------------------------------------
     api_keys: list[SecretStr] = Field(default_factory=list)

@@ -51,6 +51,7 @@ def make_outbox(s: Settings) -> CallbackOutbox:
         max_attempts=s.callback_max_attempts,
         backoff_base_s=s.callback_backoff_base_s,
         backoff_max_s=s.callback_backoff_max_s,
+        deadline_s=s.callback_deadline_s,
     )
     from pipeline.fetch import FetchLimits, GuardedHttp
 
