@@ -260,6 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async_stores[:] = [(loop, AsyncJobStore(client, settings.job_ttl_s))]
         return async_stores[0][1]
 
+    from ecg_audio.input_scope import s3_input_scope
     from pipeline.urlguard import UrlPolicy, check_url  # torch-free
 
     def _policy(schemes: set[str] | None = None) -> UrlPolicy:
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allowed_schemes=frozenset(allowed),
             allow_private=settings.allow_private_urls,
             allowlist=tuple(settings.url_allowlist),
+            **s3_input_scope(settings),  # s3:// only from input locations, never the workspace
         )
 
     bucket = upload_bucket(settings)

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         description="A stage delivered this many times without finishing (its process died each time) fails the "
         "job with STAGE_CRASHED instead of being delivered again.",
     )
+    s3_input_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3:// inputs allowed, as 'bucket' or 'bucket/prefix/'; none = no s3:// input. The "
+        "workspace bucket's temp/, output/ and uploads/ are refused whatever this says.",
+    )
 
     # --- operations ------------------------------------------------------
     log_level: str = "INFO"

@@ -67,11 +67,14 @@ def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
     from pipeline.urlguard import UrlPolicy
 
     schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
+    from ecg_audio.input_scope import s3_input_scope
+
     return UrlPolicy(
         allowed_schemes=frozenset(schemes),
         allow_private=s.allow_private_urls,
         allowlist=tuple(s.url_allowlist),
         allow_local_files=allow_local_files,
+        **s3_input_scope(s),
     )
 
 

@@ -225,10 +225,22 @@ def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
         try:
             env.s3().head_object(Bucket=env.s3_bucket, Key=s3_key(upload))
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in {"404", "NoSuchKey", "NotFound"}:
+            code = str(e.response.get("Error", {}).get("Code"))
+            if code in {"404", "NoSuchKey", "NotFound"}:
                 raise InvalidMediaError(UPLOAD_GONE) from None
-            raise  # the fetch below reports it with its retry rules
-        admit_s3 = dataclasses.replace(policy, allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"})
+            # throttled (503 SlowDown) or an S3 hiccup: the stage is retried, not failed as an internal error
+            from pipeline.errors import DownloadError
+
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            retryable = not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+            raise DownloadError(f"the uploaded file could not be checked: S3 said {code}", retryable=retryable) from e
+        # this one object, although uploads/ is no input location for jobs
+        admit_s3 = dataclasses.replace(
+            policy,
+            allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"},
+            s3_inputs=(f"{env.s3_bucket}/{s3_key(upload)}",),
+            s3_denied=(),
+        )
         return f"s3://{env.s3_bucket}/{s3_key(upload)}", admit_s3
     if env.uploads_dir is None:
         raise InvalidMediaError("uploads are not enabled on this worker")
