@@ -303,15 +303,21 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             else:
                 env.report("diarize", _within("diarize", done, start=VAD_PROGRESS), "Finding speakers")
 
-    # window by window on long files: memory is bounded by a window, not the recording
-    result = diarize_wav(
-        pipeline,
-        ws.path("audio.wav"),
-        num_speakers=opts.get("num_speakers"),
-        min_speakers=opts.get("min_speakers"),
-        max_speakers=opts.get("max_speakers"),
-        hook=hook,
-    )
+    def attempt(batch: int, device: str) -> Any:
+        # window by window on long files: memory is bounded by a window, not the recording
+        with _diarization_settings(pipeline, batch, device, env.models.device):
+            return diarize_wav(
+                pipeline,
+                ws.path("audio.wav"),
+                num_speakers=opts.get("num_speakers"),
+                min_speakers=opts.get("min_speakers"),
+                max_speakers=opts.get("max_speakers"),
+                hook=hook,
+            )
+
+    batch = int(getattr(pipeline, "embedding_batch_size", 1) or 1)
+    result, notes = _oom_fallback("diarize", "diarization", job, env, ws, attempt, batch)
+    _add_notes(ws, "diarize", notes)
     ws.write_json("diarization.json", {**result.to_dict(), "model": name})
 
 
@@ -358,6 +364,91 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     )
 
 
+def _oom_fallback(
+    stage: str, what: str, job: JobSpec, env: StageEnv, ws: Workspace, attempt: Callable[[int, str], Any], batch: int
+) -> tuple[Any, list[str]]:
+    """``attempt(batch, device)`` with the treatment transcribe gives a CUDA out-of-memory error:
+    half the batch, then the CPU, each step noted for ``metadata.notes``; out of memory at batch 1
+    on the CPU is GPU_MEMORY_ERROR."""
+    device = env.models.device
+    notes: list[str] = []
+    while True:
+        try:
+            _maybe_inject(env, stage, ws)
+            return attempt(batch, device), notes
+        except Exception as e:
+            if not is_cuda_oom(e):
+                raise
+            if batch > 1:
+                notes.append(f"{what}: out of GPU memory at batch size {batch}; retried with {batch // 2}")
+                batch //= 2
+            elif device != "cpu":
+                notes.append(f"{what}: out of GPU memory at batch size 1; fell back to CPU")
+                device = "cpu"
+            else:
+                raise GPUMemoryError(f"{what}: out of memory even at batch size 1 on CPU") from e
+            log.warning("cuda_oom_recovered", job_id=job.job_id, stage=stage, batch_size=batch, device=device)
+
+
+def _add_notes(ws: Workspace, stage: str, notes: list[str]) -> None:
+    """Kept beside the stage's artifact (written before it) for merge to put in ``metadata.notes``."""
+    if notes:
+        kept = ws.read_json("notes.json") if ws.has("notes.json") else {}
+        kept[stage] = notes
+        ws.write_json("notes.json", kept)
+
+
+def _stage_notes(ws: Workspace) -> list[str]:
+    kept = ws.read_json("notes.json") if ws.has("notes.json") else {}
+    return [n for stage in STAGE_ORDER for n in kept.get(stage, [])]
+
+
+class _on_device:
+    """Run a torch model on ``device`` for one attempt, then put it back (it is shared by later jobs)."""
+
+    def __init__(self, model: Any, device: str, home: str) -> None:
+        self.model, self.device, self.home = model, device, home
+        self.moved = device != home and hasattr(model, "to")
+
+    def __enter__(self) -> None:
+        if self.moved:
+            self.model.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.moved:
+            self.model.to(self.home)
+            release_freed_memory()
+
+
+class _diarization_settings(_on_device):
+    """Diarization at a smaller batch (segmentation and embedding) and/or on the CPU, restored after."""
+
+    def __init__(self, pipeline: Any, batch: int, device: str, home: str) -> None:
+        super().__init__(pipeline, device, home)
+        self.batch = batch
+        self.saved = {
+            k: getattr(pipeline, k) for k in ("embedding_batch_size", "segmentation_batch_size") if hasattr(pipeline, k)
+        }
+
+    def __enter__(self) -> None:
+        for k, v in self.saved.items():
+            if v and v > self.batch:
+                setattr(self.model, k, self.batch)
+        if self.moved:
+            import torch
+
+            self.model.to(torch.device(self.device))
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.saved.items():
+            setattr(self.model, k, v)
+        if self.moved:
+            import torch
+
+            self.model.to(torch.device(self.home))
+            release_freed_memory()
+
+
 def _aligner_configured(env: StageEnv) -> bool:
     """Whether a wav2vec2 aligner is set (settings.alignment_model), without loading it."""
     settings = getattr(env.models, "settings", None)
@@ -371,20 +462,27 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     tdata = ws.read_json("transcript.json")
     transcript = Transcript.from_dict(tdata)
     aligner = env.models.aligner(transcript.language)
-    if aligner is not None:
-        model, name = aligner
-        alignment = align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=env.models.device, name=name)
-    else:
+
+    def attempt(batch: int, device: str) -> Any:
+        if aligner is not None:
+            model, name = aligner
+            with _on_device(model[0] if isinstance(model, tuple) else model, device, env.models.device):
+                return align_with_wav2vec2(model, ws.path("audio.wav"), transcript, device=device, name=name)
         timed = all(s.words is not None for s in transcript.segments)
         # words timed by the transcribe stage need no model here
-        asr = None if timed else env.models.asr(transcript.language, device=tdata.get("device"))[0]
-        alignment = align_with_whisper(
+        asr_device = device if device == "cpu" else tdata.get("device")
+        asr = None if timed else env.models.asr(transcript.language, device=asr_device)[0]
+        return align_with_whisper(
             asr,
             ws.path("audio.wav"),
             transcript,
-            batch_size=env.asr_batch_size(env.models.device),
+            batch_size=batch,
             hook=lambda f: env.report("align", _within("align", f), "Timing words"),
         )
+
+    batch = 1 if aligner is not None else env.asr_batch_size(env.models.device)
+    alignment, notes = _oom_fallback("align", "word alignment", job, env, ws, attempt, batch)
+    _add_notes(ws, "align", notes)
     ws.write_json("alignment.json", alignment.to_dict())
 
 
@@ -425,7 +523,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         },
         device=transcript.get("device") or env.models.device,
         stage_times=times,
-        notes=transcript.get("notes") or [],
+        notes=[*(transcript.get("notes") or []), *_stage_notes(ws)],
     )
     md = result["metadata"]
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
