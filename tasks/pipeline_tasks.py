@@ -13,6 +13,7 @@ import signal
 import threading
 from typing import Any
 
+import redis
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
@@ -61,6 +62,15 @@ class StageLease:
             try:
                 self.lock.reacquire()
             except LockNotOwnedError:
+                # lapsed: while Redis was unreachable for longer than the TTL, or this process stalled.
+                # Free: take it again, with the same token. Held by another: it is theirs now.
+                try:
+                    if self.lock.acquire(blocking=False, token=self.lock.local.token):
+                        log.warning("lease_reacquired_after_lapse", key=self.key)
+                        continue
+                except Exception as e:  # Redis still away: try again next round
+                    log.warning("lease_renew_failed", key=self.key, error=str(e))
+                    continue
                 self.lost.set()
                 log.warning("lease_lost", key=self.key)
                 return
@@ -111,7 +121,13 @@ class StageTask(Task):
         store = context.job_store()
 
         def report(stage: str, progress: int, message: str) -> None:
-            if not store.events.progress(job.job_id, progress=progress, stage=stage, message=message):
+            try:
+                moved = store.events.progress(job.job_id, progress=progress, stage=stage, message=message)
+            except redis.RedisError as e:
+                # Redis away for a moment (a restart): the work goes on; the next milestone reports
+                log.warning("progress_not_recorded", stage=stage, progress=progress, error=str(e))
+                return
+            if not moved:
                 # the record refuses updates once the job is over (cancelled by DELETE /jobs/{id},
                 # failed or finished elsewhere): stop this stage now rather than at the next stage
                 # boundary (a long file's transcription runs for minutes). No record: carry on.
@@ -122,7 +138,10 @@ class StageTask(Task):
                 return
             if self.request.id:
                 meta = {"job_id": job.job_id, "progress": progress, "message": message, "stage": stage}
-                self.update_state(state="PROGRESS", meta=meta)
+                try:
+                    self.update_state(state="PROGRESS", meta=meta)  # Flower's view only
+                except Exception as e:
+                    log.warning("progress_state_not_stored", error=str(e))
 
         return report
 

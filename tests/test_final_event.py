@@ -250,3 +250,25 @@ def test_hard_time_limit_fails_the_job(tasks_env: redis.Redis) -> None:
     assert rec is not None and rec.status == "failed" and rec.error_code == "TIMEOUT_ERROR", rec
     finals = _finals(tasks_env, job)
     assert len(finals) == 1 and finals[0]["error_code"] == "TIMEOUT_ERROR"
+
+
+def test_progress_reports_skip_while_redis_is_away(tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis restart while a stage runs: its progress report fails, the stage must go on (it used to
+    fail the stage, and with it the job, for a 10 s blip)."""
+    from tasks import context
+    from tasks.pipeline_tasks import transcribe_task
+    from tasks.stages import JobSpec
+
+    job = _job(tasks_env)
+    report = transcribe_task.reporter(JobSpec(job_id=job, source="x"))
+    client = context.job_store().r
+
+    def down(*a: Any, **k: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    monkeypatch.setattr(client, "evalsha", down)
+    report("merge", 85, "Assembling")  # no exception
+    monkeypatch.undo()
+    report("merge", 86, "Assembling")
+    rec = context.job_store().get(job)
+    assert rec is not None and rec.progress == 86 and rec.status == "processing"

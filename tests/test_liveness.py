@@ -121,3 +121,16 @@ def test_a_peer_with_a_slow_clock_is_not_taken_for_dead(
         assert r.sismember(liveness.INFLIGHT_PREFIX + peer.id, tag)
         time.sleep(0.3)
     assert _queued(r, queue) == 0  # still the live peer's
+
+
+def test_a_message_orphaned_by_a_lost_connection_is_restored(
+    redis_url: str, app: Celery, taken: tuple[str, str]
+) -> None:
+    """A live worker held a message, the stage ended (or was cancelled) but its acknowledgement was
+    lost with the broker connection (a Redis restart): nobody holds it, nobody acked it. It must
+    come back within a few beats, not after the visibility timeout."""
+    queue, tag = taken
+    r = redis.Redis.from_url(redis_url)
+    w = Liveness(r, app, interval_s=0.05, dead_after_s=30)
+    w.hold(tag)
+    assert _poll(lambda: w.beat() or _queued(r, queue) == 1, 10), "the orphaned message was not restored"

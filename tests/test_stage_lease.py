@@ -89,3 +89,18 @@ def test_renewed_while_held_and_lapses_when_holder_dies(redis_url: str) -> None:
         assert not dup.held
     lease._stop.set()  # the holder dies: nobody renews
     assert _wait(lambda: StageLease(r, job, "ingest", ttl_s=0.6).lock.acquire(blocking=False), 5.0)
+
+
+def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again(redis_url: str) -> None:
+    """Redis unreachable for longer than the TTL (the key expired meanwhile): on its return the
+    holder takes the free lease again instead of giving up the stage."""
+    r = redis.Redis.from_url(redis_url)
+    job = uuid.uuid4().hex[:8]
+    lease = StageLease(r, job, "transcribe", ttl_s=0.6)
+    with lease:
+        r.delete(lease.key)  # what expiry during the outage leaves
+        assert _wait(lambda: r.exists(lease.key) == 1, 5.0)
+        time.sleep(0.5)
+        assert not lease.lost.is_set()
+        with StageLease(r, job, "transcribe", ttl_s=0.6) as dup:
+            assert not dup.held

@@ -57,6 +57,7 @@ class Liveness:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recent: dict[str, float] = {}
+        self._orphans: set[str] = set()
 
     # --- what this worker holds ---------------------------------------------
     @staticmethod
@@ -95,6 +96,7 @@ class Liveness:
         key = INFLIGHT_PREFIX + self.id
         stale = {t.decode() if isinstance(t, bytes) else str(t) for t in self.r.smembers(key)}  # type: ignore[union-attr]
         stale -= tags | set(self._recent)
+        self._restore_orphans(stale, tags | set(self._recent))
         pipe = self.r.pipeline()
         if tags:
             pipe.sadd(key, *tags)
@@ -102,6 +104,18 @@ class Liveness:
             pipe.srem(key, *stale)
         self._alive(pipe)
         pipe.execute()
+
+    def _restore_orphans(self, stale: set[str], held: set[str]) -> None:
+        """A message this worker no longer holds yet nobody acknowledged: its acknowledgement was lost
+        with a broker connection (a Redis restart while the stage ran), or the stage was cancelled.
+        Without this it would wait the visibility timeout (hours). Seen stale on two beats in a row
+        first, so that an acknowledgement on its way is not mistaken for a lost one."""
+        candidates, self._orphans = self._orphans - held, stale
+        for tag in candidates:
+            if self.r.hexists(UNACKED, tag):
+                self._restore(tag)
+                self.r.incr(RESTORED_KEY)
+                log.warning("orphaned_message_restored", delivery_tag=tag)
 
     def start(self) -> Liveness:
         self.beat()
