@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import threading
+import time
 from typing import Any
 
 import redis
@@ -94,17 +95,25 @@ class StageLease:
 def _maybe_crash(point: str, job_id: str) -> None:
     """Fault injection (tests and the chaos bench): ``crash:<point>:<n>`` kills this process the first
     n times a job reaches ``point`` (a stage name, or ``before_final``: the result stored, the job not
-    yet reported). Counted in Redis, so it survives the crash it causes."""
+    yet reported), counted in Redis so that it survives the crash it causes; ``pause:<point>:<s>``
+    sleeps there (a window for a DELETE). An optional 4th field limits a rule to job ids with that
+    prefix."""
     rules = context.settings().fault_injection
     if not rules:
         return
     for rule in rules.split(","):
+        # crash:<point>:<n>[:<job id prefix>]   pause:<point>:<seconds>[:<job id prefix>]
         parts = rule.strip().split(":")
-        if len(parts) == 3 and parts[0] == "crash" and parts[1] == point:
+        if len(parts) not in (3, 4) or parts[1] != point or not job_id.startswith(parts[3] if len(parts) == 4 else ""):
+            continue
+        if parts[0] == "crash":
             seen = int(context.job_store().r.incr(f"ecg:fault:{job_id}:{point}"))
             if seen <= int(parts[2]):
                 log.warning("fault_injected_crash", point=point, n=seen)
                 os.kill(os.getpid(), signal.SIGKILL)
+        elif parts[0] == "pause":
+            log.warning("fault_injected_pause", point=point, seconds=float(parts[2]))
+            time.sleep(float(parts[2]))
 
 
 class StageTask(Task):

@@ -39,6 +39,7 @@ HEARTBEAT_PREFIX = "ecg:workers:hb:"  # string per worker, expired by Redis afte
 INFLIGHT_PREFIX = "ecg:inflight:"  # set per worker: delivery tags held
 REAPER_LOCK = "ecg:workers:reaper"
 RESTORED_KEY = "ecg:workers:restored"  # counter: messages restored from dead workers (operators, chaos bench)
+ORPHANS_KEY = "ecg:workers:orphans_restored"  # counter: unacknowledged messages no live worker held
 UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> the message, while unacknowledged
 
 
@@ -114,7 +115,7 @@ class Liveness:
         for tag in candidates:
             if self.r.hexists(UNACKED, tag):
                 self._restore(tag)
-                self.r.incr(RESTORED_KEY)
+                self.r.incr(ORPHANS_KEY)
                 log.warning("orphaned_message_restored", delivery_tag=tag)
 
     def start(self) -> Liveness:
