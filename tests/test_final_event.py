@@ -272,3 +272,34 @@ def test_progress_reports_skip_while_redis_is_away(tasks_env: redis.Redis, monke
     report("merge", 86, "Assembling")
     rec = context.job_store().get(job)
     assert rec is not None and rec.progress == 86 and rec.status == "processing"
+
+
+def test_lease_waits_do_not_spend_the_network_retry_budget(
+    tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery that waited 10 times for a duplicate's lease (Celery's retries = 10) then meets a
+    network fault: it is retried (the fault's own budget is untouched), not failed at once."""
+    from ecg_audio.settings import get_settings
+    from pipeline.errors import DownloadError
+    from tasks import context
+    from tasks.pipeline_tasks import NETWORK_RETRIES, ingest_task
+
+    monkeypatch.setenv("ECG_ALLOW_HTTP_URLS", "true")
+    monkeypatch.setenv("ECG_URL_ALLOWLIST", '["127.0.0.1"]')
+    get_settings.cache_clear()
+    job = f"net-{uuid.uuid4().hex[:8]}"
+    store = context.job_store()
+    store.create(job, {"job_id": job, "video_url": "http://127.0.0.1:9/a.wav"})  # nothing listens on port 9
+    ingest_task.push_request(retries=10)
+    try:
+        for _ in range(NETWORK_RETRIES):
+            with pytest.raises(DownloadError):  # outside a worker Celery's retry re-raises the fault
+                ingest_task.run_stage_task("ingest", {"job_id": job})
+            rec = store.get(job)
+            assert rec is not None and rec.status != "failed", rec
+        with pytest.raises(DownloadError):  # the budget spent: now the job fails
+            ingest_task.run_stage_task("ingest", {"job_id": job})
+    finally:
+        ingest_task.pop_request()
+    rec = store.get(job)
+    assert rec is not None and rec.status == "failed" and rec.error_code == "DOWNLOAD_ERROR", rec
