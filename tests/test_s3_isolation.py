@@ -115,3 +115,34 @@ def test_throttled_upload_head_is_retryable() -> None:
     with pytest.raises(DownloadError) as e:
         _upload_source("upload://" + "a" * 32, env, _worker_policy(s3_bucket="ecg-work"))  # type: ignore[arg-type]
     assert e.value.retryable
+
+
+def test_shim_refuses_another_jobs_temp_at_submission_without_s3(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acceptance 3: POST with s3://<workspace bucket>/temp/<other job>/audio.wav is refused with a
+    4xx, no job is created and S3 is never called (the shim's S3 client would count the call)."""
+    import uuid
+
+    import boto3
+    from fastapi.testclient import TestClient
+
+    from api_shim.app import create_app
+    from ecg_audio.jobs import JobStore
+    from ecg_audio.settings import Settings
+
+    calls: list[str] = []
+    monkeypatch.setattr(boto3, "client", lambda *a, **k: calls.append("client") or RecordingS3())
+    key = "iso-key-0123456789abcdef"
+    settings = Settings(
+        api_keys=[key], redis_url=redis_url, workspace_root=tmp_path / "ws", s3_bucket="ecg-work",
+        workspace_backend="s3", s3_input_prefixes=["media-in/calls/"],
+    )
+    client = TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"})
+    job = f"iso-{uuid.uuid4().hex[:8]}"
+    for url in ("s3://ecg-work/temp/other-job/audio.wav", "s3://ecg-work/output/other-job.json"):
+        r = client.post("/api/upload-video/process-video", json={"job_id": job, "video_url": url})
+        assert 400 <= r.status_code < 500, r.text
+        assert "not in an allowed input location" in r.text, r.text
+    assert JobStore.from_url(redis_url).get(job) is None
+    assert calls == []
