@@ -17,7 +17,7 @@ from typing import Any
 import redis
 import structlog
 from celery import Task, shared_task
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from redis.exceptions import LockNotOwnedError
 
 from ecg_audio.jobs import JobStatus, is_terminal
@@ -30,6 +30,7 @@ log = structlog.get_logger("ecg.tasks")
 NETWORK_RETRIES = 3
 LEASE_TTL_S = 30.0
 LEASE_RETRY_S = 5.0
+REDIS_BACKOFF_S = 2.0  # before handing a message back while Redis is away (no hot loop)
 
 
 class StageLease:
@@ -223,8 +224,16 @@ class StageTask(Task):
             if stage == "merge":
                 self._complete(job, env, run)
             return {"job_id": job.job_id}
-        except (Ignore, Retry):
+        except (Ignore, Retry, Reject):
             raise
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Redis away (a restart) while this stage reads or writes its bookkeeping: not the job's
+            # fault, and failing it would need Redis anyway. The message goes back to its queue once
+            # Redis answers; if even that fails it stays unacknowledged and worker.liveness restores it.
+            # The checkpoint makes the next delivery resume where this one stopped.
+            log.warning("stage_requeued_redis_unavailable", error=str(e))
+            time.sleep(REDIS_BACKOFF_S)
+            raise Reject(str(e), requeue=True) from e
         except CancelledError as e:
             # the record already says how the job ended (and its final event is out); the chain stops here
             log.info("stage_cancelled", reason=e.message)

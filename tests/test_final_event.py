@@ -303,3 +303,31 @@ def test_lease_waits_do_not_spend_the_network_retry_budget(
         ingest_task.pop_request()
     rec = store.get(job)
     assert rec is not None and rec.status == "failed" and rec.error_code == "DOWNLOAD_ERROR", rec
+
+
+def test_redis_gone_after_the_stage_body_requeues_instead_of_failing(
+    tasks_env: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage's work is done but Redis is restarting when its bookkeeping is written: the job must
+    not be failed as an internal error (it used to be, once Redis was back); the message is handed
+    back (Reject requeue) and the checkpoint makes the redelivery cheap."""
+    from celery.exceptions import Reject
+
+    from pipeline.workspace import Workspace
+    from tasks import context, pipeline_tasks
+    from tasks.pipeline_tasks import ingest_task
+
+    monkeypatch.setattr(pipeline_tasks, "REDIS_BACKOFF_S", 0.0, raising=False)
+    job = _job(tasks_env)
+    Workspace.open(context.settings().workspace_root, job).write_json("ingest.json", {"duration": 1.0})
+    client = context.job_store().r
+
+    def down(*a: Any, **k: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    monkeypatch.setattr(client, "hexists", down)
+    with pytest.raises(Reject):
+        ingest_task.run_stage_task("ingest", {"job_id": job})
+    monkeypatch.undo()
+    rec = context.job_store().get(job)
+    assert rec is not None and rec.status == "processing", rec
