@@ -54,9 +54,14 @@ task_reject_on_worker_lost = True
 # One GPU, one job: never reserve a second message while one runs, or a long
 # job would hold another job hostage in this worker's buffer.
 worker_prefetch_multiplier = 1
-# If the broker connection drops, cancel the running stage: its message will be
-# redelivered after reconnection, and finishing it here would run it twice.
-worker_cancel_long_running_tasks_on_connection_loss = True
+# If the broker connection drops, the running stage carries on: a short Redis restart
+# must not cost the work done (nor a model reload). Cancelling it (True) left its message
+# unacknowledged with nobody to restore it: the job waited the visibility timeout (hours).
+# The stage's lease keeps any second copy waiting; its progress reports skip while Redis
+# is away; if its acknowledgement is lost with the old connection, worker.liveness finds
+# the message orphaned (held by nobody, never acknowledged) and restores it, and the
+# redelivered copy stops at the checkpoint without publishing the next stage again.
+worker_cancel_long_running_tasks_on_connection_loss = False
 # Model loading happens in worker_process_init and takes tens of seconds; the
 # default 4 s would kill the child before it is ready.
 worker_proc_alive_timeout = 600.0

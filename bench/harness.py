@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ecg_audio.jobs import is_terminal
 from ops.stack import start_worker, worker_allocator_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,27 +202,43 @@ class Fleet:
         raise RuntimeError(f"{n} workers not ready in {timeout} s")
 
     def submit(self, source: str, callback: str | None = None, options: dict[str, Any] | None = None) -> str:
+        return self.submit_as(f"chaos-{uuid.uuid4().hex[:10]}", source, callback, options)
+
+    def submit_as(
+        self, job_id: str, source: str, callback: str | None = None, options: dict[str, Any] | None = None
+    ) -> str:
+        """``submit`` under a chosen id (fault injection rules can name a job id prefix)."""
         from ecg_audio.chain import job_payload, send_chain
 
-        job_id = f"chaos-{uuid.uuid4().hex[:10]}"
         req = {"job_id": job_id, "video_url": source, "callback_url": callback, "options": options or {}}
         assert self.store.create(job_id, req)
         send_chain(self.app, job_payload(job_id, source, callback_url=callback, options=options))
         return job_id
+
+    def blip_redis(self, down_s: float) -> None:
+        """Redis stopped (SIGTERM: AOF synced) for ``down_s`` seconds, then started again on the same port."""
+        assert self.redis is not None
+        self.redis.terminate()
+        self.redis.wait(20)
+        time.sleep(down_s)
+        self.start_redis()
+
+    def counter(self, key: str) -> int:
+        return int(self.store.r.get(key) or 0)
 
     def wait_all(self, job_ids: list[str], timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         status: dict[str, str] = {}
         while time.monotonic() < deadline:
             for j in job_ids:
-                if status.get(j) in ("completed", "failed"):
+                if is_terminal(status.get(j)):
                     continue
                 try:
                     rec = self.store.get(j)
                 except Exception:
                     continue  # Redis restarting
                 status[j] = rec.status if rec else "missing"
-            if all(status.get(j) in ("completed", "failed") for j in job_ids):
+            if all(is_terminal(status.get(j)) for j in job_ids):
                 break
             time.sleep(0.5)
         return status

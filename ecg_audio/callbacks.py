@@ -1,13 +1,22 @@
 """HTTP callbacks to the backend: durable, ordered per job, signed, retried.
 
 Events are appended to a per-job outbox in Redis (``ecg:cb:q:{job_id}``) and a
-due-time index (``ecg:cb:due``). Dispatchers — a thread in every worker process
-and one in the shim — deliver each job's events in order, holding a per-job
-lock, with exponential backoff and jitter while the receiver is down. Nothing is
-lost when a worker dies: the outbox lives in Redis.
+due-time index (``ecg:cb:due``) by the one event builder (``ecg_audio.job_events``).
+Dispatchers — a thread in every worker process and one in the shim — deliver each
+job's events in order, holding a per-job lock (a redis-py ``Lock``), with exponential
+backoff and jitter while the receiver is down. Nothing is lost when a worker dies:
+the outbox lives in Redis.
+
+One POST is bounded by a total deadline (``DeliveryPolicy.deadline_s``; httpx's
+timeout is per read, and a trickling receiver could hold it for ever), and the lock
+is renewed while it runs. The outbox is changed only by a script that checks, in the
+same step, that this dispatcher still owns the lock and that the head is the event it
+posted: a dispatcher that lost its lock pops, re-writes or dead-letters nothing. A job
+delivers at most ``batch_per_job`` events per turn, so one busy or slow receiver does not
+hold up the others.
 
 Every POST carries ``X-ECG-Event-Id`` (receivers de-duplicate on it; the final
-event's id is ``{job_id}:final``) and ``X-ECG-Signature: t=<unix>,v1=<hex>``, an
+event's id is ``{job_id}:final:{run}``) and ``X-ECG-Signature: t=<unix>,v1=<hex>``, an
 HMAC-SHA256 over ``"<t>.<body>"`` with the shared signing key.
 """
 
@@ -21,19 +30,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import redis
 import structlog
-
-from ecg_audio import event_log
+from redis.exceptions import LockError, LockNotOwnedError
 
 QUEUE_PREFIX = "ecg:cb:q:"
 DUE_KEY = "ecg:cb:due"
 LOCK_PREFIX = "ecg:cb:lock:"
-FINAL_PREFIX = "ecg:cb:final:"
 DELIVERED_KEY = "ecg:cb:delivered"  # counter, for operators and tests
 DEAD_PREFIX = "ecg:cb:dead:"
 
@@ -46,25 +55,39 @@ def sign(key: bytes, timestamp: int, body: bytes) -> str:
 
 
 def verify_signature(
-    key: bytes | str, header: str, body: bytes, *, tolerance_s: int = 300, now: float | None = None
+    key: bytes | str, header: Any, body: Any, *, tolerance_s: int = 300, now: float | None = None
 ) -> bool:
     """Check an ``X-ECG-Signature`` header on a callback body (for backend engineers).
 
-    Returns True only when the HMAC matches and the timestamp is within ``tolerance_s``.
+    Returns True only when the HMAC matches and the timestamp is within ``tolerance_s``; False for
+    anything else, a malformed header included (it never raises: the header comes from the network).
     """
-    if isinstance(key, str):
-        key = key.encode()
     try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        ts = int(parts["t"])
-        given = parts["v1"]
-    except (ValueError, KeyError):
+        if isinstance(key, str):
+            key = key.encode()
+        if isinstance(header, bytes):
+            header = header.decode("ascii")
+        if not isinstance(header, str) or not isinstance(body, bytes | bytearray) or not key:
+            return False
+        parts: dict[str, str] = {}
+        for part in header.split(","):
+            name, sep, value = part.strip().partition("=")
+            if not sep or name in parts:
+                return False  # not k=v, or a field twice (which one would count?)
+            parts[name] = value
+        ts_text, given = parts["t"], parts["v1"]
+        if not ts_text.isascii() or not ts_text.isdigit() or len(ts_text) > 12:
+            return False
+        if len(given) != 64 or not given.isascii():
+            return False
+        ts = int(ts_text)
+        now = time.time() if now is None else now
+        if abs(now - ts) > tolerance_s:
+            return False
+        expected = sign(key, ts, bytes(body)).split("v1=", 1)[1]
+        return hmac.compare_digest(expected, given.lower())
+    except (ValueError, KeyError, TypeError, UnicodeError, OverflowError):
         return False
-    now = time.time() if now is None else now
-    if abs(now - ts) > tolerance_s:
-        return False
-    expected = sign(key, ts, body).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, given)
 
 
 @dataclass(frozen=True)
@@ -73,12 +96,38 @@ class DeliveryPolicy:
     max_attempts: int = 8
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
-    lock_ttl_s: float = 60.0
+    lock_ttl_s: float = 60.0  # renewed while a POST runs; lapses only when its dispatcher is gone
+    deadline_s: float = 30.0  # one POST, all of it (connect, send, every read)
+    batch_per_job: int = 20  # events of one job per turn before the other due jobs get theirs
+    dead_ttl_s: int = 7 * 24 * 3600  # dead letters expire (Redis runs noeviction) ...
+    dead_max: int = 100  # ... and at most this many are kept per job
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)], at least 50 ms."""
         cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, attempt)))
         return max(0.05, random.uniform(0, cap))
+
+
+# The only way the outbox's head changes once a dispatcher took it: checked and done in one step.
+# KEYS: lock, queue, dead list, due index. ARGV: lock token, the head as posted, mode ('pop' |
+# 'dead' | 'retry'), new head / dead entry, due score, job id, dead ttl, dead max.
+# Returns 1 done; -1 the lock is not ours (any more); -2 the head is not the event we posted.
+_FENCED_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then return -2 end
+if ARGV[3] == 'pop' then
+  redis.call('LPOP', KEYS[2])
+elseif ARGV[3] == 'dead' then
+  redis.call('LPOP', KEYS[2])
+  redis.call('RPUSH', KEYS[3], ARGV[4])
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[8]), -1)
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+else
+  redis.call('LSET', KEYS[2], 0, ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+end
+return 1
+"""
 
 
 class CallbackOutbox:
@@ -95,18 +144,15 @@ class CallbackOutbox:
         self.policy = policy or DeliveryPolicy()
         self.key = signing_key.encode() if signing_key else None
         self.guard = guard
+        self._fenced = client.register_script(_FENCED_LUA)
+        # POSTs run here so that the dispatcher can bound each by a total deadline and renew its lock
+        self._posts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ecg-callback-post")
 
     # --- producing -----------------------------------------------------
-    def enqueue(
-        self, job_id: str, url: str, payload: dict[str, Any], *, final: bool = False, event_id: str | None = None
-    ) -> str | None:
-        """Append an event; a job's final event is enqueued once, whatever happens. Returns the event id.
-
-        ``event_id``: the id the job's event log (``ecg_audio.event_log``) gave this event, so the
-        callback and the event stream carry the same one; made here when not given."""
-        event_id = event_id or event_log.new_event_id(job_id, final=final)
-        if final and not self.r.set(FINAL_PREFIX + job_id, event_id, nx=True, ex=7 * 24 * 3600):
-            return None
+    def enqueue(self, job_id: str, url: str, payload: dict[str, Any]) -> str:
+        """Append a raw event (tests, benches). Jobs' events are written by ``ecg_audio.job_events``,
+        with the record's state, in one step. Returns the event id."""
+        event_id = f"{job_id}:{uuid.uuid4().hex[:12]}"
         event = {"event_id": event_id, "url": url, "payload": {**payload, "event_id": event_id}, "attempts": 0}
         pipe = self.r.pipeline()
         pipe.rpush(QUEUE_PREFIX + job_id, json.dumps(event))
@@ -122,15 +168,22 @@ class CallbackOutbox:
             delivered += self._deliver_job(client, job_id.decode() if isinstance(job_id, bytes) else str(job_id))
         return delivered
 
+    def _fence(self, lock: Any, job_id: str, head: Any, mode: str, new: str = "", due: float = 0.0) -> int:
+        keys = [LOCK_PREFIX + job_id, QUEUE_PREFIX + job_id, DEAD_PREFIX + job_id, DUE_KEY]
+        args = [lock.local.token, head, mode, new, repr(due), job_id, self.policy.dead_ttl_s, self.policy.dead_max]
+        rc = int(self._fenced(keys=keys, args=args))  # type: ignore[arg-type]
+        if rc != 1:
+            log.warning("callback_lock_lost", job_id=job_id, mode=mode, code=rc)
+        return rc
+
     def _deliver_job(self, client: httpx.Client, job_id: str) -> int:
-        token = uuid.uuid4().hex
-        lock = LOCK_PREFIX + job_id
-        if not self.r.set(lock, token, nx=True, px=int(self.policy.lock_ttl_s * 1000)):
+        lock = self.r.lock(LOCK_PREFIX + job_id, timeout=self.policy.lock_ttl_s, blocking=False, thread_local=False)
+        if not lock.acquire(blocking=False):
             return 0
         delivered = 0
+        qkey = QUEUE_PREFIX + job_id
         try:
-            qkey = QUEUE_PREFIX + job_id
-            while True:
+            for _ in range(self.policy.batch_per_job):
                 raw = self.r.lindex(qkey, 0)
                 if raw is None:
                     # nothing left: drop the index entry unless a producer added one meanwhile
@@ -142,28 +195,54 @@ class CallbackOutbox:
                         self.r.zadd(DUE_KEY, {job_id: time.time()})
                     return delivered
                 event = json.loads(raw)
-                ok, permanent = self._post(client, event)
+                ok, permanent = self._post_within_deadline(client, event, lock)
                 if ok:
-                    self.r.lpop(qkey)
+                    if self._fence(lock, job_id, raw, "pop") != 1:
+                        return delivered  # another dispatcher owns this job now: it carries on
                     self.r.incr(DELIVERED_KEY)
                     delivered += 1
                     continue
                 event["attempts"] += 1
                 if permanent or event["attempts"] >= self.policy.max_attempts:
                     # keep it for operators; move on so later events are not blocked forever
-                    self.r.rpush(DEAD_PREFIX + job_id, json.dumps(event))
-                    self.r.lpop(qkey)
+                    if self._fence(lock, job_id, raw, "dead", json.dumps(event)) != 1:
+                        return delivered
                     log.warning(
                         "callback_given_up", job_id=job_id, event_id=event["event_id"], attempts=event["attempts"]
                     )
                     continue
-                self.r.lset(qkey, 0, json.dumps(event))
-                self.r.zadd(DUE_KEY, {job_id: time.time() + self.policy.backoff(event["attempts"])})
+                due = time.time() + self.policy.backoff(event["attempts"])
+                self._fence(lock, job_id, raw, "retry", json.dumps(event), due)
                 return delivered
+            # this job's turn is over: the other due jobs go first
+            self.r.zadd(DUE_KEY, {job_id: time.time()})
+            return delivered
         finally:
-            # release only our own lock
-            if self.r.get(lock) in (token, token.encode()):
-                self.r.delete(lock)
+            try:
+                lock.release()
+            except LockError:  # lapsed or taken: not ours to release
+                pass
+
+    def _post_within_deadline(self, client: httpx.Client, event: dict[str, Any], lock: Any) -> tuple[bool, bool]:
+        """``_post`` bounded by ``deadline_s`` in all; the job's lock is renewed while it runs."""
+        future = self._posts.submit(self._post, client, event)
+        deadline = time.monotonic() + self.policy.deadline_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # the POST may still finish in its thread: at least once, and the receiver de-duplicates
+                log.info("callback_retry", event_id=event["event_id"], reason="deadline")
+                return False, False
+            try:
+                return future.result(timeout=min(left, self.policy.lock_ttl_s / 3))
+            except FutureTimeout:
+                try:
+                    lock.reacquire()
+                except LockNotOwnedError:
+                    return False, False  # lapsed and taken: the owner posts it; our fenced ops refuse
+
+    def close(self) -> None:
+        self._posts.shutdown(wait=False, cancel_futures=True)
 
     def _post(self, client: httpx.Client, event: dict[str, Any]) -> tuple[bool, bool]:
         body = json.dumps(event["payload"], ensure_ascii=False, separators=(",", ":")).encode()

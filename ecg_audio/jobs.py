@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 
+# the one terminal-status type lives with the event builder (the final event and the terminal state
+# are written together there)
+from ecg_audio.job_events import FAILED_SET, TERMINAL, JobEvents, JobStatus, is_terminal
+
 if TYPE_CHECKING:
     from ecg_audio.chain import ChainMessage
 
 PREFIX = "ecg:job:"
 RESULT_PREFIX = "ecg:result:"
-FAILED_SET = "ecg:jobs:failed"
 ALL_SET = "ecg:jobs:all"
 
-TERMINAL = ("completed", "failed")
+__all__ = ["TERMINAL", "JobStatus", "is_terminal", "JobRecord", "JobStore", "AsyncJobStore"]
 
 _UPDATE_LUA = """
 local key = KEYS[1]
@@ -66,6 +69,8 @@ redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', key, ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+-- the all-jobs index keeps what the records keep (Redis runs noeviction)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[4]))
 if ARGV[8] ~= '' then
   local index = '""" + OWNER_PREFIX + """' .. ARGV[8]
   redis.call('HSET', key, 'owner', ARGV[8])
@@ -75,6 +80,28 @@ if ARGV[8] ~= '' then
 end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
+"""
+
+
+# KEYS: record, failed index. ARGV: force, now, ttl. Returns the new run, 0 unknown, -1 not finished.
+_REQUEUE_LUA = """
+local key = KEYS[1]
+if redis.call('HEXISTS', key, 'job_id') == 0 then return 0 end
+local status = redis.call('HGET', key, 'status')
+if ARGV[1] ~= '1' and status ~= 'completed' and status ~= 'failed' then return -1 end
+local run = (tonumber(redis.call('HGET', key, 'run') or '1') or 1) + 1
+local fields = redis.call('HKEYS', key)
+for _, f in ipairs(fields) do
+  local p = string.sub(f, 1, 11)
+  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:' then
+    redis.call('HDEL', key, f)
+  end
+end
+redis.call('HSET', key, 'status', 'queued', 'error_code', '', 'error_message', '',
+           'message', 'Requeued by operator', 'run', run, 'updated_at', ARGV[2])
+redis.call('EXPIRE', key, ARGV[3])
+redis.call('ZREM', KEYS[2], redis.call('HGET', key, 'job_id'))
+return run
 """
 
 
@@ -115,6 +142,7 @@ class JobRecord:
     queue_key: str | None = None  # where the first message was pushed, and its task id (queue position)
     queue_task_id: str | None = None
     duration: float | None = None  # the audio's length in seconds, once the ingest stage knows it
+    run: int = 1  # 1, then one more per operator requeue; the final event's id names it
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -134,6 +162,7 @@ class JobRecord:
             queue_key=h.get("queue_key") or None,
             queue_task_id=h.get("queue_task_id") or None,
             duration=float(h["duration"]) if h.get("duration") else None,
+            run=int(h.get("run") or 1),
         )
 
 
@@ -143,6 +172,8 @@ class JobStore:
         self.ttl_s = ttl_s
         self._update = self.r.register_script(_UPDATE_LUA)
         self._create = self.r.register_script(_CREATE_LUA)
+        self._requeue = self.r.register_script(_REQUEUE_LUA)
+        self.events = JobEvents(client, ttl_s)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -188,29 +219,36 @@ class JobStore:
         return json.loads(raw) if raw else None  # type: ignore[arg-type]
 
     def mark_failed(
-        self, job_id: str, code: str, message: str, stage: str | None, *, summary: str | None = None
+        self,
+        job_id: str,
+        code: str,
+        message: str,
+        stage: str | None,
+        *,
+        run: int | None = None,
+        summary: str | None = None,
     ) -> bool:
-        """``summary``: the record's message in the job's locale (default ``Failed: <message>``)."""
-        changed = self.update(
+        """Fail the job and emit its final event, in one step (``JobEvents.finish``). False when the job
+        is unknown or already finished. ``summary``: the record's message in the job's locale
+        (default ``Failed: <message>``)."""
+        rc, _ = self.events.finish(
             job_id,
-            status="failed",
+            JobStatus.FAILED,
+            stage=stage,
+            message=summary or f"Failed: {message}",
             error_code=code,
             error_message=message,
-            stage=stage or "",
-            message=summary or f"Failed: {message}",
+            run=run,
         )
-        if changed:
-            self.r.zadd(FAILED_SET, {job_id: time.time()})
-        return changed
+        return rc == 1
 
-    def requeue(self, job_id: str) -> bool:
-        """Reopen a failed job (operator action). Progress is kept; the error is cleared."""
-        ok = self.update(
-            job_id, status="queued", force=True, error_code="", error_message="", message="Requeued by operator"
-        )
-        if ok:
-            self.r.zrem(FAILED_SET, job_id)
-        return ok
+    def requeue(self, job_id: str, *, force: bool = False) -> int | None:
+        """Reopen a finished job (operator action) as a new run: progress is kept, the error and the
+        per-stage delivery counts are cleared. Returns the new run number, or None when the job is
+        unknown or (without ``force``) not finished: a running job would get a second chain."""
+        r = self._requeue(keys=[PREFIX + job_id, FAILED_SET], args=["1" if force else "0", time.time(), self.ttl_s])
+        n = int(r)  # type: ignore[arg-type]
+        return n if n > 0 else None
 
     def failed_ids(self, limit: int = 100) -> list[str]:
         return list(self.r.zrevrange(FAILED_SET, 0, limit - 1))  # type: ignore[arg-type]

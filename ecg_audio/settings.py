@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(8, ge=1, le=50)
     callback_backoff_base_s: float = 0.5
     callback_backoff_max_s: float = 60.0
+    callback_deadline_s: float = Field(
+        30.0, gt=0, description="One callback POST, all of it (connect, send, every read); then it is retried."
+    )
 
     # --- shim ------------------------------------------------------------
     api_keys: list[SecretStr] = Field(default_factory=list)
@@ -209,6 +212,17 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
     worker_dead_after_s: float = Field(
         default=30.0, gt=0, description="A worker silent this long is dead; its held messages are requeued."
+    )
+    max_stage_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="A stage delivered this many times without finishing (its process died each time) fails the "
+        "job with STAGE_CRASHED instead of being delivered again.",
+    )
+    s3_input_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3:// inputs allowed, as 'bucket' or 'bucket/prefix/'; none = no s3:// input. The "
+        "workspace bucket's temp/, output/ and uploads/ are refused whatever this says.",
     )
 
     # --- operations ------------------------------------------------------

@@ -74,6 +74,7 @@ _PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 _S3_PERMANENT_CODES = frozenset(
     {"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "InvalidBucketName", "InvalidObjectState"}
 )
+_S3_HIDDEN_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "NotFound"})
 _FORWARDED_MEDIA_HEADERS = frozenset({"user-agent", "accept", "accept-language", "referer", "origin"})
 _CROSS_ORIGIN_DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
@@ -481,6 +482,10 @@ def _fetch_s3(
         permanent = code in _S3_PERMANENT_CODES or (
             isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_4XX
         )
+        if code in _S3_HIDDEN_CODES or status in (403, 404):
+            # one answer for "no such object" and "not yours": an error must not probe the bucket
+            message = f"{shown} could not be fetched: no such object, or not readable"
+            raise DownloadError(message, retryable=False) from e
         raise DownloadError(f"{shown} could not be fetched: S3 said {code or status}", retryable=not permanent) from e
     except NoCredentialsError as e:
         raise DownloadError(f"{shown} could not be fetched: no S3 credentials configured", retryable=False) from e

@@ -60,12 +60,18 @@ class UrlPolicy:
             that name resolves to; an address or network entry allows those addresses
             whatever name led to them.
         allow_local_files: accept plain paths and ``file://`` URLs (the CLI, not the shim).
+        s3_inputs: where ``s3://`` URLs may point, as ``bucket`` or ``bucket/key-prefix``
+            entries; None = anywhere (library use); () = nowhere.
+        s3_denied: ``bucket/key-prefix`` entries refused whatever ``s3_inputs`` says (the
+            workspace's ``temp/``, ``output/`` and ``uploads/``: other jobs' data).
     """
 
     allowed_schemes: frozenset[str] = frozenset({"https", "http", "s3"})
     allow_private: bool = False
     allowlist: tuple[str, ...] = ()
     allow_local_files: bool = False
+    s3_inputs: tuple[str, ...] | None = None
+    s3_denied: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.allowlist, tuple):
@@ -156,7 +162,9 @@ def check_url(url: str, policy: UrlPolicy, *, resolve: Resolver = socket.getaddr
         allowed = ", ".join(sorted(policy.allowed_schemes)) or "none"
         raise UrlRefused(f"URL scheme {scheme!r} is not accepted (accepted: {allowed}); refused")
     if scheme == "s3":
-        return _check_s3_url(url)
+        checked = _check_s3_url(url)
+        _check_s3_scope(checked, policy)
+        return checked
     if scheme not in DEFAULT_PORTS:
         raise UrlRefused(f"URL scheme {scheme!r} is not one this fetcher speaks; refused")
     return _check_http_url(url, scheme, policy, resolve)
@@ -294,6 +302,21 @@ def _check_s3_url(url: str) -> CheckedUrl:
     if key.endswith("/"):
         raise UrlRefused(f"s3 URL {redact_url(url)!r} names a folder, not an object; refused")
     return CheckedUrl(url=url, scheme="s3", host=bucket, port=None, addresses=())
+
+
+def _s3_matches(entry: str, bucket: str, key: str) -> bool:
+    b, _, prefix = entry.partition("/")
+    return b == bucket and key.startswith(prefix)
+
+
+def _check_s3_scope(checked: CheckedUrl, policy: UrlPolicy) -> None:
+    """Refuse objects outside the input locations, before any S3 call. One message for every refusal,
+    so that it never tells an object that exists from one that is forbidden."""
+    bucket, key = s3_bucket_and_key(checked)
+    denied = any(_s3_matches(e, bucket, key) for e in policy.s3_denied)
+    allowed = policy.s3_inputs is None or any(_s3_matches(e, bucket, key) for e in policy.s3_inputs)
+    if denied or not allowed:
+        raise UrlRefused(f"s3 URL {redact_url(checked.url)!r} is not in an allowed input location; refused")
 
 
 def s3_bucket_and_key(checked: CheckedUrl) -> tuple[str, str]:

@@ -22,6 +22,13 @@ VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".aac", ".wma"}
 
 
+# Inputs are files we downloaded (or were given): no demuxer may open anything but local files and
+# pipes while reading them (a playlist, SDP or concat list naming http://, rtp://, tcp://: SSRF from
+# inside the worker, past the URL guard). Recent ffmpeg builds restrict nested opens already; older
+# ones (distribution packages, a system ffprobe) do not all do so.
+LOCAL_ONLY = ("-protocol_whitelist", "file,pipe")
+
+
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
     found = shutil.which("ffmpeg")
@@ -81,7 +88,8 @@ def probe(path: Path, *, timeout_s: float = 60.0) -> MediaInfo:
 
 
 def _probe_ffprobe(exe: str, path: Path, timeout_s: float) -> MediaInfo:
-    res = _run([exe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)], timeout_s)
+    cmd = [exe, "-v", "error", *LOCAL_ONLY, "-print_format", "json", "-show_format", "-show_streams", str(path)]
+    res = _run(cmd, timeout_s)
     if res.returncode != 0:
         raise InvalidMediaError(_unreadable_message(res.stderr.decode(errors="replace")))
     data = json.loads(res.stdout or b"{}")
@@ -111,7 +119,7 @@ _INPUT_RE = re.compile(r"Input #0, ([^ ]+), from")
 
 
 def _probe_ffmpeg(path: Path, timeout_s: float) -> MediaInfo:
-    res = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], timeout_s)
+    res = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", *LOCAL_ONLY, "-i", str(path)], timeout_s)
     text = res.stderr.decode(errors="replace")
     m_in = _INPUT_RE.search(text)
     if not m_in:
@@ -192,7 +200,8 @@ def extract_audio(
             f"the media is {info.duration / 60:.0f} min long; the limit is {max_duration_s / 60:.0f} min"
         )
     dest_wav = Path(dest_wav)
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", str(src), "-map", "0:a:0", "-vn"]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", *LOCAL_ONLY, "-i", str(src)]
+    cmd += ["-map", "0:a:0", "-vn"]
     if max_duration_s is not None:
         cmd += ["-t", f"{max_duration_s + 1:.3f}"]
     cmd += ["-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav", str(dest_wav)]

@@ -28,6 +28,10 @@ def models() -> ModelProvider:
     return _model_provider()
 
 
+def settings() -> Settings:
+    return get_settings()
+
+
 @functools.lru_cache(maxsize=1)
 def job_store() -> JobStore:
     s = get_settings()
@@ -47,6 +51,7 @@ def make_outbox(s: Settings) -> CallbackOutbox:
         max_attempts=s.callback_max_attempts,
         backoff_base_s=s.callback_backoff_base_s,
         backoff_max_s=s.callback_backoff_max_s,
+        deadline_s=s.callback_deadline_s,
     )
     from media_io.fetch import FetchLimits, GuardedHttp
 
@@ -62,11 +67,14 @@ def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
     from media_io.urlguard import UrlPolicy
 
     schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
+    from ecg_audio.input_scope import s3_input_scope
+
     return UrlPolicy(
         allowed_schemes=frozenset(schemes),
         allow_private=s.allow_private_urls,
         allowlist=tuple(s.url_allowlist),
         allow_local_files=allow_local_files,
+        **s3_input_scope(s),
     )
 
 

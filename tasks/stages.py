@@ -252,10 +252,22 @@ def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
         try:
             env.s3().head_object(Bucket=env.s3_bucket, Key=s3_key(upload))
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in {"404", "NoSuchKey", "NotFound"}:
+            code = str(e.response.get("Error", {}).get("Code"))
+            if code in {"404", "NoSuchKey", "NotFound"}:
                 raise InvalidMediaError(UPLOAD_GONE) from None
-            raise  # the fetch below reports it with its retry rules
-        admit_s3 = dataclasses.replace(policy, allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"})
+            # throttled (503 SlowDown) or an S3 hiccup: the stage is retried, not failed as an internal error
+            from pipeline.errors import DownloadError
+
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            retryable = not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+            raise DownloadError(f"the uploaded file could not be checked: S3 said {code}", retryable=retryable) from e
+        # this one object, although uploads/ is no input location for jobs
+        admit_s3 = dataclasses.replace(
+            policy,
+            allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"},
+            s3_inputs=(f"{env.s3_bucket}/{s3_key(upload)}",),
+            s3_denied=(),
+        )
         return f"s3://{env.s3_bucket}/{s3_key(upload)}", admit_s3
     if env.uploads_dir is None:
         raise InvalidMediaError("uploads are not enabled on this worker")
@@ -321,15 +333,21 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             else:
                 env.report("diarize", _within("diarize", done, start=VAD.progress), STEP_MESSAGES["finding_speakers"])
 
-    # window by window on long files: memory is bounded by a window, not the recording
-    result = diarize_wav(
-        pipeline,
-        ws.path("audio.wav"),
-        num_speakers=opts.get("num_speakers"),
-        min_speakers=opts.get("min_speakers"),
-        max_speakers=opts.get("max_speakers"),
-        hook=hook,
-    )
+    def attempt(batch: int, device: str) -> Any:
+        # window by window on long files: memory is bounded by a window, not the recording
+        with _diarization_settings(pipeline, batch, device, env.models.device):
+            return diarize_wav(
+                pipeline,
+                ws.path("audio.wav"),
+                num_speakers=opts.get("num_speakers"),
+                min_speakers=opts.get("min_speakers"),
+                max_speakers=opts.get("max_speakers"),
+                hook=hook,
+            )
+
+    batch = int(getattr(pipeline, "embedding_batch_size", 1) or 1)
+    result, notes = _oom_fallback("diarize", "diarization", job, env, ws, attempt, batch)
+    _add_notes(ws, "diarize", notes)
     ws.write_json("diarization.json", {**result.to_dict(), "model": name})
 
 
@@ -395,6 +413,91 @@ def _check_languages(job: JobSpec, env: StageEnv) -> None:
     check_job(job.language or job.options.get("language"), job.options.get("model"), settings)
 
 
+def _oom_fallback(
+    stage: str, what: str, job: JobSpec, env: StageEnv, ws: Workspace, attempt: Callable[[int, str], Any], batch: int
+) -> tuple[Any, list[str]]:
+    """``attempt(batch, device)`` with the treatment transcribe gives a CUDA out-of-memory error:
+    half the batch, then the CPU, each step noted for ``metadata.notes``; out of memory at batch 1
+    on the CPU is GPU_MEMORY_ERROR."""
+    device = env.models.device
+    notes: list[str] = []
+    while True:
+        try:
+            _maybe_inject(env, stage, ws)
+            return attempt(batch, device), notes
+        except Exception as e:
+            if not is_cuda_oom(e):
+                raise
+            if batch > 1:
+                notes.append(f"{what}: out of GPU memory at batch size {batch}; retried with {batch // 2}")
+                batch //= 2
+            elif device != "cpu":
+                notes.append(f"{what}: out of GPU memory at batch size 1; fell back to CPU")
+                device = "cpu"
+            else:
+                raise GPUMemoryError(f"{what}: out of memory even at batch size 1 on CPU") from e
+            log.warning("cuda_oom_recovered", job_id=job.job_id, stage=stage, batch_size=batch, device=device)
+
+
+def _add_notes(ws: Workspace, stage: str, notes: list[str]) -> None:
+    """Kept beside the stage's artifact (written before it) for merge to put in ``metadata.notes``."""
+    if notes:
+        kept = ws.read_json("notes.json") if ws.has("notes.json") else {}
+        kept[stage] = notes
+        ws.write_json("notes.json", kept)
+
+
+def _stage_notes(ws: Workspace) -> list[str]:
+    kept = ws.read_json("notes.json") if ws.has("notes.json") else {}
+    return [n for stage in STAGE_NAMES for n in kept.get(stage, [])]
+
+
+class _on_device:
+    """Run a torch model on ``device`` for one attempt, then put it back (it is shared by later jobs)."""
+
+    def __init__(self, model: Any, device: str, home: str) -> None:
+        self.model, self.device, self.home = model, device, home
+        self.moved = device != home and hasattr(model, "to")
+
+    def __enter__(self) -> None:
+        if self.moved:
+            self.model.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.moved:
+            self.model.to(self.home)
+            release_freed_memory()
+
+
+class _diarization_settings(_on_device):
+    """Diarization at a smaller batch (segmentation and embedding) and/or on the CPU, restored after."""
+
+    def __init__(self, pipeline: Any, batch: int, device: str, home: str) -> None:
+        super().__init__(pipeline, device, home)
+        self.batch = batch
+        self.saved = {
+            k: getattr(pipeline, k) for k in ("embedding_batch_size", "segmentation_batch_size") if hasattr(pipeline, k)
+        }
+
+    def __enter__(self) -> None:
+        for k, v in self.saved.items():
+            if v and v > self.batch:
+                setattr(self.model, k, self.batch)
+        if self.moved:
+            import torch
+
+            self.model.to(torch.device(self.device))
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.saved.items():
+            setattr(self.model, k, v)
+        if self.moved:
+            import torch
+
+            self.model.to(torch.device(self.home))
+            release_freed_memory()
+
+
 @stage_body("align")
 def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import align_by_language, align_with_wav2vec2, align_with_whisper
@@ -403,23 +506,30 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     tdata = ws.read_json("transcript.json")
     transcript = Transcript.from_dict(tdata)
 
-    def whisper_words(part: Transcript) -> Any:
-        timed = all(s.words is not None for s in part.segments)
-        # words timed by the transcribe stage need no model here
-        asr = None if timed else env.models.asr(part.language, device=tdata.get("device"))[0]
-        return align_with_whisper(
-            asr,
-            ws.path("audio.wav"),
-            part,
-            batch_size=env.asr_batch_size(env.models.device),
-            hook=lambda f: env.report("align", _within("align", f), STEP_MESSAGES["timing_words"]),
-        )
+    def attempt(batch: int, device: str) -> Any:
+        def whisper_words(part: Transcript) -> Any:
+            timed = all(s.words is not None for s in part.segments)
+            # words timed by the transcribe stage need no model here
+            asr_device = device if device == "cpu" else tdata.get("device")
+            asr = None if timed else env.models.asr(part.language, device=asr_device)[0]
+            return align_with_whisper(
+                asr,
+                ws.path("audio.wav"),
+                part,
+                batch_size=batch,
+                hook=lambda f: env.report("align", _within("align", f), STEP_MESSAGES["timing_words"]),
+            )
 
-    def wav2vec2_words(part: Transcript, aligner: tuple[Any, str]) -> Any:
-        model, name = aligner
-        return align_with_wav2vec2(model, ws.path("audio.wav"), part, device=env.models.device, name=name)
+        def wav2vec2_words(part: Transcript, aligner: tuple[Any, str]) -> Any:
+            model, name = aligner
+            with _on_device(model[0] if isinstance(model, tuple) else model, device, env.models.device):
+                return align_with_wav2vec2(model, ws.path("audio.wav"), part, device=device, name=name)
 
-    alignment = align_by_language(transcript, env.models.aligner, whisper_words, wav2vec2_words)
+        return align_by_language(transcript, env.models.aligner, whisper_words, wav2vec2_words)
+
+    batch = env.asr_batch_size(env.models.device)
+    alignment, notes = _oom_fallback("align", "word alignment", job, env, ws, attempt, batch)
+    _add_notes(ws, "align", notes)
     ws.write_json("alignment.json", alignment.to_dict())
 
 
@@ -465,7 +575,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         },
         device=transcript.get("device") or env.models.device,
         stage_times=times,
-        notes=transcript.get("notes") or [],
+        notes=[*(transcript.get("notes") or []), *_stage_notes(ws)],
     )
     md = result["metadata"]
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)

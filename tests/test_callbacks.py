@@ -1,17 +1,94 @@
-"""Callbacks against a real HTTP receiver and a real Redis: order, signatures, retries."""
+"""Callbacks against a real HTTP receiver and a real Redis: order, signatures, retries, the lock."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
+import pytest
 import redis
 
+from ecg_audio import callbacks
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy, Dispatcher, sign, verify_signature
-from tests.conftest import Receiver
 
 KEY = "k3y-for-tests"
+
+
+class AttemptReceiver:
+    """Records every attempt, answered or refused: (event_id, status it answered, time)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, int, float]] = []
+        self.delivered: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.fail_with: int | None = None
+        self.reject_ids: set[str] = set()  # answered 410
+        self.delay_s = 0.0
+        self.lock = threading.Lock()
+        rcv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if rcv.delay_s:
+                    time.sleep(rcv.delay_s)
+                event = json.loads(body)
+                status = 410 if event["event_id"] in rcv.reject_ids else (rcv.fail_with or 200)
+                with rcv.lock:
+                    rcv.attempts.append((event["event_id"], status, time.time()))
+                    if status == 200:
+                        rcv.delivered.append(event)
+                        rcv.headers.append({k.lower(): v for k, v in self.headers.items()} | {"_body": body.decode()})
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.daemon_threads = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/cb"
+
+    def failed(self) -> list[tuple[str, int, float]]:
+        with self.lock:
+            return [a for a in self.attempts if a[1] != 200]
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [e["event_id"] for e in self.delivered]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def rcv() -> Any:
+    r = AttemptReceiver()
+    yield r
+    r.close()
+
+
+def _wait(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
+def _job() -> str:
+    return f"cb-{uuid.uuid4().hex[:8]}"
 
 
 def test_signature_roundtrip_and_tamper() -> None:
@@ -22,64 +99,176 @@ def test_signature_roundtrip_and_tamper() -> None:
     assert not verify_signature("other", header, body)
     old = sign(KEY.encode(), int(time.time()) - 3600, body)
     assert not verify_signature(KEY, old, body)
-    assert not verify_signature(KEY, "garbage", body)
 
 
-def test_events_delivered_in_order_signed_and_final_once(redis_url: str) -> None:
-    rcv = Receiver()
-    try:
-        box = CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05), KEY)
-        job = f"cb-{uuid.uuid4().hex[:8]}"
-        for p in (10, 25, 40, 60):
-            box.enqueue(job, rcv.url(), {"job_id": job, "status": "processing", "progress": p})
-        first = box.enqueue(job, rcv.url(), {"job_id": job, "status": "completed", "progress": 100}, final=True)
-        again = box.enqueue(job, rcv.url(), {"job_id": job, "status": "completed", "progress": 100}, final=True)
-        assert first == f"{job}:final" and again is None
-        with httpx.Client() as c:
-            box.deliver_due(c)
-        got = rcv.for_job(job)
-        assert [e["progress"] for e in got] == [10, 25, 40, 60, 100]
-        for h in rcv.headers:
-            assert verify_signature(KEY, h["x-ecg-signature"], h["_body"].encode())
-            assert h["x-ecg-event-id"]
-        assert box.pending(job) == 0
-    finally:
-        rcv.close()
+_NOW = int(time.time())
+_GOOD = sign(KEY.encode(), _NOW, b"{}")
+_MAC = _GOOD.split("v1=", 1)[1]
 
 
-def test_receiver_down_then_back_gets_everything(redis_url: str) -> None:
-    rcv = Receiver()
+@pytest.mark.parametrize(
+    "header",
+    [
+        "garbage",
+        "",
+        None,
+        123,
+        b"\xff\xfe",
+        "t=,v1=",
+        f"t=abc,v1={_MAC}",
+        f"t={_NOW}",
+        f"v1={_MAC}",
+        f"t={_NOW},v1=",
+        f"t={_NOW},v1=zz",
+        f"t={_NOW},v1={'é' * 64}",  # non-ASCII: hmac.compare_digest would raise TypeError
+        f"t={_NOW},v1={_MAC[:-1]}",
+        f"t={_NOW},v1={_MAC},v1={_MAC}",
+        f"t={_NOW},t={_NOW},v1={_MAC}",
+        f"t=1e400,v1={_MAC}",
+        f"t={'9' * 400},v1={_MAC}",
+        f"t=-{_NOW},v1={_MAC}",
+        f"t={_NOW}v1={_MAC}",
+        ",,,",
+        "=,=",
+    ],
+)
+def test_verify_signature_false_on_malformed_headers(header: Any) -> None:
+    assert verify_signature(KEY, _GOOD, b"{}", now=_NOW)  # the well-formed one passes
+    assert verify_signature(KEY, header, b"{}", now=_NOW) is False
+
+
+def test_events_delivered_in_order_and_signed(redis_url: str, rcv: AttemptReceiver) -> None:
+    box = CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05), KEY)
+    job = _job()
+    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "status": "processing", "progress": p}) for p in (10, 25, 40)]
+    with httpx.Client() as c:
+        box.deliver_due(c)
+    assert rcv.ids() == ids
+    for h in rcv.headers:
+        assert verify_signature(KEY, h["x-ecg-signature"], h["_body"].encode())
+        assert h["x-ecg-event-id"] == json.loads(h["_body"])["event_id"]
+    assert box.pending(job) == 0
+
+
+def test_receiver_down_then_back_gets_everything(redis_url: str, rcv: AttemptReceiver) -> None:
     rcv.fail_with = 503
-    box = CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05, backoff_max_s=0.3,
-                                                                          max_attempts=100), KEY)
-    job = f"cb-{uuid.uuid4().hex[:8]}"
-    box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
-    box.enqueue(job, rcv.url(), {"job_id": job, "progress": 100, "status": "completed"}, final=True)
+    box = CallbackOutbox(
+        redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05, backoff_max_s=0.3, max_attempts=100), KEY
+    )
+    job = _job()
+    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 100)]
     d = Dispatcher(box, interval_s=0.05).start()
     try:
-        time.sleep(1.0)
-        assert rcv.for_job(job) == []
+        assert _wait(lambda: len(rcv.failed()) >= 3, 10)  # the receiver saw (and refused) retries
+        assert rcv.ids() == []
+        assert {a[0] for a in rcv.failed()} == {ids[0]}  # only the head is tried: order is kept
         rcv.fail_with = None
-        deadline = time.monotonic() + 10
-        while len(rcv.for_job(job)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        got = rcv.for_job(job)
-        assert [e["progress"] for e in got] == [10, 100]
-        assert got[-1]["event_id"] == f"{job}:final"
+        assert _wait(lambda: len(rcv.ids()) == 2, 10)
+        assert rcv.ids() == ids
     finally:
         d.stop()
-        rcv.close()
 
 
-def test_permanent_rejection_does_not_block_later_events(redis_url: str) -> None:
-    rcv = Receiver()
-    try:
-        rcv.fail_with = 410
-        box = CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.01), None)
-        job = f"cb-{uuid.uuid4().hex[:8]}"
-        box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
-        with httpx.Client() as c:
+def test_permanent_rejection_does_not_block_later_events(redis_url: str, rcv: AttemptReceiver) -> None:
+    r = redis.Redis.from_url(redis_url)
+    box = CallbackOutbox(r, DeliveryPolicy(backoff_base_s=0.01), None)
+    job = _job()
+    first = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
+    later = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (25, 40)]
+    rcv.reject_ids = {first}
+    with httpx.Client() as c:
+        box.deliver_due(c)
+    assert [a[:2] for a in rcv.attempts] == [(first, 410), (later[0], 200), (later[1], 200)]  # no retry of a 410
+    assert rcv.ids() == later
+    assert box.pending(job) == 0
+    dead = [json.loads(e) for e in r.lrange(callbacks.DEAD_PREFIX + job, 0, -1)]
+    assert [e["event_id"] for e in dead] == [first]
+
+
+def test_default_policy_dead_letters_after_a_long_outage(
+    redis_url: str, rcv: AttemptReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default policy (8 attempts, backoff to 60 s) against a receiver that is down for good: the
+    event ends on the dead-letter list after exactly 8 attempts, spaced by growing backoff (Redis time
+    driven by a fake clock, so the outage costs no wall time), and the next event is then delivered."""
+    clock = [time.time()]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
+    r = redis.Redis.from_url(redis_url)
+    policy = DeliveryPolicy()
+    assert policy.max_attempts == 8
+    box = CallbackOutbox(r, policy, KEY)
+    job = _job()
+    first = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
+    rcv.fail_with = 503
+    start = clock[0]
+    with httpx.Client() as c:
+        for _ in range(50):
             box.deliver_due(c)
-        assert box.pending(job) == 0  # dead-lettered, not retried forever
+            if r.llen(callbacks.DEAD_PREFIX + job):
+                break
+            due = r.zscore(callbacks.DUE_KEY, job)
+            assert due is not None and due > clock[0]  # backed off, not retried at once
+            clock[0] = due
+        assert len(rcv.failed()) == 8 and {a[0] for a in rcv.failed()} == {first}
+        assert [json.loads(e)["attempts"] for e in r.lrange(callbacks.DEAD_PREFIX + job, 0, -1)] == [8]
+        assert clock[0] - start > 1.0  # the attempts were spread over time
+        rcv.fail_with = None
+        nxt = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 20})
+        box.deliver_due(c)
+    assert rcv.ids() == [nxt]
+
+
+def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, rcv: AttemptReceiver) -> None:
+    """Each POST takes longer than the dispatch lock's TTL: the lock is renewed while it runs, so the
+    second dispatcher never posts the same head, and nothing is popped that was not delivered."""
+    rcv.delay_s = 1.0
+    policy = DeliveryPolicy(lock_ttl_s=0.4, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
+    job = _job()
+    boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY) for _ in range(2)]
+    ids = [boxes[0].enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 25, 40)]
+    ds = [Dispatcher(b, interval_s=0.02).start() for b in boxes]
+    try:
+        assert _wait(lambda: boxes[0].pending(job) == 0, 60)
+        time.sleep(1.5)  # a late duplicate would land now
     finally:
-        rcv.close()
+        for d in ds:
+            d.stop()
+    assert [a[0] for a in rcv.attempts] == ids, rcv.attempts  # each posted once, in order
+    assert rcv.ids() == ids
+
+
+def test_slow_receiver_does_not_stall_other_jobs(redis_url: str, rcv: AttemptReceiver) -> None:
+    """One receiver hangs (answers after 20 s, under httpx's per-read timeout of 30 s): the total
+    deadline ends that attempt, and another job's callback goes out meanwhile."""
+    fast = AttemptReceiver()
+    try:
+        rcv.delay_s = 20.0
+        policy = DeliveryPolicy(timeout_s=30.0, deadline_s=1.0, backoff_base_s=0.5, max_attempts=50)
+        box = CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY)
+        slow_job, fast_job = _job(), _job()
+        box.enqueue(slow_job, rcv.url(), {"job_id": slow_job, "progress": 10})
+        fast_id = box.enqueue(fast_job, fast.url(), {"job_id": fast_job, "progress": 10})
+        d = Dispatcher(box, interval_s=0.02).start()
+        t0 = time.monotonic()
+        try:
+            assert _wait(lambda: fast.ids() == [fast_id], 15)
+            assert time.monotonic() - t0 < 8.0
+            assert box.pending(slow_job) == 1  # not lost: retried later
+        finally:
+            d.stop()
+            box.close()
+    finally:
+        fast.close()
+
+
+def test_dead_letters_expire_and_are_trimmed(redis_url: str, rcv: AttemptReceiver) -> None:
+    r = redis.Redis.from_url(redis_url)
+    box = CallbackOutbox(r, DeliveryPolicy(dead_max=3, dead_ttl_s=3600), None)
+    job = _job()
+    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in range(5)]
+    rcv.reject_ids = set(ids)
+    with httpx.Client() as c:
+        box.deliver_due(c)
+    dead = [json.loads(e)["event_id"] for e in r.lrange(callbacks.DEAD_PREFIX + job, 0, -1)]
+    assert dead == ids[-3:]
+    assert 0 < r.ttl(callbacks.DEAD_PREFIX + job) <= 3600

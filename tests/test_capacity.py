@@ -11,7 +11,8 @@ from tests.conftest import REPO
 
 def test_capacity_simulation_trades_wait_for_instance_hours() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "capacity.py"), "--hours", "12", "--seeds", "1", "--targets", "1,8"],
+        [sys.executable, "-m", "bench.capacity", "--hours", "12", "--seeds", "1", "--targets", "1,8"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,

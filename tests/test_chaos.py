@@ -1,30 +1,39 @@
-"""The shortened chaos bench: real workers killed, Redis restarted, receiver down, OOM injected."""
+"""The shortened chaos bench: real workers killed, Redis restarted, receiver down, OOM injected;
+and the delivery scenarios of issue 17 (slow receiver, crash before the final, poison message,
+restart in place, Redis blip, cancel during merge)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = pytest.mark.timeout(1800)
+
+
+def _chaos(scenarios: str, timeout: float) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--quick", "--scenarios", scenarios],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("chaos:", json.dumps(out))
+    return out
 
 
 def test_chaos_quick() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "chaos.py"), "--quick"],
-        cwd=REPO, capture_output=True, text=True, timeout=1150,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("chaos:", json.dumps(out))
+    out = _chaos("kill,redis,receiver,sigterm,many,oom,spot", 1500)
     kill = out["kill"]
     assert kill["completed"] == kill["jobs"] and kill["lost"] == 0 and kill["failed"] == 0, kill
     assert kill["results_equal"] == kill["jobs"] and kill["one_final_callback"] == kill["jobs"], kill
     assert kill["stages_recomputed"] == 0, kill
+    assert kill["restored_from_dead_workers"] > 0, kill  # the dead-worker restore path ran
     assert out["redis"]["completed"] == out["redis"]["jobs"], out["redis"]
     rcv = out["receiver"]
     assert rcv["jobs_with_final"] == rcv["jobs"] and rcv["final_duplicates"] == 0, rcv
@@ -38,3 +47,24 @@ def test_chaos_quick() -> None:
     assert spot["worker_stopped_s"] is not None and spot["worker_exit_code"] == 0, spot
     assert spot["completed_after_notice_s"] <= 60.0, spot
     assert spot["stages_recomputed_beyond_interrupted"] == 0, spot
+
+
+def test_chaos_delivery_quick() -> None:
+    out = _chaos("slow_receiver,crash_before_final,poison,restart_in_place,redis_blip,cancel_during_merge", 1750)
+    slow = out["slow_receiver"]
+    assert slow["delivered"] == slow["events"] and slow["lost"] == 0 and slow["duplicates"] == 0, slow
+    assert slow["out_of_order_jobs"] == 0 and slow["final_duplicates"] == 0, slow
+    crash = out["crash_before_final"]
+    assert crash["completed"] == crash["jobs"] == crash["crashes_injected"], crash
+    assert crash["one_final_each"] == crash["jobs"] == crash["finals_say_completed"], crash
+    poison = out["poison"]
+    assert poison["poison_status"] == "failed" and poison["error_code"] == "STAGE_CRASHED", poison
+    assert poison["deliveries_killed"] == 3 and poison["final_sent"] == 1 and poison["dead_letter_listed"] == 1, poison
+    assert poison["next_job_completed"] == 1 and poison["worker_alive"] == 1, poison
+    rip = out["restart_in_place"]
+    assert rip["restored"] >= 1 and rip["seconds_to_restore"] <= 60 and rip["completed"] == 1, rip
+    blip = out["redis_blip"]
+    assert blip["completed"] == blip["jobs"] and blip["stalled_over_60s"] == 0, blip
+    cancel = out["cancel_during_merge"]
+    assert cancel["cancelled_in_merge"] == 1 and cancel["finals"] == 1 and cancel["agree"] == 1, cancel
+    assert cancel["record"] == "failed/CANCELLED", cancel

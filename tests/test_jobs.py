@@ -59,3 +59,20 @@ def test_failed_jobs_are_listed_and_requeue_clears_error(store: JobStore) -> Non
 def test_unknown_job(store: JobStore) -> None:
     assert store.get("nope-" + uuid.uuid4().hex) is None
     assert not store.update("nope-" + uuid.uuid4().hex, progress=10)
+
+
+def test_job_indexes_drop_entries_older_than_the_records(store: JobStore) -> None:
+    """Redis runs noeviction: the all-jobs index and the dead-letter (failed) index must not grow for
+    ever. Entries older than the record TTL go when new ones are added."""
+    import time
+
+    old = time.time() - store.ttl_s - 60
+    store.r.zadd("ecg:jobs:all", {"ancient-job": old})
+    store.r.zadd("ecg:jobs:failed", {"ancient-failure": old})
+    j = jid()
+    store.create(j, {})
+    assert store.r.zscore("ecg:jobs:all", "ancient-job") is None
+    assert store.r.zscore("ecg:jobs:all", j) is not None
+    assert store.mark_failed(j, "PROCESSING_ERROR", "boom", "ingest")
+    assert store.r.zscore("ecg:jobs:failed", "ancient-failure") is None
+    assert j in store.failed_ids(1000)

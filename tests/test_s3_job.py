@@ -57,6 +57,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
                 "ECG_OUTPUT_ROOT": str(tmp_path / "output-local"),
                 "ECG_WORKSPACE_BACKEND": "s3",
                 "ECG_S3_BUCKET": "ecg-work",
+                "ECG_S3_INPUT_PREFIXES": '["media-in/calls/"]',
                 "ECG_AWS_ENDPOINT_URL": endpoint,
                 "ECG_AWS_REGION": "us-east-1",
             }

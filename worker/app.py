@@ -40,9 +40,11 @@ if _settings.interruption_watch:
     watch_interruptions()
 
 
-@signals.worker_ready.connect
+@signals.worker_init.connect
 def _parent_ready(sender: Any = None, **_: object) -> None:
-    """In the parent: heartbeat + held messages, so peers can restore them if this worker dies."""
+    """In the parent: heartbeat + held messages, so peers can restore them if this worker dies.
+    Started at worker_init, not worker_ready (which waits for the pool's model loading, a minute or
+    more): a restarted worker restores its previous life's messages without waiting for its models."""
     import redis
 
     from worker.liveness import Liveness

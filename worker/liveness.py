@@ -7,11 +7,17 @@ killer, a spot instance reclaimed), Redis only hands the message out again after
 ``visibility_timeout`` — which must be longer than the longest stage, i.e. hours.
 
 So every worker (its Celery parent process, which holds and acknowledges the
-messages) keeps, in Redis, a heartbeat and the delivery tags it holds. Any
-live worker that sees a peer silent for ``dead_after_s`` restores
-that peer's messages with kombu's own ``restore_by_tag``. A message that was
-meanwhile redelivered to someone else is left alone: it is restored only if its
-delivery time is not newer than the dead worker's last heartbeat.
+messages) keeps, in Redis, a heartbeat and the delivery tags it holds. The
+heartbeat is a key that Redis itself expires (``SET … EX dead_after_s``): a worker
+is dead when its key is gone, so no host ever compares its clock with another's
+(clock skew cannot make a live peer look dead). Any live worker that finds a
+peer's heartbeat gone restores that peer's messages with kombu's own
+``restore_by_tag``, unless the message was acknowledged meanwhile or is now held
+by a live worker.
+
+A worker's id is ``hostname:pid:boot``, ``boot`` random per process start: a
+container restarted in place (``restart: unless-stopped``) keeps its hostname and
+often its PID, and must not adopt (and then drop) its previous life's messages.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -27,14 +34,18 @@ import structlog
 
 log = structlog.get_logger("ecg.liveness")
 
-WORKERS_KEY = "ecg:workers"  # hash: worker id -> last heartbeat (unix time)
+WORKERS_KEY = "ecg:workers:ids"  # set: ids of workers that announced themselves
+HEARTBEAT_PREFIX = "ecg:workers:hb:"  # string per worker, expired by Redis after dead_after_s
 INFLIGHT_PREFIX = "ecg:inflight:"  # set per worker: delivery tags held
 REAPER_LOCK = "ecg:workers:reaper"
-UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery tag -> delivery time
+RESTORED_KEY = "ecg:workers:restored"  # counter: messages restored from dead workers (operators, chaos bench)
+ORPHANS_KEY = "ecg:workers:orphans_restored"  # counter: unacknowledged messages no live worker held
+UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> the message, while unacknowledged
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``hostname:pid:boot``: unique per process start, even when hostname and PID repeat."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Liveness:
@@ -47,6 +58,7 @@ class Liveness:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recent: dict[str, float] = {}
+        self._orphans: set[str] = set()
 
     # --- what this worker holds ---------------------------------------------
     @staticmethod
@@ -63,31 +75,48 @@ class Liveness:
                 tags.add(str(tag))
         return tags
 
+    def _alive(self, pipe: Any) -> None:
+        pipe.set(HEARTBEAT_PREFIX + self.id, "1", ex=max(1, int(round(self.dead_after_s))))
+        pipe.sadd(WORKERS_KEY, self.id)
+
     def hold(self, delivery_tag: str | None) -> None:
         """Record a message the moment it is received (the periodic beat would leave a window)."""
         if delivery_tag:
-            self._recent[str(delivery_tag)] = time.time()
+            self._recent[str(delivery_tag)] = time.monotonic()
             pipe = self.r.pipeline()
             pipe.sadd(INFLIGHT_PREFIX + self.id, str(delivery_tag))
-            pipe.hset(WORKERS_KEY, self.id, time.time())
+            self._alive(pipe)
             pipe.execute()
 
     # --- background ----------------------------------------------------------
     def beat(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         tags = self.held_tags()
         # a tag recorded by hold() may not be in Celery's state yet: keep it a little while
         self._recent = {t: at for t, at in list(self._recent.items()) if now - at < 3 * self.interval_s}
         key = INFLIGHT_PREFIX + self.id
-        stale = {t.decode() if isinstance(t, bytes) else str(t) for t in self.r.smembers(key)}
+        stale = {t.decode() if isinstance(t, bytes) else str(t) for t in self.r.smembers(key)}  # type: ignore[union-attr]
         stale -= tags | set(self._recent)
+        self._restore_orphans(stale, tags | set(self._recent))
         pipe = self.r.pipeline()
         if tags:
             pipe.sadd(key, *tags)
         if stale:
             pipe.srem(key, *stale)
-        pipe.hset(WORKERS_KEY, self.id, now)
+        self._alive(pipe)
         pipe.execute()
+
+    def _restore_orphans(self, stale: set[str], held: set[str]) -> None:
+        """A message this worker no longer holds yet nobody acknowledged: its acknowledgement was lost
+        with a broker connection (a Redis restart while the stage ran), or the stage was cancelled.
+        Without this it would wait the visibility timeout (hours). Seen stale on two beats in a row
+        first, so that an acknowledgement on its way is not mistaken for a lost one."""
+        candidates, self._orphans = self._orphans - held, stale
+        for tag in candidates:
+            if self.r.hexists(UNACKED, tag):
+                self._restore(tag)
+                self.r.incr(ORPHANS_KEY)
+                log.warning("orphaned_message_restored", delivery_tag=tag)
 
     def start(self) -> Liveness:
         self.beat()
@@ -98,7 +127,10 @@ class Liveness:
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.r.hdel(WORKERS_KEY, self.id)
+            pipe = self.r.pipeline()
+            pipe.delete(HEARTBEAT_PREFIX + self.id)
+            pipe.srem(WORKERS_KEY, self.id)
+            pipe.execute()
         except redis.RedisError:
             pass
 
@@ -113,27 +145,43 @@ class Liveness:
                 log.exception("liveness_error")
 
     def reap(self) -> int:
-        """Restore the messages of workers silent for longer than ``dead_after_s``."""
-        if not self.r.set(REAPER_LOCK, self.id, nx=True, px=int(self.interval_s * 1000)):
+        """Restore the messages of workers whose heartbeat Redis has expired. Returns how many."""
+        lock = self.r.lock(REAPER_LOCK, timeout=max(1.0, self.interval_s), blocking=False, thread_local=False)
+        if not lock.acquire(blocking=False):
             return 0
         restored = 0
-        now = time.time()
-        for wid, last in self.r.hgetall(WORKERS_KEY).items():
-            wid = wid.decode() if isinstance(wid, bytes) else wid
-            last_seen = float(last)
-            if wid == self.id or now - last_seen < self.dead_after_s:
-                continue
-            for tag in self.r.smembers(INFLIGHT_PREFIX + wid):
-                tag = tag.decode() if isinstance(tag, bytes) else tag
-                delivered_at = self.r.zscore(UNACKED_INDEX, tag)
-                # gone (acked, or already restored) or redelivered to a live worker since: leave it
-                if delivered_at is None or delivered_at > last_seen + 1.0:
-                    continue
-                self._restore(tag)
-                restored += 1
-                log.warning("message_restored_from_dead_worker", dead_worker=wid, delivery_tag=tag)
-            self.r.delete(INFLIGHT_PREFIX + wid)
-            self.r.hdel(WORKERS_KEY, wid)
+        try:
+            ids = [w.decode() if isinstance(w, bytes) else str(w) for w in self.r.smembers(WORKERS_KEY)]  # type: ignore[union-attr]
+            pipe = self.r.pipeline()
+            for wid in ids:
+                pipe.exists(HEARTBEAT_PREFIX + wid)
+            alive = {wid for wid, up in zip(ids, pipe.execute(), strict=True) if up}
+            alive.add(self.id)
+            for wid in set(ids) - alive:
+                n = 0
+                for tag in self.r.smembers(INFLIGHT_PREFIX + wid):  # type: ignore[union-attr]
+                    tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+                    # acknowledged (or restored already) since: nothing to do
+                    if not self.r.hexists(UNACKED, tag):
+                        continue
+                    # redelivered to a live worker meanwhile: it is that worker's now
+                    if any(self.r.sismember(INFLIGHT_PREFIX + w, tag) for w in alive):
+                        continue
+                    self._restore(tag)
+                    n += 1
+                    log.warning("message_restored_from_dead_worker", dead_worker=wid, delivery_tag=tag)
+                pipe = self.r.pipeline()
+                pipe.delete(INFLIGHT_PREFIX + wid)
+                pipe.srem(WORKERS_KEY, wid)
+                if n:
+                    pipe.incrby(RESTORED_KEY, n)
+                pipe.execute()
+                restored += n
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # lapsed: another reaper may run now, harmlessly
+                pass
         return restored
 
     def _restore(self, tag: str) -> None:

@@ -14,7 +14,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from ecg_audio.chain import send_chain
-from ecg_audio.jobs import FAILED_SET, JobStore
+from ecg_audio.jobs import FAILED_SET, JobStatus, JobStore, is_terminal
 from ecg_audio.settings import get_settings
 
 
@@ -68,24 +68,38 @@ def show(ctx: click.Context, job_id: str) -> None:
 @jobs.command(cls=CeleryCommand)
 @click.argument("job_ids", nargs=-1, required=True)
 @click.option("--priority", type=click.IntRange(0, 9), default=None)
+@click.option("--force", is_flag=True, help="also requeue a job that is not finished (it may still be running)")
 @click.pass_context
-def requeue(ctx: click.Context, job_ids: tuple[str, ...], priority: int | None) -> None:
-    """Send failed (or stuck) jobs again; finished stages are skipped (checkpoints)."""
+def requeue(ctx: click.Context, job_ids: tuple[str, ...], priority: int | None, force: bool) -> None:
+    """Send finished (failed) jobs again as a new run; finished stages are skipped (checkpoints).
+
+    A job that is queued or processing is refused: its chain is still alive, and a second one
+    would run beside it. ``--force`` is for a job known to be stuck."""
     app = ctx.obj.app
     store = _store(app)
+    refused = 0
     for job_id in job_ids:
         rec = store.get(job_id)
         if rec is None:
             click.echo(f"{job_id}: no such job", err=True)
+            refused += 1
             continue
-        if rec.status == "completed":
+        if rec.status == JobStatus.COMPLETED and not force:
             click.echo(f"{job_id}: already completed, nothing to do")
             continue
-        payload = {"job_id": job_id}  # the stages read the request from the job record
-        store.requeue(job_id)
-        store.r.delete(f"ecg:cb:final:{job_id}")  # the requeued run will report its own final
-        send_chain(app, payload, priority=priority)
-        click.echo(f"{job_id}: requeued (resumes after the last finished stage)")
+        run = store.requeue(job_id, force=force)
+        if run is None:
+            click.echo(
+                f"{job_id}: not finished ({rec.status}): its chain may still be running; "
+                "requeue it with --force only if it is stuck",
+                err=True,
+            )
+            refused += 1
+            continue
+        send_chain(app, {"job_id": job_id}, priority=priority)  # the stages read the request from the record
+        click.echo(f"{job_id}: requeued as run {run} (resumes after the last finished stage)")
+    if refused:
+        ctx.exit(1)
 
 
 @jobs.command(cls=CeleryCommand)
@@ -96,7 +110,7 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
     store = _store(ctx.obj.app)
     for job_id in job_ids:
         rec = store.get(job_id)
-        if rec is None or rec.status in ("completed", "failed"):
+        if rec is None or is_terminal(rec.status):
             click.echo(f"{job_id}: nothing to cancel ({rec.status if rec else 'unknown'})")
             continue
         store.mark_failed(job_id, "CANCELLED", "cancelled by an operator", rec.stage)

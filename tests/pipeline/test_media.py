@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,3 +74,60 @@ def test_duration_limit(tmp_path: Path, ffmpeg: str, sample_wav: Path) -> None:
     src = make_media(ffmpeg, sample_wav, tmp_path / "a.wav", "-t", "5")
     with pytest.raises(InvalidMediaError, match="limit"):
         extract_audio(src, tmp_path / "out.wav", max_duration_s=2.0)
+
+
+def test_ffmpeg_and_ffprobe_read_only_local_files(tmp_path: Path, ffmpeg: str, sample_wav: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ffmpeg/ffprobe run on an input carries -protocol_whitelist file,pipe, so no demuxer can
+    reach the network from a downloaded file (this ffmpeg build already refuses the known nested
+    opens, older ones do not; the listener test below checks the outcome here)."""
+    from pipeline import media
+
+    seen: list[list[str]] = []
+    real = media._run
+
+    def spy(cmd: list[str], timeout_s: float) -> Any:
+        seen.append(cmd)
+        return real(cmd, timeout_s)
+
+    monkeypatch.setattr(media, "_run", spy)
+    media.extract_audio(sample_wav, tmp_path / "a.wav")
+    monkeypatch.setattr(media, "ffprobe_exe", lambda: None)  # the ffmpeg-only probe path too
+    media.probe(sample_wav)
+    assert len(seen) >= 3
+    for cmd in seen:
+        i = cmd.index("-protocol_whitelist")
+        assert cmd[i + 1] == "file,pipe" and i < cmd.index("-i" if "-i" in cmd else str(sample_wav)), cmd
+
+
+def test_a_playlist_naming_a_network_url_makes_no_connection(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    accepted = [0]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                accepted[0] += 1
+                conn.close()
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = srv.getsockname()[1]
+    playlist = tmp_path / "input.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:{port}/a.ts\n#EXT-X-ENDLIST\n")
+    try:
+        with pytest.raises(InvalidMediaError):
+            extract_audio(playlist, tmp_path / "a.wav")
+    finally:
+        stop.set()
+        srv.close()
+    assert accepted[0] == 0
