@@ -77,7 +77,9 @@ def _finals(r: redis.Redis, job: str) -> list[dict[str, Any]]:
 def _merge(job: str) -> None:
     from celery.exceptions import Ignore
 
-    from tasks.pipeline_tasks import merge_task
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    merge_task = STAGE_TASKS["merge"]
 
     try:
         merge_task.run_stage_task("merge", {"job_id": job})
@@ -171,7 +173,9 @@ def test_duplicate_of_a_finished_stage_does_not_publish_the_next_again(tasks_env
 
     from media_io.workspace import Workspace
     from tasks import context
-    from tasks.pipeline_tasks import ingest_task
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    ingest_task = STAGE_TASKS["ingest"]
 
     job = _job(tasks_env)
     ws = Workspace.open(context.settings().workspace_root, job)
@@ -242,7 +246,9 @@ def test_hard_time_limit_fails_the_job(tasks_env: redis.Redis) -> None:
     from celery.exceptions import TimeLimitExceeded
 
     from tasks import context
-    from tasks.pipeline_tasks import transcribe_task
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    transcribe_task = STAGE_TASKS["transcribe"]
 
     job = _job(tasks_env)
     transcribe_task.on_failure(TimeLimitExceeded(10800), f"{job}:transcribe:x", [{"job_id": job}], {}, None)
@@ -256,7 +262,9 @@ def test_progress_reports_skip_while_redis_is_away(tasks_env: redis.Redis, monke
     """A Redis restart while a stage runs: its progress report fails, the stage must go on (it used to
     fail the stage, and with it the job, for a 10 s blip)."""
     from tasks import context
-    from tasks.pipeline_tasks import transcribe_task
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    transcribe_task = STAGE_TASKS["transcribe"]
     from tasks.stages import JobSpec
 
     job = _job(tasks_env)
@@ -282,7 +290,9 @@ def test_lease_waits_do_not_spend_the_network_retry_budget(
     from ecg_audio.settings import get_settings
     from pipeline.errors import DownloadError
     from tasks import context
-    from tasks.pipeline_tasks import NETWORK_RETRIES, ingest_task
+    from tasks.pipeline_tasks import NETWORK_RETRIES, STAGE_TASKS
+
+    ingest_task = STAGE_TASKS["ingest"]
 
     monkeypatch.setenv("ECG_ALLOW_HTTP_URLS", "true")
     monkeypatch.setenv("ECG_URL_ALLOWLIST", '["127.0.0.1"]')
@@ -315,7 +325,9 @@ def test_redis_gone_after_the_stage_body_requeues_instead_of_failing(
 
     from media_io.workspace import Workspace
     from tasks import context, pipeline_tasks
-    from tasks.pipeline_tasks import ingest_task
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    ingest_task = STAGE_TASKS["ingest"]
 
     monkeypatch.setattr(pipeline_tasks, "REDIS_BACKOFF_S", 0.0, raising=False)
     job = _job(tasks_env)

@@ -34,7 +34,12 @@ OTHER_KEY = "another-tenant-key-0123456789"
 def live_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The shim with a 1 s keep-alive (the session's shim keeps the default 15 s)."""
     port = free_port()
-    env = {**stack_env, "ECG_SSE_KEEPALIVE_S": "1", "ECG_API_KEYS": json.dumps([API_KEY, OTHER_KEY])}
+    env = {
+        **stack_env,
+        "ECG_SSE_KEEPALIVE_S": "1",
+        "ECG_API_KEYS": json.dumps([API_KEY, OTHER_KEY]),
+        "ECG_S3_INPUT_PREFIXES": json.dumps(["bucket"]),  # s3:// inputs are refused unless scoped
+    }
     log = tmp_path_factory.mktemp("logs") / "live-shim.log"
     p = Proc("live-shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1",
                            "--port", str(port)], env, log)
@@ -171,18 +176,31 @@ def test_page_token_opens_the_stream_of_its_job_only(live_shim: str, r: redis.Re
         assert anon.get(f"/jobs/{other}/view/data?token={good}").status_code == 403
 
 
-def test_job_ended_without_final_event_gets_one_from_its_record(client: httpx.Client, r: redis.Redis) -> None:
-    """Cancelled through the API (DELETE marks the record, no worker reports): the stream still ends."""
+def test_cancelled_job_stream_ends_with_its_final_event(client: httpx.Client, r: redis.Redis) -> None:
+    """Cancelled through the API (DELETE ends the job and writes its final event, no worker reports)."""
     job = new_job(r)
     sent = [emit(r, job, 10)]
     assert client.delete(f"/jobs/{job}").json()["status"] == "failed"
     got = read_sse(client, f"/jobs/{job}/events")
     assert got.ended
-    assert got.ids == [*sent, f"{job}:final"]
+    assert got.ids == [*sent, f"{job}:final:1"]  # the first run's final event
     final = got.events[-1][1]
     assert final["status"] == "failed" and final["error_code"] == "CANCELLED"
     # it went into the log: every reader sees the same final event
     assert [e.event_id for e in event_log.read_all(r, job)] == got.ids
+
+
+def test_job_ended_without_final_event_gets_one_from_its_record(client: httpx.Client, r: redis.Redis) -> None:
+    """A record that ended with no final event in its log (written before the event log existed): the
+    stream builds the final event from the record, and still ends."""
+    job = new_job(r)
+    sent = [emit(r, job, 10)]
+    r.hset(f"ecg:job:{job}", mapping={"status": "failed", "error_code": "CANCELLED", "error_message": "cancelled"})
+    got = read_sse(client, f"/jobs/{job}/events")
+    assert got.ended
+    assert got.ids == [*sent, f"{job}:final"]
+    final = got.events[-1][1]
+    assert final["status"] == "failed" and final["error_code"] == "CANCELLED"
 
 
 def test_unknown_job_is_404(client: httpx.Client) -> None:
