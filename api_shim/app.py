@@ -35,7 +35,7 @@ log = structlog.get_logger("ecg.shim")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from ecg_audio.callbacks import Dispatcher
-    from tasks.context import make_outbox  # torch-free
+    from media_io.policy import make_outbox  # torch-free
 
     shim: Shim = app.state.shim
     dispatcher = Dispatcher(make_outbox(shim.settings)).start()

@@ -58,7 +58,7 @@ class Shim:
     """The shim's long-lived state: one per app."""
 
     def __init__(self, settings: Settings) -> None:
-        from tasks.context import url_policy  # the one URL policy of the fleet (torch-free)
+        from media_io.policy import url_policy  # the one URL policy of the fleet (torch-free)
 
         self.settings = settings
         self.r = redis.Redis.from_url(settings.redis_url, **_redis_kwargs())

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -479,3 +480,71 @@ def reexec_with_worker_allocator() -> None:
     if alloc:
         # the command as it was given (``python -m bench.overhead ...``)
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **alloc})
+
+
+# --- chaos helpers: a callback receiver, short clips to run --------------------------
+
+
+class Receiver:
+    """Callback receiver that can be taken down and brought back on the same port."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.port = port
+        self.server: ThreadingHTTPServer | None = None
+        self.up()
+
+    def up(self) -> None:
+        rcv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with rcv.lock:
+                    rcv.events.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/cb"
+
+    def finals(self, job_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e for e in self.events if e.get("job_id") == job_id and e.get("status") in ("completed", "failed")]
+
+    def final_event_ids(self) -> list[str]:
+        with self.lock:
+            return [e["event_id"] for e in self.events if e.get("status") in ("completed", "failed")]
+
+
+def make_clips(var: Path, n: int, seconds: float) -> list[str]:
+    """Short clips cut from pyannote's bundled sample call (and ../shared when present)."""
+    import pyannote.audio
+
+    sources = [Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"]
+    conv = REPO.parent / "shared" / "audio" / "conv_2spk_10min.wav"
+    if conv.exists():
+        sources.append(conv)
+    clips = []
+    uploads = var / "uploads"  # what the shim's /api/uploads writes; jobs name them upload://<id>
+    uploads.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        start = 5.0 + 7.0 * (i // len(sources))
+        clips.append(place_clip(src, uploads, start, seconds))
+    return clips

@@ -33,13 +33,14 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpcore
 import httpx
 
+from media_io.s3_input import RETRYABLE_4XX, fetch_s3, media_filename
 from media_io.urlguard import (
     CheckedUrl,
     Resolver,
@@ -48,19 +49,11 @@ from media_io.urlguard import (
     check_url,
     file_url_path,
     redact_url,
-    s3_bucket_and_key,
 )
 from pipeline.errors import DownloadError
 
 logger = logging.getLogger(__name__)
 
-MEDIA_EXTENSIONS = frozenset(
-    {
-        ".aac", ".aif", ".aiff", ".amr", ".avi", ".flac", ".flv", ".m4a", ".m4v", ".mka", ".mkv",
-        ".mov", ".mp3", ".mp4", ".mpeg", ".mpg", ".oga", ".ogg", ".ogv", ".opus", ".ts", ".wav",
-        ".weba", ".webm", ".wma", ".wmv", ".3gp",
-    }
-)  # fmt: skip
 # A page handed to yt-dlp is read into memory; media never is.
 MAX_PAGE_BYTES = 16 * 1024**2
 USER_AGENT = "ecg-audio-analyzer/0.1 (media fetcher)"
@@ -69,12 +62,7 @@ USER_AGENT = "ecg-audio-analyzer/0.1 (media fetcher)"
 YTDLP_FORMAT = "bestaudio[protocol~='^https?$']/best[protocol~='^https?$']"
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_RETRYABLE_4XX = frozenset({408, 425, 429})
 _PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-_S3_PERMANENT_CODES = frozenset(
-    {"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "InvalidBucketName", "InvalidObjectState"}
-)
-_S3_HIDDEN_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "NotFound"})
 _FORWARDED_MEDIA_HEADERS = frozenset({"user-agent", "accept", "accept-language", "referer", "origin"})
 _CROSS_ORIGIN_DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
@@ -132,7 +120,7 @@ def fetch_to_file(
         return _local_file(checked)
     dest_dir.mkdir(parents=True, exist_ok=True)
     if checked.scheme == "s3":
-        return _fetch_s3(checked, dest_dir, limits, s3_client_factory, progress)
+        return fetch_s3(checked, dest_dir, limits.max_bytes, s3_client_factory, progress)
     http = GuardedHttp(policy=policy, limits=limits, resolve=resolve, ssl_context=ssl_context)
     return _fetch_http(http, checked, dest_dir, progress)
 
@@ -312,7 +300,7 @@ def _fetch_http(
         _raise_for_status(final, response)
         media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type not in _PAGE_TYPES:
-            name = _media_filename(ext_hint, final.url, checked.url)
+            name = media_filename(ext_hint, final.url, checked.url)
             return _save_stream(response, final, dest_dir / name, http.limits.max_bytes, progress)
         if not allow_page:
             raise DownloadError(
@@ -328,7 +316,7 @@ def _raise_for_status(checked: CheckedUrl, response: httpx.Response) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
-    retryable = status >= 500 or status in _RETRYABLE_4XX
+    retryable = status >= 500 or status in RETRYABLE_4XX
     raise DownloadError(
         f"{redact_url(checked.url)} answered HTTP {status} {response.reason_phrase}".rstrip(),
         retryable=retryable,
@@ -385,15 +373,6 @@ def _read_capped(response: httpx.Response, checked: CheckedUrl, cap: int) -> byt
     return bytes(buffer)
 
 
-def _media_filename(ext_hint: str | None, *paths: str) -> str:
-    """``input`` plus a known media extension: the hint's, else the first URL path or key that has one."""
-    suffixes = ["." + ext_hint.lstrip(".").lower()] if ext_hint else []
-    for path in paths:
-        path = urlsplit(path).path if "://" in path else path
-        suffixes.append(PurePosixPath(unquote(path)).suffix.lower())
-    return next((f"input{suffix}" for suffix in suffixes if suffix in MEDIA_EXTENSIONS), "input")
-
-
 def _is_certificate_error(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     for _ in range(8):
@@ -430,68 +409,6 @@ def _local_file(checked: CheckedUrl) -> Path:
     if not stat.S_ISREG(mode):
         raise DownloadError(f"{redact_url(str(path))} is not a regular file", retryable=False)
     return path
-
-
-def _fetch_s3(
-    checked: CheckedUrl,
-    dest_dir: Path,
-    limits: FetchLimits,
-    s3_client_factory: Callable[[], Any] | None,
-    progress: Callable[[int], None] | None,
-) -> Path:
-    if s3_client_factory is None:
-        raise DownloadError("s3:// input needs an S3 client, and this fetcher was given none", retryable=False)
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    except ImportError as e:
-        raise RuntimeError("s3:// input requires boto3 (pip install boto3)") from e
-    bucket, key = s3_bucket_and_key(checked)
-    shown = redact_url(checked.url)
-    client = s3_client_factory()
-    target = dest_dir / _media_filename(None, key)
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-        size = int(head.get("ContentLength") or 0)
-        if size > limits.max_bytes:
-            raise DownloadError(f"{shown} is {size} bytes, over the {limits.max_bytes}-byte limit", retryable=False)
-        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".tmp-", suffix="-" + target.name)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        written = 0
-
-        def on_bytes(count: int) -> None:
-            nonlocal written
-            written += count
-            if written > limits.max_bytes:  # the object grew after the HEAD
-                raise DownloadError(f"{shown} exceeded the {limits.max_bytes}-byte limit", retryable=False)
-            if progress is not None:
-                progress(written)
-
-        try:
-            client.download_file(bucket, key, str(tmp), Callback=on_bytes)
-            if tmp.stat().st_size > limits.max_bytes:
-                raise DownloadError(f"{shown} exceeded the {limits.max_bytes}-byte limit", retryable=False)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except ClientError as e:
-        error = e.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        permanent = code in _S3_PERMANENT_CODES or (
-            isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_4XX
-        )
-        if code in _S3_HIDDEN_CODES or status in (403, 404):
-            # one answer for "no such object" and "not yours": an error must not probe the bucket
-            message = f"{shown} could not be fetched: no such object, or not readable"
-            raise DownloadError(message, retryable=False) from e
-        raise DownloadError(f"{shown} could not be fetched: S3 said {code or status}", retryable=not permanent) from e
-    except NoCredentialsError as e:
-        raise DownloadError(f"{shown} could not be fetched: no S3 credentials configured", retryable=False) from e
-    except BotoCoreError as e:
-        raise DownloadError(f"{shown} could not be fetched: {type(e).__name__}", retryable=True) from e
-    return target
 
 
 # --- pages: yt-dlp, with every request it makes sent through GuardedHttp --------------------------

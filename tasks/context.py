@@ -8,10 +8,11 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
+from ecg_audio.callbacks import CallbackOutbox
 from ecg_audio.jobs import JobStore
 from ecg_audio.settings import Settings, get_settings
 from ecg_audio.uploads import uploads_dir
+from media_io.policy import make_outbox, url_policy
 from tasks.stages import ModelProvider, Reporter, StageEnv
 
 _model_provider: Callable[[], ModelProvider] | None = None
@@ -41,41 +42,6 @@ def job_store() -> JobStore:
 @functools.lru_cache(maxsize=1)
 def outbox() -> CallbackOutbox:
     return make_outbox(get_settings())
-
-
-def make_outbox(s: Settings) -> CallbackOutbox:
-    import redis
-
-    policy = DeliveryPolicy(
-        timeout_s=s.callback_timeout_s,
-        max_attempts=s.callback_max_attempts,
-        backoff_base_s=s.callback_backoff_base_s,
-        backoff_max_s=s.callback_backoff_max_s,
-        deadline_s=s.callback_deadline_s,
-    )
-    from media_io.fetch import FetchLimits, GuardedHttp
-
-    key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
-    # callbacks go through the same SSRF guard as downloads; a redirect is not followed
-    guard = GuardedHttp(
-        policy=url_policy(s), limits=FetchLimits(max_bytes=1 << 20, timeout_s=s.callback_timeout_s, max_redirects=0)
-    )
-    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key, guard)
-
-
-def url_policy(s: Settings, *, allow_local_files: bool = False) -> Any:
-    from media_io.urlguard import UrlPolicy
-
-    schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
-    from ecg_audio.input_scope import s3_input_scope
-
-    return UrlPolicy(
-        allowed_schemes=frozenset(schemes),
-        allow_private=s.allow_private_urls,
-        allowlist=tuple(s.url_allowlist),
-        allow_local_files=allow_local_files,
-        **s3_input_scope(s),
-    )
 
 
 def s3_client_factory(s: Settings) -> Callable[[], Any]:

@@ -31,7 +31,7 @@ class RecordingS3:
 
 def _worker_policy(**settings: Any) -> Any:
     from ecg_audio.settings import Settings
-    from tasks.context import url_policy
+    from media_io.policy import url_policy
 
     return url_policy(Settings(**settings))
 

@@ -1,0 +1,313 @@
+"""The delivery scenarios of the chaos bench (issue 17): a slow receiver, a crash before the
+final event, a poison message, a restart in place, a Redis blip, a cancel during merge.
+
+``bench.chaos`` runs them beside its own scenarios (``run_new_scenarios``); each returns the
+counts it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from bench.harness import Fleet, Receiver, make_clips
+from worker.liveness import RESTORED_KEY
+
+# --- delivery scenarios (issue 17) -------------------------------------------------
+
+
+class SlowReceiver:
+    """A callback receiver that takes ``delay_s`` to answer each POST; records what arrived, in order."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        rcv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(delay_s)
+                with rcv.lock:
+                    rcv.events.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.daemon_threads = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/cb"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wait_for(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return True
+        except Exception:  # Redis restarting
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
+    """Two dispatchers, each POST slower (1.5 s) than the dispatch lock's TTL (1 s): the lock is
+    renewed while a POST runs and the outbox changed only by its owner."""
+    import redis
+
+    from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy, Dispatcher
+    from ecg_audio.jobs import JobStatus
+
+    fleet = Fleet(var / "slow_receiver")
+    rcv = SlowReceiver(1.5)
+    dispatchers: list[Any] = []
+    try:
+        ids = [f"slow-{uuid.uuid4().hex[:8]}" for _ in range(jobs)]
+        for j in ids:
+            req = {"job_id": j, "video_url": "https://example.com/a.wav", "callback_url": rcv.url()}
+            assert fleet.store.create(j, req)
+            for p, stage in ((10, "ingest"), (40, "diarize"), (60, "transcribe")):
+                fleet.store.events.progress(j, progress=p, stage=stage, message=stage)
+            fleet.store.events.finish(j, JobStatus.COMPLETED, stage="merge", message="Done", progress=100, result={})
+        expected = {j: [f["event_id"] for _, f in fleet.store.r.xrange(f"ecg:job:{j}:events")] for j in ids}  # type: ignore[index, union-attr]
+        policy = DeliveryPolicy(lock_ttl_s=1.0, deadline_s=30.0, backoff_base_s=0.1, backoff_max_s=1.0, max_attempts=50)
+        t0 = time.monotonic()
+        for _ in range(2):
+            box = CallbackOutbox(redis.Redis.from_url(fleet.redis_url), policy)
+            dispatchers.append(Dispatcher(box, interval_s=0.05).start())
+        total = sum(len(v) for v in expected.values())
+        _wait_for(lambda: len(rcv.events) >= total and not any(fleet.store.r.llen(f"ecg:cb:q:{j}") for j in ids), 600)
+        wall = time.monotonic() - t0
+        time.sleep(2.0)  # a late duplicate would land now
+        got: dict[str, list[str]] = {j: [] for j in ids}
+        with rcv.lock:
+            for e in rcv.events:
+                got[e["job_id"]].append(e["event_id"])
+        delivered = sum(len(v) for v in got.values())
+        unique = sum(len(set(v)) for v in got.values())
+        finals = [e["event_id"] for e in rcv.events if e.get("status") in ("completed", "failed")]
+        return {
+            "jobs": jobs,
+            "events": total,
+            "delivered": delivered,
+            "lost": total - unique,
+            "duplicates": delivered - unique,
+            "out_of_order_jobs": sum(1 for j in ids if [x for x in got[j] if x in expected[j]] != expected[j]),
+            "final_duplicates": len(finals) - len(set(finals)),
+            "wall_s": round(wall, 1),
+        }
+    finally:
+        for d in dispatchers:
+            d.stop()
+        rcv.close()
+        fleet.close()
+
+
+def scenario_crash_before_final(var: Path, jobs: int) -> dict[str, Any]:
+    """The merge process dies (SIGKILL) once per job between 'result stored' and 'job reported'."""
+    fleet = Fleet(var / "crash_before_final", extra_env={"ECG_FAULT_INJECTION": "crash:before_final:1"})
+    rcv = Receiver()
+    try:
+        clips = make_clips(fleet.var, 2, 4.0)
+        fleet.start_worker("w1")
+        fleet.wait_workers(1)
+        ids = [fleet.submit(clips[i % 2], rcv.url()) for i in range(jobs)]
+        status = fleet.wait_all(ids, 1200)
+        _wait_for(lambda: all(rcv.finals(j) for j in ids), 120)
+        time.sleep(2)
+        finals = rcv.final_event_ids()
+        return {
+            "jobs": jobs,
+            "completed": sum(1 for s in status.values() if s == "completed"),
+            "crashes_injected": sum(fleet.counter(f"ecg:fault:{j}:before_final") >= 1 for j in ids),
+            "one_final_each": sum(1 for j in ids if len(rcv.finals(j)) == 1),
+            "finals_say_completed": sum(1 for j in ids if [e["status"] for e in rcv.finals(j)] == ["completed"]),
+            "final_duplicates": len(finals) - len(set(finals)),
+        }
+    finally:
+        fleet.close()
+        rcv.down()
+
+
+def scenario_poison(var: Path) -> dict[str, Any]:
+    """diarize kills its own process on every delivery of one job: that job fails after
+    ECG_MAX_STAGE_DELIVERIES (3), its final goes out, and the worker then serves the next job."""
+    fleet = Fleet(
+        var / "poison",
+        extra_env={"ECG_FAULT_INJECTION": "crash:diarize:1000:poison-", "ECG_MAX_STAGE_DELIVERIES": "3"},
+    )
+    rcv = Receiver()
+    try:
+        clips = make_clips(fleet.var, 1, 4.0)
+        fleet.start_worker("w1")
+        fleet.wait_workers(1)
+        poison = fleet.submit_as(f"poison-{uuid.uuid4().hex[:8]}", clips[0], rcv.url())
+        status = fleet.wait_all([poison], 1500)
+        nxt = fleet.submit(clips[0], rcv.url())
+        status.update(fleet.wait_all([nxt], 900))
+        _wait_for(lambda: rcv.finals(poison) and rcv.finals(nxt), 60)
+        rec = fleet.store.get(poison)
+        finals = rcv.finals(poison)
+        return {
+            "poison_status": status[poison],
+            "error_code": rec.error_code if rec else None,
+            "deliveries_killed": fleet.counter(f"ecg:fault:{poison}:diarize"),
+            "final_sent": int(len(finals) == 1 and finals[0].get("error_code") == "STAGE_CRASHED"),
+            "dead_letter_listed": int(poison in fleet.store.failed_ids(1000)),
+            "next_job_completed": int(status[nxt] == "completed"),
+            "worker_alive": int(fleet.workers["w1"].poll() is None),
+        }
+    finally:
+        fleet.close()
+        rcv.down()
+
+
+def scenario_restart_in_place(var: Path) -> dict[str, Any]:
+    """A worker SIGKILLed mid-stage and started again at once under the same name on the same host
+    (what `restart: unless-stopped` does): the new life restores the old life's message."""
+    fleet = Fleet(var / "restart_in_place")
+    try:
+        clips = make_clips(fleet.var, 1, 20.0)
+        fleet.start_worker("w1")
+        fleet.wait_workers(1)
+        job = fleet.submit(clips[0])
+        _wait_for(lambda: (fleet.store.get(job) or SimpleNamespace(progress=0)).progress >= 15, 600)
+        fleet.kill_worker("w1")
+        fleet.workers["w1"].wait()
+        t_kill = time.monotonic()
+        fleet.start_worker("w1")
+        restored = _wait_for(lambda: fleet.counter(RESTORED_KEY) > 0, 600)
+        seconds = time.monotonic() - t_kill
+        status = fleet.wait_all([job], 900)
+        return {
+            "restored": fleet.counter(RESTORED_KEY),
+            "seconds_to_restore": round(seconds, 1) if restored else None,
+            "completed": int(status[job] == "completed"),
+            "stages_recomputed": sum(1 for n in fleet.stage_runs(job).values() if n > 1),
+        }
+    finally:
+        fleet.close()
+
+
+def scenario_redis_blip(var: Path, down_s: float) -> dict[str, Any]:
+    """Redis stopped for ``down_s`` while two jobs' stages run: every job continues (or is redelivered)
+    and completes; stall = time from Redis's return to the job's next progress (or its end)."""
+    from worker.liveness import ORPHANS_KEY
+
+    fleet = Fleet(var / "redis_blip")
+    try:
+        clips = make_clips(fleet.var, 2, 20.0)
+        fleet.start_worker("w1")
+        fleet.start_worker("w2")
+        fleet.wait_workers(2)
+        ids = [fleet.submit(clips[i]) for i in range(2)]
+
+        def running() -> bool:
+            recs = [fleet.store.get(j) for j in ids]
+            return all(r is not None and r.status == "processing" and r.progress >= 15 for r in recs)
+
+        _wait_for(running, 600)
+        before = {j: (fleet.store.get(j) or SimpleNamespace(progress=-1, status="")) for j in ids}
+        fleet.blip_redis(down_s)
+        t_back = time.monotonic()
+        stall: dict[str, float | None] = {j: None for j in ids}
+        deadline = t_back + 900
+        while time.monotonic() < deadline and any(v is None for v in stall.values()):
+            for j in ids:
+                if stall[j] is not None:
+                    continue
+                try:
+                    rec = fleet.store.get(j)
+                except Exception:
+                    continue
+                if rec is not None and (rec.progress > before[j].progress or rec.status in ("completed", "failed")):
+                    stall[j] = round(time.monotonic() - t_back, 1)
+            time.sleep(0.3)
+        status = fleet.wait_all(ids, 900)
+        stalls = [v for v in stall.values() if v is not None]
+        return {
+            "jobs": len(ids),
+            "down_s": down_s,
+            "completed": sum(1 for s in status.values() if s == "completed"),
+            "max_stall_s": max(stalls) if len(stalls) == len(ids) else None,
+            "stalled_over_60s": sum(1 for v in stall.values() if v is None or v > 60),
+            "orphans_restored": fleet.counter(ORPHANS_KEY),
+        }
+    finally:
+        fleet.close()
+
+
+def scenario_cancel_during_merge(var: Path) -> dict[str, Any]:
+    """A DELETE (JobStore.mark_failed CANCELLED, what the shim does) while merge is between storing
+    the result and reporting the job (held there 8 s by fault injection)."""
+    fleet = Fleet(var / "cancel_during_merge", extra_env={"ECG_FAULT_INJECTION": "pause:before_final:8"})
+    rcv = Receiver()
+    try:
+        clips = make_clips(fleet.var, 1, 4.0)
+        fleet.start_worker("w1")
+        fleet.wait_workers(1)
+        job = fleet.submit(clips[0], rcv.url())
+        in_merge = _wait_for(lambda: fleet.store.get_result(job) is not None, 900)
+        cancelled = fleet.store.mark_failed(job, "CANCELLED", "cancelled by request", "merge")
+        status = fleet.wait_all([job], 300)
+        _wait_for(lambda: rcv.finals(job), 60)
+        time.sleep(10)  # the paused merge resumes meanwhile: a second final would land now
+        rec = fleet.store.get(job)
+        finals = rcv.finals(job)
+        agree = (
+            len(finals) == 1
+            and rec is not None
+            and finals[0]["status"] == rec.status
+            and finals[0].get("error_code") == rec.error_code
+        )
+        return {
+            "cancelled_in_merge": int(in_merge and cancelled),
+            "record": f"{status[job]}/{rec.error_code if rec else None}",
+            "finals": len(finals),
+            "final": f"{finals[0]['status']}/{finals[0].get('error_code')}" if finals else None,
+            "agree": int(agree),
+        }
+    finally:
+        fleet.close()
+        rcv.down()
+
+
+NEW_SCENARIOS = (
+    "slow_receiver",
+    "crash_before_final",
+    "poison",
+    "restart_in_place",
+    "redis_blip",
+    "cancel_during_merge",
+)
+
+
+def run_new_scenarios(wanted: list[str], var: Path, quick: bool, out: dict[str, Any]) -> None:
+    if "slow_receiver" in wanted:
+        out["slow_receiver"] = scenario_slow_receiver(var, 3 if quick else 10)
+    if "crash_before_final" in wanted:
+        out["crash_before_final"] = scenario_crash_before_final(var, 2 if quick else 5)
+    if "poison" in wanted:
+        out["poison"] = scenario_poison(var)
+    if "restart_in_place" in wanted:
+        out["restart_in_place"] = scenario_restart_in_place(var)
+    if "redis_blip" in wanted:
+        out["redis_blip"] = scenario_redis_blip(var, 10.0)
+    if "cancel_during_merge" in wanted:
+        out["cancel_during_merge"] = scenario_cancel_during_merge(var)

@@ -1,0 +1,43 @@
+"""The fleet's one URL policy and the callback outbox built on it, from settings (torch-free).
+
+Media URLs, s3:// inputs and callback URLs all pass the same SSRF guard: the shim checks a
+job's URLs with it at submission, the stages again when they fetch, and the callback
+dispatchers (in the shim and in every worker) POST through it.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
+from ecg_audio.input_scope import s3_input_scope
+from ecg_audio.settings import Settings
+from media_io.fetch import FetchLimits, GuardedHttp
+from media_io.urlguard import UrlPolicy
+
+
+def url_policy(s: Settings, *, allow_local_files: bool = False) -> UrlPolicy:
+    schemes = {"https", "s3"} | ({"http"} if s.allow_http_urls else set())
+    return UrlPolicy(
+        allowed_schemes=frozenset(schemes),
+        allow_private=s.allow_private_urls,
+        allowlist=tuple(s.url_allowlist),
+        allow_local_files=allow_local_files,
+        **s3_input_scope(s),
+    )
+
+
+def make_outbox(s: Settings) -> CallbackOutbox:
+    policy = DeliveryPolicy(
+        timeout_s=s.callback_timeout_s,
+        max_attempts=s.callback_max_attempts,
+        backoff_base_s=s.callback_backoff_base_s,
+        backoff_max_s=s.callback_backoff_max_s,
+        deadline_s=s.callback_deadline_s,
+    )
+    key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
+    # callbacks go through the same SSRF guard as downloads; a redirect is not followed
+    guard = GuardedHttp(
+        policy=url_policy(s), limits=FetchLimits(max_bytes=1 << 20, timeout_s=s.callback_timeout_s, max_redirects=0)
+    )
+    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key, guard)
