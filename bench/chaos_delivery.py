@@ -7,11 +7,8 @@ counts it prints.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,38 +17,6 @@ from bench.harness import Fleet, Receiver, make_clips
 from worker.liveness import RESTORED_KEY
 
 # --- delivery scenarios (issue 17) -------------------------------------------------
-
-
-class SlowReceiver:
-    """A callback receiver that takes ``delay_s`` to answer each POST; records what arrived, in order."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        rcv = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                time.sleep(delay_s)
-                with rcv.lock:
-                    rcv.events.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.daemon_threads = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/cb"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _wait_for(cond: Any, timeout: float) -> bool:
@@ -75,7 +40,7 @@ def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
     from ecg_audio.jobs import JobStatus
 
     fleet = Fleet(var / "slow_receiver")
-    rcv = SlowReceiver(1.5)
+    rcv = Receiver(delay_s=1.5)
     dispatchers: list[Any] = []
     try:
         ids = [f"slow-{uuid.uuid4().hex[:8]}" for _ in range(jobs)]
@@ -115,7 +80,7 @@ def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
     finally:
         for d in dispatchers:
             d.stop()
-        rcv.close()
+        rcv.down()
         fleet.close()
 
 

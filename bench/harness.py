@@ -486,9 +486,11 @@ def reexec_with_worker_allocator() -> None:
 
 
 class Receiver:
-    """Callback receiver that can be taken down and brought back on the same port."""
+    """Callback receiver that can be taken down and brought back on the same port; ``delay_s``
+    makes every answer that slow (a trickling backend)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.port = port
@@ -501,6 +503,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(rcv.delay_s)
                 with rcv.lock:
                     rcv.events.append(json.loads(body))
                 self.send_response(200)
