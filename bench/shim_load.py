@@ -230,7 +230,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ecg-bench-shim-") as tmp:
         var = Path(a.keep or tmp)
         var.mkdir(parents=True, exist_ok=True)
-        fleet = BenchFleet(var / "fleet", extra_env={"ECG_LOG_LEVEL": "WARNING"})
+        # s3:// inputs are refused unless their bucket is an input location (ECG_S3_INPUT_PREFIXES)
+        env = {"ECG_LOG_LEVEL": "WARNING", "ECG_S3_INPUT_PREFIXES": '["bench-bucket"]'}
+        fleet = BenchFleet(var / "fleet", extra_env=env)
         try:
             url = fleet.start_shim(a.processes, extra_args=("--loop", "uvloop", "--http", "httptools"))
             script = var / "jobs.lua"
