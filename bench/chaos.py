@@ -47,7 +47,7 @@ from typing import Any
 from bench.chaos_delivery import NEW_SCENARIOS, run_new_scenarios
 from bench.harness import Fleet, Receiver, make_clips
 from ecg_audio.jobs import is_terminal
-from worker.liveness import RESTORED_KEY
+from worker.liveness import INFLIGHT_PREFIX, RESTORED_KEY, WORKERS_KEY
 
 # --- scenarios ---------------------------------------------------------------
 
@@ -68,7 +68,9 @@ def scenario_kill(var: Path, jobs: int, kills: int) -> dict[str, Any]:
         rng = random.Random(7)
         for _ in range(kills):
             time.sleep(rng.uniform(3, 10))
-            victim = rng.choice(["w1", "w2"])
+            # a worker that holds a message, so that every kill takes work with it and the
+            # dead-worker restore (worker.liveness) is what brings that message back
+            victim = _holding_worker(fleet, 30.0) or rng.choice(["w1", "w2"])
             fleet.kill_worker(victim)
             fleet.workers[victim].wait()
             fleet.start_worker(victim)
@@ -92,6 +94,19 @@ def scenario_kill(var: Path, jobs: int, kills: int) -> dict[str, Any]:
     finally:
         fleet.close()
         rcv.down()
+
+
+def _holding_worker(fleet: Fleet, timeout: float) -> str | None:
+    """The name of a worker whose liveness record holds a delivery tag (None if none within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = [str(w) for w in fleet.store.r.smembers(WORKERS_KEY)]  # type: ignore[union-attr]
+        for name, proc in fleet.workers.items():
+            for wid in ids:
+                if wid.split(":")[1:2] == [str(proc.pid)] and fleet.store.r.scard(INFLIGHT_PREFIX + wid):
+                    return name
+        time.sleep(0.2)
+    return None
 
 
 def scenario_redis(var: Path, jobs: int) -> dict[str, Any]:

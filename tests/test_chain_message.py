@@ -57,6 +57,12 @@ def reference(redis_url: str) -> Iterator[tuple[Any, redis.Redis]]:
     app = Celery("reference")
     app.config_from_object(celeryconfig)
     app.conf.broker_url = app.conf.result_backend = url
+    # As in the shim's process, the stage tasks are unknown here: once another test has imported
+    # tasks.pipeline_tasks, its shared tasks join every app at finalize, and Celery would fill the
+    # message from their definitions (time limits, ignore_result), which the shim never has.
+    app.finalize()
+    for name in celeryconfig.CHAIN:
+        app.tasks.pop(name, None)
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
     yield app, r

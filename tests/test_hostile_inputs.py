@@ -167,7 +167,7 @@ REQUEST_ROWS = [
     ),
     RequestRow("emoji job_id", 422, "String should match pattern", json_body=_body(job_id="\U0001f4a5")),
     RequestRow("language injection", 422, "String should match pattern", json_body=_body(language="en; rm -rf /")),
-    RequestRow("language not available", 422, "ECG_ASR_MULTILINGUAL_MODEL", json_body=_body(language="de")),
+    RequestRow("language not available", 422, "ECG_ASR_MULTILINGUAL_MODEL", json_body=_body(language="xx")),
     RequestRow("unknown ASR model", 422, "options.model", json_body=_body(options={"model": "../../models/evil"})),
     # --- sources the shim must not accept
     RequestRow("file:// URL", 422, "file:// URLs are not accepted", json_body=_body(video_url="file:///etc/passwd")),

@@ -242,7 +242,7 @@ def test_sse_client_reconnecting_mid_job_gets_every_event_once(
     ids = [i for i, _ in got]
     logged = [e.event_id for e in event_log.read_all(r, job_id)]
     assert ids == logged and len(set(ids)) == len(ids), "every event once, in order"
-    assert ids[-1] == f"{job_id}:final" and got[-1][1]["status"] == "completed" and got[-1][1]["result"]
+    assert ids[-1] == f"{job_id}:final:1" and got[-1][1]["status"] == "completed" and got[-1][1]["result"]
     progress = [e["progress"] for _, e in got]
     assert progress == sorted(progress) and len(set(progress)) >= 5, progress  # the milestones, 10 ... 100
     # the same ids the backend's callbacks carry

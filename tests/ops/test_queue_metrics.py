@@ -18,7 +18,7 @@ def _enqueue_like_the_shim(redis_url: str) -> None:
     app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
     try:
         for priority in (None, 0, 9):  # plain list twice, then the priority-9 sub-queue
-            app.send_task("ecg.transcribe", args=["job"], queue="model", priority=priority)
+            app.send_task("ecg.test_hold", args=["job"], queue="model", priority=priority)
         app.send_task("ecg.diarize", args=["job"], queue="model", priority=5)  # step 3 of 0,3,6,9
         app.send_task("ecg.ingest", args=["job"], queue="cpu")
         app.send_task("ecg.features", args=["job"], queue="cpu", priority=7)
@@ -116,13 +116,15 @@ def test_task_held_by_a_worker_counts_as_unacked(redis_url: str, redis_client) -
     )
     running, release = threading.Event(), threading.Event()
 
-    @app.task(name="ecg.transcribe")
-    def transcribe(job: str) -> None:
+    # not a stage's name: once tasks.pipeline_tasks is imported (by an earlier test), its shared
+    # stage tasks join every app at finalize and would replace this one
+    @app.task(name="ecg.test_hold")
+    def hold(job: str) -> None:
         running.set()
         release.wait(30)
 
     for priority in (0, 9):
-        app.send_task("ecg.transcribe", args=["job"], queue="model", priority=priority)
+        app.send_task("ecg.test_hold", args=["job"], queue="model", priority=priority)
     try:
         with start_worker(app, pool="solo", concurrency=1, queues=["model"], perform_ping_check=False):
             assert running.wait(20), "the worker never started the task"
