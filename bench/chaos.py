@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_delivery import NEW_SCENARIOS, run_new_scenarios
-from bench.harness import Fleet, Receiver, make_clips
+from bench.harness import Fleet, Receiver, make_clips, wait_for
 from ecg_audio.jobs import is_terminal
-from worker.liveness import INFLIGHT_PREFIX, RESTORED_KEY, WORKERS_KEY
+from worker.liveness import RESTORED_KEY
 
 # --- scenarios ---------------------------------------------------------------
 
@@ -67,15 +67,21 @@ def scenario_kill(var: Path, jobs: int, kills: int) -> dict[str, Any]:
         ids = {fleet.submit(clips[i % len(clips)], rcv.url()): clips[i % len(clips)] for i in range(jobs)}
         rng = random.Random(7)
         for _ in range(kills):
-            time.sleep(rng.uniform(3, 10))
-            # a worker that holds a message, so that every kill takes work with it and the
-            # dead-worker restore (worker.liveness) is what brings that message back
-            victim = _holding_worker(fleet, 30.0) or rng.choice(["w1", "w2"])
+            time.sleep(rng.uniform(1, 4))
+            # the worker running a model stage, so that the kill takes a message with it and the
+            # dead-worker restore (worker.liveness) is what brings it back (a random victim was
+            # often idle: nothing to restore)
+            try:
+                victim = _running_model_stage(fleet, 20.0)[0]
+            except RuntimeError:
+                victim = rng.choice(["w1", "w2"])
             fleet.kill_worker(victim)
             fleet.workers[victim].wait()
             fleet.start_worker(victim)
         status = fleet.wait_all(list(ids), 900)
-        time.sleep(3)
+        # a killed worker may have held a job's callback dispatch lock: it lapses after its TTL (60 s)
+        wait_for(lambda: all(rcv.finals(j) for j in ids), 180)
+        time.sleep(3)  # a duplicate final would have arrived by now
         completed = [j for j, s in status.items() if s == "completed"]
         recomputed = sum(1 for j in ids for n in fleet.stage_runs(j).values() if n > 1)
         return {
@@ -94,19 +100,6 @@ def scenario_kill(var: Path, jobs: int, kills: int) -> dict[str, Any]:
     finally:
         fleet.close()
         rcv.down()
-
-
-def _holding_worker(fleet: Fleet, timeout: float) -> str | None:
-    """The name of a worker whose liveness record holds a delivery tag (None if none within ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ids = [str(w) for w in fleet.store.r.smembers(WORKERS_KEY)]  # type: ignore[union-attr]
-        for name, proc in fleet.workers.items():
-            for wid in ids:
-                if wid.split(":")[1:2] == [str(proc.pid)] and fleet.store.r.scard(INFLIGHT_PREFIX + wid):
-                    return name
-        time.sleep(0.2)
-    return None
 
 
 def scenario_redis(var: Path, jobs: int) -> dict[str, Any]:

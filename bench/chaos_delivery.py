@@ -13,22 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bench.harness import Fleet, Receiver, make_clips
+from bench.harness import Fleet, Receiver, make_clips, wait_for
 from worker.liveness import RESTORED_KEY
 
 # --- delivery scenarios (issue 17) -------------------------------------------------
-
-
-def _wait_for(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return True
-        except Exception:  # Redis restarting
-            pass
-        time.sleep(0.3)
-    return False
 
 
 def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
@@ -57,7 +45,7 @@ def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
             box = CallbackOutbox(redis.Redis.from_url(fleet.redis_url), policy)
             dispatchers.append(Dispatcher(box, interval_s=0.05).start())
         total = sum(len(v) for v in expected.values())
-        _wait_for(lambda: len(rcv.events) >= total and not any(fleet.store.r.llen(f"ecg:cb:q:{j}") for j in ids), 600)
+        wait_for(lambda: len(rcv.events) >= total and not any(fleet.store.r.llen(f"ecg:cb:q:{j}") for j in ids), 600)
         wall = time.monotonic() - t0
         time.sleep(2.0)  # a late duplicate would land now
         got: dict[str, list[str]] = {j: [] for j in ids}
@@ -94,7 +82,7 @@ def scenario_crash_before_final(var: Path, jobs: int) -> dict[str, Any]:
         fleet.wait_workers(1)
         ids = [fleet.submit(clips[i % 2], rcv.url()) for i in range(jobs)]
         status = fleet.wait_all(ids, 1200)
-        _wait_for(lambda: all(rcv.finals(j) for j in ids), 120)
+        wait_for(lambda: all(rcv.finals(j) for j in ids), 120)
         time.sleep(2)
         finals = rcv.final_event_ids()
         return {
@@ -126,7 +114,7 @@ def scenario_poison(var: Path) -> dict[str, Any]:
         status = fleet.wait_all([poison], 1500)
         nxt = fleet.submit(clips[0], rcv.url())
         status.update(fleet.wait_all([nxt], 900))
-        _wait_for(lambda: rcv.finals(poison) and rcv.finals(nxt), 60)
+        wait_for(lambda: rcv.finals(poison) and rcv.finals(nxt), 60)
         rec = fleet.store.get(poison)
         finals = rcv.finals(poison)
         return {
@@ -152,12 +140,12 @@ def scenario_restart_in_place(var: Path) -> dict[str, Any]:
         fleet.start_worker("w1")
         fleet.wait_workers(1)
         job = fleet.submit(clips[0])
-        _wait_for(lambda: (fleet.store.get(job) or SimpleNamespace(progress=0)).progress >= 15, 600)
+        wait_for(lambda: (fleet.store.get(job) or SimpleNamespace(progress=0)).progress >= 15, 600)
         fleet.kill_worker("w1")
         fleet.workers["w1"].wait()
         t_kill = time.monotonic()
         fleet.start_worker("w1")
-        restored = _wait_for(lambda: fleet.counter(RESTORED_KEY) > 0, 600)
+        restored = wait_for(lambda: fleet.counter(RESTORED_KEY) > 0, 600)
         seconds = time.monotonic() - t_kill
         status = fleet.wait_all([job], 900)
         return {
@@ -187,7 +175,7 @@ def scenario_redis_blip(var: Path, down_s: float) -> dict[str, Any]:
             recs = [fleet.store.get(j) for j in ids]
             return all(r is not None and r.status == "processing" and r.progress >= 15 for r in recs)
 
-        _wait_for(running, 600)
+        wait_for(running, 600)
         before = {j: (fleet.store.get(j) or SimpleNamespace(progress=-1, status="")) for j in ids}
         fleet.blip_redis(down_s)
         t_back = time.monotonic()
@@ -228,10 +216,10 @@ def scenario_cancel_during_merge(var: Path) -> dict[str, Any]:
         fleet.start_worker("w1")
         fleet.wait_workers(1)
         job = fleet.submit(clips[0], rcv.url())
-        in_merge = _wait_for(lambda: fleet.store.get_result(job) is not None, 900)
+        in_merge = wait_for(lambda: fleet.store.get_result(job) is not None, 900)
         cancelled = fleet.store.mark_failed(job, "CANCELLED", "cancelled by request", "merge")
         status = fleet.wait_all([job], 300)
-        _wait_for(lambda: rcv.finals(job), 60)
+        wait_for(lambda: rcv.finals(job), 60)
         time.sleep(10)  # the paused merge resumes meanwhile: a second final would land now
         rec = fleet.store.get(job)
         finals = rcv.finals(job)

@@ -116,6 +116,19 @@ def process_tree(pid: int) -> list[Any]:
         return []
 
 
+def wait_for(cond: Any, timeout: float) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False); errors count as no."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return True
+        except Exception:  # Redis restarting
+            pass
+        time.sleep(0.3)
+    return False
+
+
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages (noted beside every timing: the machine is shared)."""
     return [round(x, 2) for x in os.getloadavg()]
