@@ -357,6 +357,9 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.transcribe import transcribe
 
     language = normalize(job.language or job.options.get("language"))  # 'ko-KR' -> 'ko'
+    # said at once: language detection and the first batch take seconds before the first 'asr'
+    # report, and the record would say 'diarize' all that while (a DELETE then seems to land there)
+    env.report("transcribe", _within("transcribe", 0.0), STEP_MESSAGES["transcribing"])
     batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
     device = env.models.device
     notes: list[str] = []
