@@ -360,42 +360,31 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     # said at once: language detection and the first batch take seconds before the first 'asr'
     # report, and the record would say 'diarize' all that while (a DELETE then seems to land there)
     env.report("transcribe", _within("transcribe", 0.0), STEP_MESSAGES["transcribing"])
-    batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
-    device = env.models.device
-    notes: list[str] = []
-    while True:
+
+    def attempt(batch: int, device: str) -> Any:
         model, name = env.models.asr_route(language, model=job.options.get("model"), device=device)
-        try:
-            _maybe_inject(env, "transcribe", ws)
-            transcript = transcribe(
-                model,
-                ws.path("audio.wav"),
-                batch_size=batch,
-                language=language,
-                # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
-                # speech is found) would jump the record to the stage's end at once
-                hook=lambda step, f: (
-                    env.report("transcribe", _within("transcribe", f), STEP_MESSAGES["transcribing"])
-                    if step == "asr"
-                    else None
-                ),
-                # Whisper's word times come nearly free with the decoding: the fallback wherever
-                # no wav2vec2 aligner is configured for a language
-                word_timestamps=True,
-            )
-            break
-        except Exception as e:
-            if not is_cuda_oom(e):
-                raise
-            if batch > 1:
-                notes.append(f"out of GPU memory at batch size {batch}; retried with {batch // 2}")
-                batch //= 2
-            elif device != "cpu":
-                notes.append("out of GPU memory at batch size 1; fell back to CPU")
-                device = "cpu"
-            else:
-                raise GPUMemoryError("out of memory even at batch size 1 on CPU") from e
-            log.warning("cuda_oom_recovered", job_id=job.job_id, stage="transcribe", batch_size=batch, device=device)
+        transcript = transcribe(
+            model,
+            ws.path("audio.wav"),
+            batch_size=batch,
+            language=language,
+            # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
+            # speech is found) would jump the record to the stage's end at once
+            hook=lambda step, f: (
+                env.report("transcribe", _within("transcribe", f), STEP_MESSAGES["transcribing"])
+                if step == "asr"
+                else None
+            ),
+            # Whisper's word times come nearly free with the decoding: the fallback wherever
+            # no wav2vec2 aligner is configured for a language
+            word_timestamps=True,
+        )
+        return transcript, model, name, batch, device
+
+    first_batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
+    (transcript, model, name, batch, device), notes = _oom_fallback(
+        "transcribe", "transcription", job, env, ws, attempt, first_batch
+    )
     ws.write_json(
         "transcript.json",
         {
