@@ -30,6 +30,9 @@ from typing import Any
 
 import redis
 
+from ecg_audio import event_log
+from ecg_audio.callbacks import DUE_KEY, QUEUE_PREFIX
+
 
 class JobStatus(StrEnum):
     """The one status type: what a job record's ``status`` holds."""
@@ -52,15 +55,10 @@ def is_terminal(status: str | None) -> bool:
 
 
 RECORD_PREFIX = "ecg:job:"
-OUTBOX_PREFIX = "ecg:cb:q:"  # same keys as ecg_audio.callbacks
-DUE_KEY = "ecg:cb:due"
+OUTBOX_PREFIX = QUEUE_PREFIX  # the callback outbox's keys, as ecg_audio.callbacks delivers from them
 FAILED_SET = "ecg:jobs:failed"
-EVENT_LOG_MAXLEN = 1000
-
-
-def event_log_key(job_id: str) -> str:
-    """The per-job event log (shared interface with ``ecg_audio.event_log``)."""
-    return f"{RECORD_PREFIX}{job_id}:events"
+EVENT_LOG_MAXLEN = event_log.MAXLEN
+event_log_key = event_log.key  # the per-job event log the shim streams from
 
 
 def final_event_id(job_id: str, run: int) -> str:
