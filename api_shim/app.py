@@ -71,7 +71,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shim = shim
     # media is streamed by the routes that take it; everything else is a small JSON document
     media_paths = frozenset({UPLOAD_PATH, openai.OPENAI_PATH})
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, exempt_paths=media_paths)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=MAX_JSON_BODY_BYTES,
+        media_paths=media_paths,
+        media_max_bytes=settings.max_download_bytes,
+    )
     install_error_handlers(app)
     routers = (jobs, uploads, presign, openai, health, events, view)
     for module in routers:

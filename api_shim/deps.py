@@ -28,9 +28,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import celeryconfig
 from api_shim.errors import ApiError
+from api_shim.eta import ProgressEstimator
 from api_shim.limits import Limits, SubmissionLimiter, limiter_for
 from api_shim.probes import HealthProbe
-from api_shim.progress import ProgressEstimator
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobStore
 from ecg_audio.settings import Settings
@@ -100,6 +100,14 @@ class Shim:
 
     async def admit(self, caller: Caller, job_id: str) -> None:
         """The per-key limits (429 past them); nothing to do when none is configured."""
+        await self._limit(caller, job_id)
+
+    async def check_rate(self, caller: Caller) -> None:
+        """429 when the key has used its submission rate, without using any of it: a route that
+        stores an upload asks before it stores a byte."""
+        await self._limit(caller, None)
+
+    async def _limit(self, caller: Caller, job_id: str | None) -> None:
         if not self.limits.enabled:
             return
         store = self.async_store()
@@ -108,7 +116,10 @@ class Shim:
             self._limiters = {id(store): limiter_for(store.r, self.limits)}
             limiter = self._limiters[id(store)]
         try:
-            await limiter.admit(caller.fingerprint, job_id)
+            if job_id is None:
+                await limiter.check_rate(caller.fingerprint)
+            else:
+                await limiter.admit(caller.fingerprint, job_id)
         except redis.RedisError as e:
             # the submission itself needs Redis and will answer 503: the limit must not hide that
             log.warning("limit_check_failed", error=type(e).__name__)

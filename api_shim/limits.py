@@ -12,9 +12,11 @@ every shim machine shares them. Past either limit a submission gets 429 with
   record never appeared (a submission refused after admission), are pruned before
   each check. ``Retry-After`` is ``queue_retry_after_s``: when a job ends is unknown.
 
-A re-POST of a job id the key already has queued is idempotent (200 with its state)
-and passes the queue cap; it still counts towards the rate. Keys are identified by
-a hash, never stored in clear. 0 disables a limit.
+A re-POST of a job id the key already has is idempotent (200 with its state) and is
+answered before the limits are asked (``api_shim.submission.submit``): a backend retrying a
+POST whose answer it lost uses neither its rate nor its cap. Routes that store an upload
+ask ``check_rate`` first, so a key past its rate stores nothing. Keys are identified by a
+hash, never stored in clear. 0 disables a limit.
 """
 
 from __future__ import annotations
@@ -140,14 +142,7 @@ class SubmissionLimiter:
             ],
         )
         if int(verdict) == 1:
-            retry_after = max(1, -(-int(retry_ms) // 1000))  # whole seconds, rounded up
-            log.info("submission_rate_limited", key=kid, retry_after_s=retry_after)
-            raise ApiError(
-                429,
-                "RATE_LIMITED",
-                f"more than {self.limits.rate} submissions in {self.limits.window_s:g} s for this API key",
-                headers={"Retry-After": str(retry_after)},
-            )
+            self._rate_limited(kid, int(retry_ms))
         if int(verdict) == 2:
             log.info("submission_queue_capped", key=kid, cap=self.limits.queued)
             raise ApiError(
@@ -156,6 +151,31 @@ class SubmissionLimiter:
                 f"this API key already has {self.limits.queued} unfinished jobs; retry when some have finished",
                 headers={"Retry-After": str(self.limits.queue_retry_after_s)},
             )
+
+
+    async def check_rate(self, api_key: str) -> None:
+        """429 when the key's rate window is full; uses none of it (a peek, before an upload is stored)."""
+        if self.limits.rate <= 0:
+            return
+        kid = key_id(api_key)
+        now_ms = int(self._clock() * 1000)
+        window_ms = int(self.limits.window_s * 1000)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zcount(RATE_PREFIX + kid, now_ms - window_ms + 1, "+inf")
+        pipe.zrangebyscore(RATE_PREFIX + kid, now_ms - window_ms + 1, "+inf", start=0, num=1, withscores=True)
+        used, oldest = await pipe.execute()
+        if int(used) >= self.limits.rate and oldest:
+            self._rate_limited(kid, int(float(oldest[0][1])) + window_ms - now_ms)
+
+    def _rate_limited(self, kid: str, retry_ms: int) -> None:
+        retry_after = max(1, -(-retry_ms // 1000))  # whole seconds, rounded up
+        log.info("submission_rate_limited", key=kid, retry_after_s=retry_after)
+        raise ApiError(
+            429,
+            "RATE_LIMITED",
+            f"more than {self.limits.rate} submissions in {self.limits.window_s:g} s for this API key",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 def limiter_for(client: redis.asyncio.Redis, limits: Limits) -> SubmissionLimiter:

@@ -23,20 +23,29 @@ def _send_413(max_bytes: int) -> JSONResponse:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` (413) on every route but the streamed upload.
+    """Refuse request bodies past their cap (413) while they arrive.
 
-    A declared Content-Length over the cap is refused before a byte is read; a chunked body is
-    buffered up to the cap and refused as soon as it passes it, so no route ever parses more.
+    Job requests (every route but the media ones) are capped at ``max_bytes``: a declared
+    Content-Length over it is refused before a byte is read; a chunked body is buffered up to the
+    cap and refused as soon as it passes it, so no route ever parses more. Media routes
+    (``media_paths``) stream their body, capped at ``media_max_bytes``: the count runs in the
+    ``receive`` the route reads from, so a chunked upload (no Content-Length) is stopped at the cap
+    wherever it is being read, by the upload route's own loop or by the multipart parser that
+    would otherwise spool a body of any size to disk first.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt_paths: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, media_paths: frozenset[str], media_max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.exempt_paths = exempt_paths
+        self.media_paths = media_paths
+        self.media_max_bytes = media_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in self.media_paths:
+            await self.app(scope, _capped(receive, self.media_max_bytes), send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -63,3 +72,21 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _capped(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that raises a 413 ``ApiError`` once more than ``max_bytes`` of body have come in
+    (raised inside the route that reads, so the error handlers answer it as problem+json)."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > max_bytes:
+            from api_shim.errors import ApiError
+
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"upload larger than {max_bytes} bytes")
+        return message
+
+    return counted

@@ -83,33 +83,70 @@ async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
 
 
 async def submit(
-    shim: Shim, req: ProcessRequest, caller: Caller, accept_language: str | None = None
+    shim: Shim,
+    req: ProcessRequest,
+    caller: Caller,
+    accept_language: str | None = None,
+    *,
+    admitted: bool = False,
 ) -> tuple[bool, JobRecord | None]:
     """Check, then create the record (owned by the caller's key) and queue the chain in one Redis script.
 
     ``(True, None)`` for a new job; ``(False, its record)`` when the job_id is known with the same
-    request from the same key (nothing is queued again); 409 when it is known otherwise. The
-    script writes both or neither, so a failure leaves nothing to undo; a reply lost after Redis
-    ran it makes a retry find the job (200), never queue it twice.
+    request from the same key (nothing is queued again, and the repeat does not count towards the
+    key's rate: a backend retrying a POST whose answer it lost is not submitting more work); 409
+    when it is known otherwise. The script writes both or neither, so a failure leaves nothing to
+    undo; a reply lost after Redis ran it makes a retry find the job (200), never queue it twice.
+    ``admitted``: the caller already passed the key's limits for this job (a route that stores an
+    upload first admits before it stores a byte).
     """
     await check_request_async(shim, req)
-    if req.options.locale is None and accept_language:
-        # messages in the caller's language unless the job names one (options.locale)
-        req.options.locale = resolve_locale(accept_language, shim.settings.default_locale)
-    await shim.admit(caller, req.job_id)
-    request = req.model_dump(mode="json")
+    body = req.model_dump(mode="json")  # the request's identity: what the caller sent
+    store = shim.async_store()
     try:
-        created, rec = await shim.async_store().create_or_get(
-            req.job_id, request, message=shim.messages.build(req.job_id), owner=caller.fingerprint
+        known = await store.get(req.job_id)
+        if known is not None:
+            same_job(known, body, caller)
+            return False, known
+        if not admitted:
+            await shim.admit(caller, req.job_id)
+        created, rec = await store.create_or_get(
+            req.job_id,
+            with_header_locale(body, accept_language, shim.settings.default_locale),
+            message=shim.messages.build(req.job_id),
+            owner=caller.fingerprint,
         )
     except redis.RedisError as e:
         log.error("enqueue_failed", job_id=req.job_id, error=type(e).__name__)
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly") from e
     if created:
         log.info("job_accepted", job_id=req.job_id)
-    elif rec is not None:
-        same_job(rec, request, caller)
+    elif rec is not None:  # created by a concurrent request a moment ago
+        same_job(rec, body, caller)
     return created, rec
+
+
+# A locale taken from Accept-Language is stored in the job's options (the workers speak it) and
+# marked so, because it is not part of what the caller sent: the same body with another header is
+# the same job.
+HEADER_LOCALE = "locale_from_header"
+
+
+def with_header_locale(body: dict[str, Any], accept_language: str | None, default: str) -> dict[str, Any]:
+    """``body`` as stored: messages in the caller's language unless the job names one (options.locale)."""
+    options = body.get("options") or {}
+    if options.get("locale") is not None or not accept_language:
+        return body
+    locale = resolve_locale(accept_language, default)
+    return {**body, "options": {**options, "locale": locale}, HEADER_LOCALE: True}
+
+
+def as_sent(request: dict[str, Any]) -> dict[str, Any]:
+    """A stored request as its caller sent it (without a locale that came from a header)."""
+    if not request.get(HEADER_LOCALE):
+        return request
+    options = {**(request.get("options") or {}), "locale": None}
+    return {k: v for k, v in request.items() if k != HEADER_LOCALE} | {"options": options}
 
 
 def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:
@@ -120,7 +157,8 @@ def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:
     """
     if not visible_to(rec, caller):
         raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {rec.job_id!r} is already taken: choose another job_id")
-    differ = sorted(k for k in request.keys() | rec.request.keys() if request.get(k) != rec.request.get(k))
+    stored = as_sent(rec.request)
+    differ = sorted(k for k in request.keys() | stored.keys() if request.get(k) != stored.get(k))
     if differ:
         raise ApiError(
             409,

@@ -32,6 +32,7 @@ import redis
 
 from ecg_audio import event_log
 from ecg_audio.callbacks import DUE_KEY, QUEUE_PREFIX
+from ecg_audio.queues import WAITING_PREFIX
 
 
 class JobStatus(StrEnum):
@@ -106,6 +107,11 @@ else
     if ARGV[5] == 'failed' then redis.call('ZADD', KEYS[5], now, job) end
   end
   redis.call('HSET', key, 'final_event_id', eid)
+end
+if status == 'queued' then
+  -- taken (or ended) while waiting: it leaves the waiting line that queue positions are read from
+  local q = redis.call('HGET', key, 'queue_key')
+  if q then redis.call('ZREM', '""" + WAITING_PREFIX + """' .. q, job) end
 end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then

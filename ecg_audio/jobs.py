@@ -22,6 +22,7 @@ import redis.asyncio
 # the one terminal-status type lives with the event builder (the final event and the terminal state
 # are written together there)
 from ecg_audio.job_events import FAILED_SET, TERMINAL, JobEvents, JobStatus, is_terminal
+from ecg_audio.queues import WAITING_PREFIX, WAITING_SEQ
 
 if TYPE_CHECKING:
     from ecg_audio.chain import ChainMessage
@@ -64,6 +65,8 @@ if redis.call('HEXISTS', key, 'job_id') == 1 then return redis.call('HGETALL', k
 if ARGV[5] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[5])
   redis.call('HSET', key, 'queue_key', KEYS[3], 'queue_task_id', ARGV[9])
+  -- in the waiting line the shim reads queue positions from (ecg_audio.queues.WAITING_PREFIX)
+  redis.call('ZADD', '""" + WAITING_PREFIX + """' .. KEYS[3], redis.call('INCR', '""" + WAITING_SEQ + """'), ARGV[1])
 end
 redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 'message', 'Queued',
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')

@@ -20,6 +20,17 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS: list[int] = list(range(10))
 """Every priority a message may carry gets its own list (kombu clamps priorities to 0..9)."""
 
+WAITING_PREFIX = "ecg:waiting:"
+"""``ecg:waiting:{queue list}``: a sorted set of the jobs whose first message waits in that list,
+scored by arrival (``WAITING_SEQ``). Submission adds a job in the script that pushes its message;
+the event builder removes it when the record leaves ``queued``. A job's queue position is then a
+``ZRANK`` (O(log n)) instead of a scan of the list (O(n), on every poll of a queued job)."""
+WAITING_SEQ = "ecg:waiting:seq"
+
+
+def waiting_key(list_key: str) -> str:
+    return WAITING_PREFIX + list_key
+
 
 def queue_key(queue: str, priority: int | None, steps: Sequence[int] = PRIORITY_STEPS) -> str:
     """The Redis list that kombu's Redis transport pushes a message of ``priority`` to."""

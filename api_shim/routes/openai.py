@@ -93,6 +93,7 @@ def _refuse(detail: str) -> ApiError:
 )
 async def transcriptions(request: Request, shim: ShimDep, caller: CurrentKey) -> Response:
     refuse_declared_oversize(shim, request)
+    await shim.check_rate(caller)  # before the multipart parser spools a byte
     form = await request.form(max_files=1, max_fields=len(FIELDS) + 4)
     try:
         unknown = sorted(set(form.keys()) - FIELDS)
@@ -127,11 +128,12 @@ async def transcriptions(request: Request, shim: ShimDep, caller: CurrentKey) ->
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
             raise _refuse(printable(problems)[:500]) from None
         await check_request_async(shim, req)
+        await shim.admit(caller, req.job_id)  # the key's limits, before the audio is stored
         stored = await save_upload(shim, _chunks(upload))
     finally:
         await form.close()
     req = req.model_copy(update={"video_url": stored.video_url})
-    found = (await submit(shim, req, caller))[1]
+    found = (await submit(shim, req, caller, admitted=True))[1]
     rec = await wait_until_done(shim, req.job_id, found)
     return _answer(shim, rec, fmt, granularities)
 

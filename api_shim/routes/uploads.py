@@ -34,6 +34,7 @@ router = APIRouter(tags=["uploads"], responses=PROTECTED_RESPONSES)
 )
 async def upload(request: Request, shim: ShimDep, caller: CurrentKey) -> UploadAccepted:
     refuse_declared_oversize(shim, request)
+    await shim.check_rate(caller)  # a key past its rate stores nothing
     return await save_upload(shim, request.stream())
 
 

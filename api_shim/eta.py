@@ -1,8 +1,9 @@
 """What a waiting person wants to know: how many jobs are ahead, and how long it will take.
 
-* ``queue_position``: messages ahead of the job's first message in its queue, counted inside
-  Redis (a script scans the list from the consumer's end for the message's task id, at most
-  ``MAX_SCAN`` messages) plus every message in the higher-priority sub-queues.
+* ``queue_position``: jobs ahead of this one in its queue: its rank in the queue list's
+  waiting line (``ecg_audio.queues.WAITING_PREFIX``, a sorted set kept beside the list by the
+  submission and event scripts: O(log n), however long the queue) plus every job waiting in the
+  more urgent priority sub-queues (a count each).
 * ``eta_s``: the audio's duration (on the record once ingest has run) times each remaining
   stage's measured speed (seconds of work per second of audio: the median over the most
   recent completed jobs' ``metadata.stage_times``), less the part of the current stage done.
@@ -19,56 +20,45 @@ from typing import Any
 import redis
 
 from ecg_audio.jobs import ALL_SET, PREFIX, JobRecord, JobStore
-from ecg_audio.queues import PRIORITY_SEP
+from ecg_audio.queues import PRIORITY_SEP, waiting_key
 from ecg_audio.stage_table import STAGE_BY_NAME
 from ecg_audio.stage_table import STAGE_NAMES as STAGES
 
-MAX_SCAN = 10_000
 SPEEDS_TTL_S = 60.0
 RECENT_JOBS = 200  # newest jobs looked at for completed ones
 SPEED_SAMPLES = 20  # completed jobs whose stage times make the medians
-
-# KEYS: the queue list; ARGV: the quoted task id, the most messages to look at.
-# Returns how many messages the consumer takes before this one, -1 when it is not there (taken
-# already), -2 when it is further than the cap. The consumer pops from the right.
-_POSITION_LUA = """
-local needle, cap, seen = ARGV[1], tonumber(ARGV[2]), 0
-while seen < cap do
-  local batch = redis.call('LRANGE', KEYS[1], -(seen + 100), -(seen + 1))
-  for i = #batch, 1, -1 do
-    if string.find(batch[i], needle, 1, true) then return seen + (#batch - i) end
-  end
-  if #batch < 100 then return -1 end
-  seen = seen + #batch
-end
-return -2
-"""
 
 
 class ProgressEstimator:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.r: redis.Redis = store.r
-        self._position = self.r.register_script(_POSITION_LUA)
         self._lock = threading.Lock()
         self._speeds: dict[str, float] = {}
         self._speeds_at = -SPEEDS_TTL_S
 
     def queue_position(self, rec: JobRecord) -> int | None:
-        if rec.status != "queued" or not rec.queue_key or not rec.queue_task_id:
+        if rec.status != "queued" or not rec.queue_key:
             return None
-        within = int(self._position(keys=[rec.queue_key], args=[f'"{rec.queue_task_id}"', MAX_SCAN]))  # type: ignore[arg-type]
-        if within < 0:
-            return None  # taken a moment ago, or further than anyone would count
         queue, _, step = rec.queue_key.partition(PRIORITY_SEP)
         mine = int(step or 0)
-        # kombu's Redis transport serves lower priority steps first: those lists are all ahead
+        # kombu's Redis transport serves lower priority steps first: those lines are all ahead
         ahead = [queue] if mine > 0 else []
         ahead += [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, mine)]
-        pipe = self.r.pipeline()
-        for key in ahead:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrank(waiting_key(rec.queue_key), rec.job_id)
+        for key in [rec.queue_key, *ahead]:
             pipe.llen(key)
-        return within + sum(int(n) for n in pipe.execute())
+        for key in ahead:
+            pipe.zcard(waiting_key(key))
+        rank, mine, *rest = pipe.execute()
+        if rank is None:
+            return None  # taken a moment ago (or its message was purged by an operator)
+        lengths, waiting = rest[: len(ahead)], rest[len(ahead) :]
+        # a worker pops the message a moment before the record leaves 'queued': the list's length
+        # bounds the count meanwhile
+        within = max(0, min(int(rank), int(mine) - 1))
+        return within + sum(min(int(w), int(n)) for w, n in zip(waiting, lengths, strict=True))
 
     def eta_s(self, rec: JobRecord) -> float | None:
         if rec.status not in ("queued", "processing") or not rec.duration:
