@@ -104,6 +104,9 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_doc("No such job (or 
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: problem_doc("The job_id is taken by another request; `detail` names what differs")
 }
+TOO_MANY_STREAMS: dict[int | str, dict[str, Any]] = {
+    429: problem_doc("The API key holds ECG_MAX_STREAMS_PER_KEY event streams open already (Retry-After)")
+}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: problem_doc("Try again shortly (after Retry-After seconds where it is given)")
 }

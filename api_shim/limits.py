@@ -152,7 +152,6 @@ class SubmissionLimiter:
                 headers={"Retry-After": str(self.limits.queue_retry_after_s)},
             )
 
-
     async def check_rate(self, api_key: str) -> None:
         """429 when the key's rate window is full; uses none of it (a peek, before an upload is stored)."""
         if self.limits.rate <= 0:

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         15.0, gt=0, le=120, description="A quiet event stream sends a keep-alive comment this often."
     )
+    max_streams_per_key: int = Field(
+        100,
+        ge=1,
+        description="Event streams (SSE and WebSocket) one API key may hold open across the shims; past it a "
+        "new one is refused with 429 (api_shim/stream_slots.py)",
+    )
 
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(

@@ -23,14 +23,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 import redis
 import redis.asyncio
 from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
+from api_shim import stream_slots
 from api_shim.deps import Shim, ShimDep, bearer, require_key
-from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, TOO_MANY_STREAMS, UNAVAILABLE, ApiError, problem_response
 from api_shim.schemas import JOB_ID_PATTERN
 from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
@@ -46,6 +48,8 @@ RETRY_MS = 2000  # how soon a browser reconnects after a dropped stream
 # the log existed) gets one made from its record, once the record has been terminal this long: the
 # worker appends its own final event a moment after it marks the record, and that one must win.
 FINAL_GRACE_S = 5.0
+# a stream renews its slot at every keep-alive; a slot left by a shim that died lapses after this many
+SLOT_LEASE_KEEPALIVES = 3
 
 
 async def job_access(
@@ -144,9 +148,7 @@ async def _final_from_record(store: AsyncJobStore, rec: JobRecord) -> dict[str, 
     }
 
 
-async def followed(
-    live: LiveState, sub: event_log.Subscription, keepalive_s: float
-) -> AsyncIterator[Event | None]:
+async def followed(live: LiveState, sub: event_log.Subscription, keepalive_s: float) -> AsyncIterator[Event | None]:
     """A subscription's events, ``None`` after each quiet ``keepalive_s``; ends after the final event,
     or when the job is forgotten. A job that ended without a final event in its log gets one."""
     job_id = sub.stream[len(event_log.KEY_PREFIX) : -len(event_log.KEY_SUFFIX)]
@@ -165,15 +167,53 @@ async def followed(
 
 
 async def event_stream(
-    live: LiveState, job_id: str, last_event_id: str | None, keepalive_s: float
+    live: LiveState, job_id: str, last_event_id: str | None, keepalive_s: float, slot: stream_slots.Slot
 ) -> AsyncIterator[str]:
-    sub = await live.hub.subscribe(job_id, last_event_id=last_event_id)
+    try:
+        sub = await live.hub.subscribe(job_id, last_event_id=last_event_id)
+    except BaseException:
+        await release(slot)
+        raise
     try:
         yield f"retry: {RETRY_MS}\n\n"
         async for ev in followed(live, sub, keepalive_s):
+            if ev is None:
+                await slot.renew()
             yield ": keep-alive\n\n" if ev is None else sse_frame(ev)
     finally:
         sub.close()
+        await release(slot)
+
+
+async def release(slot: stream_slots.Slot) -> None:
+    """Give the slot back, even from a handler being cancelled (server shutdown, a test client)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await slot.release()
+        except redis.RedisError:
+            pass  # it lapses with its lease
+
+
+async def open_slot(shim: Shim, rec: JobRecord) -> stream_slots.Slot:
+    """The stream's slot among its key's (``ECG_MAX_STREAMS_PER_KEY``), or 429."""
+    settings = shim.settings
+    try:
+        slot = await stream_slots.acquire(
+            live_state(settings).hub.r,
+            rec.owner or "unowned",
+            settings.max_streams_per_key,
+            lease_s=SLOT_LEASE_KEEPALIVES * settings.sse_keepalive_s + 10,
+        )
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    if slot is None:
+        raise ApiError(
+            429,
+            "TOO_MANY_STREAMS",
+            f"this API key already has {settings.max_streams_per_key} event streams open; close one first",
+            headers={"Retry-After": str(int(settings.sse_keepalive_s))},
+        )
+    return slot
 
 
 async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -189,6 +229,7 @@ async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
         200: {"content": {"text/event-stream": {}}, "description": "The job's events as Server-Sent Events"},
         204: {"description": "The client has already seen the final event (Last-Event-ID): nothing more will come"},
         **NOT_FOUND,
+        **TOO_MANY_STREAMS,
         **UNAVAILABLE,
     },
     summary="Live progress: the job's events (SSE), ids = callback event ids",
@@ -205,7 +246,8 @@ async def job_events(
         if last is not None and last.event_id == last_event_id:
             # the client has the job's last word; after a requeue (a later run) it would get the new events
             return Response(status_code=204)
-    stream = event_stream(live_state(shim.settings), rec.job_id, last_event_id, shim.settings.sse_keepalive_s)
+    slot = await open_slot(shim, rec)
+    stream = event_stream(live_state(shim.settings), rec.job_id, last_event_id, shim.settings.sse_keepalive_s, slot)
     # its first step (read the backlog, subscribe) runs now: a client that sees the stream open is
     # already following, and a Redis failure is an error status, not a broken stream. Once started,
     # the generator's cleanup (unsubscribing) runs even if the answer is never sent.
@@ -233,15 +275,57 @@ async def job_events_ws(
     except ApiError as e:
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(e.detail)[:120])
         return
+    try:
+        slot = await open_slot(shim, rec)
+    except ApiError as e:
+        await _deny(websocket, e)
+        return
     live = live_state(shim.settings)
-    sub = await live.hub.subscribe(rec.job_id, last_event_id=last_event_id)
+    try:
+        sub = await live.hub.subscribe(rec.job_id, last_event_id=last_event_id)
+    except BaseException:
+        await release(slot)
+        raise
     try:
         await websocket.accept()
-        async for ev in followed(live, sub, shim.settings.sse_keepalive_s):
-            if ev is not None:
-                await websocket.send_text(json.dumps({"id": ev.event_id, "data": ev.payload}, ensure_ascii=False))
-        await websocket.close()
+        # the client's side is read too: a client that left (a close, a dropped connection that the
+        # server's pings find) ends the stream at once, not at the job's next event
+        forward = asyncio.ensure_future(_forward(websocket, live, sub, slot, shim.settings.sse_keepalive_s))
+        gone = asyncio.ensure_future(_until_gone(websocket))
+        try:
+            await asyncio.wait({forward, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (forward, gone):
+                task.cancel()
+            await asyncio.gather(forward, gone, return_exceptions=True)
+        if forward.done() and not forward.cancelled() and forward.exception() is None:
+            await websocket.close()
     except WebSocketDisconnect:
         pass
     finally:
         sub.close()
+        await release(slot)
+
+
+async def _forward(
+    websocket: WebSocket, live: LiveState, sub: event_log.Subscription, slot: stream_slots.Slot, keepalive_s: float
+) -> None:
+    async for ev in followed(live, sub, keepalive_s):
+        if ev is None:
+            await slot.renew()
+        else:
+            await websocket.send_text(json.dumps({"id": ev.event_id, "data": ev.payload}, ensure_ascii=False))
+
+
+async def _until_gone(websocket: WebSocket) -> None:
+    """Returns when the client has gone (it sends nothing else this stream listens to)."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def _deny(websocket: WebSocket, e: ApiError) -> None:
+    """Refuse before the handshake: an HTTP answer where the server can send one, else a close."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(problem_response(e.status_code, e.code, str(e.detail), headers=e.headers))
+    else:
+        await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER, reason=str(e.detail)[:120])
