@@ -22,12 +22,11 @@ from typing import Any
 import pytest
 
 from ecg_audio.settings import Settings
+from ecg_audio.stage_table import STAGE_NAMES as CHAIN_STAGES
 from ops import aws
 from ops.job_metrics import JobMetrics, MetricBatcher
 from ops.queue_metrics import Backlog, publish
 from tests.ops.helpers import aws_settings, reset_moto
-
-from ecg_audio.stage_table import STAGE_NAMES as CHAIN_STAGES
 
 # moto says which resource types its CloudFormation skips; the docstring above covers them.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")
@@ -256,9 +255,7 @@ def _watched(alarm: dict[str, Any]) -> list[tuple[str, tuple[tuple[str, str], ..
     metrics = [q["MetricStat"]["Metric"] for q in alarm.get("Metrics", []) if "MetricStat" in q]
     if "MetricName" in alarm:
         metrics.append(alarm)
-    return [
-        (m["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))) for m in metrics
-    ]
+    return [(m["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))) for m in metrics]
 
 
 def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: dict[str, str]) -> None:
