@@ -174,6 +174,7 @@ def test_job_outcomes_per_image_come_from_the_stage_outcomes(settings: Settings)
 
 def test_the_image_version_comes_from_the_settings(settings: Settings) -> None:
     enabled = settings.model_copy(update={"job_metrics_enabled": True})
-    assert job_metrics_from_settings(enabled).image_version == "unknown"
-    tagged = enabled.model_copy(update={"image_version": "3f2c1ab"})
-    assert job_metrics_from_settings(tagged).image_version == "3f2c1ab"
+    untagged = job_metrics_from_settings(enabled)
+    assert untagged is not None and untagged.image_version == "unknown"
+    tagged = job_metrics_from_settings(enabled.model_copy(update={"image_version": "3f2c1ab"}))
+    assert tagged is not None and tagged.image_version == "3f2c1ab"
