@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -178,3 +179,46 @@ def test_the_image_version_comes_from_the_settings(settings: Settings) -> None:
     assert untagged is not None and untagged.image_version == "unknown"
     tagged = job_metrics_from_settings(enabled.model_copy(update={"image_version": "3f2c1ab"}))
     assert tagged is not None and tagged.image_version == "3f2c1ab"
+
+
+_SIGNAL_SCRIPT = """
+import json
+from celery import signals
+from pipeline.errors import ProcessingError
+import worker.app as app
+from ops.job_metrics import JobMetrics
+
+class Recorder:
+    def __init__(self):
+        self.sent = []
+    def add(self, name, value, unit, dimensions):
+        self.sent.append([name, dimensions.get("ImageVersion"), dimensions.get("Stage")])
+    def flush_if_due(self):
+        return 0
+
+recorder = Recorder()
+app._state["metrics"] = JobMetrics(recorder, "g", memory_percent=lambda: None, image_version="sha-new")
+task = app.app.tasks["ecg.diarize"]
+signals.task_prerun.send(sender=task, task_id="t1", task=task)
+crash = ProcessingError("the diarize stage was started 3 times", code="STAGE_CRASHED")
+signals.task_postrun.send(sender=task, task_id="t1", task=task, state="FAILURE", retval=crash)
+print(json.dumps(recorder.sent))
+"""
+
+
+def test_the_worker_signals_carry_the_error_code(tmp_path) -> None:
+    """Through Celery's own signals, as a worker process sends them: a STAGE_CRASHED stage is counted
+    as a crash of this image (a subprocess: importing worker.app sets process-wide state)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ECG_SECRETS_MANAGER_SECRET_ID": "", "ECG_WORKSPACE_ROOT": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sent = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ["StageCrashes", "sha-new", None] in sent
+    assert ["FleetFailures", "sha-new", None] in sent
+    assert ["ErrorRate", None, "diarize"] in sent
