@@ -431,10 +431,11 @@ class JobMetrics:
             self.batcher.add("StageCrashes", 1, "Count", image)
 
     def record_job(self, duration_s: float, *, ok: bool) -> None:
-        """A whole job ended, timed by a caller that knows its duration (the benches).
+        """A whole job ended, for a caller that knows its whole duration.
 
-        Sends ``ProcessingTime`` and ``ErrorRate`` with ``Stage=job``. The workers do not call
-        it: their job outcomes come from the stage outcomes (:meth:`record_stage`).
+        Sends ``ProcessingTime`` and ``ErrorRate`` with ``Stage=job``. No worker calls it (a
+        worker sees only its own stages): their job outcomes come from the stage outcomes
+        (:meth:`record_stage`), and ``ProcessingTime`` with ``Stage=job`` is not sent yet.
         """
         dimensions = {"AutoScalingGroupName": self.group, "Stage": JOB_STAGE}
         self.batcher.add("ProcessingTime", duration_s, "Seconds", dimensions)
