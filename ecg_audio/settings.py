@@ -175,8 +175,16 @@ class Settings(BaseSettings):
     metrics_namespace: str = "ECG/AudioAnalysis"
     metrics_interval_s: float = Field(default=60.0, ge=1.0, description="Queue-depth publishing period.")
     job_metrics_enabled: bool = Field(default=False, description="Workers send per-stage CloudWatch metrics.")
+    # --- staged deploys (infra/worker-asg.yaml) -----------------------------
+    image_version: str | None = Field(
+        default=None,
+        description="The image tag this worker runs: the ImageVersion dimension of the per-image job "
+        "outcome metrics that a staged deploy's rollback alarm watches; none = 'unknown'.",
+    )
     secrets_manager_secret_id: str | None = Field(
-        default=None, description="Secrets Manager secret, a JSON object of ECG_* keys exported into the env."
+        default=None,
+        description="Secrets Manager secret, a JSON object of ECG_* keys exported into the env; several "
+        "secrets as a comma-separated list (ARNs have no commas), read in order, the first one wins a key.",
     )
     scale_in_protection: bool = Field(
         default=False, description="Protect this worker's instance from scale-in while it holds a task."

@@ -64,27 +64,34 @@ def client(service: str, settings: Settings | None = None, *, config: Config | N
 
 
 def load_secrets_into_env(settings: Settings | None = None) -> list[str]:
-    """Export the ``ECG_*`` keys of the configured Secrets Manager secret into ``os.environ``.
+    """Export the ``ECG_*`` keys of the configured Secrets Manager secret(s) into ``os.environ``.
 
     The secret is a JSON object such as ``{"ECG_API_KEYS": ["k1", "k2"],
     "ECG_CALLBACK_SIGNING_KEY": "…", "ECG_HF_TOKEN": "hf_…"}``. A variable already set
     to a non-empty value wins, so an operator can override one key. Strings are
     exported as they are; lists and other JSON values as JSON, which pydantic-settings
     parses for list fields. Keys without the ``ECG_`` prefix are ignored. Only names
-    are logged, never values.
+    are logged, never values. ``ECG_SECRETS_MANAGER_SECRET_ID`` may name several
+    secrets, comma-separated (the fleet stack keeps the operator's keys apart from the
+    generated Redis URL): they are read in order, so the first one to set a key wins.
 
     Returns:
         The names that were exported (empty when no secret is configured).
 
     Raises:
-        RuntimeError: the secret is configured but cannot be read or is not a JSON
+        RuntimeError: a secret is configured but cannot be read or is not a JSON
             object. Starting without API keys or a signing key would be worse than
             not starting.
     """
     settings = settings or get_settings()
-    secret_id = settings.secrets_manager_secret_id
-    if not secret_id:
-        return []
+    secret_ids = [s.strip() for s in (settings.secrets_manager_secret_id or "").split(",") if s.strip()]
+    exported: list[str] = []
+    for secret_id in secret_ids:
+        exported += _export_secret(secret_id, settings)
+    return exported
+
+
+def _export_secret(secret_id: str, settings: Settings) -> list[str]:
     try:
         response = client("secretsmanager", settings).get_secret_value(SecretId=secret_id)
     except (BotoCoreError, ClientError) as e:

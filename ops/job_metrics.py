@@ -21,6 +21,22 @@ dashboard finds with a SEARCH expression):
 ``GPUMemoryUsed``   Megabytes peak GPU memory in use over the interval
 =================  ========  ================================================================
 
+Per image, with the dimensions ``AutoScalingGroupName`` and ``ImageVersion`` (the image tag
+the worker runs, ``ECG_IMAGE_VERSION``), derived from the stage outcomes: the series a staged
+deploy's rollback alarm compares (``DeployFailureAlarm`` in ``infra/worker-asg.yaml``):
+
+=================  ========  ================================================================
+``JobsCompleted``   Count     the last stage (merge) succeeded here
+``JobsFailed``      Count     a stage failed here (a failed stage fails its job), any error code
+``FleetFailures``   Count     of those, the ones that are the fleet's fault, not the input's
+                              (``FLEET_FAULT_CODES``: internal errors, STAGE_CRASHED, GPU
+                              memory, time limits)
+``StageCrashes``    Count     of those, STAGE_CRASHED: a stage whose process died on every try
+=================  ========  ================================================================
+
+A failed stage also sends ``ErrorRate`` = 100 and a completed job 0 with ``Stage=job``, the
+fleet's job error rate (``ErrorRateAlarm``).
+
 ``MemoryUsage``, ``GPUUtilization`` and ``GPUMemoryPeak`` are also sent with the group dimension alone:
 CloudWatch does not aggregate across dimensions, and the alarms in
 ``infra/worker-asg.yaml`` watch that fleet-wide series. Job ids are never a
@@ -45,13 +61,20 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ecg_audio.settings import Settings, get_settings
+from ecg_audio.stage_table import STAGE_NAMES
 
 log = structlog.get_logger(__name__)
 
 MAX_DATA_PER_CALL = 1000  # PutMetricData limit on metric data per request
 JOB_STAGE = "job"
+UNKNOWN_IMAGE = "unknown"
+STAGE_CRASHED = "STAGE_CRASHED"
+# Failures a new image can cause. The input's faults (DOWNLOAD_ERROR, INVALID_MEDIA,
+# UNSUPPORTED_OPTION) are left out: a tenant sending bad files must not roll a deploy back.
+FLEET_FAULT_CODES = frozenset({"PROCESSING_ERROR", STAGE_CRASHED, "GPU_MEMORY_ERROR", "TIMEOUT_ERROR"})
 _ERROR = 100.0
 _OK = 0.0
+LAST_STAGE = STAGE_NAMES[-1]
 
 
 @dataclass(frozen=True)
@@ -285,6 +308,7 @@ class JobMetrics:
         gpu: utilisation probe; None skips ``GPUUtilization``.
         memory_percent: host memory probe; returns None to skip ``MemoryUsage``.
         gpu_sample_interval_s: how often the probe is read while a stage runs.
+        image_version: value of the ``ImageVersion`` dimension of the per-image outcome counts.
     """
 
     def __init__(
@@ -296,9 +320,11 @@ class JobMetrics:
         memory_percent: Callable[[], float | None] = host_memory_percent,
         gpu_sample_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        image_version: str = UNKNOWN_IMAGE,
     ) -> None:
         self.batcher = batcher
         self.group = group
+        self.image_version = image_version or UNKNOWN_IMAGE
         self._gpu = gpu
         self._memory_percent = memory_percent
         self._gpu_sample_interval_s = gpu_sample_interval_s
@@ -318,12 +344,13 @@ class JobMetrics:
         with self._lock:
             self._running[key] = _RunningStage(stage, self._clock(), sampler)
 
-    def stage_finished(self, key: str, *, ok: bool | None) -> None:
+    def stage_finished(self, key: str, *, ok: bool | None, error_code: str | None = None) -> None:
         """End the stage started under ``key``.
 
         Args:
             ok: True for success, False for failure, None when the stage will be
                 retried (its time is recorded, its outcome is not yet known).
+            error_code: the failure's error code (``AnalysisError.code``), when known.
         """
         with self._lock:
             running = self._running.pop(key, None)
@@ -336,6 +363,7 @@ class JobMetrics:
             ok=ok,
             gpu_utilization=gpu.utilization_percent,
             gpu_memory_peak_mib=gpu.memory_peak_mib,
+            error_code=error_code,
         )
 
     @contextmanager
@@ -345,8 +373,8 @@ class JobMetrics:
         self.stage_started(key, stage)
         try:
             yield
-        except BaseException:
-            self.stage_finished(key, ok=False)
+        except BaseException as e:
+            self.stage_finished(key, ok=False, error_code=getattr(e, "code", None))
             raise
         self.stage_finished(key, ok=True)
 
@@ -360,6 +388,7 @@ class JobMetrics:
         ok: bool | None,
         gpu_utilization: float | None = None,
         gpu_memory_peak_mib: float | None = None,
+        error_code: str | None = None,
     ) -> None:
         per_stage = {"AutoScalingGroupName": self.group, "Stage": stage}
         fleet = {"AutoScalingGroupName": self.group}
@@ -376,10 +405,38 @@ class JobMetrics:
         if gpu_memory_peak_mib is not None:
             self.batcher.add("GPUMemoryPeak", gpu_memory_peak_mib, "Megabytes", per_stage)
             self.batcher.add("GPUMemoryPeak", gpu_memory_peak_mib, "Megabytes", fleet)
+        if ok is False:
+            self._record_outcome(ok=False, error_code=error_code)
+        elif ok and stage == LAST_STAGE:
+            self._record_outcome(ok=True, error_code=None)
         self.batcher.flush_if_due()
 
+    def _record_outcome(self, *, ok: bool, error_code: str | None) -> None:
+        """A job ended on this worker: the per-image counts and the job error rate.
+
+        A failed stage always ends its job (retries finish with ``ok=None``, not False), and
+        the last stage's success is the job's: so the outcome needs no job-level hook.
+        """
+        image = {"AutoScalingGroupName": self.group, "ImageVersion": self.image_version}
+        job = {"AutoScalingGroupName": self.group, "Stage": JOB_STAGE}
+        self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", job)
+        if ok:
+            self.batcher.add("JobsCompleted", 1, "Count", image)
+            return
+        self.batcher.add("JobsFailed", 1, "Count", image)
+        # an error without a code is an exception the stage did not expect: the code's fault
+        if error_code is None or error_code in FLEET_FAULT_CODES:
+            self.batcher.add("FleetFailures", 1, "Count", image)
+        if error_code == STAGE_CRASHED:
+            self.batcher.add("StageCrashes", 1, "Count", image)
+
     def record_job(self, duration_s: float, *, ok: bool) -> None:
-        """A whole job ended: the alarms on error rate and processing time watch these."""
+        """A whole job ended, for a caller that knows its whole duration.
+
+        Sends ``ProcessingTime`` and ``ErrorRate`` with ``Stage=job``. No worker calls it (a
+        worker sees only its own stages): their job outcomes come from the stage outcomes
+        (:meth:`record_stage`), and ``ProcessingTime`` with ``Stage=job`` is not sent yet.
+        """
         dimensions = {"AutoScalingGroupName": self.group, "Stage": JOB_STAGE}
         self.batcher.add("ProcessingTime", duration_s, "Seconds", dimensions)
         self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", dimensions)
@@ -410,7 +467,12 @@ def job_metrics_from_settings(settings: Settings | None = None, cloudwatch: Any 
 
         cloudwatch = aws.client("cloudwatch", settings)
     batcher = MetricBatcher(cloudwatch, settings.metrics_namespace, flush_interval_s=settings.metrics_interval_s)
-    metrics = JobMetrics(batcher, settings.worker_asg_name or "local", gpu=NvmlGpuProbe.create())
+    metrics = JobMetrics(
+        batcher,
+        settings.worker_asg_name or "local",
+        gpu=NvmlGpuProbe.create(),
+        image_version=settings.image_version or UNKNOWN_IMAGE,
+    )
     if metrics.has_gpu:
         from ops import aws
 

@@ -123,10 +123,13 @@ def _stage_started(task_id: str | None = None, task: Any = None, **_: object) ->
 
 
 @signals.task_postrun.connect
-def _stage_finished(task_id: str | None = None, state: str | None = None, **_: object) -> None:
+def _stage_finished(task_id: str | None = None, state: str | None = None, retval: Any = None, **_: object) -> None:
     metrics = _state.get("metrics")
     if metrics is not None and task_id:
-        metrics.stage_finished(task_id, ok={"SUCCESS": True, "FAILURE": False}.get(state or ""))
+        ok = {"SUCCESS": True, "FAILURE": False}.get(state or "")
+        # a failed task's retval is its exception; AnalysisError carries the job's error code
+        code = getattr(retval, "code", None) if ok is False else None
+        metrics.stage_finished(task_id, ok=ok, error_code=code if isinstance(code, str) else None)
 
 
 @signals.worker_process_shutdown.connect

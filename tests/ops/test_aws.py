@@ -48,6 +48,26 @@ def test_secrets_are_exported_without_overriding(settings: Settings, monkeypatch
     assert "sign-me" not in out.out + out.err and "key-one" not in out.out + out.err
 
 
+def test_several_secrets_are_read_in_order(settings: Settings, monkeypatch) -> None:
+    """The fleet stack keeps the operator's keys and its generated Redis URL in two secrets."""
+    secrets = aws.client("secretsmanager", settings)
+    app = secrets.create_secret(Name="ecg/app", SecretString=json.dumps({"ECG_HF_TOKEN": "hf_app"}))["ARN"]
+    redis_url = "rediss://ecg:token@redis.internal:6379/0"
+    both = json.dumps({"ECG_REDIS_URL": redis_url, "ECG_HF_TOKEN": "hf_second"})
+    second = secrets.create_secret(Name="ecg/redis", SecretString=both)["ARN"]
+    for name in ("ECG_HF_TOKEN", "ECG_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+    ids = f"{app}, {second}"
+    exported = aws.load_secrets_into_env(settings.model_copy(update={"secrets_manager_secret_id": ids}))
+
+    import os
+
+    assert exported == ["ECG_HF_TOKEN", "ECG_REDIS_URL"]
+    assert os.environ["ECG_HF_TOKEN"] == "hf_app"  # the first secret wins a key
+    assert make_settings().redis_url == redis_url
+
+
 def test_no_secret_configured_is_a_no_op(settings: Settings) -> None:
     assert aws.load_secrets_into_env(settings) == []
 

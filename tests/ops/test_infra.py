@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from ecg_audio.settings import Settings
+from ecg_audio.stage_table import STAGE_NAMES as CHAIN_STAGES
 from ops import aws
 from ops.job_metrics import JobMetrics, MetricBatcher
 from ops.queue_metrics import Backlog, publish
@@ -43,13 +44,19 @@ def _template() -> dict[str, Any]:
     return json.loads(json.dumps(template))
 
 
-def _resolve(value: Any, refs: dict[str, str]) -> Any:
+def _resolve(value: Any, refs: dict[str, Any]) -> Any:
     """Just the intrinsics the alarm and policy properties use."""
     if isinstance(value, dict):
         if set(value) == {"Ref"}:
             return refs[value["Ref"]]
         if set(value) == {"Fn::If"}:
             return None  # no alarm topic in the test
+        if set(value) == {"Fn::Sub"}:
+            text = value["Fn::Sub"]
+            for name, replacement in refs.items():
+                text = text.replace("${" + name + "}", str(replacement))
+            assert "${" not in text, text
+            return text
         return {k: r for k, v in value.items() if (r := _resolve(v, refs)) is not None}
     if isinstance(value, list):
         return [_resolve(v, refs) for v in value]
@@ -228,19 +235,45 @@ def test_target_tracking_follows_the_published_metric(infra_settings: Settings, 
     assert listed, "the policy tracks a series that queue_metrics.publish does not send"
 
 
+# what the alarms' !Ref and !Sub name, as the test stack and its workers see them
+ALARM_REFS: dict[str, Any] = {
+    "WorkerGroup": GROUP,
+    "AWS::StackName": STACK,
+    "ImageTag": "v2",
+    "DeployMinJobs": 3,
+    "DeployFailureRatePercent": 10,
+}
+
+
+# ProcessingTime with Stage=job comes from JobMetrics.record_job alone, which needs the
+# job's whole duration; a worker only sees its own stages, and no worker calls it.
+UNFED_BY_WORKERS = {"ProcessingTimeAlarm"}
+
+
+def _watched(alarm: dict[str, Any]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """(metric name, sorted dimensions) of each series an alarm reads, metric math included."""
+    metrics = [q["MetricStat"]["Metric"] for q in alarm.get("Metrics", []) if "MetricStat" in q]
+    if "MetricName" in alarm:
+        metrics.append(alarm)
+    return [(m["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))) for m in metrics]
+
+
 def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: dict[str, str]) -> None:
     resources = _template()["Resources"]
     alarms = {name: r["Properties"] for name, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
     cloudwatch = aws.client("cloudwatch", infra_settings)
     for name, properties in alarms.items():
-        cloudwatch.put_metric_alarm(AlarmName=name, **_resolve(properties, {"WorkerGroup": GROUP}))
+        cloudwatch.put_metric_alarm(AlarmName=name, **_resolve(properties, ALARM_REFS))
     described = {a["AlarmName"]: a for a in cloudwatch.describe_alarms()["MetricAlarms"]}
-    thresholds = {n: (a["MetricName"], a["ComparisonOperator"], a["Threshold"]) for n, a in described.items()}
+    thresholds = {
+        n: (a.get("MetricName", "math"), a["ComparisonOperator"], a["Threshold"]) for n, a in described.items()
+    }
     assert sorted(thresholds.values()) == [
         ("ErrorRate", "GreaterThanThreshold", 5.0),
         ("GPUUtilization", "LessThanThreshold", 30.0),
         ("MemoryUsage", "GreaterThanThreshold", 90.0),
         ("ProcessingTime", "GreaterThanThreshold", 300.0),
+        ("math", "GreaterThanThreshold", 10.0),
     ]
 
     class _Gpu:
@@ -250,16 +283,21 @@ def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: d
         def memory_used_mib(self) -> float:
             return 9000.0
 
+    # a worker of image v2 (ECG_IMAGE_VERSION, which the user data sets to ImageTag) runs
+    # stages through the Celery signals' entry points: one job completes, one crashes
     metrics = JobMetrics(
         MetricBatcher(cloudwatch, "ECG/AudioAnalysis"),
         GROUP,
         gpu=_Gpu(),
         memory_percent=lambda: 40.0,
         gpu_sample_interval_s=0.01,
+        image_version="v2",
     )
-    with metrics.stage("transcribe"):
-        pass
-    metrics.record_job(30.0, ok=True)
+    for stage in CHAIN_STAGES:
+        metrics.stage_started(f"ok-{stage}", stage)
+        metrics.stage_finished(f"ok-{stage}", ok=True)
+    metrics.stage_started("crash-diarize", "diarize")
+    metrics.stage_finished("crash-diarize", ok=False, error_code="STAGE_CRASHED")
     metrics.close()
 
     sent = {
@@ -267,8 +305,17 @@ def test_alarms_watch_series_the_workers_send(infra_settings: Settings, stack: d
         for m in cloudwatch.list_metrics(Namespace="ECG/AudioAnalysis")["Metrics"]
     }
     for alarm in described.values():
-        watched = (alarm["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in alarm["Dimensions"])))
-        assert watched in sent, f"{alarm['AlarmName']} watches {watched}, which no worker sends"
+        for watched in _watched(alarm):
+            if alarm["AlarmName"] in UNFED_BY_WORKERS:
+                # when this fails, the workers feed it: take it off UNFED_BY_WORKERS
+                assert watched not in sent, f"{alarm['AlarmName']} is fed now"
+                continue
+            assert watched in sent, f"{alarm['AlarmName']} watches {watched}, which no worker sends"
+    deploy = described["DeployFailureAlarm"]
+    assert {m for m, _ in _watched(deploy)} == {"FleetFailures", "JobsFailed", "JobsCompleted", "StageCrashes"}
+    assert all(("ImageVersion", "v2") in dims for _, dims in _watched(deploy))
+    user_data = resources["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]
+    assert "ECG_IMAGE_VERSION=${ImageTag}" in user_data["Fn::Sub"]
 
 
 def test_spot_above_an_on_demand_base(infra_settings: Settings, stack: dict[str, str]) -> None:
@@ -301,7 +348,11 @@ def test_the_termination_hook_is_the_one_the_workers_complete(infra_settings: Se
 
 
 def test_deploys_keep_the_minimum_healthy_percentage(infra_settings: Settings, stack: dict[str, str]) -> None:
-    rolling = _template()["Resources"]["WorkerGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    condition, staged, rolling = _template()["Resources"]["WorkerGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"][
+        "Fn::If"
+    ]
+    # DeployStrategy=staged drops the rolling update: the instance refresh replaces workers instead
+    assert (condition, staged) == ("Staged", {"Ref": "AWS::NoValue"})
     assert rolling["MaxBatchSize"] == 1 and rolling["MinActiveInstancesPercent"] == {"Ref": "DeployMinHealthyPercent"}
     outputs = aws.client("cloudformation", infra_settings).describe_stacks(StackName=STACK)["Stacks"][0]["Outputs"]
     preferences = json.loads(next(o["OutputValue"] for o in outputs if o["OutputKey"] == "InstanceRefreshPreferences"))

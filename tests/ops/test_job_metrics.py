@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -92,14 +93,16 @@ def test_stage_and_job_metrics_reach_cloudwatch(settings: Settings) -> None:
     metrics.record_job(45.0, ok=True)
     metrics.record_job(50.0, ok=False)
     # 3 stages x (time, memory x2, GPU x2, GPU memory x2) + 2 stage outcomes + 2 jobs x (time, outcome)
-    assert metrics.close() == 27
+    # + the failed diarize's job outcome (ErrorRate job, JobsFailed, FleetFailures)
+    assert metrics.close() == 30
 
     group = {"AutoScalingGroupName": "ecg-workers-test"}
     assert _stats(settings, "ErrorRate", {**group, "Stage": "transcribe"})["Average"] == 0.0
     assert _stats(settings, "ErrorRate", {**group, "Stage": "diarize"})["Average"] == 100.0
     assert _stats(settings, "ErrorRate", {**group, "Stage": "align"}) == {}
     assert _stats(settings, "ProcessingTime", {**group, "Stage": "align"})["SampleCount"] == 1
-    assert _stats(settings, "ErrorRate", {**group, "Stage": "job"})["Average"] == 50.0
+    # record_job's two (0, 100) and the failed stage's job (100)
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "job"})["Average"] == pytest.approx(200 / 3)
     assert _stats(settings, "ProcessingTime", {**group, "Stage": "job"})["Maximum"] == 50.0
     gpu = _stats(settings, "GPUUtilization", {**group, "Stage": "transcribe"})
     assert (gpu["SampleCount"], gpu["Average"]) == (1.0, 42.0)
@@ -137,3 +140,85 @@ def test_host_memory_percent_reads_proc_meminfo(tmp_path) -> None:
 def test_disabled_by_default(settings: Settings) -> None:
     assert job_metrics_from_settings(settings) is None
     assert job_metrics_from_settings(settings.model_copy(update={"job_metrics_enabled": True})) is not None
+
+
+def test_job_outcomes_per_image_come_from_the_stage_outcomes(settings: Settings) -> None:
+    """What a staged deploy's DeployFailureAlarm compares: jobs that ended on one image, and why."""
+    from ecg_audio.stage_table import STAGE_NAMES
+    from pipeline.errors import DownloadError, ProcessingError
+
+    batcher = MetricBatcher(aws.client("cloudwatch", settings), NAMESPACE, flush_interval_s=3600)
+    metrics = JobMetrics(batcher, "ecg-workers-test", memory_percent=lambda: None, image_version="sha-new")
+
+    for stage in STAGE_NAMES:  # a whole job; only the last stage's success completes it
+        metrics.stage_started(f"job1-{stage}", stage)
+        metrics.stage_finished(f"job1-{stage}", ok=True)
+    metrics.stage_started("job2-ingest", "ingest")
+    metrics.stage_finished("job2-ingest", ok=None)  # a network retry: not an outcome
+    with pytest.raises(DownloadError), metrics.stage("ingest"):  # the input's fault
+        raise DownloadError("404", retryable=False)
+    with pytest.raises(ProcessingError), metrics.stage("diarize"):  # the worker gave up on a dying stage
+        raise ProcessingError("the diarize stage was started 3 times", code="STAGE_CRASHED")
+    metrics.stage_started("job5-transcribe", "transcribe")
+    metrics.stage_finished("job5-transcribe", ok=False, error_code="GPU_MEMORY_ERROR")
+    metrics.close()
+
+    image = {"AutoScalingGroupName": "ecg-workers-test", "ImageVersion": "sha-new"}
+    assert _stats(settings, "JobsCompleted", image)["SampleCount"] == 1
+    assert _stats(settings, "JobsFailed", image)["SampleCount"] == 3
+    assert _stats(settings, "FleetFailures", image)["SampleCount"] == 2  # not the download error
+    assert _stats(settings, "StageCrashes", image)["SampleCount"] == 1
+    assert _stats(settings, "ErrorRate", {"AutoScalingGroupName": "ecg-workers-test", "Stage": "job"})[
+        "Average"
+    ] == pytest.approx(75.0)
+
+
+def test_the_image_version_comes_from_the_settings(settings: Settings) -> None:
+    enabled = settings.model_copy(update={"job_metrics_enabled": True})
+    untagged = job_metrics_from_settings(enabled)
+    assert untagged is not None and untagged.image_version == "unknown"
+    tagged = job_metrics_from_settings(enabled.model_copy(update={"image_version": "3f2c1ab"}))
+    assert tagged is not None and tagged.image_version == "3f2c1ab"
+
+
+_SIGNAL_SCRIPT = """
+import json
+from celery import signals
+from pipeline.errors import ProcessingError
+import worker.app as app
+from ops.job_metrics import JobMetrics
+
+class Recorder:
+    def __init__(self):
+        self.sent = []
+    def add(self, name, value, unit, dimensions):
+        self.sent.append([name, dimensions.get("ImageVersion"), dimensions.get("Stage")])
+    def flush_if_due(self):
+        return 0
+
+recorder = Recorder()
+app._state["metrics"] = JobMetrics(recorder, "g", memory_percent=lambda: None, image_version="sha-new")
+task = app.app.tasks["ecg.diarize"]
+signals.task_prerun.send(sender=task, task_id="t1", task=task)
+crash = ProcessingError("the diarize stage was started 3 times", code="STAGE_CRASHED")
+signals.task_postrun.send(sender=task, task_id="t1", task=task, state="FAILURE", retval=crash)
+print(json.dumps(recorder.sent))
+"""
+
+
+def test_the_worker_signals_carry_the_error_code(tmp_path) -> None:
+    """Through Celery's own signals, as a worker process sends them: a STAGE_CRASHED stage is counted
+    as a crash of this image (a subprocess: importing worker.app sets process-wide state)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ECG_SECRETS_MANAGER_SECRET_ID": "", "ECG_WORKSPACE_ROOT": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sent = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ["StageCrashes", "sha-new", None] in sent
+    assert ["FleetFailures", "sha-new", None] in sent
+    assert ["ErrorRate", None, "diarize"] in sent
