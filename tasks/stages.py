@@ -542,8 +542,9 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import Alignment
     from pipeline.diarize import DiarizationResult
+    from pipeline.exports import exports
     from pipeline.features import FeatureTracks
-    from pipeline.merge import assemble, exports
+    from pipeline.merge import assemble
 
     t0 = time.perf_counter()
     env.report("merge", ASSEMBLING.progress, ASSEMBLING.message)

@@ -17,7 +17,8 @@ from ecg_audio.languages import aligner_name, check_job, normalize
 from ecg_audio.settings import Settings
 from pipeline.align import align_by_language
 from pipeline.errors import UnsupportedOptionError
-from pipeline.merge import WordOut, build_segments, to_srt, to_vtt
+from pipeline.exports import to_srt, to_vtt
+from pipeline.merge import WordOut, build_segments
 from pipeline.speech_types import AlignedSegment, Alignment, AsrSegment, Transcript, Word
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers, to_rttm, to_srt, to_vtt
+from pipeline.exports import to_rttm, to_srt, to_vtt
+from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers
 
 
 @dataclass
