@@ -339,8 +339,10 @@ class StageTask(Task):
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError, run: int | None) -> None:
         store = context.job_store()
         locale = job_locale(job)
-        detail = error_message(err.code, err.message, locale)  # the code's meaning in the job's locale
-        store.mark_failed(job.job_id, err.code, detail, stage, run=run, summary=failed(err.code, err.message, locale))
+        said = {"key": err.key, "values": err.values}  # an error the catalog has in other languages
+        detail = error_message(err.code, err.message, locale, **said)  # the code's meaning in the job's locale
+        summary = failed(err.code, err.message, locale, **said)
+        store.mark_failed(job.job_id, err.code, detail, stage, run=run, summary=summary)
         log.warning("job_failed", error_code=err.code, error=err.message)
 
 
