@@ -174,7 +174,7 @@ def _break_cost(left: str, joiner: str) -> float:
     if _ends_with(left, SENTENCE_END):
         return 0.0
     if _ends_with(left, CLAUSE_END):
-        return 0.3
+        return 0.5
     if joiner and left.lower().strip(".,!?\"'") in WEAK_ENDINGS:
         return 1.5
     return 1.0
@@ -259,13 +259,13 @@ def _split_points(toks: Sequence[_Tok], layout: Layout, next_start: float) -> li
             cost = best[i] + 1.0 + 0.5 * (chars / capacity) ** 2
             if j < n:
                 pause = max(0.0, toks[j].start - toks[j - 1].end)
-                cost += _break_cost(toks[j - 1].text, layout.joiner) - min(pause, 1.0) * 0.8
+                cost += _break_cost(toks[j - 1].text, layout.joiner) - min(pause, 1.0) * 0.5
             # pauses inside a cue: the text stays up while nobody speaks
             cost += sum(max(0.0, toks[k + 1].start - toks[k].end - 0.8) for k in range(i, j - 1))
             shown = min(layout.max_cue_s, max(span, following - FRAME_GAP_S - toks[i].start))
             cps = chars / max(shown, 1e-3)
             if cps > layout.max_cps:
-                cost += 2.0 * (cps / layout.max_cps - 1.0)
+                cost += cps / layout.max_cps - 1.0
             if cost < best[j]:
                 best[j], back[j] = cost, i
     cuts, j = [], n
@@ -308,6 +308,8 @@ def cues(segments: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | N
         wanted = start + max(MIN_CUE_S, chars / layout.max_cps)
         room = raw[k + 1][0][0].start - FRAME_GAP_S if k + 1 < len(raw) else math.inf
         end = max(spoken_end, min(wanted, room, start + layout.max_cue_s))
+        # to the millisecond, rounded up where the reading time set the end (never into the next cue)
+        end = min(math.ceil(end * 1000 - 1e-6) / 1000, max(room, spoken_end)) if end == wanted else end
         out.append(Cue(round(start, 3), round(end, 3), label, lines, lang))
     return out
 
