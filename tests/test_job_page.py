@@ -312,9 +312,10 @@ def _stored_job(redis_url: str, locale: str | None) -> str:
     job_id = f"loc-{locale}-{uuid.uuid4().hex[:8]}"
     options = {"locale": locale} if locale else {}
     store.create(job_id, {"job_id": job_id, "video_url": "s3://bucket/none.wav", "options": options})
+    texts = ("안녕하세요.", "네, 반갑습니다.") if locale == "ko" else ("Hello.", "Hi there.")
     segments = [
-        {"id": 0, "start": 0.0, "end": 1.5, "speaker": "SPEAKER_00", "text": "Hello.", "words": []},
-        {"id": 1, "start": 2.0, "end": 75.0, "speaker": "SPEAKER_01", "text": "Hi there.", "words": []},
+        {"id": 0, "start": 0.0, "end": 1.5, "speaker": "SPEAKER_00", "text": texts[0], "words": []},
+        {"id": 1, "start": 2.0, "end": 75.0, "speaker": "SPEAKER_01", "text": texts[1], "words": []},
     ]
     result = {
         "segments": segments,
@@ -323,7 +324,7 @@ def _stored_job(redis_url: str, locale: str | None) -> str:
             "SPEAKER_00": {"total_duration": 1.5, "segment_count": 1, "word_count": 1},
             "SPEAKER_01": {"total_duration": 73.0, "segment_count": 1, "word_count": 2},
         },
-        "metadata": {"duration": 75.0, "language": "en"},
+        "metadata": {"duration": 75.0, "language": "ko" if locale == "ko" else "en"},
     }
     store.set_result(job_id, {"job_id": job_id, "result": result})
     store.update(job_id, status="completed", progress=100, stage="merge", message="Done")
