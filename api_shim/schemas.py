@@ -12,9 +12,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JobStatus = Literal["queued", "processing", "completed", "failed"]
 
 
-def _bounds(key: str) -> dict[str, float]:
-    _, lo, hi = SUBTITLE_OPTIONS[key]  # the range the exports check too (one definition)
-    return {"ge": lo, "le": hi}
+# the ranges the exports check too (one definition): (type, lowest, highest)
+_CHARS, _LINES, _CUE_S = (SUBTITLE_OPTIONS[k] for k in ("max_chars_per_line", "max_lines", "max_cue_s"))
 
 
 class SubtitleOptions(BaseModel):
@@ -23,11 +22,11 @@ class SubtitleOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_chars_per_line: int | None = Field(
-        None, **_bounds("max_chars_per_line"), description="Default: 42 (English), 16 (Korean, Chinese), 13 (Japanese)."
+        None, ge=_CHARS[1], le=_CHARS[2], description="Default: 42 (English), 16 (Korean, Chinese), 13 (Japanese)."
     )
-    max_lines: int | None = Field(None, **_bounds("max_lines"), description="Lines a cue; default 2.")
+    max_lines: int | None = Field(None, ge=_LINES[1], le=_LINES[2], description="Lines a cue; default 2.")
     max_cue_s: float | None = Field(
-        None, **_bounds("max_cue_s"), description="Seconds a cue stays up at most; default 7."
+        None, ge=_CUE_S[1], le=_CUE_S[2], description="Seconds a cue stays up at most; default 7."
     )
 
 

@@ -247,7 +247,7 @@ def _split_points(toks: Sequence[_Tok], layout: Layout, next_start: float) -> li
     back = [0] * (n + 1)
     for j in range(1, n + 1):
         following = toks[j].start if j < n else next_start
-        chars, lengths = -sep, []
+        chars, lengths = -sep, list[int]()
         for i in range(j - 1, -1, -1):
             chars += sep + len(toks[i].text)
             lengths.insert(0, len(toks[i].text))
