@@ -190,10 +190,10 @@ def test_formats_escape_and_number() -> None:
 # --- real results -------------------------------------------------------------------------------
 
 
-def _real_result(source: Path, **kw: Any) -> dict[str, Any]:
+def _real_run(source: Path, **kw: Any) -> dict[str, Any]:
     from ecg_cli.runner import analyze
 
-    return analyze(str(source), **kw)["result"]  # type: ignore[no-any-return]
+    return analyze(str(source), **kw)
 
 
 def figures(found: Sequence[Cue]) -> dict[str, Any]:
@@ -224,7 +224,14 @@ def _check_real(result: dict[str, Any], lang: str) -> None:
 
 @pytest.mark.timeout(900)
 def test_real_english_sample_subtitles(sample_wav: Path) -> None:
-    _check_real(_real_result(sample_wav), "en")
+    layout = {"max_chars_per_line": 30}
+    run = _real_run(sample_wav, subtitles=layout)
+    _check_real(run["result"], "en")  # the guide's layout (cues() without overrides)
+    # the job's own layout: kept in the result, and the files the worker wrote follow it
+    assert run["result"]["metadata"]["subtitles"] == layout
+    assert run["exports"]["srt"] == exports(run["result"], run["job_id"])["srt"] != to_srt(run["result"]["segments"])
+    text_lines = [ln for block in run["exports"]["srt"].split("\n\n") for ln in block.splitlines()[2:]]
+    assert text_lines and all(len(re.sub(r"^\[[^]]+\] ", "", ln)) <= 30 for ln in text_lines)
 
 
 @pytest.mark.timeout(900)
@@ -232,4 +239,4 @@ def test_real_korean_conversation_subtitles(shared_dir: Path) -> None:
     wav = shared_dir / "audio" / "korean_conv_24s.wav"
     if not wav.is_file():
         pytest.skip(f"{wav} is absent")
-    _check_real(_real_result(wav, language="ko"), "ko")
+    _check_real(_real_run(wav, language="ko")["result"], "ko")
