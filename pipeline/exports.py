@@ -15,6 +15,7 @@ Torch-free: string formatting over the result document.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -204,10 +205,8 @@ def break_lines(words: Sequence[str], layout: Layout) -> tuple[str, ...]:
         return (joiner.join(words),)
     n = len(words)
     target = (sum(lengths) + sep * (n - count)) / count
-
-    def width(i: int, j: int) -> int:
-        return sum(lengths[i:j]) + sep * (j - i - 1)
-
+    ends = [0, *itertools.accumulate(lengths)]  # width of words[i:j]: ends[j] - ends[i] + sep * (j - i - 1)
+    after = [0.25 * _break_cost(w, joiner) for w in words]  # a line ending on this word
     # best[k][j]: the cheapest way to set words[:j] as k lines; back[k][j]: where the last line starts
     best = [[math.inf] * (n + 1) for _ in range(count + 1)]
     back = [[0] * (n + 1) for _ in range(count + 1)]
@@ -215,14 +214,12 @@ def break_lines(words: Sequence[str], layout: Layout) -> tuple[str, ...]:
     for k in range(1, count + 1):
         for j in range(1, n + 1):
             for i in range(j - 1, -1, -1):
-                w = width(i, j)
+                w = ends[j] - ends[i] + sep * (j - i - 1)
                 if w > limit:
                     break
                 if best[k - 1][i] == math.inf:
                     continue
-                cost = best[k - 1][i] + ((w - target) / limit) ** 2 * 4
-                if j < n:
-                    cost += 0.25 * _break_cost(words[j - 1], joiner)
+                cost = best[k - 1][i] + ((w - target) / limit) ** 2 * 4 + (after[j - 1] if j < n else 0.0)
                 if cost < best[k][j]:
                     best[k][j], back[k][j] = cost, i
     lines: list[str] = []
@@ -239,29 +236,34 @@ def break_lines(words: Sequence[str], layout: Layout) -> tuple[str, ...]:
 
 def _split_points(toks: Sequence[_Tok], layout: Layout, next_start: float) -> list[int]:
     """Where a segment's words are cut into cues: the cheapest partition (dynamic programming
-    over the cut points) into cues that each fit ``layout`` (a single word always fits)."""
+    over the cut points) into cues that each fit ``layout`` (a single word always fits).
+    O(words x words a cue): every cost below is kept up to date as a cue grows by a word."""
     n = len(toks)
-    sep = len(layout.joiner)
-    capacity = layout.max_chars_per_line * layout.max_lines
+    sep, limit = len(layout.joiner), layout.max_chars_per_line
+    capacity = limit * layout.max_lines
+    # idle[k]: the pauses (beyond 0.8 s, while the text stays up and nobody speaks) before words 1..k-1
+    idle = [0.0] * (n + 1)
+    for k in range(1, n):
+        idle[k + 1] = idle[k] + max(0.0, toks[k].start - toks[k - 1].end - 0.8)
     best = [0.0] + [math.inf] * n
     back = [0] * (n + 1)
     for j in range(1, n + 1):
         following = toks[j].start if j < n else next_start
-        chars, lengths = -sep, list[int]()
+        cut = 0.0  # how good a cut after word j-1 is: a sentence end, a pause
+        if j < n:
+            cut = _break_cost(toks[j - 1].text, layout.joiner) - min(max(0.0, following - toks[j - 1].end), 1.0) * 0.5
+        chars, lines, width = -sep, 1, -sep  # the cue toks[i:j], its lines filled greedily from its end
         for i in range(j - 1, -1, -1):
-            chars += sep + len(toks[i].text)
-            lengths.insert(0, len(toks[i].text))
+            size = len(toks[i].text)
+            chars += sep + size
+            if width + sep + size <= limit:
+                width += sep + size
+            else:
+                lines, width = lines + 1, size
             span = toks[j - 1].end - toks[i].start
-            if i < j - 1 and (span > layout.max_cue_s or chars > capacity):
+            if i < j - 1 and (span > layout.max_cue_s or chars > capacity or lines > layout.max_lines):
                 break
-            if i < j - 1 and _greedy_lines(lengths, sep, layout.max_chars_per_line) > layout.max_lines:
-                break
-            cost = best[i] + 1.0 + 0.5 * (chars / capacity) ** 2
-            if j < n:
-                pause = max(0.0, toks[j].start - toks[j - 1].end)
-                cost += _break_cost(toks[j - 1].text, layout.joiner) - min(pause, 1.0) * 0.5
-            # pauses inside a cue: the text stays up while nobody speaks
-            cost += sum(max(0.0, toks[k + 1].start - toks[k].end - 0.8) for k in range(i, j - 1))
+            cost = best[i] + 1.0 + 0.5 * (chars / capacity) ** 2 + cut + (idle[j] - idle[i + 1])
             shown = min(layout.max_cue_s, max(span, following - FRAME_GAP_S - toks[i].start))
             cps = chars / max(shown, 1e-3)
             if cps > layout.max_cps:
