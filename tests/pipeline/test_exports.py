@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import UnsupportedOptionError
 from pipeline.exports import (
@@ -240,3 +242,43 @@ def test_real_korean_conversation_subtitles(shared_dir: Path) -> None:
     if not wav.is_file():
         pytest.skip(f"{wav} is absent")
     _check_real(_real_run(wav, language="ko")["result"], "ko")
+
+
+_word = st.text(alphabet="abcdefghij가나다라마바사今日は。,.?", min_size=1, max_size=18)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lang=st.sampled_from(["en", "ko", "ja", "zh"]),
+    words=st.lists(st.tuples(_word, st.floats(0.0, 2.0), st.floats(0.0, 1.5)), min_size=1, max_size=60),
+    chars=st.none() | st.integers(8, 50),
+    lines=st.none() | st.integers(1, 3),
+)
+def test_any_words_keep_the_limits(
+    lang: str, words: list[tuple[str, float, float]], chars: int | None, lines: int | None
+) -> None:
+    """Random words, times and layouts: no line over its limit, no cue over its lines, no cue over
+    7 s unless one word alone lasts longer, every character kept, in order."""
+    t, out = 0.0, []
+    for text, gap, dur in words:
+        out.append({"word": text, "start": round(t + gap, 3), "end": round(t + gap + dur, 3)})
+        t += gap + dur
+    sep = "" if lang in ("ja", "zh") else " "
+    seg = {
+        "start": out[0]["start"],
+        "end": out[-1]["end"],
+        "speaker": "S",
+        "language": lang,
+        "words": out,
+        "text": sep.join(w for w, _, _ in words),
+    }
+    overrides = {k: v for k, v in {"max_chars_per_line": chars, "max_lines": lines}.items() if v is not None}
+    layout = layout_for(lang, overrides)
+    found = cues([seg], overrides)
+    for c in found:
+        assert 1 <= len(c.lines) <= layout.max_lines and all(0 < len(x) <= layout.max_chars_per_line for x in c.lines)
+        longest_word = max(w["end"] - w["start"] for w in out)
+        assert c.end - c.start <= max(layout.max_cue_s, longest_word) + 1e-3
+        assert c.end >= c.start
+    assert "".join("".join(c.lines) for c in found).replace(" ", "") == seg["text"].replace(" ", "")
+    assert all(a.start <= b.start for a, b in zip(found, found[1:], strict=False))
