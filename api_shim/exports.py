@@ -1,4 +1,4 @@
-"""A finished job's result as files: SRT, WebVTT, RTTM (rendered by ``pipeline.merge``, the one
+"""A finished job's result as files: SRT, WebVTT, RTTM (rendered by ``pipeline.exports``, the one
 definition the workers also write to disk) and a plain-text transcript."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def to_txt(segments: list[dict[str, Any]]) -> str:
 
 
 def render(result: dict[str, Any], job_id: str, fmt: ExportFormat) -> Export:
-    from pipeline.merge import exports  # torch-free: string formatting over the result document
+    from pipeline.exports import exports  # torch-free: string formatting over the result document
 
     text = to_txt(result.get("segments", [])) if fmt == "txt" else exports(result, job_id)[fmt]
     return Export(MEDIA_TYPES[fmt], text)

@@ -6,8 +6,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.exports import SUBTITLE_OPTIONS
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JobStatus = Literal["queued", "processing", "completed", "failed"]
+
+
+# the ranges the exports check too (one definition): (type, lowest, highest)
+_CHARS, _LINES, _CUE_S = (SUBTITLE_OPTIONS[k] for k in ("max_chars_per_line", "max_lines", "max_cue_s"))
+
+
+class SubtitleOptions(BaseModel):
+    """A job's subtitle layout, where it differs from the guide of the transcript's language."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_chars_per_line: int | None = Field(
+        None, ge=_CHARS[1], le=_CHARS[2], description="Default: 42 (English), 16 (Korean, Chinese), 13 (Japanese)."
+    )
+    max_lines: int | None = Field(None, ge=_LINES[1], le=_LINES[2], description="Lines a cue; default 2.")
+    max_cue_s: float | None = Field(
+        None, ge=_CUE_S[1], le=_CUE_S[2], description="Seconds a cue stays up at most; default 7."
+    )
 
 
 class JobOptions(BaseModel):
@@ -20,6 +40,7 @@ class JobOptions(BaseModel):
     locale: Literal["en", "ko"] | None = Field(
         None, description="Language of progress and error messages; default: Accept-Language, then the server's."
     )
+    subtitles: SubtitleOptions | None = Field(None, description="Subtitle layout of the SRT and VTT exports.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:

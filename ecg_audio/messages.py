@@ -49,6 +49,27 @@ ERRORS: dict[str, dict[str, str]] = {
     "CANCELLED": {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
 }
 
+# details of an error that the catalog has in Korean too (AnalysisError.key; its values fill the
+# braces). The English text is the one the error carries (pipeline.media builds "not_media")
+ERROR_DETAILS: dict[str, dict[str, str]] = {
+    "not_media": {"ko": "오디오나 비디오 파일이 아닙니다. 내용은 {kind}입니다"},
+    "not_media_named": {"ko": "확장자({suffix})와 달리 오디오나 비디오 파일이 아닙니다. 내용은 {kind}입니다"},
+}
+# pipeline.media.NOT_MEDIA_KINDS in Korean (a test keeps the two key sets equal)
+NOT_MEDIA_KINDS_KO: dict[str, str] = {
+    "html": "HTML 웹 페이지",
+    "xml": "XML 문서",
+    "json": "JSON 텍스트",
+    "pdf": "PDF 문서",
+    "zip": "ZIP 압축 파일(또는 오피스 문서)",
+    "gzip": "gzip 압축 파일",
+    "png": "PNG 이미지",
+    "jpeg": "JPEG 이미지",
+    "gif": "GIF 이미지",
+    "playlist": "미디어가 아닌 재생 목록(M3U)",
+    "text": "일반 텍스트",
+}
+
 _BY_ENGLISH = {texts["en"]: key for key, texts in MESSAGES.items()}
 
 
@@ -81,14 +102,32 @@ def localize(message: str, locale: str | None) -> str:
     return text(key, locale) if key else message
 
 
-def error_message(code: str, detail: str, locale: str | None) -> str:
-    """A failure's message for a person in ``locale``: the code's meaning, then the detail."""
+def _detail(detail: str, loc: str, key: str | None, values: dict[str, str] | None) -> str:
+    """The error's detail in ``loc`` where the catalog has it (by ``key``), else as written."""
+    v = dict(values or {})
+    if key == "not_media":
+        v["kind"] = NOT_MEDIA_KINDS_KO.get(v.get("kind", ""), v.get("kind", "")) if loc == "ko" else v.get("kind", "")
+        key = "not_media_named" if v.get("suffix") else key
+    texts = ERROR_DETAILS.get(key or "", {})
+    try:
+        return texts[loc].format(**v) if loc in texts else detail
+    except (KeyError, IndexError):  # values that do not fit the text: the English detail is still right
+        return detail
+
+
+def error_message(
+    code: str, detail: str, locale: str | None, *, key: str | None = None, values: dict[str, str] | None = None
+) -> str:
+    """A failure's message for a person in ``locale``: the code's meaning, then the detail (in
+    ``locale`` too where the catalog has the error's ``key``)."""
     loc = resolve_locale(locale)
     if loc == "en" or code not in ERRORS:
         return detail
-    return f"{ERRORS[code][loc]}: {detail}"
+    return f"{ERRORS[code][loc]}: {_detail(detail, loc, key, values)}"
 
 
-def failed(code: str, detail: str, locale: str | None) -> str:
+def failed(
+    code: str, detail: str, locale: str | None, *, key: str | None = None, values: dict[str, str] | None = None
+) -> str:
     """The record's message when a job fails ('Failed: ...' in English)."""
-    return text("failed", locale, error=error_message(code, detail, locale))
+    return text("failed", locale, error=error_message(code, detail, locale, key=key, values=values))

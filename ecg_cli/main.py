@@ -51,9 +51,11 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     try:
         from ecg_audio.languages import check_job
         from ecg_audio.settings import get_settings
+        from pipeline.exports import subtitle_options
 
-        # refused before any work: a language or model no configured ASR model serves
+        # refused before any work: a language or model no configured ASR model serves, a bad layout
         choice = check_job(a.language, a.model, get_settings())
+        subtitles = subtitle_options(_subtitle_args(a))
         envelope = analyze(
             a.source,
             num_speakers=a.num_speakers,
@@ -62,6 +64,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             language=choice.language,
             locale=a.locale,
             model=choice.model,
+            subtitles=subtitles or None,
             on_progress=None if a.quiet else _progress_bar,
         )
     except AnalysisError as e:
@@ -87,6 +90,18 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     elif not a.quiet:
         print_who_said_what(envelope)
     return 0
+
+
+def _subtitle_args(a: argparse.Namespace) -> dict[str, Any]:
+    """options.subtitles from --max-chars-per-line, --max-lines, --max-cue-s (those given)."""
+    given = {"max_chars_per_line": a.max_chars_per_line, "max_lines": a.max_lines, "max_cue_s": a.max_cue_s}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _add_subtitle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-chars-per-line", type=int, help="subtitle line length (default: the language's guide)")
+    p.add_argument("--max-lines", type=int, help="lines a subtitle cue (default 2)")
+    p.add_argument("--max-cue-s", type=float, help="seconds a subtitle cue stays up at most (default 7)")
 
 
 # --- submit ------------------------------------------------------------------
@@ -125,6 +140,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
             body["options"]["num_speakers"] = a.num_speakers
         if a.locale:
             body["options"]["locale"] = a.locale
+        if _subtitle_args(a):
+            body["options"]["subtitles"] = _subtitle_args(a)
         r = client.post("/api/upload-video/process-video", json=body)
         if r.status_code >= 400:
             print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
@@ -234,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--locale", choices=["en", "ko"], help="language of progress messages (default ECG_DEFAULT_LOCALE)")
     an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
+    _add_subtitle_args(an)
     an.add_argument("-q", "--quiet", action="store_true")
     an.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     an.set_defaults(func=cmd_analyze)
@@ -246,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--num-speakers", type=int)
     sb.add_argument("--locale", choices=["en", "ko"], help="language of the job's progress and error messages")
     sb.add_argument("-o", "--output")
+    _add_subtitle_args(sb)
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))
     sb.set_defaults(func=cmd_submit)
 

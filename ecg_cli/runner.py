@@ -27,6 +27,7 @@ def analyze(
     language: str | None = None,
     locale: str | None = None,
     model: str | None = None,
+    subtitles: dict[str, Any] | None = None,
     settings: Settings | None = None,
     registry: Any = None,
     on_progress: Callable[[str, int, str], None] | None = None,
@@ -53,6 +54,7 @@ def analyze(
                 "max_speakers": max_speakers,
                 "locale": locale,
                 "model": model,
+                "subtitles": subtitles,
             }.items()
             if v is not None
         },

@@ -14,9 +14,21 @@ class AnalysisError(Exception):
     code = "PROCESSING_ERROR"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        key: str | None = None,
+        values: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        # a message the catalog has in other languages (ecg_audio.messages.ERROR_DETAILS): its key
+        # and the values it names; ``message`` is its English text
+        self.key = key
+        self.values = dict(values or {})
         if code is not None:
             self.code = code
         if retryable is not None:

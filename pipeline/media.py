@@ -7,6 +7,7 @@ package has none, so probing then reads what ``ffmpeg -i`` prints.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -74,6 +75,74 @@ def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[bytes]
         raise StageTimeoutError(f"ffmpeg did not finish within {timeout_s:.0f} s") from e
 
 
+# What a file that is not media looks like, told by its first bytes: a download link that served a
+# web page (a login or error page saved as "video.mp4"), a document, an archive, a picture. ffmpeg
+# would guess a demuxer from the name and report that format's error ("a truncated MP4").
+NOT_MEDIA_KINDS: dict[str, str] = {
+    "html": "an HTML web page",
+    "xml": "an XML document",
+    "json": "JSON text",
+    "pdf": "a PDF document",
+    "zip": "a ZIP archive (or an Office document)",
+    "gzip": "a gzip archive",
+    "png": "a PNG image",
+    "jpeg": "a JPEG image",
+    "gif": "a GIF image",
+    "playlist": "a playlist (M3U), not the media it lists",
+    "text": "plain text",
+}
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"<!doctype html", "html"),
+    (b"<html", "html"),
+    (b"<head", "html"),
+    (b"<body", "html"),
+    (b"<?xml", "xml"),
+    (b"%pdf-", "pdf"),
+    (b"pk\x03\x04", "zip"),
+    (b"\x1f\x8b", "gzip"),
+    (b"\x89png", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"gif8", "gif"),
+    (b"#extm3u", "playlist"),
+)
+SNIFF_BYTES = 4096
+
+
+def not_media_kind(path: Path) -> str | None:
+    """The key in NOT_MEDIA_KINDS of what ``path`` looks like when it is certainly not audio or
+    video, else None (media, or something ffmpeg should judge). Every audio and video container
+    starts with binary bytes (a NUL, or a byte that is not UTF-8, within its first kilobytes), so
+    a start that is all printable text is a document, never media."""
+    with open(path, "rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    for signature, kind in _SIGNATURES:
+        if start.startswith(signature):
+            return kind
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+    if not text or any(not (c.isprintable() or c in "\t\r\n\f") for c in text):
+        return None
+    if start.startswith((b"{", b"[")):
+        return "json"
+    if start.startswith(b"<"):
+        return "html" if b"<html" in start or b"<div" in start or b"<p>" in start else "xml"
+    return "text"
+
+
+def _refuse_non_media(path: Path) -> None:
+    kind = not_media_kind(path)
+    if kind is None:
+        return
+    message = f"the file is not audio or video: it looks like {NOT_MEDIA_KINDS[kind]}"
+    suffix = path.suffix.lower() if path.suffix.lower() in VIDEO_EXTENSIONS | AUDIO_EXTENSIONS else ""
+    if suffix:  # the name promised media
+        message += f", though its name ends in '{suffix}'"
+    raise InvalidMediaError(message, key="not_media", values={"kind": kind, "suffix": suffix})
+
+
 def probe(path: Path, *, timeout_s: float = 60.0) -> MediaInfo:
     """Read the container's streams. Raises InvalidMediaError for files that are not media."""
     path = Path(path)
@@ -81,6 +150,7 @@ def probe(path: Path, *, timeout_s: float = 60.0) -> MediaInfo:
         raise InvalidMediaError(f"input file does not exist: {path.name}")
     if path.stat().st_size == 0:
         raise InvalidMediaError("the input file is empty (0 bytes)")
+    _refuse_non_media(path)  # whatever its name says
     fp = ffprobe_exe()
     if fp:
         return _probe_ffprobe(fp, path, timeout_s)

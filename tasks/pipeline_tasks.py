@@ -339,8 +339,10 @@ class StageTask(Task):
     def _fail(self, job: JobSpec, stage: str, err: AnalysisError, run: int | None) -> None:
         store = context.job_store()
         locale = job_locale(job)
-        detail = error_message(err.code, err.message, locale)  # the code's meaning in the job's locale
-        store.mark_failed(job.job_id, err.code, detail, stage, run=run, summary=failed(err.code, err.message, locale))
+        # the code's meaning in the job's locale, and the detail too where the catalog has it (err.key)
+        detail = error_message(err.code, err.message, locale, key=err.key, values=err.values)
+        summary = failed(err.code, err.message, locale, key=err.key, values=err.values)
+        store.mark_failed(job.job_id, err.code, detail, stage, run=run, summary=summary)
         log.warning("job_failed", error_code=err.code, error=err.message)
 
 

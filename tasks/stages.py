@@ -400,9 +400,11 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 def _check_languages(job: JobSpec, env: StageEnv) -> None:
     from ecg_audio.languages import check_job
     from ecg_audio.settings import get_settings
+    from pipeline.exports import subtitle_options
 
     settings = getattr(env.models, "settings", None) or get_settings()
     check_job(job.language or job.options.get("language"), job.options.get("model"), settings)
+    subtitle_options(job.options.get("subtitles"))  # refused before any work, not at the last stage
 
 
 def _oom_fallback(
@@ -542,8 +544,9 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import Alignment
     from pipeline.diarize import DiarizationResult
+    from pipeline.exports import exports, subtitle_options
     from pipeline.features import FeatureTracks
-    from pipeline.merge import assemble, exports
+    from pipeline.merge import assemble
 
     t0 = time.perf_counter()
     env.report("merge", ASSEMBLING.progress, ASSEMBLING.message)
@@ -572,6 +575,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     md = result["metadata"]
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)
+    md["subtitles"] = subtitle_options(job.options.get("subtitles"))  # every rendering of the exports reads it
     envelope = {"job_id": job.job_id, "status": "completed", "result": result}
     for ext, text in exports(result, job.job_id).items():
         env.write_output(f"{job.job_id}.{ext}", text)

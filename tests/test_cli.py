@@ -70,3 +70,17 @@ def test_analyze_reports_bad_input(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "INVALID_MEDIA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_analyze_refuses_a_bad_subtitle_layout_before_any_work(tmp_path: Path, sample_wav: Path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ecg_cli", "analyze", str(sample_wav), "-q", "-o", str(out), "--max-lines", "9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "UNSUPPORTED_OPTION" in proc.stderr and "options.subtitles.max_lines" in proc.stderr
+    assert not out.exists()

@@ -407,7 +407,7 @@ MEDIA_ROWS = [
         lambda t, f, s: b"<!doctype html><html><body>" + b"<p>hi</p>" * 500 + b"</body></html>",
         "failed",
         "INVALID_MEDIA",
-        "not a media file",
+        "not audio or video: it looks like an HTML web page",
     ),
     MediaRow("upload id that names nothing", None, "failed", "INVALID_MEDIA", "uploaded file is gone"),
     MediaRow(

@@ -282,9 +282,87 @@ def test_job_page_renders_korean_text(client: httpx.Client, redis_url: str, chro
         state = json.loads(chrome.js(PAGE_STATE) or "{}")
     assert [s["text"] for s in state["segments"]] == [text for _, text in lines]
     assert state["lanes"] == ["SPEAKER_00", "SPEAKER_01"]
-    assert chrome.js("document.documentElement.lang") == "ko"
+    assert chrome.js("document.getElementById('transcript').lang") == "ko"  # the transcript's language
+    assert chrome.js("document.documentElement.lang") == "en"  # the page's: the job named no locale
     assert chrome.js("document.characterSet") == "UTF-8"
     base = view_url.split("?")[0].rsplit("/", 1)[0] + "/"
     txt = httpx.get(base + next(h for h in state["downloads"] if "/txt" in h), timeout=30)
     assert txt.headers["content-type"] == "text/plain; charset=utf-8"
     assert all(text in txt.text for _, text in lines)
+
+
+PAGE_WORDS = """JSON.stringify({
+  lang: document.documentElement.lang,
+  title: document.title,
+  h1: document.querySelector("h1").textContent,
+  job: document.querySelector("p.job").firstChild.textContent.trim(),
+  headings: Array.from(document.querySelectorAll("h2")).map(h => h.textContent),
+  columns: Array.from(document.querySelectorAll("#talk-time th")).map(th => th.textContent),
+  downloads: Array.from(document.querySelectorAll("#downloads a")).map(a => a.textContent),
+  status: document.getElementById("status").textContent,
+  talk: Array.from(document.querySelectorAll("#talk-time td.talk-seconds")).map(td => td.textContent),
+  rendered: document.body.dataset.rendered === "true",
+})"""
+
+
+def _stored_job(redis_url: str, locale: str | None) -> str:
+    from ecg_audio.jobs import JobStore
+
+    store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), 3600)
+    job_id = f"loc-{locale}-{uuid.uuid4().hex[:8]}"
+    options = {"locale": locale} if locale else {}
+    store.create(job_id, {"job_id": job_id, "video_url": "s3://bucket/none.wav", "options": options})
+    texts = ("안녕하세요.", "네, 반갑습니다.") if locale == "ko" else ("Hello.", "Hi there.")
+    segments = [
+        {"id": 0, "start": 0.0, "end": 1.5, "speaker": "SPEAKER_00", "text": texts[0], "words": []},
+        {"id": 1, "start": 2.0, "end": 75.0, "speaker": "SPEAKER_01", "text": texts[1], "words": []},
+    ]
+    result = {
+        "segments": segments,
+        "diarization": [{"start": s["start"], "end": s["end"], "speaker": s["speaker"]} for s in segments],
+        "speakers": {
+            "SPEAKER_00": {"total_duration": 1.5, "segment_count": 1, "word_count": 1},
+            "SPEAKER_01": {"total_duration": 73.0, "segment_count": 1, "word_count": 2},
+        },
+        "metadata": {"duration": 75.0, "language": "ko" if locale == "ko" else "en"},
+    }
+    store.set_result(job_id, {"job_id": job_id, "result": result})
+    store.update(job_id, status="completed", progress=100, stage="merge", message="Done")
+    return job_id
+
+
+def _page_words(chrome: Chrome, view_url: str) -> dict[str, Any]:
+    chrome.open(view_url)
+    deadline = time.monotonic() + 60
+    words: dict[str, Any] = {}
+    while not words.get("rendered") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        words = json.loads(chrome.js(PAGE_WORDS) or "{}")
+    assert words.get("rendered"), words
+    return words
+
+
+def test_job_page_speaks_the_jobs_locale(client: httpx.Client, redis_url: str, chrome: Chrome) -> None:  # noqa: F811
+    """options.locale "ko": title, headings, table, buttons, status and durations in Korean (the
+    screenshot var/test-artifacts/job-page-ko.png shows it); "en" or none: English."""
+    ko_id = _stored_job(redis_url, "ko")
+    ko = _page_words(chrome, client.get(f"/jobs/{ko_id}").json()["view_url"])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    chrome.screenshot(ARTIFACTS / "job-page-ko.png")
+    assert ko["lang"] == "ko"
+    assert ko["title"] == f"{ko_id} — ECG 오디오 분석기" and ko["job"] == "작업"
+    assert ko["h1"] == "누가 언제 무엇을 말했나"
+    assert ko["headings"] == ["시간대별 화자", "발화 시간", "다운로드", "녹취록"]
+    assert ko["columns"] == ["화자", "발화 시간", "비율", "구간 수", "단어 수"]
+    assert ko["downloads"] == ["SRT 자막", "WebVTT 자막", "RTTM (화자 구간)", "텍스트"]
+    assert ko["status"] == "완료" and sorted(ko["talk"]) == ["1.5초", "1분 13초"]
+    en_id = _stored_job(redis_url, None)
+    en = _page_words(chrome, client.get(f"/jobs/{en_id}").json()["view_url"])
+    assert en["lang"] == "en" and en["title"] == f"{en_id} — ECG Audio Analyzer" and en["h1"] == "Who said what, when"
+    assert en["headings"] == ["Speakers over time", "Talk time", "Downloads", "Transcript"]
+    assert en["downloads"] == ["SRT subtitles", "WebVTT", "RTTM (speakers)", "Plain text"]
+    assert en["status"] == "completed" and sorted(en["talk"]) == ["1 min 13 s", "1.5 s"]
+    assert not chrome.console, chrome.console  # no script error (the page's words are a JSON data block)
+    # the HTML itself is in the locale before any script runs
+    html = httpx.get(client.get(f"/jobs/{ko_id}").json()["view_url"], timeout=30).text
+    assert '<html lang="ko">' in html and "<h2>녹취록</h2>" in html and "{{" not in html

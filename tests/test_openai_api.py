@@ -50,6 +50,9 @@ def test_json_and_srt(client: openai.OpenAI, sample_wav: Path) -> None:
     assert cues and all(c.end > c.start for c in cues)
     speakers = {c.content.split("]")[0].lstrip("[") for c in cues if c.content.startswith("[SPEAKER_")}
     assert len(speakers) >= 2, subtitles
+    # laid out as the job's exports are: two lines of at most 42 characters (the speaker's label aside)
+    lines = [ln.split("] ", 1)[-1] if i == 0 else ln for c in cues for i, ln in enumerate(c.content.splitlines())]
+    assert all(len(ln) <= 42 for ln in lines) and all(c.content.count("\n") <= 1 for c in cues), subtitles
 
 
 def test_verbose_json_has_speakers_and_the_job_exports_parse(
@@ -78,7 +81,11 @@ def test_verbose_json_has_speakers_and_the_job_exports_parse(
         return r.text
 
     cues = list(srt.parse(export("srt", "application/x-subrip")))
-    assert [c.content.split("] ", 1)[-1] for c in cues] == [s["text"] for s in body["segments"]]
+    # every word of every segment, in order, laid out as subtitles (pipeline/exports.py: a long
+    # segment is several cues, of at most two lines)
+    spoken = [c.content.split("] ", 1)[-1].replace("\n", " ") for c in cues]
+    assert " ".join(spoken) == " ".join(s["text"] for s in body["segments"])
+    assert len(cues) >= len(body["segments"]) and all(c.content.count("\n") <= 1 for c in cues)
     vtt = webvtt.from_buffer(io.StringIO(export("vtt", "text/vtt")))
     assert len(vtt.captions) == len(cues) and {c.voice for c in vtt.captions} == speakers
     rttm = export("rttm", "text/plain")
@@ -86,7 +93,7 @@ def test_verbose_json_has_speakers_and_the_job_exports_parse(
     (annotation,) = annotations.values()
     assert set(annotation.labels()) == speakers and len(list(annotation.itertracks())) == len(rttm.splitlines())
     txt = export("txt", "text/plain")
-    assert len(txt.splitlines()) == len(cues) and all(line.startswith("[00:") for line in txt.splitlines())
+    assert len(txt.splitlines()) == len(body["segments"]) and all(line.startswith("[00:") for line in txt.splitlines())
 
 
 @pytest.mark.parametrize(

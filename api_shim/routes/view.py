@@ -4,7 +4,7 @@
 status, so a person needs no API key; the page's data, event stream and downloads accept the same
 token. The page is three static files shipped in this package (``api_shim/static``): plain
 HTML, CSS and JavaScript, no build step, nothing fetched from elsewhere (the Content-Security-
-Policy says so to the browser too).
+Policy says so to the browser too); its words are in the job's locale (``api_shim.page_text``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from api_shim.deps import ShimDep
 from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, ApiError
 from api_shim.exports import MEDIA_TYPES, ExportFormat, render
+from api_shim.page_text import page_locale, render_page
 from api_shim.routes.events import JobAccess, live_state
 
 router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
@@ -45,8 +46,9 @@ def static_text(name: str) -> str:
     responses={200: {"content": {"text/html": {}}}, **NOT_FOUND},
     summary="The job page (open the job's view_url)",
 )
-async def job_page(rec: JobAccess) -> HTMLResponse:
-    return HTMLResponse(static_text("view.html"), headers=PAGE_HEADERS)
+async def job_page(rec: JobAccess, shim: ShimDep) -> HTMLResponse:
+    locale = page_locale(rec.request, shim.settings.default_locale)  # the job's, as its messages are
+    return HTMLResponse(render_page(static_text("view.html"), locale), headers=PAGE_HEADERS)
 
 
 @router.get("/view-assets/{name}", include_in_schema=False)

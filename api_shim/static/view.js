@@ -7,10 +7,13 @@
 (function () {
   const PALETTE = ["#2f6fdf", "#e4572e", "#17a398", "#c9900b", "#8e44ad", "#c0392b", "#34495e", "#27ae60",
     "#d35400", "#7f8c8d", "#1abc9c", "#e84393"];
-  const EXPORTS = [["srt", "SRT subtitles"], ["vtt", "WebVTT"], ["rttm", "RTTM (speakers)"], ["txt", "Plain text"]];
+  const EXPORTS = ["srt", "vtt", "rttm", "txt"];
   const SVG = "http://www.w3.org/2000/svg";
 
   const $ = (id) => document.getElementById(id);
+  // the page's words in the job's locale, put in the page by the shim (api_shim/page_text.py)
+  const TEXT = JSON.parse(($("page-text") || {}).textContent || "{}");
+  const tr = (key, values) => String(TEXT[key] ?? key).replace(/\{(\w+)\}/g, (_, k) => String((values || {})[k] ?? ""));
   const token = new URLSearchParams(location.search).get("token") || "";
   const auth = "?token=" + encodeURIComponent(token);
   const pathParts = location.pathname.split("/");
@@ -40,18 +43,18 @@
   }
 
   function duration(t) {
-    if (t < 60) return t.toFixed(1) + " s";
+    if (t < 60) return tr("seconds", { s: t.toFixed(1) });
     const m = Math.floor(t / 60);
-    return m + " min " + Math.round(t - 60 * m) + " s";
+    return tr("minutes", { m: m, s: Math.round(t - 60 * m) });
   }
 
   // --- progress -----------------------------------------------------------------------------
 
   function showState(state) {
     const status = state.status || "queued";
-    $("status").textContent = status;
+    $("status").textContent = TEXT["status." + status] || status;
     $("status").dataset.status = status;
-    $("stage").textContent = state.stage ? "stage: " + state.stage : "";
+    $("stage").textContent = state.stage ? tr("stage", { stage: state.stage }) : "";
     $("message").textContent = state.message || "";
     // progress never goes backwards on the page either (a late event, a reconnect)
     shownProgress = Math.max(shownProgress, Number(state.progress) || 0);
@@ -62,7 +65,7 @@
     if (status === "failed") {
       const err = $("error");
       err.hidden = false;
-      err.textContent = (state.error_code ? state.error_code + ": " : "") + (state.error_message || "the job failed");
+      err.textContent = (state.error_code ? state.error_code + ": " : "") + (state.error_message || tr("job_failed"));
     }
   }
 
@@ -134,7 +137,7 @@
     const W = 1100, left = 120, right = 28, laneH = 30, top = 8, axisH = 24;
     const H = top + laneH * speakers.length + axisH;
     const x = (t) => left + (W - left - right) * (t / end);
-    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "speaker timeline" });
+    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": tr("timeline_label") });
     const step = tickStep(end);
     const axis = svg("g", { class: "axis-group" });
     for (let t = 0; t <= end + 1e-6; t += step) {
@@ -186,8 +189,9 @@
   function downloads() {
     const list = $("downloads");
     list.replaceChildren();
-    for (const [fmt, label] of EXPORTS) {
-      const a = el("a", { href: `view/exports/${fmt}${auth}`, "data-format": fmt, download: `${jobId}.${fmt}` }, label);
+    for (const fmt of EXPORTS) {
+      const a = el("a", { href: `view/exports/${fmt}${auth}`, "data-format": fmt, download: `${jobId}.${fmt}` },
+        tr("export." + fmt));
       const li = el("li");
       li.appendChild(a);
       list.appendChild(li);
@@ -211,9 +215,10 @@
     const speakers = speakersOf(result);
     const colour = {};
     speakers.forEach((s, i) => { colour[s] = PALETTE[i % PALETTE.length]; });
+    // the page speaks the job's locale; the transcript is marked with the language it is in
     const lang = (result.metadata || {}).language;
-    if (lang) document.documentElement.lang = lang;
-    showState({ status: "completed", progress: 100, message: "Done", stage: "merge" });
+    if (lang) $("transcript").lang = lang;
+    showState({ status: "completed", progress: 100, message: tr("done"), stage: "merge" });
     drawTimeline(result, speakers, colour);
     talkTime(result, speakers, colour);
     downloads();
@@ -224,7 +229,7 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("job-id").textContent = jobId;
-    document.title = jobId + " — ECG Audio Analyzer";
+    document.title = tr("job_title", { job: jobId });
     load();
   });
 })();

@@ -131,3 +131,75 @@ def test_a_playlist_naming_a_network_url_makes_no_connection(tmp_path: Path) -> 
         stop.set()
         srv.close()
     assert accepted[0] == 0
+
+
+NOT_MEDIA = [
+    ("page.mp4", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>" + b"<p>x</p>" * 400, "html"),
+    ("login.mov", b"\xef\xbb\xbf  <html lang=ko><body>\xeb\xa1\x9c\xea\xb7\xb8\xec\x9d\xb8</body></html>", "html"),
+    ("error.wav", b'{"error": "AccessDenied", "message": "Request has expired"}', "json"),
+    ("feed.m4a", b'<?xml version="1.0"?><Error><Code>NoSuchKey</Code></Error>', "xml"),
+    ("slides.mp3", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + bytes(2000), "pdf"),
+    ("clip.mkv", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(2000), "zip"),
+    ("photo.mp3", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(2000), "jpeg"),
+    ("notes.flac", "회의록: 다음 주 월요일에 다시 만납니다.\n".encode() * 50, "text"),
+    ("subs.webm", b"1\n00:00:01,000 --> 00:00:02,000\nHello\n", "text"),
+]
+
+
+@pytest.mark.parametrize("name,content,kind", NOT_MEDIA, ids=[n for n, _, _ in NOT_MEDIA])
+def test_a_file_that_is_not_media_says_what_it_looks_like_whatever_its_name(
+    tmp_path: Path, name: str, content: bytes, kind: str
+) -> None:
+    from ecg_audio.messages import error_message, failed
+    from pipeline.media import NOT_MEDIA_KINDS
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InvalidMediaError) as e:
+        extract_audio(path, tmp_path / "out.wav")
+    err = e.value
+    assert err.code == "INVALID_MEDIA" and err.key == "not_media" and err.values["kind"] == kind
+    assert err.message.startswith("the file is not audio or video: it looks like " + NOT_MEDIA_KINDS[kind])
+    assert f"though its name ends in '{path.suffix}'" in err.message and "moov" not in err.message
+    # the Korean message comes from the catalog, the English detail is not left in it
+    ko = error_message(err.code, err.message, "ko", key=err.key, values=err.values)
+    assert ko.startswith(f"읽을 수 없는 미디어 파일입니다: 확장자({path.suffix})와 달리 ")
+    assert "오디오나 비디오 파일이 아닙니다. 내용은 " in ko
+    assert "looks like" not in ko
+    assert failed(err.code, err.message, "ko", key=err.key, values=err.values) == f"실패: {ko}"
+    assert error_message(err.code, err.message, "en", key=err.key, values=err.values) == err.message
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_every_kind_of_non_media_has_its_korean_name() -> None:
+    from ecg_audio.messages import NOT_MEDIA_KINDS_KO
+    from pipeline.media import NOT_MEDIA_KINDS
+
+    assert set(NOT_MEDIA_KINDS) == set(NOT_MEDIA_KINDS_KO)
+
+
+def test_non_media_under_a_name_that_promises_nothing_is_named_plainly(tmp_path: Path) -> None:
+    from ecg_audio.messages import error_message
+
+    path = tmp_path / "download"
+    path.write_bytes(b"<html><body>502 Bad Gateway</body></html>")
+    with pytest.raises(InvalidMediaError) as e:
+        probe(path)
+    assert e.value.message == "the file is not audio or video: it looks like an HTML web page"
+    ko = error_message("INVALID_MEDIA", e.value.message, "ko", key=e.value.key, values=e.value.values)
+    assert ko == "읽을 수 없는 미디어 파일입니다: 오디오나 비디오 파일이 아닙니다. 내용은 HTML 웹 페이지입니다"
+
+
+@pytest.mark.parametrize("ext,args", [("wav", []), ("flac", []), ("mp3", []), ("ogg", ["-c:a", "libopus"]),
+                                      ("m4a", ["-c:a", "aac"]), ("mkv", ["-c:a", "aac"])])
+def test_real_media_is_never_taken_for_a_document(tmp_path: Path, ffmpeg: str, sample_wav: Path, ext: str,
+                                                  args: list[str]) -> None:
+    from pipeline.media import not_media_kind
+
+    media = make_media(ffmpeg, sample_wav, tmp_path / f"a.{ext}", *args, video=ext == "mkv")
+    assert not_media_kind(media) is None
+    assert probe(media).has_audio
+    # raw PCM of silence and of noise: binary, left to ffmpeg
+    raw = tmp_path / "raw.pcm"
+    raw.write_bytes(bytes(8000) + np.random.default_rng(1).bytes(8000))
+    assert not_media_kind(raw) is None

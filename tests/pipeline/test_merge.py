@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers, to_rttm, to_srt, to_vtt
+from pipeline.exports import to_rttm, to_srt, to_vtt
+from pipeline.merge import assign_word_speakers, build_segments, relabel_speakers
 
 
 @dataclass
@@ -124,11 +125,12 @@ def test_relabel_by_first_appearance() -> None:
 
 
 def test_exports() -> None:
+    # (the subtitle layout itself: tests/pipeline/test_exports.py)
     segs = [{"start": 0.5, "end": 61.25, "speaker": "SPEAKER_00", "text": "a --> b"}]
     srt = to_srt(segs)
-    assert srt.startswith("1\n00:00:00,500 --> 00:01:01,250\n[SPEAKER_00] a --> b")
+    assert srt.startswith("1\n00:00:00,500 --> 00:00:12,650\n[SPEAKER_00] a\n\n2\n")
     vtt = to_vtt(segs)
-    assert vtt.startswith("WEBVTT") and "00:00:00.500 --> 00:01:01.250\n<v SPEAKER_00>a -> b" in vtt
+    assert vtt.startswith("WEBVTT") and "\n<v SPEAKER_00>--&gt;\n" in vtt
     rttm = to_rttm([{"start": 1.0, "end": 2.5, "speaker": "SPEAKER_00"}], "job/1")
     assert rttm == "SPEAKER job_1 1 1.000 1.500 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
 
