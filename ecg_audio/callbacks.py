@@ -40,11 +40,13 @@ import redis
 import structlog
 from redis.exceptions import LockError, LockNotOwnedError
 
-QUEUE_PREFIX = "ecg:cb:q:"
-DUE_KEY = "ecg:cb:due"
-LOCK_PREFIX = "ecg:cb:lock:"
-DELIVERED_KEY = "ecg:cb:delivered"  # counter, for operators and tests
-DEAD_PREFIX = "ecg:cb:dead:"
+from ecg_audio import keys
+
+QUEUE_PREFIX = keys.CALLBACK_QUEUE
+DUE_KEY = keys.CALLBACK_DUE
+LOCK_PREFIX = keys.CALLBACK_LOCK
+DELIVERED_KEY = keys.CALLBACK_DELIVERED  # counter, for operators and tests
+DEAD_PREFIX = keys.CALLBACK_DEAD
 
 log = structlog.get_logger("ecg.callbacks")
 

@@ -32,8 +32,10 @@ from typing import Any
 import redis
 import redis.asyncio
 
-KEY_PREFIX = "ecg:job:"
-KEY_SUFFIX = ":events"
+from ecg_audio import keys
+
+KEY_PREFIX = keys.JOB
+KEY_SUFFIX = keys.EVENTS_SUFFIX
 MAXLEN = 1000
 DEFAULT_TTL_S = 7 * 24 * 3600  # JobStore's default: the log lives as long as the record
 FINAL_SUFFIX = ":final"

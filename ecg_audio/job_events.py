@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from ecg_audio import event_log
+from ecg_audio import event_log, keys
 from ecg_audio.callbacks import DUE_KEY, QUEUE_PREFIX
 
 
@@ -54,9 +54,19 @@ def is_terminal(status: str | None) -> bool:
     return status in TERMINAL
 
 
-RECORD_PREFIX = "ecg:job:"
+def lua_with_statuses(script: str, **constants: str) -> str:
+    """``script`` after a generated header that defines the status names as Lua locals (``QUEUED`` ..
+    ``FAILED``, and the set ``TERMINAL``) and each of ``constants`` (a key prefix, say): the Redis
+    scripts never spell a status or a key name of their own."""
+    values = {s.name: s.value for s in JobStatus} | constants
+    names = "".join(f"local {name} = {json.dumps(value)}\n" for name, value in values.items())
+    terminal = ", ".join(f"[{s.name}] = true" for s in JobStatus if s.terminal)
+    return f"{names}local TERMINAL = {{{terminal}}}\n{script}"
+
+
+RECORD_PREFIX = keys.JOB
 OUTBOX_PREFIX = QUEUE_PREFIX  # the callback outbox's keys, as ecg_audio.callbacks delivers from them
-FAILED_SET = "ecg:jobs:failed"
+FAILED_SET = keys.JOBS_FAILED
 EVENT_LOG_MAXLEN = event_log.MAXLEN
 event_log_key = event_log.key  # the per-job event log the shim streams from
 
@@ -73,10 +83,10 @@ def final_event_id(job_id: str, run: int) -> str:
 # run had no final event yet: the one its record calls for was emitted; 0 no record; -1 nothing to do
 # (finished, its final already out);
 # -2 the caller's run is not the record's (a requeue started a new one).
-EMIT_LUA = """
+EMIT_LUA = lua_with_statuses("""
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then return {0, ''} end
-local T = {completed = true, failed = true}
+local T = TERMINAL
 local status = redis.call('HGET', key, 'status')
 local run = redis.call('HGET', key, 'run') or '1'
 local job = redis.call('HGET', key, 'job_id')
@@ -103,7 +113,7 @@ else
     if new ~= nil and new > old then redis.call('HSET', key, 'progress', ARGV[6]) end
     redis.call('HSET', key, 'status', ARGV[5], 'stage', ARGV[7], 'message', ARGV[8],
                'error_code', ARGV[9], 'error_message', ARGV[10], 'updated_at', now)
-    if ARGV[5] == 'failed' then redis.call('ZADD', KEYS[5], now, job) end
+    if ARGV[5] == FAILED then redis.call('ZADD', KEYS[5], now, job) end
   end
   redis.call('HSET', key, 'final_event_id', eid)
 end
@@ -119,7 +129,7 @@ local flat = redis.call('HGETALL', key)
 for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
 local function str(v) if v == nil or v == '' then return 'null' end return cjson.encode(v) end
 local result = 'null'
-if ARGV[1] ~= 'progress' and h['status'] == 'completed' and ARGV[11] ~= '' then result = ARGV[11] end
+if ARGV[1] ~= 'progress' and h['status'] == COMPLETED and ARGV[11] ~= '' then result = ARGV[11] end
 local body = '{"event_id":' .. cjson.encode(eid) .. ',"job_id":' .. cjson.encode(job)
   .. ',"status":' .. cjson.encode(h['status']) .. ',"progress":' .. string.format('%d', tonumber(h['progress']) or 0)
   .. ',"message":' .. cjson.encode(h['message'] or '') .. ',"stage":' .. str(h['stage'])
@@ -138,7 +148,7 @@ if url then
   redis.call('ZADD', KEYS[3], 'NX', now, job)
 end
 return {code, eid}
-"""
+""")
 
 
 class JobEvents:

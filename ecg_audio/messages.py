@@ -12,6 +12,17 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from pipeline.errors import (
+    CancelledError,
+    DownloadError,
+    GPUMemoryError,
+    InvalidMediaError,
+    ProcessingError,
+    StageCrashedError,
+    StageTimeoutError,
+    UnsupportedOptionError,
+)
+
 Locale = Literal["en", "ko"]
 LOCALES: tuple[str, ...] = get_args(Locale)
 
@@ -33,20 +44,22 @@ MESSAGES: dict[str, dict[str, str]] = {
     "word_times.running": {"en": "Timing words", "ko": "단어 시간 정렬 중..."},
     "features.running": {"en": "Measuring voices", "ko": "음성 특징 측정 중..."},
     # the record's own states
-    "queued": {"en": "Queued", "ko": "대기 중"},
-    "requeued": {"en": "Requeued by operator", "ko": "운영자가 다시 대기열에 넣음"},
-    "failed": {"en": "Failed: {error}", "ko": "실패: {error}"},
+    "job.queued": {"en": "Queued", "ko": "대기 중"},
+    "job.requeued": {"en": "Requeued by operator", "ko": "운영자가 다시 대기열에 넣음"},
+    "job.failed": {"en": "Failed: {error}", "ko": "실패: {error}"},
 }
 
-# error code -> what it means, for a person (the detail after it stays as the worker wrote it)
+# error code (pipeline.errors, the one definition of each) -> what it means, for a person (the detail
+# after it stays as the worker wrote it)
 ERRORS: dict[str, dict[str, str]] = {
-    "DOWNLOAD_ERROR": {"en": "The input could not be downloaded", "ko": "입력 파일을 내려받지 못했습니다"},
-    "INVALID_MEDIA": {"en": "The input is not readable media", "ko": "읽을 수 없는 미디어 파일입니다"},
-    "UNSUPPORTED_OPTION": {"en": "This option is not available", "ko": "지원하지 않는 옵션입니다"},
-    "PROCESSING_ERROR": {"en": "The analysis failed", "ko": "분석 중 오류가 발생했습니다"},
-    "GPU_MEMORY_ERROR": {"en": "Out of GPU memory", "ko": "GPU 메모리가 부족합니다"},
-    "TIMEOUT_ERROR": {"en": "A stage took too long", "ko": "처리 시간이 초과되었습니다"},
-    "CANCELLED": {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
+    DownloadError.code: {"en": "The input could not be downloaded", "ko": "입력 파일을 내려받지 못했습니다"},
+    InvalidMediaError.code: {"en": "The input is not readable media", "ko": "읽을 수 없는 미디어 파일입니다"},
+    UnsupportedOptionError.code: {"en": "This option is not available", "ko": "지원하지 않는 옵션입니다"},
+    ProcessingError.code: {"en": "The analysis failed", "ko": "분석 중 오류가 발생했습니다"},
+    GPUMemoryError.code: {"en": "Out of GPU memory", "ko": "GPU 메모리가 부족합니다"},
+    StageTimeoutError.code: {"en": "A stage took too long", "ko": "처리 시간이 초과되었습니다"},
+    CancelledError.code: {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
+    StageCrashedError.code: {"en": "The stage kept crashing", "ko": "처리 단계가 반복해서 중단되었습니다"},
 }
 
 _BY_ENGLISH = {texts["en"]: key for key, texts in MESSAGES.items()}
@@ -91,4 +104,4 @@ def error_message(code: str, detail: str, locale: str | None) -> str:
 
 def failed(code: str, detail: str, locale: str | None) -> str:
     """The record's message when a job fails ('Failed: ...' in English)."""
-    return text("failed", locale, error=error_message(code, detail, locale))
+    return text("job.failed", locale, error=error_message(code, detail, locale))

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ecg_audio.messages import Locale
+
 EMBEDDED = "embedded"
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "xxx"}
 
@@ -108,7 +110,7 @@ class Settings(BaseSettings):
         description='language -> wav2vec2 aligner, e.g. {"ko": "kresnik/wav2vec2-large-xlsr-korean"} (JSON in '
         "ECG_ALIGNMENT_MODELS); a language in neither this nor alignment_model uses Whisper's own word times.",
     )
-    default_locale: Literal["en", "ko"] = Field(
+    default_locale: Locale = Field(
         "en", description="progress and error messages' language when a job gives no options.locale"
     )
     hf_token: SecretStr | None = None

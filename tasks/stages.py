@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ecg_audio.jobs import JobStatus
 from ecg_audio.stage_table import ASSEMBLING, STAGE_BY_NAME, STAGE_NAMES, STAGES, STEP_MESSAGES, VAD
 from media_io.workspace import S3Workspace, Workspace
 from pipeline.audio import release_freed_memory
@@ -77,15 +78,6 @@ class JobSpec:
     callback_url: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "source": self.source,
-            "language": self.language,
-            "callback_url": self.callback_url,
-            "options": self.options,
-        }
-
     @classmethod
     def from_request(cls, job_id: str, request: dict[str, Any]) -> JobSpec:
         """From the job record's request (what the shim accepted)."""
@@ -95,16 +87,6 @@ class JobSpec:
             language=request.get("language"),
             callback_url=request.get("callback_url"),
             options={k: v for k, v in (request.get("options") or {}).items() if v is not None},
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
-        return cls(
-            job_id=d["job_id"],
-            source=d["source"],
-            language=d.get("language"),
-            callback_url=d.get("callback_url"),
-            options=dict(d.get("options") or {}),
         )
 
 
@@ -572,7 +554,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     md = result["metadata"]
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)
-    envelope = {"job_id": job.job_id, "status": "completed", "result": result}
+    envelope = {"job_id": job.job_id, "status": JobStatus.COMPLETED, "result": result}
     for ext, text in exports(result, job.job_id).items():
         env.write_output(f"{job.job_id}.{ext}", text)
     ws.write_json("result.json", envelope)

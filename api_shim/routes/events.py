@@ -36,7 +36,7 @@ from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
 from ecg_audio import event_log
 from ecg_audio.event_log import Event
-from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord
+from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord, JobStatus
 from ecg_audio.settings import Settings
 
 router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
@@ -129,7 +129,7 @@ def sse_frame(ev: event_log.Event) -> str:
 
 async def _final_from_record(store: AsyncJobStore, rec: JobRecord) -> dict[str, Any]:
     result = None
-    if rec.status == "completed":
+    if rec.status == JobStatus.COMPLETED:
         envelope = await store.get_result(rec.job_id)
         result = envelope.get("result") if envelope else None
     return {
