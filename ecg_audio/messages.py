@@ -1,9 +1,9 @@
 """What a job's progress and errors say, in English and Korean.
 
 Milestones and progress steps have stable keys; the stage table and the stage bodies report
-English text, and the reporter turns it into the job's locale here (``localize``), so the job
-record (``/jobs/{id}``), the callbacks and the command line's progress bar all speak the
-job's language. Error codes never change; only the message a person reads does.
+keys, and the reporter renders each once, in the job's locale (``text``), so the job record
+(``/jobs/{id}``), the callbacks and the command line's progress bar all speak the job's
+language. Error codes never change; only the message a person reads does.
 
 No torch, no Celery: the shim, the workers and the command line all import this.
 """
@@ -26,7 +26,7 @@ from pipeline.errors import (
 Locale = Literal["en", "ko"]
 LOCALES: tuple[str, ...] = get_args(Locale)
 
-# key -> {locale: text}. The English texts are those the stage table and bodies report.
+# key -> {locale: text}
 MESSAGES: dict[str, dict[str, str]] = {
     # the milestones (one per entry of tasks.stages.STAGES, and the two inside a stage)
     "input_ready": {"en": "Input ready: audio extracted", "ko": "비디오 다운로드 완료"},
@@ -62,9 +62,6 @@ ERRORS: dict[str, dict[str, str]] = {
     StageCrashedError.code: {"en": "The stage kept crashing", "ko": "처리 단계가 반복해서 중단되었습니다"},
 }
 
-_BY_ENGLISH = {texts["en"]: key for key, texts in MESSAGES.items()}
-
-
 def resolve_locale(locale: str | None, default: str = "en") -> Locale:
     """'ko', 'ko-KR', 'KO' -> 'ko'; an Accept-Language value ('ko-KR,ko;q=0.9,en;q=0.8') -> its
     first supported language; anything else -> ``default``."""
@@ -79,19 +76,6 @@ def text(key: str, locale: str | None, **values: str) -> str:
     """The message ``key`` in ``locale`` (English when it has no translation)."""
     texts = MESSAGES[key]
     return texts.get(resolve_locale(locale), texts["en"]).format(**values)
-
-
-def key_of(english: str) -> str | None:
-    """The key of an English message, or None for one not in the catalog."""
-    return _BY_ENGLISH.get(english)
-
-
-def localize(message: str, locale: str | None) -> str:
-    """An English progress message in ``locale``; a message not in the catalog unchanged."""
-    if resolve_locale(locale) == "en":
-        return message
-    key = key_of(message)
-    return text(key, locale) if key else message
 
 
 def error_message(code: str, detail: str, locale: str | None) -> str:

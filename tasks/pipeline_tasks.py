@@ -22,7 +22,7 @@ from redis.exceptions import LockNotOwnedError
 
 from ecg_audio import keys
 from ecg_audio.jobs import JobStatus, is_terminal
-from ecg_audio.messages import error_message, failed, localize
+from ecg_audio.messages import error_message, failed, text
 from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageCrashedError, StageTimeoutError
 from tasks import context
@@ -316,7 +316,7 @@ class StageTask(Task):
             job.job_id,
             JobStatus.COMPLETED,
             stage="merge",
-            message=localize("Done", job_locale(job, env)),
+            message=text(STAGE_BY_NAME["merge"].done.key, job_locale(job, env)),
             progress=100,
             result=envelope["result"],
             run=run,
