@@ -301,9 +301,9 @@ def main() -> int:
         log("naive:", report["naive"])
 
     if args.all:
-        import pyannote.audio
+        from pipeline.diarize import bundled_sample
 
-        sample = Path(pyannote.audio.__file__).parent / "sample" / "sample"
+        sample = bundled_sample("")
         others = {
             "sample": (sample.with_suffix(".wav"), sample.with_suffix(".rttm")),
             "conv_3spk_overlap_3min": (

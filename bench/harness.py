@@ -550,9 +550,9 @@ class Receiver:
 
 def make_clips(var: Path, n: int, seconds: float) -> list[str]:
     """Short clips cut from pyannote's bundled sample call (and ../shared when present)."""
-    import pyannote.audio
+    from pipeline.diarize import bundled_sample
 
-    sources = [Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"]
+    sources = [bundled_sample()]
     conv = REPO.parent / "shared" / "audio" / "conv_2spk_10min.wav"
     if conv.exists():
         sources.append(conv)

