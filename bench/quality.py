@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SHARED
-from pipeline.speech_types import CER_LANGUAGES
+from pipeline.language_rules import CER_LANGUAGES
 
 
 def eval_set(tmp: Path) -> dict[str, dict[str, Any]]:

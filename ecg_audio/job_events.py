@@ -29,6 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from ecg_audio import event_log, keys
 from ecg_audio.callbacks import DUE_KEY, QUEUE_PREFIX
@@ -151,6 +152,45 @@ return {code, eid}
 """)
 
 
+def _emit_call(
+    job_id: str,
+    mode: str,
+    ttl_s: int,
+    *,
+    status: str,
+    progress: int | None,
+    stage: str | None,
+    message: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    result: dict[str, Any] | None = None,
+    run: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """``EMIT_LUA``'s keys and arguments."""
+    keys = [RECORD_PREFIX + job_id, OUTBOX_PREFIX + job_id, DUE_KEY, event_log_key(job_id), FAILED_SET]
+    args = [
+        mode,
+        repr(time.time()),
+        str(int(ttl_s)),
+        uuid.uuid4().hex[:12],
+        str(status),
+        "" if progress is None else str(int(progress)),
+        stage or "",
+        message,
+        error_code or "",
+        error_message or "",
+        "" if result is None else json.dumps(result, ensure_ascii=False),
+        str(EVENT_LOG_MAXLEN),
+        "" if run is None else str(int(run)),
+    ]
+    return keys, args
+
+
+def _emit_reply(reply: Any) -> tuple[int, str]:
+    code, eid = reply
+    return int(code), eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
 class JobEvents:
     """Emits a job's events through ``EMIT_LUA`` (see the module docstring)."""
 
@@ -159,38 +199,9 @@ class JobEvents:
         self.ttl_s = ttl_s
         self._emit = client.register_script(EMIT_LUA)
 
-    def _call(
-        self,
-        job_id: str,
-        mode: str,
-        *,
-        status: str,
-        progress: int | None,
-        stage: str | None,
-        message: str,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        result: dict[str, Any] | None = None,
-        run: int | None = None,
-    ) -> tuple[int, str]:
-        keys = [RECORD_PREFIX + job_id, OUTBOX_PREFIX + job_id, DUE_KEY, event_log_key(job_id), FAILED_SET]
-        args = [
-            mode,
-            repr(time.time()),
-            str(int(self.ttl_s)),
-            uuid.uuid4().hex[:12],
-            str(status),
-            "" if progress is None else str(int(progress)),
-            stage or "",
-            message,
-            error_code or "",
-            error_message or "",
-            "" if result is None else json.dumps(result, ensure_ascii=False),
-            str(EVENT_LOG_MAXLEN),
-            "" if run is None else str(int(run)),
-        ]
-        code, eid = self._emit(keys=keys, args=args)  # type: ignore[misc]
-        return int(code), eid.decode() if isinstance(eid, bytes) else str(eid)
+    def _call(self, job_id: str, mode: str, **fields: Any) -> tuple[int, str]:
+        keys, args = _emit_call(job_id, mode, self.ttl_s, **fields)
+        return _emit_reply(self._emit(keys=keys, args=args))
 
     def progress(self, job_id: str, *, progress: int, stage: str, message: str) -> bool:
         """A milestone: False when the job is unknown or already finished (nothing emitted)."""
@@ -229,3 +240,18 @@ class JobEvents:
             result=result,
             run=run,
         )
+
+
+class AsyncJobEvents:
+    """``JobEvents.finish`` on a ``redis.asyncio`` client: the shim's event streams, which write the
+    final event a finished job's record calls for when its log has none (the same script, once)."""
+
+    def __init__(self, client: redis.asyncio.Redis, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self._emit = client.register_script(EMIT_LUA)
+
+    async def finish(self, job_id: str, status: JobStatus, **fields: Any) -> tuple[int, str]:
+        if not status.terminal:
+            raise ValueError(f"{status} is not a terminal status")
+        keys, args = _emit_call(job_id, "terminal", self.ttl_s, status=status, **fields)
+        return _emit_reply(await self._emit(keys=keys, args=args))

@@ -23,7 +23,15 @@ from ecg_audio import keys
 
 # the one status type lives with the event builder (the final event and the terminal state are
 # written together there)
-from ecg_audio.job_events import FAILED_SET, TERMINAL, JobEvents, JobStatus, is_terminal, lua_with_statuses
+from ecg_audio.job_events import (
+    FAILED_SET,
+    TERMINAL,
+    AsyncJobEvents,
+    JobEvents,
+    JobStatus,
+    is_terminal,
+    lua_with_statuses,
+)
 from ecg_audio.messages import text
 
 if TYPE_CHECKING:
@@ -274,6 +282,7 @@ class AsyncJobStore:
         self.r = client
         self.ttl_s = ttl_s
         self._create = self.r.register_script(_CREATE_LUA)
+        self.events = AsyncJobEvents(client, ttl_s)
 
     async def create_or_get(
         self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None, owner: str | None = None
