@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     diarization_batch_size: int = Field(32, ge=1, le=256)
     diarization_runtime: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime",
-        description="the embedded diarization models on the CPU: 'onnxruntime' (~1.25x faster on 2 cores; "
+        description="the embedded diarization models on the CPU: 'onnxruntime' (faster, see bench/diarize_bench.py; "
         "exported once into <var>/onnx) or eager 'torch'. CUDA and other pipelines always use torch.",
     )
     alignment_model: str | None = Field(
