@@ -5,7 +5,7 @@ bottom. ``CurrentKey`` is the one authentication rule: every protected route, in
 router, takes it.
 
 The state (Redis clients, the job store, URL policies, API key digests) is built once by
-``create_app`` and kept on ``app.state.shim``; nothing here connects at import or at build
+``create_app`` (``Shim.start``) and kept on ``app.state.shim``; nothing here connects at import or at build
 (the first request does), so an app can be built without a Redis.
 """
 
@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import hashlib
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +26,7 @@ import redis
 import redis.asyncio
 import structlog
 from celery import Celery
-from fastapi import Depends, Request, status
+from fastapi import Depends, FastAPI, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import celeryconfig
@@ -33,6 +36,7 @@ from api_shim.limits import Limits, SubmissionLimiter, limiter_for
 from api_shim.probes import HealthProbe
 from ecg_audio.chain import ChainMessages
 from ecg_audio.jobs import AsyncJobStore, JobStore
+from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings
 from ecg_audio.uploads import SweepThrottle, upload_bucket
 
@@ -56,6 +60,20 @@ def _redis_kwargs() -> dict[str, Any]:
 
 class Shim:
     """The shim's long-lived state: one per app."""
+
+    @classmethod
+    def start(cls, settings: Settings | None = None) -> Shim:
+        """The state of a new app: settings (secrets into the environment first), logging."""
+        if settings is None:
+            from ops.aws import settings_with_secrets
+
+            settings = settings_with_secrets()
+        configure_logging(settings.log_level, settings.log_json)
+        shim = cls(settings)
+        if not shim.key_digests:
+            # closed by default: with no key configured no key can match, so every protected route answers 403
+            log.warning("no_api_keys_configured", effect="every route but /health refuses every request")
+        return shim
 
     def __init__(self, settings: Settings) -> None:
         from media_io.policy import url_policy  # the one URL policy of the fleet (torch-free)
@@ -84,7 +102,7 @@ class Shim:
 
     @functools.cached_property
     def s3(self) -> Any:
-        """One boto3 client for the process (clients are thread-safe; building one costs ~50 ms)."""
+        """One boto3 client for the process (clients are thread-safe, and costly to build)."""
         from ops.aws import client
 
         return client("s3", self.settings)
@@ -136,6 +154,25 @@ class Shim:
     async def close(self) -> None:
         for _loop, astore in self._async_stores:
             await astore.r.aclose()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The app's life: the callback dispatcher runs beside the routes, and the shim's clients close at the end."""
+    from ecg_audio.callbacks import Dispatcher
+    from media_io.policy import make_outbox  # torch-free
+
+    shim: Shim = app.state.shim
+    dispatcher = Dispatcher(make_outbox(shim.settings)).start()
+    # What start-up built (FastAPI, pydantic, Celery) lives as long as the process; frozen, the
+    # collector stops scanning it on every full pass (each pass was a latency spike for requests).
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        dispatcher.stop()
+        await shim.close()
 
 
 def get_shim(request: Request) -> Shim:

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from ecg_audio.jobs import ALL_SET, PREFIX, JobRecord, JobStore
+from ecg_audio.jobs import ALL_SET, PREFIX, JobRecord, JobStatus, JobStore, is_terminal
 from ecg_audio.queues import PRIORITY_SEP, waiting_key
 from ecg_audio.stage_table import STAGE_BY_NAME
 from ecg_audio.stage_table import STAGE_NAMES as STAGES
@@ -38,7 +38,7 @@ class ProgressEstimator:
         self._speeds_at = -SPEEDS_TTL_S
 
     def queue_position(self, rec: JobRecord) -> int | None:
-        if rec.status != "queued" or not rec.queue_key:
+        if rec.status != JobStatus.QUEUED or not rec.queue_key:
             return None
         queue, _, step = rec.queue_key.partition(PRIORITY_SEP)
         mine = int(step or 0)
@@ -61,7 +61,7 @@ class ProgressEstimator:
         return within + sum(min(int(w), int(n)) for w, n in zip(waiting, lengths, strict=True))
 
     def eta_s(self, rec: JobRecord) -> float | None:
-        if rec.status not in ("queued", "processing") or not rec.duration:
+        if is_terminal(rec.status) or not rec.duration:
             return None
         speeds = self.speeds()
         if not speeds or any(s not in speeds for s in STAGES):
@@ -84,7 +84,7 @@ class ProgressEstimator:
         pipe = self.r.pipeline()
         for job_id in ids:
             pipe.hget(PREFIX + job_id, "status")
-        completed = [j for j, st in zip(ids, pipe.execute(), strict=True) if st == "completed"][:SPEED_SAMPLES]
+        completed = [j for j, st in zip(ids, pipe.execute(), strict=True) if st == JobStatus.COMPLETED][:SPEED_SAMPLES]
         samples: dict[str, list[float]] = {s: [] for s in STAGES}
         for job_id in completed:
             env = self.store.get_result(job_id) or {}
@@ -100,7 +100,7 @@ class ProgressEstimator:
 
 def _stage_done(rec: JobRecord) -> dict[str, float]:
     """Fraction done of each stage, from the record's stage and progress (stage milestones in order)."""
-    if rec.status == "queued" or rec.stage not in STAGE_BY_NAME:
+    if rec.status == JobStatus.QUEUED or rec.stage not in STAGE_BY_NAME:
         return {}
     out: dict[str, float] = {}
     before = 0

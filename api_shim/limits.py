@@ -32,14 +32,15 @@ import redis.asyncio
 import structlog
 
 from api_shim.errors import ApiError
+from ecg_audio import keys
 from ecg_audio.jobs import PREFIX as JOB_PREFIX
 from ecg_audio.jobs import TERMINAL
 from ecg_audio.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-RATE_PREFIX = "ecg:limit:rate:"
-QUEUED_PREFIX = "ecg:limit:queued:"
+RATE_PREFIX = keys.LIMIT_RATE
+QUEUED_PREFIX = keys.LIMIT_QUEUED
 # an admitted id whose record does not exist yet may be a submission still in flight
 _MISSING_GRACE_S = 60.0
 

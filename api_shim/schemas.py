@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ecg_audio.jobs import JobStatus
+from ecg_audio.messages import Locale
 from pipeline.exports import SUBTITLE_OPTIONS
 
+if TYPE_CHECKING:
+    from ecg_audio.jobs import JobRecord
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-JobStatus = Literal["queued", "processing", "completed", "failed"]
 
 
 # the ranges the exports check too (one definition): (type, lowest, highest)
@@ -37,7 +41,7 @@ class JobOptions(BaseModel):
     min_speakers: int | None = Field(None, ge=1, le=32)
     max_speakers: int | None = Field(None, ge=1, le=32)
     model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
-    locale: Literal["en", "ko"] | None = Field(
+    locale: Locale | None = Field(
         None, description="Language of progress and error messages; default: Accept-Language, then the server's."
     )
     subtitles: SubtitleOptions | None = Field(None, description="Subtitle layout of the SRT and VTT exports.")
@@ -74,17 +78,22 @@ class ProcessRequest(BaseModel):
         return v
 
 
-class JobState(BaseModel):
+class JobSummary(BaseModel):
+    """A job as its record stands (``from_record`` fills it); ``JobState`` adds what the record does not hold."""
+
     job_id: str
     status: JobStatus
     progress: int = Field(ge=0, le=100)
     message: str = ""
     stage: str | None = None
-    result: dict[str, Any] | None = None
     error_code: str | None = None
-    error_message: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+
+
+class JobState(JobSummary):
+    result: dict[str, Any] | None = None
+    error_message: str | None = None
     queue_position: int | None = Field(
         None, ge=0, description="While queued: how many jobs the workers take before this one."
     )
@@ -99,15 +108,13 @@ class JobState(BaseModel):
     )
 
 
-class JobSummary(BaseModel):
-    job_id: str
-    status: JobStatus
-    progress: int = Field(ge=0, le=100)
-    message: str = ""
-    stage: str | None = None
-    error_code: str | None = None
-    created_at: float | None = None
-    updated_at: float | None = None
+Model = TypeVar("Model", bound=JobSummary)
+
+
+def from_record(model: type[Model], rec: JobRecord, **extra: Any) -> Model:
+    """The one copy from a job record into a response model: every field of the model that the
+    record holds, then ``extra`` (the result, the queue position...)."""
+    return model(**{name: getattr(rec, name) for name in model.model_fields if hasattr(rec, name)}, **extra)
 
 
 class JobPage(BaseModel):
@@ -117,7 +124,7 @@ class JobPage(BaseModel):
 
 class Accepted(BaseModel):
     job_id: str
-    status: str
+    status: JobStatus
 
 
 class Health(BaseModel):

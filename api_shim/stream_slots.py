@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import redis.asyncio
 
-PREFIX = "ecg:streams:"
+from ecg_audio import keys
+
+PREFIX = keys.STREAMS
 
 # KEYS: the key's slot set. ARGV: now_ms, lease end ms, cap, slot id. 1 admitted, 0 full.
 _ACQUIRE = """

@@ -22,11 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from api_shim import dns
 from api_shim.deps import Caller, Shim
 from api_shim.errors import ApiError
-from api_shim.schemas import JOB_ID_PATTERN, JobState, ProcessRequest
-from ecg_audio.jobs import JobRecord, JobStore
+from api_shim.schemas import JOB_ID_PATTERN, JobState, ProcessRequest, from_record
+from ecg_audio.jobs import JobRecord, JobStatus, JobStore, is_terminal
 from ecg_audio.languages import UnsupportedOptionError, check_job
 from ecg_audio.messages import resolve_locale
 from ecg_audio.uploads import upload_id
+from pipeline.errors import DownloadError
 
 log = structlog.get_logger("ecg.shim")
 
@@ -38,7 +39,7 @@ def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
     try:  # the one language and model rule (ecg_audio.languages), as the CLI and the worker apply it
         check_job(req.language, req.options.model, shim.settings)
     except UnsupportedOptionError as e:
-        raise ApiError(422, "UNSUPPORTED_OPTION", e.message) from None
+        raise ApiError(422, UnsupportedOptionError.code, e.message) from None
     resolve = resolve or dns.resolve_with_deadline
     _check_source(shim, req.video_url, "video_url", resolve)
     if req.callback_url:
@@ -48,7 +49,7 @@ def check_request(shim: Shim, req: ProcessRequest, resolve: Any = None) -> None:
 def _check_source(shim: Shim, url: str, field: str, resolve: Any) -> None:
     if url.startswith("upload://"):
         if upload_id(url) is None:
-            raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: malformed upload id")
+            raise ApiError(422, DownloadError.code, f"{field}: malformed upload id")
         return
     _check_url(url, field, shim.source_policy, resolve)
 
@@ -70,7 +71,7 @@ def _check_url(url: str, field: str, policy: Any, resolve: Any) -> None:
             ) from None
         raise ApiError(422, e.code, f"{field}: {e.message}") from None
     except Exception:
-        raise ApiError(422, "DOWNLOAD_ERROR", f"{field}: URL not accepted") from None
+        raise ApiError(422, DownloadError.code, f"{field}: URL not accepted") from None
 
 
 async def check_request_async(shim: Shim, req: ProcessRequest) -> None:
@@ -181,7 +182,7 @@ async def wait_until_done(shim: Shim, job_id: str, rec: JobRecord | None) -> Job
     if rec is None:  # created a moment ago and already forgotten (a Redis flush): say so plainly
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly")
     deadline = time.monotonic() + shim.settings.transcribe_wait_s
-    while rec.status not in ("completed", "failed") and time.monotonic() < deadline:
+    while not is_terminal(rec.status) and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
         rec = await store.get(job_id) or rec
     return rec
@@ -191,23 +192,12 @@ async def wait_until_done(shim: Shim, job_id: str, rec: JobRecord | None) -> Job
 
 
 def job_state(rec: JobRecord, result: dict[str, Any] | None) -> JobState:
-    return JobState(
-        job_id=rec.job_id,
-        status=rec.status,  # type: ignore[arg-type]
-        progress=rec.progress,
-        message=rec.message,
-        stage=rec.stage,
-        result=result,
-        error_code=rec.error_code,
-        error_message=rec.error_message,
-        created_at=rec.created_at,
-        updated_at=rec.updated_at,
-    )
+    return from_record(JobState, rec, result=result)
 
 
 async def state_of_async(shim: Shim, rec: JobRecord) -> JobState:
     result = None
-    if rec.status == "completed":
+    if rec.status == JobStatus.COMPLETED:
         env = await shim.async_store().get_result(rec.job_id)
         result = env.get("result") if env else None
     return job_state(rec, result)

@@ -12,24 +12,15 @@ workers with the real models, a real callback receiver — and disturbs them:
 5. ``many``:     many short jobs over 2 workers.
 6. ``oom``:      a CUDA out-of-memory error injected in transcribe.
 7. ``spot``:     a spot interruption notice (fake IMDSv2) to the worker running a model stage.
-8. ``slow_receiver``:      two dispatchers, a receiver slower per POST than the dispatch lock's
-                           TTL, 10 jobs' events: all delivered, in order, none twice.
-9. ``crash_before_final``: the merge process killed after the result is stored, before the job
-                           is reported: one final callback per job all the same.
-10. ``poison``:             a stage that kills its own process on every delivery: the job fails
-                           (STAGE_CRASHED) after N deliveries, its final goes out, the worker
-                           serves the next job.
-11. ``restart_in_place``:  a worker killed mid-job and restarted under the same name on the same
-                           host: its previous life's message restored within 60 s.
-12. ``redis_blip``:        Redis down 10 s while 2 stages run: all jobs complete, none stalls
-                           more than 60 s.
-13. ``cancel_during_merge``: a DELETE while merge runs: record and final callback agree.
+
+The delivery scenarios (slow receiver, crash before the final, poison message, restart in
+place, Redis blip, cancel during merge) are ``bench/chaos_delivery.py``.
 
 Prints one JSON line of counts. ``--quick`` shrinks every scenario (what ``make test``
 runs); the defaults are the issue's figures (20 jobs / 5 kills, 10 queued, 60 s down,
 200 jobs).
 
-usage: python -m bench.chaos [--quick] [--scenarios kill,redis,receiver,sigterm,many,oom,spot,slow_receiver,...]
+usage: python -m bench.chaos [--quick] [--scenarios kill,redis,receiver,sigterm,many,oom,spot]
 """
 
 from __future__ import annotations
@@ -44,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.chaos_delivery import NEW_SCENARIOS, run_new_scenarios
 from bench.harness import Fleet, Receiver, make_clips, wait_for
 from ecg_audio.jobs import is_terminal
 from worker.liveness import RESTORED_KEY
@@ -226,7 +216,7 @@ def scenario_spot(var: Path, seconds: float, drain_s: float) -> dict[str, Any]:
     The liveness restore is pushed out of reach (``worker_dead_after_s`` 600 s), so the job
     can only finish in time if the interrupted worker hands its stage back itself.
     """
-    from tests.fake_imds import FakeImds
+    from bench.fake_imds import FakeImds
 
     imds = {"w1": FakeImds("i-0chaos1"), "w2": FakeImds("i-0chaos2")}
     fleet = Fleet(
@@ -292,7 +282,7 @@ def _running_model_stage(fleet: Fleet, timeout: float) -> tuple[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts, for make test")
-    every = ("kill", "redis", "receiver", "sigterm", "many", "oom", "spot", *NEW_SCENARIOS)
+    every = ("kill", "redis", "receiver", "sigterm", "many", "oom", "spot")
     ap.add_argument("--scenarios", default=",".join(every))
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
@@ -316,7 +306,6 @@ def main() -> int:
         if "spot" in wanted:
             # quick: the stage is handed back at once (drain 0 s); full: it may finish first (90 s)
             out["spot"] = scenario_spot(var, 20.0 if a.quick else 60.0, 0.0 if a.quick else 90.0)
-        run_new_scenarios(wanted, var, a.quick, out)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out))
     return 0

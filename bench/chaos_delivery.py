@@ -1,12 +1,32 @@
-"""The delivery scenarios of the chaos bench (issue 17): a slow receiver, a crash before the
-final event, a poison message, a restart in place, a Redis blip, a cancel during merge.
+#!/usr/bin/env python3
+"""Chaos bench, delivery faults: every event delivered once, in order, whatever breaks.
 
-``bench.chaos`` runs them beside its own scenarios (``run_new_scenarios``); each returns the
-counts it prints.
+Real processes as in ``bench.chaos`` (Redis, Celery workers with the real models, a callback
+receiver), disturbed:
+
+1. ``slow_receiver``:       two dispatchers, a receiver slower per POST than the dispatch lock's
+                            TTL, 10 jobs' events: all delivered, in order, none twice.
+2. ``crash_before_final``:  the merge process killed after the result is stored, before the job
+                            is reported: one final callback per job all the same.
+3. ``poison``:              a stage that kills its own process on every delivery: the job fails
+                            (STAGE_CRASHED) after N deliveries, its final goes out, the worker
+                            serves the next job.
+4. ``restart_in_place``:    a worker killed mid-job and restarted under the same name on the same
+                            host: its previous life's message restored within 60 s.
+5. ``redis_blip``:          Redis down 10 s while 2 stages run: all jobs complete, none stalls
+                            more than 60 s.
+6. ``cancel_during_merge``: a DELETE while merge runs: record and final callback agree.
+
+Prints one JSON line of counts; ``--quick`` shrinks the scenarios (what ``make test`` runs).
+
+usage: python -m bench.chaos_delivery [--quick] [--scenarios slow_receiver,poison,...]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -241,7 +261,7 @@ def scenario_cancel_during_merge(var: Path) -> dict[str, Any]:
         rcv.down()
 
 
-NEW_SCENARIOS = (
+SCENARIOS = (
     "slow_receiver",
     "crash_before_final",
     "poison",
@@ -251,7 +271,7 @@ NEW_SCENARIOS = (
 )
 
 
-def run_new_scenarios(wanted: list[str], var: Path, quick: bool, out: dict[str, Any]) -> None:
+def run_scenarios(wanted: list[str], var: Path, quick: bool, out: dict[str, Any]) -> None:
     if "slow_receiver" in wanted:
         out["slow_receiver"] = scenario_slow_receiver(var, 3 if quick else 10)
     if "crash_before_final" in wanted:
@@ -264,3 +284,22 @@ def run_new_scenarios(wanted: list[str], var: Path, quick: bool, out: dict[str, 
         out["redis_blip"] = scenario_redis_blip(var, 10.0)
     if "cancel_during_merge" in wanted:
         out["cancel_during_merge"] = scenario_cancel_during_merge(var)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts, for make test")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--keep", help="keep logs and workspaces in this directory")
+    a = ap.parse_args()
+    out: dict[str, Any] = {"quick": a.quick}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ecg-chaos-delivery-") as tmp:
+        run_scenarios(a.scenarios.split(","), Path(a.keep or tmp), a.quick, out)
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

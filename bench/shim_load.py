@@ -169,7 +169,8 @@ def component_costs(redis_url: str, n: int = 1000) -> dict[str, float]:
 
     import redis
 
-    from api_shim.app import ProcessRequest, make_celery
+    from api_shim.deps import make_celery
+    from api_shim.schemas import ProcessRequest
     from ecg_audio.chain import ChainMessages
     from ecg_audio.jobs import JobStore
     from ecg_audio.settings import get_settings
@@ -283,7 +284,7 @@ def main() -> int:
             time.sleep(1.0)  # the shim finishes what was in flight when wrk stopped
             records = int(r.zcard("ecg:jobs:all"))
             keys = sum(1 for _ in r.scan_iter("ecg:job:*", count=10000))
-            from api_shim.app import queue_depth
+            from api_shim.probes import queue_depth
 
             depth = queue_depth(r)
             components = component_costs(fleet.redis_url, 100 if a.seconds < 10 else 1000)

@@ -28,7 +28,6 @@ import json
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -40,11 +39,13 @@ import redis
 import structlog
 from redis.exceptions import LockError, LockNotOwnedError
 
-QUEUE_PREFIX = "ecg:cb:q:"
-DUE_KEY = "ecg:cb:due"
-LOCK_PREFIX = "ecg:cb:lock:"
-DELIVERED_KEY = "ecg:cb:delivered"  # counter, for operators and tests
-DEAD_PREFIX = "ecg:cb:dead:"
+from ecg_audio import keys
+
+QUEUE_PREFIX = keys.CALLBACK_QUEUE
+DUE_KEY = keys.CALLBACK_DUE
+LOCK_PREFIX = keys.CALLBACK_LOCK
+DELIVERED_KEY = keys.CALLBACK_DELIVERED  # counter, for operators and tests
+DEAD_PREFIX = keys.CALLBACK_DEAD
 
 log = structlog.get_logger("ecg.callbacks")
 
@@ -147,18 +148,6 @@ class CallbackOutbox:
         self._fenced = client.register_script(_FENCED_LUA)
         # POSTs run here so that the dispatcher can bound each by a total deadline and renew its lock
         self._posts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ecg-callback-post")
-
-    # --- producing -----------------------------------------------------
-    def enqueue(self, job_id: str, url: str, payload: dict[str, Any]) -> str:
-        """Append a raw event (tests, benches). Jobs' events are written by ``ecg_audio.job_events``,
-        with the record's state, in one step. Returns the event id."""
-        event_id = f"{job_id}:{uuid.uuid4().hex[:12]}"
-        event = {"event_id": event_id, "url": url, "payload": {**payload, "event_id": event_id}, "attempts": 0}
-        pipe = self.r.pipeline()
-        pipe.rpush(QUEUE_PREFIX + job_id, json.dumps(event))
-        pipe.zadd(DUE_KEY, {job_id: time.time()}, nx=True)
-        pipe.execute()
-        return event_id
 
     # --- delivering ----------------------------------------------------
     def deliver_due(self, client: httpx.Client, *, limit: int = 20) -> int:

@@ -51,23 +51,6 @@ from ecg_audio.queues import queue_key
 STAGES: tuple[str, ...] = stage_table.STAGE_NAMES
 
 
-def job_payload(
-    job_id: str,
-    source: str,
-    *,
-    language: str | None = None,
-    callback_url: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "source": source,
-        "language": language,
-        "callback_url": callback_url,
-        "options": dict(options or {}),
-    }
-
-
 def new_nonce() -> str:
     """Eight hex digits that tell one sending of a job's chain from another (a requeue)."""
     return uuid.uuid4().hex[:8]

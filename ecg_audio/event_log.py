@@ -25,15 +25,17 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio
 
-KEY_PREFIX = "ecg:job:"
-KEY_SUFFIX = ":events"
+from ecg_audio import keys
+
+KEY_PREFIX = keys.JOB
+KEY_SUFFIX = keys.EVENTS_SUFFIX
 MAXLEN = 1000
 DEFAULT_TTL_S = 7 * 24 * 3600  # JobStore's default: the log lives as long as the record
 FINAL_SUFFIX = ":final"
@@ -147,33 +149,6 @@ def read_all(client: redis.Redis, job_id: str) -> list[Event]:
     return _entries(entries)
 
 
-def follow(
-    client: redis.Redis, job_id: str, *, last_event_id: str | None = None, block_ms: int = 5000
-) -> Iterator[Event | None]:
-    """The job's events after ``last_event_id``, then new ones as they come, until the final event.
-
-    Yields ``None`` each time ``block_ms`` passes without an event (the caller may give up).
-    ``client`` must allow a socket timeout longer than ``block_ms``.
-    """
-    position, backlog = _after(read_all(client, job_id), last_event_id)
-    for ev in backlog:
-        yield ev
-        if ev.final and ev is backlog[-1]:  # an earlier run's final event is passed on
-            return
-        position = ev.entry_id
-    k = key(job_id)
-    while True:
-        reply: Any = client.xread({k: position}, count=100, block=block_ms)
-        if not reply:
-            yield None
-            continue
-        for ev in _entries(reply):
-            position = ev.entry_id
-            yield ev
-            if ev.final:
-                return
-
-
 # --- asyncio reader ---------------------------------------------------------
 
 
@@ -186,44 +161,6 @@ async def last_event_async(client: redis.asyncio.Redis, job_id: str) -> Event | 
 async def read_all_async(client: redis.asyncio.Redis, job_id: str) -> list[Event]:
     entries: Any = await client.xrange(key(job_id))
     return _entries(entries)
-
-
-class AsyncFollower:
-    """``follow`` on a ``redis.asyncio`` client: one ``XREAD BLOCK`` at a time, no thread.
-
-    ``async for ev in AsyncFollower(...)`` yields events, and ``None`` after each quiet
-    ``block_ms`` (time for a keep-alive), until the final event.
-    """
-
-    def __init__(
-        self, client: redis.asyncio.Redis, job_id: str, *, last_event_id: str | None = None, block_ms: int = 5000
-    ) -> None:
-        self.r = client
-        self.job_id = job_id
-        self.last_event_id = last_event_id
-        self.block_ms = block_ms
-        self.done = False
-
-    async def __aiter__(self) -> AsyncIterator[Event | None]:
-        position, backlog = _after(await read_all_async(self.r, self.job_id), self.last_event_id)
-        for ev in backlog:
-            yield ev
-            position = ev.entry_id
-            if ev.final and ev is backlog[-1]:  # an earlier run's final event is passed on
-                self.done = True
-                return
-        k = key(self.job_id)
-        while True:
-            reply: Any = await self.r.xread({k: position}, count=100, block=self.block_ms)
-            if not reply:
-                yield None
-                continue
-            for ev in _entries(reply):
-                position = ev.entry_id
-                yield ev
-                if ev.final:
-                    self.done = True
-                    return
 
 
 # --- one reader for many streams ----------------------------------------------
@@ -308,17 +245,6 @@ class EventHub:
         if backlog:
             position = backlog[-1].entry_id
         return self._subscribe(stream, position, backlog)
-
-    async def follow(
-        self, job_id: str, *, last_event_id: str | None = None, idle_s: float = 15.0
-    ) -> AsyncIterator[Event | None]:
-        """``subscribe`` + ``events`` + ``close``, as ``AsyncFollower`` does with its own reads."""
-        sub = await self.subscribe(job_id, last_event_id=last_event_id)
-        try:
-            async for ev in sub.events(idle_s):
-                yield ev
-        finally:
-            sub.close()
 
     def _subscribe(self, stream: str, position: str, backlog: list[Event]) -> Subscription:
         sub = Subscription(self, stream, position, backlog)

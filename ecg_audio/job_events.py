@@ -29,8 +29,9 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+import redis.asyncio
 
-from ecg_audio import event_log
+from ecg_audio import event_log, keys
 from ecg_audio.callbacks import DUE_KEY, QUEUE_PREFIX
 from ecg_audio.queues import WAITING_PREFIX
 
@@ -55,9 +56,19 @@ def is_terminal(status: str | None) -> bool:
     return status in TERMINAL
 
 
-RECORD_PREFIX = "ecg:job:"
+def lua_with_statuses(script: str, **constants: str) -> str:
+    """``script`` after a generated header that defines the status names as Lua locals (``QUEUED`` ..
+    ``FAILED``, and the set ``TERMINAL``) and each of ``constants`` (a key prefix, say): the Redis
+    scripts never spell a status or a key name of their own."""
+    values = {s.name: s.value for s in JobStatus} | constants
+    names = "".join(f"local {name} = {json.dumps(value)}\n" for name, value in values.items())
+    terminal = ", ".join(f"[{s.name}] = true" for s in JobStatus if s.terminal)
+    return f"{names}local TERMINAL = {{{terminal}}}\n{script}"
+
+
+RECORD_PREFIX = keys.JOB
 OUTBOX_PREFIX = QUEUE_PREFIX  # the callback outbox's keys, as ecg_audio.callbacks delivers from them
-FAILED_SET = "ecg:jobs:failed"
+FAILED_SET = keys.JOBS_FAILED
 EVENT_LOG_MAXLEN = event_log.MAXLEN
 event_log_key = event_log.key  # the per-job event log the shim streams from
 
@@ -74,10 +85,10 @@ def final_event_id(job_id: str, run: int) -> str:
 # run had no final event yet: the one its record calls for was emitted; 0 no record; -1 nothing to do
 # (finished, its final already out);
 # -2 the caller's run is not the record's (a requeue started a new one).
-EMIT_LUA = """
+EMIT_LUA = lua_with_statuses("""
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then return {0, ''} end
-local T = {completed = true, failed = true}
+local T = TERMINAL
 local status = redis.call('HGET', key, 'status')
 local run = redis.call('HGET', key, 'run') or '1'
 local job = redis.call('HGET', key, 'job_id')
@@ -104,14 +115,14 @@ else
     if new ~= nil and new > old then redis.call('HSET', key, 'progress', ARGV[6]) end
     redis.call('HSET', key, 'status', ARGV[5], 'stage', ARGV[7], 'message', ARGV[8],
                'error_code', ARGV[9], 'error_message', ARGV[10], 'updated_at', now)
-    if ARGV[5] == 'failed' then redis.call('ZADD', KEYS[5], now, job) end
+    if ARGV[5] == FAILED then redis.call('ZADD', KEYS[5], now, job) end
   end
   redis.call('HSET', key, 'final_event_id', eid)
 end
-if status == 'queued' then
+if status == QUEUED then
   -- taken (or ended) while waiting: it leaves the waiting line that queue positions are read from
   local q = redis.call('HGET', key, 'queue_key')
-  if q then redis.call('ZREM', '""" + WAITING_PREFIX + """' .. q, job) end
+  if q then redis.call('ZREM', WAITING_PREFIX .. q, job) end
 end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
@@ -125,7 +136,7 @@ local flat = redis.call('HGETALL', key)
 for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
 local function str(v) if v == nil or v == '' then return 'null' end return cjson.encode(v) end
 local result = 'null'
-if ARGV[1] ~= 'progress' and h['status'] == 'completed' and ARGV[11] ~= '' then result = ARGV[11] end
+if ARGV[1] ~= 'progress' and h['status'] == COMPLETED and ARGV[11] ~= '' then result = ARGV[11] end
 local body = '{"event_id":' .. cjson.encode(eid) .. ',"job_id":' .. cjson.encode(job)
   .. ',"status":' .. cjson.encode(h['status']) .. ',"progress":' .. string.format('%d', tonumber(h['progress']) or 0)
   .. ',"message":' .. cjson.encode(h['message'] or '') .. ',"stage":' .. str(h['stage'])
@@ -144,7 +155,46 @@ if url then
   redis.call('ZADD', KEYS[3], 'NX', now, job)
 end
 return {code, eid}
-"""
+""", WAITING_PREFIX=WAITING_PREFIX)
+
+
+def _emit_call(
+    job_id: str,
+    mode: str,
+    ttl_s: int,
+    *,
+    status: str,
+    progress: int | None,
+    stage: str | None,
+    message: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    result: dict[str, Any] | None = None,
+    run: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """``EMIT_LUA``'s keys and arguments."""
+    keys = [RECORD_PREFIX + job_id, OUTBOX_PREFIX + job_id, DUE_KEY, event_log_key(job_id), FAILED_SET]
+    args = [
+        mode,
+        repr(time.time()),
+        str(int(ttl_s)),
+        uuid.uuid4().hex[:12],
+        str(status),
+        "" if progress is None else str(int(progress)),
+        stage or "",
+        message,
+        error_code or "",
+        error_message or "",
+        "" if result is None else json.dumps(result, ensure_ascii=False),
+        str(EVENT_LOG_MAXLEN),
+        "" if run is None else str(int(run)),
+    ]
+    return keys, args
+
+
+def _emit_reply(reply: Any) -> tuple[int, str]:
+    code, eid = reply
+    return int(code), eid.decode() if isinstance(eid, bytes) else str(eid)
 
 
 class JobEvents:
@@ -155,38 +205,9 @@ class JobEvents:
         self.ttl_s = ttl_s
         self._emit = client.register_script(EMIT_LUA)
 
-    def _call(
-        self,
-        job_id: str,
-        mode: str,
-        *,
-        status: str,
-        progress: int | None,
-        stage: str | None,
-        message: str,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        result: dict[str, Any] | None = None,
-        run: int | None = None,
-    ) -> tuple[int, str]:
-        keys = [RECORD_PREFIX + job_id, OUTBOX_PREFIX + job_id, DUE_KEY, event_log_key(job_id), FAILED_SET]
-        args = [
-            mode,
-            repr(time.time()),
-            str(int(self.ttl_s)),
-            uuid.uuid4().hex[:12],
-            str(status),
-            "" if progress is None else str(int(progress)),
-            stage or "",
-            message,
-            error_code or "",
-            error_message or "",
-            "" if result is None else json.dumps(result, ensure_ascii=False),
-            str(EVENT_LOG_MAXLEN),
-            "" if run is None else str(int(run)),
-        ]
-        code, eid = self._emit(keys=keys, args=args)  # type: ignore[misc]
-        return int(code), eid.decode() if isinstance(eid, bytes) else str(eid)
+    def _call(self, job_id: str, mode: str, **fields: Any) -> tuple[int, str]:
+        keys, args = _emit_call(job_id, mode, self.ttl_s, **fields)
+        return _emit_reply(self._emit(keys=keys, args=args))
 
     def progress(self, job_id: str, *, progress: int, stage: str, message: str) -> bool:
         """A milestone: False when the job is unknown or already finished (nothing emitted)."""
@@ -225,3 +246,18 @@ class JobEvents:
             result=result,
             run=run,
         )
+
+
+class AsyncJobEvents:
+    """``JobEvents.finish`` on a ``redis.asyncio`` client: the shim's event streams, which write the
+    final event a finished job's record calls for when its log has none (the same script, once)."""
+
+    def __init__(self, client: redis.asyncio.Redis, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self._emit = client.register_script(EMIT_LUA)
+
+    async def finish(self, job_id: str, status: JobStatus, **fields: Any) -> tuple[int, str]:
+        if not status.terminal:
+            raise ValueError(f"{status} is not a terminal status")
+        keys, args = _emit_call(job_id, "terminal", self.ttl_s, status=status, **fields)
+        return _emit_reply(await self._emit(keys=keys, args=args))

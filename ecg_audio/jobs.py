@@ -19,25 +19,36 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 
-# the one terminal-status type lives with the event builder (the final event and the terminal state
-# are written together there)
-from ecg_audio.job_events import FAILED_SET, TERMINAL, JobEvents, JobStatus, is_terminal
+from ecg_audio import keys
+
+# the one status type lives with the event builder (the final event and the terminal state are
+# written together there)
+from ecg_audio.job_events import (
+    FAILED_SET,
+    TERMINAL,
+    AsyncJobEvents,
+    JobEvents,
+    JobStatus,
+    is_terminal,
+    lua_with_statuses,
+)
+from ecg_audio.messages import text
 from ecg_audio.queues import WAITING_PREFIX, WAITING_SEQ
 
 if TYPE_CHECKING:
     from ecg_audio.chain import ChainMessage
 
-PREFIX = "ecg:job:"
-RESULT_PREFIX = "ecg:result:"
-ALL_SET = "ecg:jobs:all"
+PREFIX = keys.JOB
+RESULT_PREFIX = keys.RESULT
+ALL_SET = keys.JOBS_ALL
 
 __all__ = ["TERMINAL", "JobStatus", "is_terminal", "JobRecord", "JobStore", "AsyncJobStore"]
 
-_UPDATE_LUA = """
+_UPDATE_LUA = lua_with_statuses("""
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then return 0 end
 local status = redis.call('HGET', key, 'status')
-if status == 'completed' or status == 'failed' then
+if TERMINAL[status] then
   if ARGV[5] ~= '1' then return -1 end
 end
 local old = tonumber(redis.call('HGET', key, 'progress') or '0')
@@ -48,9 +59,9 @@ for i = 6, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', key, 'updated_at', ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', key, ARGV[4]) end
 return 1
-"""
+""")
 
-OWNER_PREFIX = "ecg:jobs:owner:"
+OWNER_PREFIX = keys.JOBS_OWNER
 
 # KEYS: the record, the index of all jobs[, the queue list]
 # ARGV: job_id, now, request JSON, ttl, message ('' = none), task-sent event ('' = none), event channel,
@@ -59,23 +70,24 @@ OWNER_PREFIX = "ecg:jobs:owner:"
 # The message is pushed before anything else is written: should that fail (OOM, a wrong type), the
 # script has written nothing. An owned job is also indexed per owner (OWNER_PREFIX), newest last,
 # entries older than the TTL trimmed on the way.
-_CREATE_LUA = """
+_CREATE_LUA = lua_with_statuses(
+    """
 local key = KEYS[1]
 if redis.call('HEXISTS', key, 'job_id') == 1 then return redis.call('HGETALL', key) end
 if ARGV[5] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[5])
   redis.call('HSET', key, 'queue_key', KEYS[3], 'queue_task_id', ARGV[9])
   -- in the waiting line the shim reads queue positions from (ecg_audio.queues.WAITING_PREFIX)
-  redis.call('ZADD', '""" + WAITING_PREFIX + """' .. KEYS[3], redis.call('INCR', '""" + WAITING_SEQ + """'), ARGV[1])
+  redis.call('ZADD', WAITING_PREFIX .. KEYS[3], redis.call('INCR', WAITING_SEQ), ARGV[1])
 end
-redis.call('HSET', key, 'job_id', ARGV[1], 'status', 'queued', 'progress', '0', 'message', 'Queued',
+redis.call('HSET', key, 'job_id', ARGV[1], 'status', QUEUED, 'progress', '0', 'message', QUEUED_MESSAGE,
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', key, ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 -- the all-jobs index keeps what the records keep (Redis runs noeviction)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[4]))
 if ARGV[8] ~= '' then
-  local index = '""" + OWNER_PREFIX + """' .. ARGV[8]
+  local index = OWNER_PREFIX .. ARGV[8]
   redis.call('HSET', key, 'owner', ARGV[8])
   redis.call('ZADD', index, ARGV[2], ARGV[1])
   redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[4])))
@@ -83,15 +95,21 @@ if ARGV[8] ~= '' then
 end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
-"""
+""",
+    OWNER_PREFIX=OWNER_PREFIX,
+    QUEUED_MESSAGE=text("job.queued", "en"),
+    WAITING_PREFIX=WAITING_PREFIX,
+    WAITING_SEQ=WAITING_SEQ,
+)
 
 
 # KEYS: record, failed index. ARGV: force, now, ttl. Returns the new run, 0 unknown, -1 not finished.
-_REQUEUE_LUA = """
+_REQUEUE_LUA = lua_with_statuses(
+    """
 local key = KEYS[1]
 if redis.call('HEXISTS', key, 'job_id') == 0 then return 0 end
 local status = redis.call('HGET', key, 'status')
-if ARGV[1] ~= '1' and status ~= 'completed' and status ~= 'failed' then return -1 end
+if ARGV[1] ~= '1' and not TERMINAL[status] then return -1 end
 local run = (tonumber(redis.call('HGET', key, 'run') or '1') or 1) + 1
 local fields = redis.call('HKEYS', key)
 for _, f in ipairs(fields) do
@@ -100,12 +118,14 @@ for _, f in ipairs(fields) do
     redis.call('HDEL', key, f)
   end
 end
-redis.call('HSET', key, 'status', 'queued', 'error_code', '', 'error_message', '',
-           'message', 'Requeued by operator', 'run', run, 'updated_at', ARGV[2])
+redis.call('HSET', key, 'status', QUEUED, 'error_code', '', 'error_message', '',
+           'message', REQUEUED_MESSAGE, 'run', run, 'updated_at', ARGV[2])
 redis.call('EXPIRE', key, ARGV[3])
 redis.call('ZREM', KEYS[2], redis.call('HGET', key, 'job_id'))
 return run
-"""
+""",
+    REQUEUED_MESSAGE=text("job.requeued", "en"),
+)
 
 
 def _create_call(
@@ -151,7 +171,7 @@ class JobRecord:
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
         return cls(
             job_id=h["job_id"],
-            status=h.get("status", "queued"),
+            status=h.get("status", JobStatus.QUEUED),
             progress=int(float(h.get("progress", 0))),
             message=h.get("message", ""),
             stage=h.get("stage") or None,
@@ -238,7 +258,7 @@ class JobStore:
             job_id,
             JobStatus.FAILED,
             stage=stage,
-            message=summary or f"Failed: {message}",
+            message=summary or text("job.failed", "en", error=message),
             error_code=code,
             error_message=message,
             run=run,
@@ -267,6 +287,7 @@ class AsyncJobStore:
         self.r = client
         self.ttl_s = ttl_s
         self._create = self.r.register_script(_CREATE_LUA)
+        self.events = AsyncJobEvents(client, ttl_s)
 
     async def create_or_get(
         self, job_id: str, request: dict[str, Any], *, message: ChainMessage | None = None, owner: str | None = None

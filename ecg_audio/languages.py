@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ecg_audio.settings import EMBEDDED, Settings
 from pipeline.errors import UnsupportedOptionError
-from pipeline.speech_types import CER_LANGUAGES, CHARACTER_SUBTITLE_LANGUAGES, UNSPACED_LANGUAGES
+from pipeline.language_rules import CER_LANGUAGES, CHARACTER_SUBTITLE_LANGUAGES, UNSPACED_LANGUAGES
 
 __all__ = [
     "CER_LANGUAGES",

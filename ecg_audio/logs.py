@@ -46,15 +46,10 @@ def configure_logging(level: str = "INFO", json_output: bool = True) -> None:
 
 
 def quiet_model_warnings() -> None:
-    """Silence warnings that say nothing actionable in this deployment.
-
-    torchcodec warns at import when system FFmpeg libraries are absent; we never
-    decode files through it (audio reaches pyannote as an in-memory tensor).
-    """
+    """Silence warnings that say nothing actionable in this deployment (pyannote's torchcodec warning
+    is silenced where pyannote is imported, ``pipeline.diarize``)."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=r".*torchcodec.*", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pyannote\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torchaudio\..*")
     warnings.filterwarnings("ignore", message=r".*upgrade_checkpoint.*")

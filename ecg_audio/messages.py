@@ -1,9 +1,9 @@
 """What a job's progress and errors say, in English and Korean.
 
 Milestones and progress steps have stable keys; the stage table and the stage bodies report
-English text, and the reporter turns it into the job's locale here (``localize``), so the job
-record (``/jobs/{id}``), the callbacks and the command line's progress bar all speak the
-job's language. Error codes never change; only the message a person reads does.
+keys, and the reporter renders each once, in the job's locale (``text``), so the job record
+(``/jobs/{id}``), the callbacks and the command line's progress bar all speak the job's
+language. Error codes never change; only the message a person reads does.
 
 No torch, no Celery: the shim, the workers and the command line all import this.
 """
@@ -12,10 +12,21 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from pipeline.errors import (
+    CancelledError,
+    DownloadError,
+    GPUMemoryError,
+    InvalidMediaError,
+    ProcessingError,
+    StageCrashedError,
+    StageTimeoutError,
+    UnsupportedOptionError,
+)
+
 Locale = Literal["en", "ko"]
 LOCALES: tuple[str, ...] = get_args(Locale)
 
-# key -> {locale: text}. The English texts are those the stage table and bodies report.
+# key -> {locale: text}
 MESSAGES: dict[str, dict[str, str]] = {
     # the milestones (one per entry of tasks.stages.STAGES, and the two inside a stage)
     "input_ready": {"en": "Input ready: audio extracted", "ko": "비디오 다운로드 완료"},
@@ -33,20 +44,22 @@ MESSAGES: dict[str, dict[str, str]] = {
     "word_times.running": {"en": "Timing words", "ko": "단어 시간 정렬 중..."},
     "features.running": {"en": "Measuring voices", "ko": "음성 특징 측정 중..."},
     # the record's own states
-    "queued": {"en": "Queued", "ko": "대기 중"},
-    "requeued": {"en": "Requeued by operator", "ko": "운영자가 다시 대기열에 넣음"},
-    "failed": {"en": "Failed: {error}", "ko": "실패: {error}"},
+    "job.queued": {"en": "Queued", "ko": "대기 중"},
+    "job.requeued": {"en": "Requeued by operator", "ko": "운영자가 다시 대기열에 넣음"},
+    "job.failed": {"en": "Failed: {error}", "ko": "실패: {error}"},
 }
 
-# error code -> what it means, for a person (the detail after it stays as the worker wrote it)
+# error code (pipeline.errors, the one definition of each) -> what it means, for a person (the detail
+# after it stays as the worker wrote it)
 ERRORS: dict[str, dict[str, str]] = {
-    "DOWNLOAD_ERROR": {"en": "The input could not be downloaded", "ko": "입력 파일을 내려받지 못했습니다"},
-    "INVALID_MEDIA": {"en": "The input is not readable media", "ko": "읽을 수 없는 미디어 파일입니다"},
-    "UNSUPPORTED_OPTION": {"en": "This option is not available", "ko": "지원하지 않는 옵션입니다"},
-    "PROCESSING_ERROR": {"en": "The analysis failed", "ko": "분석 중 오류가 발생했습니다"},
-    "GPU_MEMORY_ERROR": {"en": "Out of GPU memory", "ko": "GPU 메모리가 부족합니다"},
-    "TIMEOUT_ERROR": {"en": "A stage took too long", "ko": "처리 시간이 초과되었습니다"},
-    "CANCELLED": {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
+    DownloadError.code: {"en": "The input could not be downloaded", "ko": "입력 파일을 내려받지 못했습니다"},
+    InvalidMediaError.code: {"en": "The input is not readable media", "ko": "읽을 수 없는 미디어 파일입니다"},
+    UnsupportedOptionError.code: {"en": "This option is not available", "ko": "지원하지 않는 옵션입니다"},
+    ProcessingError.code: {"en": "The analysis failed", "ko": "분석 중 오류가 발생했습니다"},
+    GPUMemoryError.code: {"en": "Out of GPU memory", "ko": "GPU 메모리가 부족합니다"},
+    StageTimeoutError.code: {"en": "A stage took too long", "ko": "처리 시간이 초과되었습니다"},
+    CancelledError.code: {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
+    StageCrashedError.code: {"en": "The stage kept crashing", "ko": "처리 단계가 반복해서 중단되었습니다"},
 }
 
 # details of an error that the catalog has in Korean too (AnalysisError.key; its values fill the
@@ -70,9 +83,6 @@ NOT_MEDIA_KINDS_KO: dict[str, str] = {
     "text": "일반 텍스트",
 }
 
-_BY_ENGLISH = {texts["en"]: key for key, texts in MESSAGES.items()}
-
-
 def resolve_locale(locale: str | None, default: str = "en") -> Locale:
     """'ko', 'ko-KR', 'KO' -> 'ko'; an Accept-Language value ('ko-KR,ko;q=0.9,en;q=0.8') -> its
     first supported language; anything else -> ``default``."""
@@ -87,19 +97,6 @@ def text(key: str, locale: str | None, **values: str) -> str:
     """The message ``key`` in ``locale`` (English when it has no translation)."""
     texts = MESSAGES[key]
     return texts.get(resolve_locale(locale), texts["en"]).format(**values)
-
-
-def key_of(english: str) -> str | None:
-    """The key of an English message, or None for one not in the catalog."""
-    return _BY_ENGLISH.get(english)
-
-
-def localize(message: str, locale: str | None) -> str:
-    """An English progress message in ``locale``; a message not in the catalog unchanged."""
-    if resolve_locale(locale) == "en":
-        return message
-    key = key_of(message)
-    return text(key, locale) if key else message
 
 
 def _detail(detail: str, loc: str, key: str | None, values: dict[str, str] | None) -> str:
@@ -130,4 +127,4 @@ def failed(
     code: str, detail: str, locale: str | None, *, key: str | None = None, values: dict[str, str] | None = None
 ) -> str:
     """The record's message when a job fails ('Failed: ...' in English)."""
-    return text("failed", locale, error=error_message(code, detail, locale, key=key, values=values))
+    return text("job.failed", locale, error=error_message(code, detail, locale, key=key, values=values))

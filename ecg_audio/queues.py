@@ -12,6 +12,8 @@ import bisect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ecg_audio import keys
+
 MODEL_QUEUE = "model"
 CPU_QUEUE = "cpu"
 QUEUES: tuple[str, ...] = (MODEL_QUEUE, CPU_QUEUE)
@@ -20,12 +22,12 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS: list[int] = list(range(10))
 """Every priority a message may carry gets its own list (kombu clamps priorities to 0..9)."""
 
-WAITING_PREFIX = "ecg:waiting:"
+WAITING_PREFIX = keys.WAITING
 """``ecg:waiting:{queue list}``: a sorted set of the jobs whose first message waits in that list,
 scored by arrival (``WAITING_SEQ``). Submission adds a job in the script that pushes its message;
 the event builder removes it when the record leaves ``queued``. A job's queue position is then a
 ``ZRANK`` (O(log n)) instead of a scan of the list (O(n), on every poll of a queued job)."""
-WAITING_SEQ = "ecg:waiting:seq"
+WAITING_SEQ = keys.WAITING_SEQ
 
 
 def waiting_key(list_key: str) -> str:

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ecg_audio.messages import Locale
+
 EMBEDDED = "embedded"
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "xxx"}
 
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     diarization_batch_size: int = Field(32, ge=1, le=256)
     diarization_runtime: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime",
-        description="the embedded diarization models on the CPU: 'onnxruntime' (~1.25x faster on 2 cores; "
+        description="the embedded diarization models on the CPU: 'onnxruntime' (faster, see bench/diarize_bench.py; "
         "exported once into <var>/onnx) or eager 'torch'. CUDA and other pipelines always use torch.",
     )
     alignment_model: str | None = Field(
@@ -108,7 +110,7 @@ class Settings(BaseSettings):
         description='language -> wav2vec2 aligner, e.g. {"ko": "kresnik/wav2vec2-large-xlsr-korean"} (JSON in '
         "ECG_ALIGNMENT_MODELS); a language in neither this nor alignment_model uses Whisper's own word times.",
     )
-    default_locale: Literal["en", "ko"] = Field(
+    default_locale: Locale = Field(
         "en", description="progress and error messages' language when a job gives no options.locale"
     )
     hf_token: SecretStr | None = None

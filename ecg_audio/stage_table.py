@@ -5,8 +5,8 @@ task module registers one Celery task per row; the stage bodies (``tasks/stages.
 each stage's checkpoint artifact and closing milestone. Adding a stage is one row here and
 its body (registered with ``tasks.stages.stage_body``).
 
-Each progress message has a stable key beside its English text, so a message catalog in
-another language can be keyed by it. Torch-free and Celery-free: the shim reads it too.
+Progress is reported as message keys (``ecg_audio.messages`` holds their text in each locale; the
+reporter renders it once, in the job's locale). Torch-free and Celery-free: the shim reads it too.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ TASK_PREFIX = "ecg."
 
 @dataclass(frozen=True)
 class Milestone:
-    """A point of a job's progress: ``progress`` percent, said as ``message``."""
+    """A point of a job's progress: ``progress`` percent, said as the message ``key``."""
 
     key: str
     progress: int
-    message: str
 
 
 @dataclass(frozen=True)
@@ -45,35 +44,28 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", CPU_QUEUE, 1800, "ingest.json", Milestone("input_ready", 10, "Input ready: audio extracted")),
-    Stage("diarize", MODEL_QUEUE, 3 * 3600, "diarization.json", Milestone("speakers", 40, "Speakers found")),
-    Stage("transcribe", MODEL_QUEUE, 3 * 3600, "transcript.json", Milestone("transcription", 60, "Transcription done")),
-    Stage("align", MODEL_QUEUE, 3600, "alignment.json", Milestone("word_times", 70, "Word timestamps done")),
-    Stage("features", CPU_QUEUE, 3600, "features.npz", Milestone("features", 80, "Voice features measured")),
-    Stage("merge", CPU_QUEUE, 600, "result.json", Milestone("done", 100, "Done")),
+    Stage("ingest", CPU_QUEUE, 1800, "ingest.json", Milestone("input_ready", 10)),
+    Stage("diarize", MODEL_QUEUE, 3 * 3600, "diarization.json", Milestone("speakers", 40)),
+    Stage("transcribe", MODEL_QUEUE, 3 * 3600, "transcript.json", Milestone("transcription", 60)),
+    Stage("align", MODEL_QUEUE, 3600, "alignment.json", Milestone("word_times", 70)),
+    Stage("features", CPU_QUEUE, 3600, "features.npz", Milestone("features", 80)),
+    Stage("merge", CPU_QUEUE, 600, "result.json", Milestone("done", 100)),
 )
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 # milestones reported inside a stage
-VAD = Milestone("vad", 25, "Voice activity detected")
-ASSEMBLING = Milestone("assembling", 85, "Assembling the result")
+VAD = Milestone("vad", 25)
+ASSEMBLING = Milestone("assembling", 85)
 
-# what a stage says while it works (the progress figure moves between its milestones)
-STEP_MESSAGES: dict[str, str] = {
-    "detecting_voice_activity": "Detecting voice activity",
-    "finding_speakers": "Finding speakers",
-    "transcribing": "Transcribing",
-    "timing_words": "Timing words",
-    "measuring_voices": "Measuring voices",
+# what a stage says while it works, by step (message keys; the progress figure moves between milestones)
+STEP_KEYS: dict[str, str] = {
+    "detecting_voice_activity": "vad.running",
+    "finding_speakers": "speakers.running",
+    "transcribing": "transcription.running",
+    "timing_words": "word_times.running",
+    "measuring_voices": "features.running",
 }
 
-# every progress message by its key
-MESSAGES: dict[str, str] = {
-    **{s.done.key: s.done.message for s in STAGES},
-    VAD.key: VAD.message,
-    ASSEMBLING.key: ASSEMBLING.message,
-    **STEP_MESSAGES,
-}
-MESSAGE_KEYS: dict[str, str] = {text: key for key, text in MESSAGES.items()}
-"""English message -> key, for code that receives the message (callbacks, the job record)."""
+# every message key a stage reports (each has its text in every locale: a test checks)
+REPORTED_KEYS: tuple[str, ...] = (*(s.done.key for s in STAGES), VAD.key, ASSEMBLING.key, *STEP_KEYS.values())

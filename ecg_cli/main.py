@@ -11,6 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ecg_audio.jobs import JobStatus, is_terminal
+from ecg_audio.messages import LOCALES
+
 DEFAULT_VAR = Path(os.environ.get("ECG_VAR_DIR", "var"))
 
 
@@ -155,13 +158,13 @@ def cmd_submit(a: argparse.Namespace) -> int:
             if st["progress"] != last:
                 last = st["progress"]
                 _progress_bar(st.get("stage") or "", st["progress"], st.get("message") or "")
-            if st["status"] in ("completed", "failed"):
+            if is_terminal(st["status"]):
                 break
             time.sleep(0.5)
-        if st["status"] == "failed":
+        if st["status"] == JobStatus.FAILED:
             print(f"\njob failed: {st['error_code']}: {st['error_message']}", file=sys.stderr)
             return 1
-        envelope = {"job_id": job_id, "status": "completed", "result": st["result"]}
+        envelope = {"job_id": job_id, "status": JobStatus.COMPLETED, "result": st["result"]}
         if a.output:
             Path(a.output).write_text(json.dumps(envelope, ensure_ascii=False, indent=1))
         print_who_said_what(envelope)
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--min-speakers", type=int)
     an.add_argument("--max-speakers", type=int)
     an.add_argument("--language", help="ISO 639-1 code (en, ko, ja ...); default: identified per stretch of speech")
-    an.add_argument("--locale", choices=["en", "ko"], help="language of progress messages (default ECG_DEFAULT_LOCALE)")
+    an.add_argument("--locale", choices=LOCALES, help="language of progress messages (default ECG_DEFAULT_LOCALE)")
     an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     _add_subtitle_args(an)
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--job-id")
     sb.add_argument("--language")
     sb.add_argument("--num-speakers", type=int)
-    sb.add_argument("--locale", choices=["en", "ko"], help="language of the job's progress and error messages")
+    sb.add_argument("--locale", choices=LOCALES, help="language of the job's progress and error messages")
     sb.add_argument("-o", "--output")
     _add_subtitle_args(sb)
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))

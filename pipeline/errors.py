@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 class AnalysisError(Exception):
-    """Base error. ``code`` is what the API reports; ``message`` is for a person."""
+    """Base error. ``code`` is what the API reports; ``message`` is for a person. Each subclass is
+    the one definition of its code (``ecg_audio.messages`` explains each code to a person)."""
 
     code = "PROCESSING_ERROR"
     retryable = False
@@ -58,7 +59,7 @@ class UnsupportedOptionError(AnalysisError):
 
 
 class ProcessingError(AnalysisError):
-    code = "PROCESSING_ERROR"
+    """A failure inside the analysis: the base's code, PROCESSING_ERROR."""
 
 
 class GPUMemoryError(AnalysisError):
@@ -73,15 +74,11 @@ class CancelledError(AnalysisError):
     code = "CANCELLED"
 
 
-ERROR_CODES = (
-    "DOWNLOAD_ERROR",
-    "INVALID_MEDIA",
-    "UNSUPPORTED_OPTION",
-    "PROCESSING_ERROR",
-    "GPU_MEMORY_ERROR",
-    "TIMEOUT_ERROR",
-    "CANCELLED",
-)
+class StageCrashedError(AnalysisError):
+    """A stage's message was delivered more times than the poison-message limit allows: each run
+    killed its worker (or the worker died under it), so the job fails instead of taking down more."""
+
+    code = "STAGE_CRASHED"
 
 
 def is_cuda_oom(exc: BaseException) -> bool:

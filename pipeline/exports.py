@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import UnsupportedOptionError
-from pipeline.speech_types import UNSPACED_LANGUAGES
+from pipeline.language_rules import UNSPACED_LANGUAGES
 
 # (characters a line, characters a second) per language, from Netflix's Timed Text Style Guides:
 # English template: 42 a line, 17 cps for adult programmes (the English (USA) guide allows 20;

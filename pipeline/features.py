@@ -92,10 +92,10 @@ def compute_tracks(wav_path: Path, *, hook: Callable[[float], None] | None = Non
 def warm_up() -> float:
     """Compute the tracks of two seconds of synthetic voice, and return the seconds it took.
 
-    librosa's YIN and peak picking are numba functions compiled on first use (~20 s on
-    2 cores when no cache exists: a new container, a new venv). A worker calls this at
-    start, so that cost never lands on a job's features stage; numba caches the result
-    (``NUMBA_CACHE_DIR`` or beside librosa), so a restart pays ~0.5 s.
+    librosa's YIN and peak picking are numba functions compiled on first use (many seconds
+    when no cache exists: a new container, a new venv). A worker calls this at start, so
+    that cost never lands on a job's features stage; numba caches the result
+    (``NUMBA_CACHE_DIR`` or beside librosa), so a restart pays little.
     """
     import tempfile
     import time

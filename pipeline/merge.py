@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.speech_types import UNSPACED_LANGUAGES
+from pipeline.language_rules import UNSPACED_LANGUAGES
 
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 MAX_GAP_S = 1.5  # a pause this long starts a new segment

@@ -10,15 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# languages written without spaces between words: their words join without spaces, and they
-# are scored by characters (CER), not words
-UNSPACED_LANGUAGES = frozenset({"ja", "zh", "yue", "th", "lo", "km", "my", "bo"})
-# Korean puts spaces between words, but a Korean "word" (eojeol) carries its particles, so one
-# wrong particle fails the whole word: Korean is scored by characters too, as is customary
-CER_LANGUAGES = UNSPACED_LANGUAGES | {"ko"}
-# subtitle lines are cut by characters and duration (not at word boundaries) for these
-CHARACTER_SUBTITLE_LANGUAGES = frozenset({"ko", "ja", "zh", "yue"})
-
 
 @dataclass
 class AsrSegment:

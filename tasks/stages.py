@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from ecg_audio.stage_table import ASSEMBLING, STAGE_BY_NAME, STAGE_NAMES, STAGES, STEP_MESSAGES, VAD
+from ecg_audio.jobs import JobStatus
+from ecg_audio.stage_table import ASSEMBLING, STAGE_BY_NAME, STAGE_NAMES, STAGES, STEP_KEYS, VAD
 from media_io.workspace import S3Workspace, Workspace
 from pipeline.audio import release_freed_memory
 from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
@@ -64,6 +65,8 @@ class ModelProvider(Protocol):
 
 
 class Reporter(Protocol):
+    """Takes a message a person reads; the stage bodies report keys, which ``run_stage`` renders."""
+
     def __call__(self, stage: str, progress: int, message: str) -> None: ...
 
 
@@ -77,15 +80,6 @@ class JobSpec:
     callback_url: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "source": self.source,
-            "language": self.language,
-            "callback_url": self.callback_url,
-            "options": self.options,
-        }
-
     @classmethod
     def from_request(cls, job_id: str, request: dict[str, Any]) -> JobSpec:
         """From the job record's request (what the shim accepted)."""
@@ -95,16 +89,6 @@ class JobSpec:
             language=request.get("language"),
             callback_url=request.get("callback_url"),
             options={k: v for k, v in (request.get("options") or {}).items() if v is not None},
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
-        return cls(
-            job_id=d["job_id"],
-            source=d["source"],
-            language=d.get("language"),
-            callback_url=d.get("callback_url"),
-            options=dict(d.get("options") or {}),
         )
 
 
@@ -168,7 +152,7 @@ class StageOutcome:
 def run_stage(name: str, job: JobSpec, env: StageEnv) -> StageOutcome:
     """Run one stage unless its checkpoint exists. Reports the stage's milestone either way."""
     row = STAGE_BY_NAME[name]
-    artifact, progress, message = row.artifact, row.done.progress, row.done.message
+    artifact, progress, message = row.artifact, row.done.progress, row.done.key
     env = _localized(env, job)
     ws = env.workspace(job.job_id)
     if ws.has(artifact):
@@ -201,14 +185,13 @@ def job_locale(job: JobSpec, env: StageEnv | None = None) -> str:
 
 
 def _localized(env: StageEnv, job: JobSpec) -> StageEnv:
-    """``env`` whose reporter speaks the job's locale (the stages report English; ecg_audio.messages)."""
-    from ecg_audio.messages import localize, resolve_locale
+    """``env`` whose reporter takes message keys: the one place a stage's progress becomes text, in the
+    job's locale (``ecg_audio.messages``)."""
+    from ecg_audio.messages import resolve_locale, text
 
     locale = resolve_locale(job_locale(job, env))
-    if locale == "en":
-        return env
     report = env.report
-    return dataclasses.replace(env, report=lambda stage, p, m: report(stage, p, localize(m, locale)))
+    return dataclasses.replace(env, report=lambda stage, p, key: report(stage, p, text(key, locale)))
 
 
 # --- fault injection (tests only) --------------------------------------
@@ -325,13 +308,13 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         if fraction < 0.3:
             before = STAGE_BY_NAME["ingest"].done.progress
             progress = min(VAD.progress - 1, before + int((VAD.progress - before) * fraction / 0.3))
-            env.report("diarize", progress, STEP_MESSAGES["detecting_voice_activity"])
+            env.report("diarize", progress, STEP_KEYS["detecting_voice_activity"])
         else:
             done = max(0.0, min(1.0, (fraction - 0.3) / 0.7))
             if done == 0.0:
-                env.report("diarize", VAD.progress, VAD.message)
+                env.report("diarize", VAD.progress, VAD.key)
             else:
-                env.report("diarize", _within("diarize", done, start=VAD.progress), STEP_MESSAGES["finding_speakers"])
+                env.report("diarize", _within("diarize", done, start=VAD.progress), STEP_KEYS["finding_speakers"])
 
     def attempt(batch: int, device: str) -> Any:
         # window by window on long files: memory is bounded by a window, not the recording
@@ -359,7 +342,7 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     language = normalize(job.language or job.options.get("language"))  # 'ko-KR' -> 'ko'
     # said at once: language detection and the first batch take seconds before the first 'asr'
     # report, and the record would say 'diarize' all that while (a DELETE then seems to land there)
-    env.report("transcribe", _within("transcribe", 0.0), STEP_MESSAGES["transcribing"])
+    env.report("transcribe", _within("transcribe", 0.0), STEP_KEYS["transcribing"])
 
     def attempt(batch: int, device: str) -> Any:
         model, name = env.models.asr_route(language, model=job.options.get("model"), device=device)
@@ -371,7 +354,7 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
             # speech is found) would jump the record to the stage's end at once
             hook=lambda step, f: (
-                env.report("transcribe", _within("transcribe", f), STEP_MESSAGES["transcribing"])
+                env.report("transcribe", _within("transcribe", f), STEP_KEYS["transcribing"])
                 if step == "asr"
                 else None
             ),
@@ -511,7 +494,7 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
                 ws.path("audio.wav"),
                 part,
                 batch_size=batch,
-                hook=lambda f: env.report("align", _within("align", f), STEP_MESSAGES["timing_words"]),
+                hook=lambda f: env.report("align", _within("align", f), STEP_KEYS["timing_words"]),
             )
 
         def wav2vec2_words(part: Transcript, aligner: tuple[Any, str]) -> Any:
@@ -533,7 +516,7 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
     tracks = compute_tracks(
         ws.path("audio.wav"),
-        hook=lambda f: env.report("features", _within("features", f), STEP_MESSAGES["measuring_voices"]),
+        hook=lambda f: env.report("features", _within("features", f), STEP_KEYS["measuring_voices"]),
     )
     tmp = ws.tmp_path(".npz")
     tracks.save(tmp)
@@ -549,7 +532,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.merge import assemble
 
     t0 = time.perf_counter()
-    env.report("merge", ASSEMBLING.progress, ASSEMBLING.message)
+    env.report("merge", ASSEMBLING.progress, ASSEMBLING.key)
     ingest = ws.read_json("ingest.json")
     transcript = ws.read_json("transcript.json")
     diar = ws.read_json("diarization.json")
@@ -576,7 +559,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)
     md["subtitles"] = subtitle_options(job.options.get("subtitles"))  # every rendering of the exports reads it
-    envelope = {"job_id": job.job_id, "status": "completed", "result": result}
+    envelope = {"job_id": job.job_id, "status": JobStatus.COMPLETED, "result": result}
     for ext, text in exports(result, job.job_id).items():
         env.write_output(f"{job.job_id}.{ext}", text)
     ws.write_json("result.json", envelope)

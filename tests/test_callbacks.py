@@ -16,8 +16,18 @@ import redis
 
 from ecg_audio import callbacks
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy, Dispatcher, sign, verify_signature
+from ecg_audio.jobs import JobStore
 
 KEY = "k3y-for-tests"
+
+
+def enqueue(r: redis.Redis, job: str, url: str, progress: int) -> str:
+    """A progress event of ``job`` into its outbox, written as every job's are: by the event builder, for a
+    record whose callback is ``url``. Returns the event's id."""
+    store = JobStore(r, ttl_s=600)
+    store.create(job, {"video_url": "https://media.example/a.wav", "callback_url": url})
+    assert store.events.progress(job, progress=progress, stage="ingest", message="Working")
+    return str(json.loads(r.lindex(callbacks.QUEUE_PREFIX + job, -1))["event_id"])  # type: ignore[arg-type]
 
 
 class AttemptReceiver:
@@ -140,7 +150,7 @@ def test_verify_signature_false_on_malformed_headers(header: Any) -> None:
 def test_events_delivered_in_order_and_signed(redis_url: str, rcv: AttemptReceiver) -> None:
     box = CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05), KEY)
     job = _job()
-    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "status": "processing", "progress": p}) for p in (10, 25, 40)]
+    ids = [enqueue(box.r, job, rcv.url(), p) for p in (10, 25, 40)]
     with httpx.Client() as c:
         box.deliver_due(c)
     assert rcv.ids() == ids
@@ -156,7 +166,7 @@ def test_receiver_down_then_back_gets_everything(redis_url: str, rcv: AttemptRec
         redis.Redis.from_url(redis_url), DeliveryPolicy(backoff_base_s=0.05, backoff_max_s=0.3, max_attempts=100), KEY
     )
     job = _job()
-    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 100)]
+    ids = [enqueue(box.r, job, rcv.url(), p) for p in (10, 100)]
     d = Dispatcher(box, interval_s=0.05).start()
     try:
         assert _wait(lambda: len(rcv.failed()) >= 3, 10)  # the receiver saw (and refused) retries
@@ -173,8 +183,8 @@ def test_permanent_rejection_does_not_block_later_events(redis_url: str, rcv: At
     r = redis.Redis.from_url(redis_url)
     box = CallbackOutbox(r, DeliveryPolicy(backoff_base_s=0.01), None)
     job = _job()
-    first = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
-    later = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (25, 40)]
+    first = enqueue(box.r, job, rcv.url(), 10)
+    later = [enqueue(box.r, job, rcv.url(), p) for p in (25, 40)]
     rcv.reject_ids = {first}
     with httpx.Client() as c:
         box.deliver_due(c)
@@ -198,7 +208,7 @@ def test_default_policy_dead_letters_after_a_long_outage(
     assert policy.max_attempts == 8
     box = CallbackOutbox(r, policy, KEY)
     job = _job()
-    first = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 10})
+    first = enqueue(box.r, job, rcv.url(), 10)
     rcv.fail_with = 503
     start = clock[0]
     with httpx.Client() as c:
@@ -213,7 +223,7 @@ def test_default_policy_dead_letters_after_a_long_outage(
         assert [json.loads(e)["attempts"] for e in r.lrange(callbacks.DEAD_PREFIX + job, 0, -1)] == [8]
         assert clock[0] - start > 1.0  # the attempts were spread over time
         rcv.fail_with = None
-        nxt = box.enqueue(job, rcv.url(), {"job_id": job, "progress": 20})
+        nxt = enqueue(box.r, job, rcv.url(), 20)
         box.deliver_due(c)
     assert rcv.ids() == [nxt]
 
@@ -225,7 +235,7 @@ def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, 
     policy = DeliveryPolicy(lock_ttl_s=0.4, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
     job = _job()
     boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY) for _ in range(2)]
-    ids = [boxes[0].enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 25, 40)]
+    ids = [enqueue(boxes[0].r, job, rcv.url(), p) for p in (10, 25, 40)]
     ds = [Dispatcher(b, interval_s=0.02).start() for b in boxes]
     try:
         assert _wait(lambda: boxes[0].pending(job) == 0, 60)
@@ -246,8 +256,8 @@ def test_slow_receiver_does_not_stall_other_jobs(redis_url: str, rcv: AttemptRec
         policy = DeliveryPolicy(timeout_s=30.0, deadline_s=1.0, backoff_base_s=0.5, max_attempts=50)
         box = CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY)
         slow_job, fast_job = _job(), _job()
-        box.enqueue(slow_job, rcv.url(), {"job_id": slow_job, "progress": 10})
-        fast_id = box.enqueue(fast_job, fast.url(), {"job_id": fast_job, "progress": 10})
+        enqueue(box.r, slow_job, rcv.url(), 10)
+        fast_id = enqueue(box.r, fast_job, fast.url(), 10)
         d = Dispatcher(box, interval_s=0.02).start()
         t0 = time.monotonic()
         try:
@@ -265,7 +275,7 @@ def test_dead_letters_expire_and_are_trimmed(redis_url: str, rcv: AttemptReceive
     r = redis.Redis.from_url(redis_url)
     box = CallbackOutbox(r, DeliveryPolicy(dead_max=3, dead_ttl_s=3600), None)
     job = _job()
-    ids = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in range(5)]
+    ids = [enqueue(box.r, job, rcv.url(), p) for p in range(5)]
     rcv.reject_ids = set(ids)
     with httpx.Client() as c:
         box.deliver_due(c)

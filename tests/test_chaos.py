@@ -16,9 +16,9 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.timeout(1800)
 
 
-def _chaos(scenarios: str, timeout: float) -> dict[str, Any]:
+def _chaos(scenarios: str, timeout: float, bench: str = "bench.chaos") -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", "--quick", "--scenarios", scenarios],
+        [sys.executable, "-m", bench, "--quick", "--scenarios", scenarios],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,7 +50,11 @@ def test_chaos_quick() -> None:
 
 
 def test_chaos_delivery_quick() -> None:
-    out = _chaos("slow_receiver,crash_before_final,poison,restart_in_place,redis_blip,cancel_during_merge", 1750)
+    out = _chaos(
+        "slow_receiver,crash_before_final,poison,restart_in_place,redis_blip,cancel_during_merge",
+        1750,
+        bench="bench.chaos_delivery",
+    )
     slow = out["slow_receiver"]
     assert slow["delivered"] == slow["events"] and slow["lost"] == 0 and slow["duplicates"] == 0, slow
     assert slow["out_of_order_jobs"] == 0 and slow["final_duplicates"] == 0, slow

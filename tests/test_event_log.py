@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections.abc import Callable
 
 import redis
 import redis.asyncio
@@ -54,8 +55,27 @@ def test_append_in_a_pipeline(redis_url: str) -> None:
     assert [e.event_id for e in event_log.read_all(r, job)] == [f"{job}:a"]
 
 
+async def _follow(
+    redis_url: str, job: str, last_event_id: str | None = None, on_idle: Callable[[list[str]], None] | None = None
+) -> list[str | None]:
+    """The job's events as the shim's streams follow them (``EventHub``): ids, ``None`` for each quiet
+    0.2 s (``on_idle`` is called then with the ids so far), until the final event."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    sub = await event_log.EventHub(client, block_ms=100).subscribe(job, last_event_id=last_event_id)
+    got: list[str | None] = []
+    try:
+        async for ev in sub.events(idle_s=0.2):
+            got.append(None if ev is None else ev.event_id)
+            if ev is None and on_idle is not None:
+                on_idle([g for g in got if g is not None])
+    finally:
+        sub.close()
+        await client.aclose()
+    return got
+
+
 def test_follow_resumes_after_last_event_id_and_waits_for_new_events(redis_url: str) -> None:
-    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = _job()
     for p in (10, 25):
         event_log.append(r, job, f"{job}:p{p}", _progress(job, p))
@@ -66,27 +86,26 @@ def test_follow_resumes_after_last_event_id_and_waits_for_new_events(redis_url: 
             event_log.append(w, job, f"{job}:p{p}", _progress(job, p))
         event_log.append(w, job, f"{job}:final", {"job_id": job, "status": "completed"})
 
-    seen: list[str] = []
     writer = threading.Thread(target=later)
-    for ev in event_log.follow(r, job, last_event_id=f"{job}:p10", block_ms=200):
-        if ev is None:
-            if not writer.is_alive() and not seen[2:]:
-                writer.start()
-            continue
-        seen.append(ev.event_id)
+
+    def start_writer(seen: list[str]) -> None:
+        if writer.ident is None:  # the backlog is out and the follower waits: now the new events
+            assert seen == [f"{job}:p25"]
+            writer.start()
+
+    seen = [g for g in asyncio.run(_follow(redis_url, job, f"{job}:p10", start_writer)) if g is not None]
     writer.join()
     assert seen == [f"{job}:p25", f"{job}:p40", f"{job}:p60", f"{job}:final"]
     # an unknown id (trimmed away) replays the whole log: nothing is missed
-    replay = [ev.event_id for ev in event_log.follow(r, job, last_event_id="nope") if ev is not None]
+    replay = [g for g in asyncio.run(_follow(redis_url, job, "nope")) if g is not None]
     assert replay == [f"{job}:p10", *seen]
 
 
-def test_async_follower_blocks_without_a_thread(redis_url: str) -> None:
+def test_follower_blocks_without_a_thread(redis_url: str) -> None:
     job = _job()
 
     async def main() -> list[str | None]:
         r = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
-        got: list[str | None] = []
 
         async def write() -> None:
             await asyncio.sleep(0.3)
@@ -94,12 +113,9 @@ def test_async_follower_blocks_without_a_thread(redis_url: str) -> None:
             await event_log.append(r, job, f"{job}:final", {})
 
         task = asyncio.create_task(write())
-        reader = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
-        async for ev in event_log.AsyncFollower(reader, job, block_ms=100):
-            got.append(None if ev is None else ev.event_id)
+        got = await _follow(redis_url, job)
         await task
         await r.aclose()
-        await reader.aclose()
         return got
 
     got = asyncio.run(main())
@@ -118,5 +134,5 @@ def test_a_requeued_run_follows_the_earlier_final_event(redis_url: str) -> None:
         assert event_log.append(r, job, eid, {"job_id": job})
     assert all(event_log.is_final(e) for e in (f"{job}:final", f"{job}:final:1", f"{job}:final:12"))
     assert not event_log.is_final(f"{job}:finalize")
-    assert [e.event_id for e in event_log.follow(r, job) if e] == run1 + run2
-    assert [e.event_id for e in event_log.follow(r, job, last_event_id=run1[-1]) if e] == run2
+    assert [e for e in asyncio.run(_follow(redis_url, job)) if e] == run1 + run2
+    assert [e for e in asyncio.run(_follow(redis_url, job, run1[-1])) if e] == run2

@@ -198,9 +198,10 @@ def test_job_ended_without_final_event_gets_one_from_its_record(client: httpx.Cl
     r.hset(f"ecg:job:{job}", mapping={"status": "failed", "error_code": "CANCELLED", "error_message": "cancelled"})
     got = read_sse(client, f"/jobs/{job}/events")
     assert got.ended
-    assert got.ids == [*sent, f"{job}:final"]
+    assert got.ids == [*sent, f"{job}:final:1"]  # written by the one event builder, as every final is
     final = got.events[-1][1]
     assert final["status"] == "failed" and final["error_code"] == "CANCELLED"
+    assert r.hget(f"ecg:job:{job}", "final_event_id") == f"{job}:final:1"  # once: the record knows it is out
 
 
 def test_unknown_job_is_404(client: httpx.Client) -> None:

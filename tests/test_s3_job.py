@@ -30,7 +30,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
     from moto.server import ThreadedMotoServer
 
     import celeryconfig
-    from ecg_audio.chain import job_payload, send_chain
+    from ecg_audio.chain import send_chain
     from ecg_audio.jobs import JobStore
     from ops.stack import start_redis
 
@@ -69,7 +69,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
         store = JobStore.from_url(redis_url)
         job_id = f"s3-{uuid.uuid4().hex[:8]}"
         store.create(job_id, {"video_url": "s3://media-in/calls/sample.wav"})
-        send_chain(app, job_payload(job_id, "s3://media-in/calls/sample.wav"))
+        send_chain(app, {"job_id": job_id})
         deadline = time.monotonic() + 400
         rec = store.get(job_id)
         while time.monotonic() < deadline and rec is not None and rec.status not in ("completed", "failed"):

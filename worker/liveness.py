@@ -32,14 +32,16 @@ from typing import Any
 import redis
 import structlog
 
+from ecg_audio import keys
+
 log = structlog.get_logger("ecg.liveness")
 
-WORKERS_KEY = "ecg:workers:ids"  # set: ids of workers that announced themselves
-HEARTBEAT_PREFIX = "ecg:workers:hb:"  # string per worker, expired by Redis after dead_after_s
-INFLIGHT_PREFIX = "ecg:inflight:"  # set per worker: delivery tags held
-REAPER_LOCK = "ecg:workers:reaper"
-RESTORED_KEY = "ecg:workers:restored"  # counter: messages restored from dead workers (operators, chaos bench)
-ORPHANS_KEY = "ecg:workers:orphans_restored"  # counter: unacknowledged messages no live worker held
+WORKERS_KEY = keys.WORKERS  # set: ids of workers that announced themselves
+HEARTBEAT_PREFIX = keys.WORKER_HEARTBEAT  # string per worker, expired by Redis after dead_after_s
+INFLIGHT_PREFIX = keys.WORKER_INFLIGHT  # set per worker: delivery tags held
+REAPER_LOCK = keys.WORKERS_REAPER_LOCK
+RESTORED_KEY = keys.WORKERS_RESTORED  # counter: messages restored from dead workers (operators, chaos bench)
+ORPHANS_KEY = keys.WORKERS_ORPHANS_RESTORED  # counter: unacknowledged messages no live worker held
 UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> the message, while unacknowledged
 
 

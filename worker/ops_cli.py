@@ -13,9 +13,11 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand
 
+from ecg_audio import keys
 from ecg_audio.chain import send_chain
 from ecg_audio.jobs import FAILED_SET, JobStatus, JobStore, is_terminal
 from ecg_audio.settings import get_settings
+from pipeline.errors import CancelledError
 
 
 def _store(app: Any) -> JobStore:
@@ -40,7 +42,7 @@ def list_jobs(ctx: click.Context, failed: bool, limit: int) -> None:
     """One line per job, newest first."""
     app = ctx.obj.app
     store = _store(app)
-    ids = store.failed_ids(limit) if failed else [str(i) for i in store.r.zrevrange("ecg:jobs:all", 0, limit - 1)]
+    ids = store.failed_ids(limit) if failed else [str(i) for i in store.r.zrevrange(keys.JOBS_ALL, 0, limit - 1)]
     for job_id in ids:
         rec = store.get(job_id)
         if rec is None:
@@ -113,7 +115,7 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
         if rec is None or is_terminal(rec.status):
             click.echo(f"{job_id}: nothing to cancel ({rec.status if rec else 'unknown'})")
             continue
-        store.mark_failed(job_id, "CANCELLED", "cancelled by an operator", rec.stage)
+        store.mark_failed(job_id, CancelledError.code, "cancelled by an operator", rec.stage)
         click.echo(f"{job_id}: cancelled")
 
 
@@ -135,8 +137,8 @@ def purge_failed(ctx: click.Context, older_than: float, yes: bool) -> None:
         click.confirm(f"purge {len(ids)} failed jobs?", abort=True)
     root = get_settings().workspace_root
     for job_id in ids:
-        store.r.delete(f"ecg:job:{job_id}", f"ecg:result:{job_id}")
+        store.r.delete(keys.job(job_id), keys.result(job_id))
         store.r.zrem(FAILED_SET, job_id)
-        store.r.zrem("ecg:jobs:all", job_id)
+        store.r.zrem(keys.JOBS_ALL, job_id)
         shutil.rmtree(root / job_id, ignore_errors=True)
     click.echo(f"purged {len(ids)} failed jobs")

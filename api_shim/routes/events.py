@@ -21,7 +21,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import redis
@@ -38,7 +38,7 @@ from api_shim.submission import visible_to
 from api_shim.view_tokens import check_token, view_secret
 from ecg_audio import event_log
 from ecg_audio.event_log import Event
-from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord
+from ecg_audio.jobs import TERMINAL, AsyncJobStore, JobRecord, JobStatus
 from ecg_audio.settings import Settings
 
 router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
@@ -131,21 +131,26 @@ def sse_frame(ev: event_log.Event) -> str:
     return f"id: {ev.event_id}\ndata: {data}\n\n"
 
 
-async def _final_from_record(store: AsyncJobStore, rec: JobRecord) -> dict[str, Any]:
+async def _emit_final(store: AsyncJobStore, rec: JobRecord) -> bool:
+    """The final event ``rec`` calls for, through the one event builder (into the log every reader
+    follows, and the callback outbox). False when nothing more will come: the record says its final
+    event went out already, yet the log lost it."""
     result = None
-    if rec.status == "completed":
+    if rec.status == JobStatus.COMPLETED:
         envelope = await store.get_result(rec.job_id)
         result = envelope.get("result") if envelope else None
-    return {
-        "job_id": rec.job_id,
-        "status": rec.status,
-        "progress": rec.progress,
-        "message": rec.message,
-        "stage": rec.stage,
-        "result": result,
-        "error_code": rec.error_code,
-        "error_message": rec.error_message,
-    }
+    code, _ = await store.events.finish(
+        rec.job_id,
+        JobStatus(rec.status),
+        stage=rec.stage,
+        message=rec.message,
+        progress=rec.progress,
+        error_code=rec.error_code,
+        error_message=rec.error_message,
+        result=result,
+        run=rec.run,
+    )
+    return code not in (0, -1)
 
 
 async def followed(live: LiveState, sub: event_log.Subscription, keepalive_s: float) -> AsyncIterator[Event | None]:
@@ -159,11 +164,12 @@ async def followed(live: LiveState, sub: event_log.Subscription, keepalive_s: fl
         rec = await live.store.get(job_id)
         if rec is None:  # the job was forgotten (expired, purged): nothing more will come
             return
-        if rec.status in TERMINAL and time.time() - rec.updated_at > FINAL_GRACE_S:
-            final = await _final_from_record(live.store, rec)
-            # appended, not just sent: every reader (and a reconnect) sees the same final event once
-            final_id = event_log.new_event_id(job_id, final=True)
-            await event_log.append(live.hub.r, job_id, final_id, final, ttl_s=live.store.ttl_s)
+        if (
+            rec.status in TERMINAL
+            and time.time() - rec.updated_at > FINAL_GRACE_S
+            and not await _emit_final(live.store, rec)
+        ):
+            return
 
 
 async def event_stream(

@@ -11,9 +11,11 @@ from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, StoreDep
 from api_shim.errors import CONFLICT, NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiError
 from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.listing import Cursor, list_jobs
-from api_shim.schemas import Accepted, JobPage, JobState, JobStatus, JobSummary, ProcessRequest
+from api_shim.schemas import Accepted, JobPage, JobState, JobSummary, ProcessRequest, from_record
 from api_shim.submission import existing_job, job_state, state_of_async, submit, wait_until_done
 from api_shim.view_tokens import view_url
+from ecg_audio.jobs import JobStatus, is_terminal
+from pipeline.errors import CancelledError, ProcessingError
 
 router = APIRouter(tags=["jobs"], responses=PROTECTED_RESPONSES)
 
@@ -33,7 +35,7 @@ async def process_video(
         # the Accepted model's JSON, without validating a model built from values just checked
         return JSONResponse(
             status_code=202,
-            content={"job_id": req.job_id, "status": "queued"},
+            content={"job_id": req.job_id, "status": JobStatus.QUEUED},
             headers={"Location": f"/jobs/{req.job_id}"},
         )
     return JSONResponse(status_code=200, content=(await state_of_async(shim, rec)).model_dump())
@@ -50,7 +52,7 @@ async def transcribe(
 ) -> Any:
     found = (await submit(shim, req, caller, accept_language))[1]
     rec = await wait_until_done(shim, req.job_id, found)
-    code = 200 if rec.status in ("completed", "failed") else 202
+    code = 200 if is_terminal(rec.status) else 202
     headers = {"Location": f"/jobs/{req.job_id}"} if code == 202 else None
     return JSONResponse(status_code=code, content=(await state_of_async(shim, rec)).model_dump(), headers=headers)
 
@@ -65,26 +67,14 @@ def get_jobs(
 ) -> JobPage:
     after = Cursor.decode(cursor) if cursor else None
     recs, last = list_jobs(store, caller.fingerprint, limit=limit, status=status, cursor=after)
-    jobs = [
-        JobSummary(
-            job_id=r.job_id,
-            status=r.status,  # type: ignore[arg-type]
-            progress=r.progress,
-            message=r.message,
-            stage=r.stage,
-            error_code=r.error_code,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-        )
-        for r in recs
-    ]
+    jobs = [from_record(JobSummary, r) for r in recs]
     return JobPage(jobs=jobs, next_cursor=last.encode() if last else None)
 
 
 @router.get("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
 def get_job(job_id: str, shim: ShimDep, caller: CurrentKey, request: Request) -> JobState:
     rec = existing_job(shim.store, job_id, caller)
-    result = _result_of(shim, rec.job_id) if rec.status == "completed" else None
+    result = _result_of(shim, rec.job_id) if rec.status == JobStatus.COMPLETED else None
     state = job_state(rec, result)
     state.queue_position = shim.progress.queue_position(rec)
     state.eta_s = shim.progress.eta_s(rec)
@@ -95,10 +85,10 @@ def get_job(job_id: str, shim: ShimDep, caller: CurrentKey, request: Request) ->
 @router.delete("/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
 def cancel_job(job_id: str, store: StoreDep, caller: CurrentKey) -> JobState:
     rec = existing_job(store, job_id, caller)
-    if rec.status not in ("completed", "failed"):
-        store.mark_failed(job_id, "CANCELLED", "cancelled by request", rec.stage)
+    if not is_terminal(rec.status):
+        store.mark_failed(job_id, CancelledError.code, "cancelled by request", rec.stage)
         rec = store.get(job_id) or rec
-    env = store.get_result(job_id) if rec.status == "completed" else None
+    env = store.get_result(job_id) if rec.status == JobStatus.COMPLETED else None
     return job_state(rec, env.get("result") if env else None)
 
 
@@ -140,11 +130,13 @@ def _result_of(shim: Shim, job_id: str) -> dict[str, Any] | None:
 
 def _finished_result(shim: Shim, job_id: str, caller: Caller) -> dict[str, Any]:
     rec = existing_job(shim.store, job_id, caller)
-    if rec.status == "failed":
+    if rec.status == JobStatus.FAILED:
         raise ApiError(
-            404, rec.error_code or "PROCESSING_ERROR", f"job {job_id} failed, so it has no result: {rec.error_message}"
+            404,
+            rec.error_code or ProcessingError.code,
+            f"job {job_id} failed, so it has no result: {rec.error_message}",
         )
-    result = _result_of(shim, job_id) if rec.status == "completed" else None
+    result = _result_of(shim, job_id) if rec.status == JobStatus.COMPLETED else None
     if result is None:
         raise ApiError(
             404,

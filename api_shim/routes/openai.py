@@ -29,7 +29,8 @@ from api_shim.exports import render
 from api_shim.routes.uploads import refuse_declared_oversize, save_upload
 from api_shim.schemas import JobOptions, ProcessRequest
 from api_shim.submission import check_request_async, submit, wait_until_done
-from ecg_audio.jobs import JobRecord
+from ecg_audio.jobs import JobRecord, JobStatus
+from pipeline.errors import DownloadError, InvalidMediaError, ProcessingError, UnsupportedOptionError
 
 OPENAI_PATH = "/v1/audio/transcriptions"
 OPENAI_DEFAULT_MODEL = "whisper-1"
@@ -37,7 +38,7 @@ FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 FIELDS = {"file", "model", "language", "prompt", "response_format", "timestamp_granularities[]", "temperature"}
 # a job failure the client caused answers 400; the rest are the server's (500)
-CLIENT_FAULTS = {"INVALID_MEDIA", "UNSUPPORTED_OPTION", "DOWNLOAD_ERROR"}
+CLIENT_FAULTS = {InvalidMediaError.code, UnsupportedOptionError.code, DownloadError.code}
 # the official clients retry a 5xx; a retry here would start a second job for the same audio
 NO_RETRY = {"x-should-retry": "false"}
 
@@ -45,7 +46,7 @@ router = APIRouter(tags=["openai"], responses=PROTECTED_RESPONSES)
 
 
 def _refuse(detail: str) -> ApiError:
-    return ApiError(400, "UNSUPPORTED_OPTION", detail)
+    return ApiError(400, UnsupportedOptionError.code, detail)
 
 
 @router.post(
@@ -157,10 +158,10 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 def _answer(shim: Shim, rec: JobRecord, fmt: str, granularities: list[str]) -> Response:
     headers = {"X-ECG-Job-Id": rec.job_id}
-    if rec.status == "failed":
-        code = rec.error_code or "PROCESSING_ERROR"
+    if rec.status == JobStatus.FAILED:
+        code = rec.error_code or ProcessingError.code
         raise ApiError(400 if code in CLIENT_FAULTS else 500, code, rec.error_message or "the job failed", NO_RETRY)
-    env = shim.store.get_result(rec.job_id) if rec.status == "completed" else None
+    env = shim.store.get_result(rec.job_id) if rec.status == JobStatus.COMPLETED else None
     if env is None:
         raise ApiError(
             504,

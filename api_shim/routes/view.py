@@ -20,6 +20,7 @@ from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, ApiError
 from api_shim.exports import MEDIA_TYPES, ExportFormat, render
 from api_shim.page_text import page_locale, render_page
 from api_shim.routes.events import JobAccess, live_state
+from ecg_audio.jobs import JobStatus
 
 router = APIRouter(tags=["live"], responses=PROTECTED_RESPONSES)
 
@@ -61,7 +62,7 @@ async def view_asset(name: str) -> Response:
 @router.get("/jobs/{job_id}/view/data", responses=NOT_FOUND, summary="The job page's data: status and result")
 async def job_page_data(rec: JobAccess, shim: ShimDep) -> JSONResponse:
     result = None
-    if rec.status == "completed":
+    if rec.status == JobStatus.COMPLETED:
         envelope = await live_state(shim.settings).store.get_result(rec.job_id)
         result = envelope.get("result") if envelope else None
     job = {
@@ -82,7 +83,9 @@ async def job_page_data(rec: JobAccess, shim: ShimDep) -> JSONResponse:
     summary="The job page's downloads: SRT, VTT, RTTM or plain text",
 )
 async def job_page_export(rec: JobAccess, fmt: ExportFormat, shim: ShimDep) -> Response:
-    envelope = await live_state(shim.settings).store.get_result(rec.job_id) if rec.status == "completed" else None
+    envelope = (
+        await live_state(shim.settings).store.get_result(rec.job_id) if rec.status == JobStatus.COMPLETED else None
+    )
     if envelope is None or "result" not in envelope:
         raise ApiError(404, "RESULT_NOT_READY", f"the job is {rec.status}: its exports exist once it has completed")
     export = render(envelope["result"], rec.job_id, fmt)  # as GET /jobs/{id}/exports/{fmt} renders it

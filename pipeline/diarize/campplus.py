@@ -418,10 +418,9 @@ class CAMPPlusEmbedding(Model):
         """Fold every BatchNorm that directly follows a convolution into that convolution, and
         keep the 2-D front end's weights channels-last (oneDNN's own layout). In place; returns self.
 
-        The same embeddings to ~1e-5 (float rounding), ~17 % less time per CAM++ call on 2 CPU
-        cores (4-16 pieces of 2-8 s, interleaved with the unfused model): folding alone gave 5 %,
-        channels-last alone 1 %. Inference only: the fused model has no BatchNorm weights left
-        to save, so :meth:`save_pyannote_checkpoint` refuses it.
+        The same embeddings up to float rounding, in less time per CAM++ call on the CPU (most of
+        it from the folding; ``bench/diarize_bench.py`` measures it). Inference only: the fused
+        model has no BatchNorm weights left to save, so :meth:`save_pyannote_checkpoint` refuses it.
         """
         if self.fused:
             return self
@@ -445,12 +444,12 @@ class CAMPPlusEmbedding(Model):
 
     def use_onnxruntime(self, cache_dir: Path | None = None, streams: int | None = None) -> CAMPPlusEmbedding:
         """Run :meth:`embed_fbank` in ONNX Runtime on the CPU from now on (fbank and frame
-        selection stay in torch). ~20 % less time per call than the fused eager model on 2
-        cores, the same embeddings to ~2e-5. The exported model is kept in ``cache_dir``
-        (see ``pipeline.onnx_runtime``). ``streams`` (default 2 when torch has 2 threads or
+        selection stay in torch): less time per call than the fused eager model, the same
+        embeddings up to float rounding. The exported model is kept in ``cache_dir``
+        (see ``pipeline.diarize.onnx_runtime``). ``streams`` (default 2 when torch has 2 threads or
         more): calls that may run at once from different threads, splitting the threads
         between them (``self.onnx.streams``). Returns self."""
-        from pipeline.onnx_runtime import OrtFunction
+        from pipeline.diarize.onnx_runtime import OrtFunction
 
         frames = 2 * LENGTH_BUCKET
         example = (torch.zeros(2, frames, NUM_MEL_BINS), torch.ones(2, frames))

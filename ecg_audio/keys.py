@@ -1,0 +1,53 @@
+"""Every Redis key name and prefix the fleet writes, in one place.
+
+A prefix ends with ``:`` and is followed by an id (a job id, a worker id, an API key's
+fingerprint). Redis runs ``noeviction``: whoever writes a key here also bounds it (TTL or trim).
+"""
+
+from __future__ import annotations
+
+# a job: its record (hash), its result (JSON), its event log (stream: JOB + id + EVENTS_SUFFIX)
+JOB = "ecg:job:"
+EVENTS_SUFFIX = ":events"
+RESULT = "ecg:result:"
+# indexes over jobs (sorted sets, scored by time)
+JOBS_ALL = "ecg:jobs:all"
+JOBS_FAILED = "ecg:jobs:failed"  # the dead-letter index
+JOBS_OWNER = "ecg:jobs:owner:"  # per API key fingerprint
+# a stage run's lease and the fault-injection counters (tests and chaos)
+LEASE = "ecg:lease:"
+FAULT = "ecg:fault:"
+# callbacks: per-job outbox (list), due-time index, delivery locks, counters, dead letters
+CALLBACK_QUEUE = "ecg:cb:q:"
+CALLBACK_DUE = "ecg:cb:due"
+CALLBACK_LOCK = "ecg:cb:lock:"
+CALLBACK_DELIVERED = "ecg:cb:delivered"
+CALLBACK_DEAD = "ecg:cb:dead:"
+# worker liveness
+WORKERS = "ecg:workers:ids"
+WORKER_HEARTBEAT = "ecg:workers:hb:"
+WORKER_INFLIGHT = "ecg:inflight:"
+WORKERS_REAPER_LOCK = "ecg:workers:reaper"
+WORKERS_RESTORED = "ecg:workers:restored"
+WORKERS_ORPHANS_RESTORED = "ecg:workers:orphans_restored"
+# the shim's per-key limits
+LIMIT_RATE = "ecg:limit:rate:"
+LIMIT_QUEUED = "ecg:limit:queued:"
+# the jobs waiting in each queue list, in arrival order (sorted sets; ecg_audio.queues), and the counter
+# that scores them
+WAITING = "ecg:waiting:"
+WAITING_SEQ = "ecg:waiting:seq"
+# the event streams each API key holds open (sorted sets of leases; api_shim/stream_slots.py)
+STREAMS = "ecg:streams:"
+
+
+def job(job_id: str) -> str:
+    return JOB + job_id
+
+
+def events(job_id: str) -> str:
+    return JOB + job_id + EVENTS_SUFFIX
+
+
+def result(job_id: str) -> str:
+    return RESULT + job_id
