@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis, a real worker, the real shim, a real callback receiver.
+"""Shared fixtures: real Redis, a real worker, the real shim, a real callback receiver, a moto server.
 
 Everything is started by the tests themselves on free loopback ports and torn
 down at the end. Paths come from ``__file__``, never the working directory.
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from ecg_audio.settings import Settings
+from tests.helpers import REGION, aws_settings, reset_moto
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -85,6 +88,99 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# A database of the session's Redis that no worker or shim of the session uses: tests that need
+# a keyspace of their own (and flush it) use this one, never database 0.
+SCRATCH_DB = 12
+
+
+@pytest.fixture(scope="session")
+def scratch_redis_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{SCRATCH_DB}"
+
+
+@pytest.fixture
+def redis_client(scratch_redis_url: str) -> Iterator[Any]:
+    """A client of the scratch database, emptied before the test."""
+    import redis
+
+    client = redis.Redis.from_url(scratch_redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+# --- AWS: one moto server ----------------------------------------------------------
+
+
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    # Never reach a real instance metadata service from a test.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server for the session; ``aws`` resets its state before each test."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in _FAKE_AWS_ENV}
+    os.environ.update(_FAKE_AWS_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> str:
+    reset_moto(moto_endpoint)
+    return moto_endpoint
+
+
+@pytest.fixture
+def settings(aws: str) -> Settings:
+    return aws_settings(aws)
+
+
+@pytest.fixture
+def worker_group(settings: Settings) -> Callable[[int], list[str]]:
+    """Makes the moto group ``settings.worker_asg_name`` with n instances; returns their ids."""
+    return lambda desired: _create_worker_group(settings, desired)
+
+
+def _create_worker_group(settings: Settings, desired: int) -> list[str]:
+    from ops import aws
+
+    ec2 = aws.client("ec2", settings)
+    image_id = "ami-12c6146b"  # any id: moto does not check it, and listing images is slow
+    ec2.create_launch_template(
+        LaunchTemplateName="ecg-worker-test",
+        LaunchTemplateData={"ImageId": image_id, "InstanceType": "g4dn.xlarge"},
+    )
+    aws.client("autoscaling", settings).create_auto_scaling_group(
+        AutoScalingGroupName=settings.worker_asg_name,
+        LaunchTemplate={"LaunchTemplateName": "ecg-worker-test", "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=5,
+        DesiredCapacity=desired,
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    groups = aws.client("autoscaling", settings).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[settings.worker_asg_name]
+    )["AutoScalingGroups"]
+    return [i["InstanceId"] for i in groups[0]["Instances"]]
 
 
 class Receiver:

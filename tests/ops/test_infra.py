@@ -25,7 +25,7 @@ from ecg_audio.settings import Settings
 from ops import aws
 from ops.job_metrics import JobMetrics, MetricBatcher
 from ops.queue_metrics import Backlog, publish
-from tests.ops.helpers import aws_settings, reset_moto
+from tests.helpers import aws_settings, reset_moto
 
 # moto says which resource types its CloudFormation skips; the docstring above covers them.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, Proc, free_port, wait_for_worker, wait_job
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ARTIFACTS = REPO / "var" / "test-artifacts"
 

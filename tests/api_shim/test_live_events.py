@@ -2,7 +2,7 @@
 
 The shim here runs with a 1 s keep-alive so the quiet-stream paths are seen quickly. The events
 are written with ``ecg_audio.event_log.append``, exactly as the workers write them; the real-job
-test (a worker, the sample call) is in tests/test_job_page.py, where the worker is shared.
+test (a worker, the sample call) is in tests/system/test_job_page.py, where the worker is shared.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import pytest
 
 from tests.conftest import API_KEY, Proc, Receiver, make_media, wait_for_worker, wait_job
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROCESS = "/api/upload-video/process-video"
 NO_JOB = "/jobs/hostile-no-such-job"

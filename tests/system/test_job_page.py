@@ -1,6 +1,6 @@
 """The job page and the event stream on a real job: a worker runs pyannote's sample call.
 
-Headless Chromium (found as tests/test_flower.py finds it) is driven over the Chrome DevTools
+Headless Chromium (found as tests/system/test_flower.py finds it) is driven over the Chrome DevTools
 protocol: it opens the job's ``view_url`` while the job runs and reads the page's DOM as the
 events arrive (progress must advance), then after completion (one timeline lane per speaker,
 every segment's text). Screenshots: var/test-artifacts/job-page-running.png and job-page-done.png.
@@ -28,11 +28,11 @@ import redis
 from websockets.sync.client import ClientConnection, connect
 
 from ecg_audio import event_log
+from tests.api_shim.test_live_events import client, live_shim, read_sse  # noqa: F401 - fixtures used here
 from tests.conftest import REPO, Proc, Receiver, free_port, wait_for_worker, wait_job
-from tests.test_flower import chromium
-from tests.test_live_events import client, live_shim, read_sse  # noqa: F401 - fixtures used here
+from tests.system.test_flower import chromium
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ARTIFACTS = REPO / "var" / "test-artifacts"
 

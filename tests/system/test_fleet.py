@@ -13,7 +13,7 @@ import pytest
 from ecg_audio.callbacks import verify_signature
 from tests.conftest import API_KEY, Call, Proc, Receiver, make_media, score, wait_for_worker, wait_job
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import API_KEY, Proc, free_port, start_worker
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO, Proc, Receiver, wait_for_worker, wait_job, which
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def has_hangul(text: str) -> bool:

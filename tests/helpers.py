@@ -1,8 +1,7 @@
-"""Small helpers shared by the ops tests."""
+"""Helpers shared by the tests: Settings for moto."""
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from typing import Any
 
@@ -18,12 +17,6 @@ def make_settings(**overrides: Any) -> Settings:
     fields declared as ``Field(<default>, ...)`` for required arguments.
     """
     return Settings(**overrides)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reset_moto(endpoint: str) -> None:

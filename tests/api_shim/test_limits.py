@@ -12,18 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ops.helpers import free_port
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RATE, CAP = 5, 3
 
 
 @pytest.fixture
-def two_shims(redis_url: str, redis_client: object, tmp_path: Path) -> Iterator[tuple[str, str]]:
+def two_shims(scratch_redis_url: str, redis_client: object, tmp_path: Path) -> Iterator[tuple[str, str]]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "ECG_REDIS_URL": redis_url,
+        "ECG_REDIS_URL": scratch_redis_url,
         "ECG_API_KEYS": '["key-one", "key-two"]',
         "ECG_SUBMIT_RATE_PER_KEY": str(RATE),
         "ECG_SUBMIT_RATE_WINDOW_S": "60",

@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import API_KEY, Proc, free_port, wait_for_worker, wait_job
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROCESS = "/api/upload-video/process-video"

@@ -212,6 +212,7 @@ def ran_stages(r: redis.Redis, job_id: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow  # the session's real worker runs the models
 def test_hand_built_messages_run_the_whole_chain_on_a_real_worker(
     api: httpx.Client, worker: Proc, sample_wav: Path, stack_env: dict[str, str]
 ) -> None:

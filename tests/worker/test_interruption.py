@@ -18,7 +18,7 @@ import pytest
 from ecg_audio.settings import Settings
 from ops import aws
 from tests.fake_imds import FakeImds
-from tests.ops.helpers import make_settings
+from tests.helpers import make_settings
 from worker.interruption import Drain, LifecycleAction, Notice, Watcher, read_notice
 
 HOOK = "ecg-drain"
