@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +22,7 @@ import httpx
 import pytest
 
 from ecg_audio.settings import Settings
-from tests.helpers import REGION, aws_settings, reset_moto
+from tests.helpers import REGION, aws_settings, reset_moto, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -221,6 +220,12 @@ class Receiver:
         with self.lock:
             return [e for e in self.events if e.get("job_id") == job_id]
 
+    def wait_status(self, job_id: str, status: str, timeout: float = 120) -> list[dict[str, Any]]:
+        """Wait until a callback of ``job_id`` with ``status`` (e.g. its final) has arrived; its events."""
+        wait_for(lambda: any(e["status"] == status for e in self.for_job(job_id)), timeout, interval=0.2,
+                 what=f"a {status!r} callback of {job_id}")
+        return self.for_job(job_id)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -266,6 +271,25 @@ class Proc:
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON lines of its log so far (the stack logs JSON: ECG_LOG_JSON=true)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail if the process has exited (waiting for it would be in vain)."""
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n" + self.tail())
+
+    def answers(self, url: str) -> bool:
+        """Whether ``url`` answers at all (any status): for ``wait_for`` while the process starts."""
+        self.check_alive()
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
+
     def stop(self, timeout: float = 20) -> None:
         if self.popen.poll() is None:
             self.popen.terminate()
@@ -298,15 +322,7 @@ def shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     p = Proc("shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(port)],
              stack_env, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if p.popen.poll() is not None:
-            raise RuntimeError("shim exited:\n" + p.tail())
-        try:
-            httpx.get(url + "/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    wait_for(lambda: p.answers(url + "/health"), 120, interval=0.3, what=lambda: "shim /health:\n" + p.tail())
     yield url
     p.stop()
 
@@ -318,24 +334,19 @@ def api(shim: str) -> Iterator[httpx.Client]:
 
 
 def wait_for_worker(api: httpx.Client, worker: Proc, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.popen.poll() is not None:
-            raise RuntimeError("worker exited:\n" + worker.tail())
-        if api.get("/health").json().get("workers", 0) > 0:
-            return
-        time.sleep(1)
-    raise RuntimeError("worker not ready:\n" + worker.tail())
+    def ready() -> bool:
+        worker.check_alive()
+        return int(api.get("/health").json().get("workers", 0)) > 0
+
+    wait_for(ready, timeout, interval=1, what=lambda: "worker ready:\n" + worker.tail())
 
 
 def wait_job(api: httpx.Client, job_id: str, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = api.get(f"/jobs/{job_id}").json()
-        if st["status"] in ("completed", "failed"):
-            return st
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+    def finished() -> dict[str, Any] | None:
+        st: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+        return st if st["status"] in ("completed", "failed") else None
+
+    return wait_for(finished, timeout, interval=0.5, what=f"job {job_id} to finish")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import redis
 
 from ecg_audio import callbacks
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy, Dispatcher, sign, verify_signature
+from tests.helpers import wait_for
 
 KEY = "k3y-for-tests"
 
@@ -76,15 +77,6 @@ def rcv() -> Any:
     r = AttemptReceiver()
     yield r
     r.close()
-
-
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
 
 
 def _job() -> str:
@@ -159,11 +151,11 @@ def test_receiver_down_then_back_gets_everything(redis_url: str, rcv: AttemptRec
     ids = [box.enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 100)]
     d = Dispatcher(box, interval_s=0.05).start()
     try:
-        assert _wait(lambda: len(rcv.failed()) >= 3, 10)  # the receiver saw (and refused) retries
+        wait_for(lambda: len(rcv.failed()) >= 3, 60)  # the receiver saw (and refused) retries
         assert rcv.ids() == []
         assert {a[0] for a in rcv.failed()} == {ids[0]}  # only the head is tried: order is kept
         rcv.fail_with = None
-        assert _wait(lambda: len(rcv.ids()) == 2, 10)
+        wait_for(lambda: len(rcv.ids()) == 2, 60)
         assert rcv.ids() == ids
     finally:
         d.stop()
@@ -228,7 +220,7 @@ def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, 
     ids = [boxes[0].enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 25, 40)]
     ds = [Dispatcher(b, interval_s=0.02).start() for b in boxes]
     try:
-        assert _wait(lambda: boxes[0].pending(job) == 0, 60)
+        wait_for(lambda: boxes[0].pending(job) == 0, 60)
         time.sleep(1.5)  # a late duplicate would land now
     finally:
         for d in ds:
@@ -251,7 +243,7 @@ def test_slow_receiver_does_not_stall_other_jobs(redis_url: str, rcv: AttemptRec
         d = Dispatcher(box, interval_s=0.02).start()
         t0 = time.monotonic()
         try:
-            assert _wait(lambda: fast.ids() == [fast_id], 15)
+            wait_for(lambda: fast.ids() == [fast_id], 60)
             assert time.monotonic() - t0 < 8.0
             assert box.pending(slow_job) == 1  # not lost: retried later
         finally:

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from tasks.pipeline_tasks import StageLease
+from tests.helpers import wait_for
 
 
 class RacyRedis(redis.Redis):
@@ -26,15 +27,6 @@ class RacyRedis(redis.Redis):
             super().set(name, "other-holder", px=30_000)
             self.taken = True
         return value
-
-
-def _wait(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_one_holder_at_a_time(redis_url: str) -> None:
@@ -74,7 +66,7 @@ def test_lapsed_holder_does_not_extend_the_next_holders_lease(redis_url: str) ->
     with lease:
         assert lease.held
         r.set(lease.key, "other-holder", px=1_000)  # lapsed and taken meanwhile
-        assert _wait(lease.lost.is_set, 5.0)  # the renewer finds out instead of extending it
+        wait_for(lease.lost.is_set, 60)  # the renewer finds out instead of extending it
         assert r.pttl(lease.key) <= 1_000
     assert r.get(lease.key) == "other-holder"
 
@@ -88,7 +80,7 @@ def test_renewed_while_held_and_lapses_when_holder_dies(redis_url: str) -> None:
     with StageLease(r, job, "ingest", ttl_s=0.6) as dup:
         assert not dup.held
     lease._stop.set()  # the holder dies: nobody renews
-    assert _wait(lambda: StageLease(r, job, "ingest", ttl_s=0.6).lock.acquire(blocking=False), 5.0)
+    wait_for(lambda: StageLease(r, job, "ingest", ttl_s=0.6).lock.acquire(blocking=False), 60)
 
 
 def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again(redis_url: str) -> None:
@@ -99,7 +91,7 @@ def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again(redis_url: str)
     lease = StageLease(r, job, "transcribe", ttl_s=0.6)
     with lease:
         r.delete(lease.key)  # what expiry during the outage leaves
-        assert _wait(lambda: r.exists(lease.key) == 1, 5.0)
+        wait_for(lambda: r.exists(lease.key) == 1, 60)
         time.sleep(0.5)
         assert not lease.lost.is_set()
         with StageLease(r, job, "transcribe", ttl_s=0.6) as dup:
