@@ -43,15 +43,20 @@ def wait_for(
 
 
 def wait_for_renewals(client: Any, key: str, count: int, timeout: float = 60.0) -> None:
-    """Wait until the TTL of Redis ``key`` has been renewed ``count`` times (its PTTL went up).
+    """Wait until the TTL of Redis ``key`` has been renewed ``count`` times (its PTTL went up) by
+    its holder: the value (a lock's token) must stay what it was, or this fails at once.
 
     A lease renewed every ttl/3 has outlived its own TTL after 4 renewals: a test proves "held
     past its TTL" by counting renewals, not by sleeping past the TTL and hoping the renewer ran.
     """
+    holder = client.get(key)
+    assert holder is not None, f"{key} is not held"
     state = {"seen": 0, "last": client.pttl(key)}
 
     def renewed_enough() -> bool:
         now = client.pttl(key)
+        value = client.get(key)
+        assert value == holder, f"{key} lapsed or changed hands: {holder!r} -> {value!r}"
         if now > state["last"]:
             state["seen"] += 1
         state["last"] = now

@@ -230,7 +230,7 @@ def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, 
     rcv.hold = True
     # the TTL is short so that outliving it takes seconds, and long enough that the renewal (every
     # TTL/3) is never so late on a loaded machine that a live lock lapses
-    policy = DeliveryPolicy(lock_ttl_s=1.5, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
+    policy = DeliveryPolicy(lock_ttl_s=3.0, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
     job = _job()
     r = redis.Redis.from_url(redis_url)
     boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY) for _ in range(2)]
@@ -242,7 +242,7 @@ def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, 
             # held open past the lock's TTL: 4 renewals of TTL/3 each, while the other dispatcher polls
             wait_for_renewals(r, callbacks.LOCK_PREFIX + job, 4)
             rcv.release()
-        wait_for(lambda: boxes[0].pending(job) == 0 and len(rcv.ids()) == len(ids), 60)
+        wait_for(lambda: boxes[0].pending(job) == 0 and len(rcv.ids()) == len(ids), 60, what="all delivered")
     finally:
         for d in ds:
             d.stop()
