@@ -260,6 +260,9 @@ def stack_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "PYANNOTE_METRICS_ENABLED": "false",
         }
     )
+    # The fake AWS credentials, whether or not a test started moto before this fixture was built:
+    # the stack never reaches a real AWS or instance metadata service.
+    env.update(_FAKE_AWS_ENV)
     return env
 
 

@@ -19,7 +19,9 @@ from tests.conftest import REPO, SHARED
 BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu"]
 
 
-def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+def run_bench(name: str, *args: str, timeout: float = 600) -> dict[str, Any]:
+    """Run a bench; ``timeout`` bounds a hang only: loading the models alone takes minutes on a
+    loaded 2-core machine."""
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", *args],
         cwd=REPO,
@@ -37,7 +39,7 @@ def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
 @pytest.mark.parametrize("name", BENCHES)
 def test_every_bench_documents_itself(name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", f"bench.{name}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout
