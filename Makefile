@@ -1,5 +1,6 @@
 # ECG Audio Analyzer: everything a fresh Debian machine with Python 3.11 needs.
-# `make demo` runs the whole stack on pyannote's sample call; `make test` runs the checks and tests.
+# `make demo` runs the whole stack on pyannote's sample call; `make test` runs the checks and tests;
+# `make test-quick` runs ruff and the tests not marked slow.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -9,7 +10,7 @@ DEMO_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: setup system-deps demo test lint typecheck security unit bench-quality clean
+.PHONY: setup system-deps demo test test-quick lint typecheck security unit quick bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -59,7 +60,14 @@ security: setup
 unit: setup system-deps
 	$(PY) -m pytest tests
 
+# Every test except those marked slow (tests/system: the whole fleet, chaos and language runs,
+# and any test that starts the real worker): the edit-and-rerun loop. `make test` runs them all.
+quick: setup system-deps
+	$(PY) -m pytest -m "not slow" tests
+
 test: lint typecheck security unit
+
+test-quick: lint quick
 
 bench-quality: setup
 	$(PY) -m bench.quality

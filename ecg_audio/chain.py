@@ -22,7 +22,7 @@ Two paths push it, so they cannot drift apart:
   together or not at all;
 * ``send_chain``: operator commands (``celery -A worker.app jobs requeue``) and benches.
 
-``tests/test_chain_message.py`` compares the message with what Celery itself sends for the
+``tests/ecg_audio/test_chain_message.py`` compares the message with what Celery itself sends for the
 same chain (so a Celery or kombu upgrade that changes the format fails there), and runs one
 through a real worker.
 """

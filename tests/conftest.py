@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis, a real worker, the real shim, a real callback receiver.
+"""Shared fixtures: real Redis, a real worker, the real shim, a real callback receiver, a moto server.
 
 Everything is started by the tests themselves on free loopback ports and torn
 down at the end. Paths come from ``__file__``, never the working directory.
@@ -12,8 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from ecg_audio.settings import Settings
+from tests.helpers import REGION, aws_settings, reset_moto, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -87,6 +89,99 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(10)
 
 
+# A database of the session's Redis that no worker or shim of the session uses: tests that need
+# a keyspace of their own (and flush it) use this one, never database 0.
+SCRATCH_DB = 12
+
+
+@pytest.fixture(scope="session")
+def scratch_redis_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{SCRATCH_DB}"
+
+
+@pytest.fixture
+def redis_client(scratch_redis_url: str) -> Iterator[Any]:
+    """A client of the scratch database, emptied before the test."""
+    import redis
+
+    client = redis.Redis.from_url(scratch_redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+# --- AWS: one moto server ----------------------------------------------------------
+
+
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    # Never reach a real instance metadata service from a test.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server for the session; ``aws`` resets its state before each test."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in _FAKE_AWS_ENV}
+    os.environ.update(_FAKE_AWS_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> str:
+    reset_moto(moto_endpoint)
+    return moto_endpoint
+
+
+@pytest.fixture
+def settings(aws: str) -> Settings:
+    return aws_settings(aws)
+
+
+@pytest.fixture
+def worker_group(settings: Settings) -> Callable[[int], list[str]]:
+    """Makes the moto group ``settings.worker_asg_name`` with n instances; returns their ids."""
+    return lambda desired: _create_worker_group(settings, desired)
+
+
+def _create_worker_group(settings: Settings, desired: int) -> list[str]:
+    from ops import aws
+
+    ec2 = aws.client("ec2", settings)
+    image_id = "ami-12c6146b"  # any id: moto does not check it, and listing images is slow
+    ec2.create_launch_template(
+        LaunchTemplateName="ecg-worker-test",
+        LaunchTemplateData={"ImageId": image_id, "InstanceType": "g4dn.xlarge"},
+    )
+    aws.client("autoscaling", settings).create_auto_scaling_group(
+        AutoScalingGroupName=settings.worker_asg_name,
+        LaunchTemplate={"LaunchTemplateName": "ecg-worker-test", "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=5,
+        DesiredCapacity=desired,
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    groups = aws.client("autoscaling", settings).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[settings.worker_asg_name]
+    )["AutoScalingGroups"]
+    return [i["InstanceId"] for i in groups[0]["Instances"]]
+
+
 class Receiver:
     """A real HTTP server that records every callback POST."""
 
@@ -125,6 +220,12 @@ class Receiver:
         with self.lock:
             return [e for e in self.events if e.get("job_id") == job_id]
 
+    def wait_status(self, job_id: str, status: str, timeout: float = 120) -> list[dict[str, Any]]:
+        """Wait until a callback of ``job_id`` with ``status`` (e.g. its final) has arrived; its events."""
+        wait_for(lambda: any(e["status"] == status for e in self.for_job(job_id)), timeout, interval=0.2,
+                 what=f"a {status!r} callback of {job_id}")
+        return self.for_job(job_id)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -159,6 +260,9 @@ def stack_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "PYANNOTE_METRICS_ENABLED": "false",
         }
     )
+    # The fake AWS credentials, whether or not a test started moto before this fixture was built:
+    # the stack never reaches a real AWS or instance metadata service.
+    env.update(_FAKE_AWS_ENV)
     return env
 
 
@@ -169,6 +273,25 @@ class Proc:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON lines of its log so far (the stack logs JSON: ECG_LOG_JSON=true)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail if the process has exited (waiting for it would be in vain)."""
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n" + self.tail())
+
+    def answers(self, url: str) -> bool:
+        """Whether ``url`` answers at all (any status): for ``wait_for`` while the process starts."""
+        self.check_alive()
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
 
     def stop(self, timeout: float = 20) -> None:
         if self.popen.poll() is None:
@@ -202,15 +325,7 @@ def shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     p = Proc("shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(port)],
              stack_env, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if p.popen.poll() is not None:
-            raise RuntimeError("shim exited:\n" + p.tail())
-        try:
-            httpx.get(url + "/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    wait_for(lambda: p.answers(url + "/health"), 120, interval=0.3, what=lambda: "shim /health:\n" + p.tail())
     yield url
     p.stop()
 
@@ -222,24 +337,19 @@ def api(shim: str) -> Iterator[httpx.Client]:
 
 
 def wait_for_worker(api: httpx.Client, worker: Proc, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.popen.poll() is not None:
-            raise RuntimeError("worker exited:\n" + worker.tail())
-        if api.get("/health").json().get("workers", 0) > 0:
-            return
-        time.sleep(1)
-    raise RuntimeError("worker not ready:\n" + worker.tail())
+    def ready() -> bool:
+        worker.check_alive()
+        return int(api.get("/health").json().get("workers", 0)) > 0
+
+    wait_for(ready, timeout, interval=1, what=lambda: "worker ready:\n" + worker.tail())
 
 
 def wait_job(api: httpx.Client, job_id: str, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = api.get(f"/jobs/{job_id}").json()
-        if st["status"] in ("completed", "failed"):
-            return st
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+    def finished() -> dict[str, Any] | None:
+        st: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+        return st if st["status"] in ("completed", "failed") else None
+
+    return wait_for(finished, timeout, interval=0.5, what=f"job {job_id} to finish")
 
 
 @pytest.fixture(scope="session")

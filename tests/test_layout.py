@@ -1,6 +1,7 @@
 """The design card's dependency rules, checked: the shim and the worker parent never import torch,
 pipeline/ knows neither Celery, FastAPI nor the settings object, imports run down the layers
-without cycles, and no module or function grows past what a reader takes in at once."""
+without cycles, no module or function grows past what a reader takes in at once, and the tests
+mirror the packages (tests/system, the slow end-to-end runs, apart)."""
 
 from __future__ import annotations
 
@@ -173,3 +174,79 @@ def test_no_module_or_function_is_too_long() -> None:
                 if (node.end_lineno or first) - first + 1 > MAX_FUNCTION_LINES:
                     too_long.add(f"{rel}:{node.name}")
     assert too_long == KNOWN_OVERSIZE
+
+
+# --- tests mirror the packages ------------------------------------------------------------
+# tests/<package>/ tests <package>/ (a folder below it mirrors the folder of the same path), and
+# tests/system/ holds the whole-fleet, chaos and language end-to-end runs, each module marked
+# slow (`make test-quick` leaves them out). Flat in tests/: this file and the shared helpers, no
+# other test module. Every folder is a package (tests import each other as tests.<pkg>.<mod>).
+TESTS = REPO / "tests"
+SYSTEM = "system"
+
+
+def _test_modules() -> list[Path]:
+    return sorted(p for p in TESTS.rglob("test_*.py") if "__pycache__" not in p.parts)
+
+
+def _marks(node: ast.expr) -> list[str]:
+    """The names of the ``pytest.mark.<name>`` in a mark expression (one mark, a list or a tuple)."""
+    items = node.elts if isinstance(node, ast.List | ast.Tuple) else [node]
+    names = []
+    for item in items:
+        target = item.func if isinstance(item, ast.Call) else item
+        if isinstance(target, ast.Attribute) and ast.unparse(target.value) == "pytest.mark":
+            names.append(target.attr)
+    return names
+
+
+def _module_marks(tree: ast.Module) -> list[str]:
+    marks: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            marks += _marks(node.value)
+    return marks
+
+
+def test_every_test_module_lives_in_the_folder_of_the_package_it_tests() -> None:
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests"}
+    misplaced = []
+    for path in _test_modules():
+        rel = path.relative_to(TESTS)
+        if len(rel.parts) == 1:
+            if rel.name != "test_layout.py":
+                misplaced.append(f"{rel}: flat in tests/ (move it to tests/<package>/ or tests/{SYSTEM}/)")
+            continue
+        top, folders = rel.parts[0], rel.parts[:-1]
+        if top != SYSTEM and (top not in packages or not (REPO / Path(*folders)).is_dir()):
+            misplaced.append(f"{rel}: tests/{'/'.join(folders)}/ mirrors no package folder nor is tests/{SYSTEM}/")
+        for depth in range(1, len(folders) + 1):
+            if not (TESTS / Path(*folders[:depth]) / "__init__.py").is_file():
+                misplaced.append(f"{rel}: tests/{'/'.join(folders[:depth])}/ has no __init__.py")
+    assert misplaced == []
+
+
+def test_system_tests_are_marked_slow() -> None:
+    unmarked = [
+        str(path.relative_to(TESTS))
+        for path in _test_modules()
+        if path.relative_to(TESTS).parts[0] == SYSTEM and "slow" not in _module_marks(ast.parse(path.read_text()))
+    ]
+    assert unmarked == [], "tests/system modules need pytestmark = [pytest.mark.slow, ...]"
+
+
+def test_tests_that_take_the_real_worker_are_slow() -> None:
+    """The session's ``worker`` fixture starts a worker with the models: a test outside tests/system
+    that takes it is marked slow too, so that the quick run never starts one."""
+    unmarked = []
+    for path in _test_modules():
+        tree = ast.parse(path.read_text())
+        if "slow" in _module_marks(tree):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                takes_worker = any(a.arg == "worker" for a in node.args.args + node.args.kwonlyargs)
+                marked = any("slow" in _marks(d) for d in node.decorator_list)
+                if takes_worker and not marked:
+                    unmarked.append(f"{path.relative_to(TESTS)}::{node.name}")
+    assert unmarked == []

@@ -9,7 +9,8 @@ import pytest
 
 from ecg_audio.settings import Settings
 from ops import aws
-from tests.ops.helpers import free_port, make_settings
+from tests.conftest import free_port
+from tests.helpers import make_settings
 
 
 def test_client_uses_endpoint_and_region(settings: Settings) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import pytest
 from ecg_audio.settings import Settings
 from ops import aws
 from ops.job_metrics import NvmlGpuProbe, job_metrics_from_settings
+from tests.helpers import wait_for
 
 NAMESPACE = "ECG/AudioAnalysis"
 MIB = 2**20
@@ -106,27 +106,24 @@ def test_gpu_utilisation_and_memory_reach_cloudwatch(nvml: _FakeNvml, settings: 
     instance = {**group, "InstanceId": "i-0gpu"}
 
     # per instance, every interval, without any stage running
-    deadline = time.monotonic() + 30
-    while not _stats(settings, "GPUMemoryUsed", instance) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: _stats(settings, "GPUMemoryUsed", instance), interval=0.2, what="GPUMemoryUsed in CloudWatch")
     assert _stats(settings, "GPUUtilization", instance)["Average"] == 80.0
     assert _stats(settings, "GPUMemoryUsed", instance)["Maximum"] == 8000.0
 
     # per stage: the peak while it ran, not the reading at its end
     metrics.stage_started("task-1", "transcribe")
     nvml.used_mib = [9000, 9000]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not _peak_seen(metrics):
-        time.sleep(0.05)
+    wait_for(lambda: _sampled(metrics, 18000.0), what="the stage's sampler reading the peak")
     nvml.used_mib = [1000, 1000]
-    time.sleep(1.2)  # at least one more one-second sample with the lower reading
+    wait_for(lambda: _sampled(metrics, 2000.0), what="one more sample, with the lower reading")
     metrics.stage_finished("task-1", ok=True)
     metrics.close()
     assert _stats(settings, "GPUMemoryPeak", {**group, "Stage": "transcribe"})["Maximum"] == 18000.0
     assert _stats(settings, "GPUUtilization", {**group, "Stage": "transcribe"})["Average"] == 80.0
 
 
-def _peak_seen(metrics: object) -> bool:
+def _sampled(metrics: object, memory_mib: float) -> bool:
+    """Whether the sampler of the running stage ``task-1`` has read ``memory_mib`` (all GPUs)."""
     running = getattr(metrics, "_running", {}).get("task-1")
     sampler = getattr(running, "sampler", None)
-    return sampler is not None and 18000.0 in getattr(sampler, "_memory", [])
+    return sampler is not None and memory_mib in getattr(sampler, "_memory", [])

@@ -26,7 +26,7 @@ from ecg_audio.stage_table import STAGE_NAMES as CHAIN_STAGES
 from ops import aws
 from ops.job_metrics import JobMetrics, MetricBatcher
 from ops.queue_metrics import Backlog, publish
-from tests.ops.helpers import aws_settings, reset_moto
+from tests.helpers import aws_settings, reset_moto
 
 # moto says which resource types its CloudFormation skips; the docstring above covers them.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")

@@ -29,7 +29,8 @@ import pytest
 
 from ecg_audio.settings import Settings
 from ops import aws
-from tests.ops.helpers import aws_settings, free_port, reset_moto
+from tests.conftest import free_port
+from tests.helpers import aws_settings, reset_moto
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")
 

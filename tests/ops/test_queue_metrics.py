@@ -12,9 +12,9 @@ from ops import aws
 from ops.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog
 
 
-def _enqueue_like_the_shim(redis_url: str) -> None:
+def _enqueue_like_the_shim(scratch_redis_url: str) -> None:
     """Seven messages the real way: send_task on a Celery app, no worker running."""
-    app = Celery("ops-test", broker=redis_url)
+    app = Celery("ops-test", broker=scratch_redis_url)
     app.conf.broker_transport_options = {"queue_order_strategy": "priority"}
     try:
         for priority in (None, 0, 9):  # plain list twice, then the priority-9 sub-queue
@@ -42,8 +42,8 @@ def _metric_values(settings: Settings, name: str) -> list[float]:
     return [p["Maximum"] for p in stats["Datapoints"]]
 
 
-def test_backlog_counts_priority_subqueues(redis_url: str, redis_client) -> None:
-    _enqueue_like_the_shim(redis_url)
+def test_backlog_counts_priority_subqueues(scratch_redis_url: str, redis_client) -> None:
+    _enqueue_like_the_shim(scratch_redis_url)
     keys = sorted(k.decode() for k in redis_client.keys("*") if not k.startswith(b"_kombu"))
     assert "model\x06\x169" in keys and "cpu\x06\x166" in keys  # messages really in sub-queues
 
@@ -63,9 +63,9 @@ def test_unacked_messages_count_towards_their_queue(redis_client) -> None:
 
 
 def test_publish_7_messages_2_instances(
-    redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
+    scratch_redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
 ) -> None:
-    _enqueue_like_the_shim(redis_url)
+    _enqueue_like_the_shim(scratch_redis_url)
     worker_group(2)
 
     published = publish(
@@ -91,24 +91,24 @@ def test_no_instances_publishes_the_whole_backlog(settings: Settings, worker_gro
     assert _metric_values(settings, "BacklogPerInstance") == [3.0]
 
 
-def test_beat_task_body(redis_url: str, redis_client, settings: Settings, worker_group, monkeypatch) -> None:
-    _enqueue_like_the_shim(redis_url)
+def test_beat_task_body(scratch_redis_url: str, redis_client, settings: Settings, worker_group, monkeypatch) -> None:
+    _enqueue_like_the_shim(scratch_redis_url)
     worker_group(2)
     monkeypatch.setattr(
-        "ops.queue_metrics.get_settings", lambda: settings.model_copy(update={"redis_url": redis_url})
+        "ops.queue_metrics.get_settings", lambda: settings.model_copy(update={"redis_url": scratch_redis_url})
     )
     monkeypatch.setattr("ops.queue_metrics._beat_publisher", None)
 
     assert publish_queue_metrics() == {"queue_length": 7, "in_service_instances": 2, "backlog_per_instance": 3.5}
 
 
-def test_task_held_by_a_worker_counts_as_unacked(redis_url: str, redis_client) -> None:
+def test_task_held_by_a_worker_counts_as_unacked(scratch_redis_url: str, redis_client) -> None:
     """A real worker takes one message under acks_late: it leaves the list for the unacked hash."""
     import threading
 
     from celery.contrib.testing.worker import start_worker
 
-    app = Celery("ops-test-worker", broker=redis_url)
+    app = Celery("ops-test-worker", broker=scratch_redis_url)
     app.conf.update(
         broker_transport_options={"queue_order_strategy": "priority", "priority_steps": list(range(10))},
         task_acks_late=True,
@@ -140,7 +140,7 @@ def test_task_held_by_a_worker_counts_as_unacked(redis_url: str, redis_client) -
 
 
 def test_callback_dead_letters_are_counted_and_published(
-    redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
+    scratch_redis_url: str, redis_client, settings: Settings, worker_group: Callable[[int], list[str]]
 ) -> None:
     from ecg_audio.callbacks import DEAD_PREFIX
     from ops.queue_metrics import QueueMetricsPublisher
@@ -149,7 +149,7 @@ def test_callback_dead_letters_are_counted_and_published(
     redis_client.rpush(DEAD_PREFIX + "job-b", "{}")
     redis_client.rpush("ecg:cb:q:job-c", "{}")  # still being delivered: not a dead letter
     worker_group(1)
-    publisher = QueueMetricsPublisher(settings.model_copy(update={"redis_url": redis_url}))
+    publisher = QueueMetricsPublisher(settings.model_copy(update={"redis_url": scratch_redis_url}))
     try:
         publisher.publish_once()
     finally:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 from kombu import Connection
 
+from tests.helpers import wait_for
 from worker import liveness
 from worker.liveness import Liveness
 
@@ -43,15 +43,6 @@ def _queued(r: redis.Redis, queue: str) -> int:
     return int(r.llen(queue))  # type: ignore[arg-type]
 
 
-def _poll(fn: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_ids_are_unique_per_process_start() -> None:
     # same host, same PID (a container restarted in place): still two different workers
     assert liveness.worker_id() != liveness.worker_id()
@@ -67,7 +58,7 @@ def test_dead_workers_messages_are_restored(redis_url: str, app: Celery, taken: 
     assert peer.reap() == 0  # still alive for a second
     assert _queued(r, queue) == 0
     before = int(r.get(liveness.RESTORED_KEY) or 0)
-    assert _poll(lambda: peer.beat() or peer.reap() > 0, 15)
+    wait_for(lambda: peer.beat() or peer.reap() > 0, 60, interval=0.2, what="the dead worker's message restored")
     assert _queued(r, queue) == 1  # back in its queue, for anyone to take
     assert int(r.get(liveness.RESTORED_KEY) or 0) == before + 1
     assert peer.reap() == 0  # once
@@ -84,7 +75,7 @@ def test_restart_in_place_restores_the_previous_lifes_messages(
     old.hold(tag)
     new = Liveness(r, app, interval_s=0.2, dead_after_s=1)
     new.beat()  # the new life's first beat: holds nothing
-    assert _poll(lambda: new.beat() or new.reap() > 0, 15), "the previous life's message was not restored"
+    wait_for(lambda: new.beat() or new.reap() > 0, 60, interval=0.2, what="the previous life's message restored")
     assert _queued(r, queue) == 1
 
 
@@ -133,4 +124,4 @@ def test_a_message_orphaned_by_a_lost_connection_is_restored(
     r = redis.Redis.from_url(redis_url)
     w = Liveness(r, app, interval_s=0.05, dead_after_s=30)
     w.hold(tag)
-    assert _poll(lambda: w.beat() or _queued(r, queue) == 1, 10), "the orphaned message was not restored"
+    wait_for(lambda: w.beat() or _queued(r, queue) == 1, 60, interval=0.2, what="the orphaned message restored")

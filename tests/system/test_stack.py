@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO, free_port
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_up_submit_down(tmp_path: Path, sample_wav: Path) -> None:

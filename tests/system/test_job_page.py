@@ -1,6 +1,6 @@
 """The job page and the event stream on a real job: a worker runs pyannote's sample call.
 
-Headless Chromium (found as tests/test_flower.py finds it) is driven over the Chrome DevTools
+Headless Chromium (found as tests/system/test_flower.py finds it) is driven over the Chrome DevTools
 protocol: it opens the job's ``view_url`` while the job runs and reads the page's DOM as the
 events arrive (progress must advance), then after completion (one timeline lane per speaker,
 every segment's text). Screenshots: var/test-artifacts/job-page-running.png and job-page-done.png.
@@ -16,7 +16,6 @@ import itertools
 import json
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +27,12 @@ import redis
 from websockets.sync.client import ClientConnection, connect
 
 from ecg_audio import event_log
+from tests.api_shim.test_live_events import client, live_shim, read_sse  # noqa: F401 - fixtures used here
 from tests.conftest import REPO, Proc, Receiver, free_port, wait_for_worker, wait_job
-from tests.test_flower import chromium
-from tests.test_live_events import client, live_shim, read_sse  # noqa: F401 - fixtures used here
+from tests.helpers import wait_for
+from tests.system.test_flower import chromium
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ARTIFACTS = REPO / "var" / "test-artifacts"
 
@@ -49,18 +49,17 @@ class Chrome:
              "--remote-allow-origins=*", "--window-size=1400,1000", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        ws_url = None
-        while ws_url is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("Chromium did not open its DevTools port")
+
+        def page_socket() -> str | None:
+            if self.proc.poll() is not None:
+                raise RuntimeError("Chromium exited before opening its DevTools port")
             try:
                 pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
-                ws_url = next((p["webSocketDebuggerUrl"] for p in pages if p.get("type") == "page"), None)
             except (httpx.HTTPError, ValueError):
-                pass
-            if ws_url is None:
-                time.sleep(0.3)
+                return None
+            return next((p["webSocketDebuggerUrl"] for p in pages if p.get("type") == "page"), None)
+
+        ws_url = wait_for(page_socket, 120, interval=0.3, what="Chromium's DevTools port")
         self.ws: ClientConnection = connect(ws_url, max_size=None, open_timeout=30)
         self.ids = itertools.count(1)
         self.console: list[str] = []
@@ -151,8 +150,10 @@ def test_job_page_shows_live_progress_then_who_said_what(
     seen: list[int] = []
     shot2 = False
     state: dict[str, Any] = {}
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+
+    def watch_page() -> bool:
+        """Record each progress the page shows; done once it has rendered the result."""
+        nonlocal state, shot2
         state = json.loads(chrome.js(PAGE_STATE) or "{}")
         if state.get("progress", -1) >= 0 and (not seen or state["progress"] != seen[-1]):
             seen.append(state["progress"])
@@ -161,13 +162,12 @@ def test_job_page_shows_live_progress_then_who_said_what(
         if running_now and (not running_png.exists() or (len({p for p in seen if 0 < p < 100}) >= 2 and not shot2)):
             shot2 = running_png.exists()
             chrome.screenshot(running_png)
-        if state.get("rendered"):
-            break
-        time.sleep(0.2)
-    assert state.get("rendered"), (
+        return bool(state.get("rendered"))
+
+    wait_for(watch_page, 600, interval=0.2, what=lambda: (
         f"the page never showed the result: {state} {chrome.console}\njob: {client.get(f'/jobs/{job_id}').text[:500]}"
         f"\nworker:\n{worker.tail(40)}"
-    )
+    ))
     assert running_png.exists(), f"no screenshot while running; progress seen: {seen}"
     running = [p for p in seen if 0 < p < 100]
     assert len(set(running)) >= 2, f"progress did not advance on the page while the job ran: {seen}"
@@ -182,14 +182,13 @@ def test_job_page_shows_live_progress_then_who_said_what(
     # after completion, a fresh load of the same link (the old document is marked, to tell them apart)
     chrome.js("document.body.dataset.stale = 'true'")
     chrome.open(view_url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def fresh_and_rendered() -> bool:
+        nonlocal state
         fresh = chrome.js("document.body && document.body.dataset.stale !== 'true'")
         state = json.loads(chrome.js(PAGE_STATE) or "{}")
-        if fresh and state.get("rendered"):
-            break
-        time.sleep(0.2)
-    assert fresh and state.get("rendered"), state
+        return bool(fresh and state.get("rendered"))
+
+    wait_for(fresh_and_rendered, 120, interval=0.2, what=lambda: f"a fresh load of the page rendered: {state}")
     done_png = ARTIFACTS / "job-page-done.png"
     chrome.screenshot(done_png)
     speakers = sorted(result["speakers"])
@@ -226,16 +225,14 @@ def test_sse_client_reconnecting_mid_job_gets_every_event_once(
     body = {"job_id": job_id, "video_url": upload(client, sample_wav), "callback_url": receiver.url()}
     assert client.post("/api/upload-video/process-video", json=body).status_code == 202
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + 600
-    while not event_log.read_all(r, job_id):  # mid-job: the first milestone is out
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: event_log.read_all(r, job_id), 600, interval=0.2, what="the job's first milestone")
     first = read_sse(client, f"/jobs/{job_id}/events", stop_after=1)
     assert len(first.ids) == 1
     # away while at least one more milestone happens
-    while len(event_log.read_all(r, job_id)) < 3 and client.get(f"/jobs/{job_id}").json()["status"] != "completed":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    def moved_on() -> bool:
+        return len(event_log.read_all(r, job_id)) >= 3 or client.get(f"/jobs/{job_id}").json()["status"] == "completed"
+
+    wait_for(moved_on, 600, interval=0.2, what="two more milestones (or the end)")
     second = read_sse(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": first.ids[-1]})
     assert second.ended
     got = first.events + second.events
@@ -246,9 +243,7 @@ def test_sse_client_reconnecting_mid_job_gets_every_event_once(
     progress = [e["progress"] for _, e in got]
     assert progress == sorted(progress) and len(set(progress)) >= 5, progress  # the milestones, 10 ... 100
     # the same ids the backend's callbacks carry
-    while len(receiver.for_job(job_id)) < len(ids):
-        assert time.monotonic() < deadline, "callbacks not delivered"
-        time.sleep(0.2)
+    wait_for(lambda: len(receiver.for_job(job_id)) >= len(ids), 120, interval=0.2, what="every callback delivered")
     assert [e["event_id"] for e in receiver.for_job(job_id)] == ids
 
 
@@ -275,11 +270,10 @@ def test_job_page_renders_korean_text(client: httpx.Client, redis_url: str, chro
     store.update(job_id, status="completed", progress=100, stage="merge", message="Done")
     view_url = client.get(f"/jobs/{job_id}").json()["view_url"]
     chrome.open(view_url)
-    deadline = time.monotonic() + 60
-    state: dict[str, Any] = {}
-    while not state.get("rendered") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        state = json.loads(chrome.js(PAGE_STATE) or "{}")
+    state: dict[str, Any] = wait_for(
+        lambda: (s := json.loads(chrome.js(PAGE_STATE) or "{}")).get("rendered") and s, 120, interval=0.2,
+        what="the page rendered",
+    )
     assert [s["text"] for s in state["segments"]] == [text for _, text in lines]
     assert state["lanes"] == ["SPEAKER_00", "SPEAKER_01"]
     assert chrome.js("document.getElementById('transcript').lang") == "ko"  # the transcript's language

@@ -5,25 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.ops.helpers import free_port
+from tests.conftest import free_port
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 RATE, CAP = 5, 3
 
 
 @pytest.fixture
-def two_shims(redis_url: str, redis_client: object, tmp_path: Path) -> Iterator[tuple[str, str]]:
+def two_shims(scratch_redis_url: str, redis_client: object, tmp_path: Path) -> Iterator[tuple[str, str]]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "ECG_REDIS_URL": redis_url,
+        "ECG_REDIS_URL": scratch_redis_url,
         "ECG_API_KEYS": '["key-one", "key-two"]',
         "ECG_SUBMIT_RATE_PER_KEY": str(RATE),
         "ECG_SUBMIT_RATE_WINDOW_S": "60",
@@ -48,16 +48,17 @@ def two_shims(redis_url: str, redis_client: object, tmp_path: Path) -> Iterator[
         )
         urls.append(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 120
         for process, url in zip(processes, urls, strict=True):
-            while True:
+
+            def up(process: subprocess.Popen[bytes] = process, url: str = url) -> bool:
                 assert process.poll() is None, (tmp_path / "shim-a.log").read_text()[-2000:]
                 try:
                     httpx.get(url + "/health", timeout=2)
-                    break
                 except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "shim did not start"
-                    time.sleep(0.3)
+                    return False
+                return True
+
+            wait_for(up, 120, interval=0.3, what=f"shim {url} to start")
         yield urls[0], urls[1]
     finally:
         for process in processes:

@@ -4,13 +4,17 @@ holder stops renewing (a dead worker)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
 import redis
 
 from tasks.pipeline_tasks import StageLease
+from tests.helpers import wait_for, wait_for_renewals
+
+# Short enough that outliving it takes seconds; long enough that the renewer thread (every TTL/3)
+# is never so late, on a loaded machine, that a live lease lapses.
+TTL_S = 3.0
 
 
 class RacyRedis(redis.Redis):
@@ -26,15 +30,6 @@ class RacyRedis(redis.Redis):
             super().set(name, "other-holder", px=30_000)
             self.taken = True
         return value
-
-
-def _wait(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_one_holder_at_a_time(redis_url: str) -> None:
@@ -70,25 +65,25 @@ def test_release_never_deletes_another_holders_lease(redis_url: str) -> None:
 def test_lapsed_holder_does_not_extend_the_next_holders_lease(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = uuid.uuid4().hex[:8]
-    lease = StageLease(r, job, "features", ttl_s=0.6)
+    lease = StageLease(r, job, "features", ttl_s=TTL_S)
     with lease:
         assert lease.held
-        r.set(lease.key, "other-holder", px=1_000)  # lapsed and taken meanwhile
-        assert _wait(lease.lost.is_set, 5.0)  # the renewer finds out instead of extending it
-        assert r.pttl(lease.key) <= 1_000
+        r.set(lease.key, "other-holder", px=60_000)  # lapsed and taken meanwhile
+        wait_for(lease.lost.is_set, 60)  # the renewer finds out instead of extending it
+        assert TTL_S * 1000 < r.pttl(lease.key) <= 60_000  # not set back to our TTL
     assert r.get(lease.key) == "other-holder"
 
 
 def test_renewed_while_held_and_lapses_when_holder_dies(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     job = uuid.uuid4().hex[:8]
-    lease = StageLease(r, job, "ingest", ttl_s=0.6)
+    lease = StageLease(r, job, "ingest", ttl_s=TTL_S)
     lease.__enter__()
-    time.sleep(1.5)  # well past the TTL: only renewal keeps it
-    with StageLease(r, job, "ingest", ttl_s=0.6) as dup:
+    wait_for_renewals(r, lease.key, 4)  # renewed every TTL/3: held past its TTL, only renewal keeps it
+    with StageLease(r, job, "ingest", ttl_s=TTL_S) as dup:
         assert not dup.held
     lease._stop.set()  # the holder dies: nobody renews
-    assert _wait(lambda: StageLease(r, job, "ingest", ttl_s=0.6).lock.acquire(blocking=False), 5.0)
+    wait_for(lambda: StageLease(r, job, "ingest", ttl_s=TTL_S).lock.acquire(blocking=False), 60)
 
 
 def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again(redis_url: str) -> None:
@@ -96,11 +91,11 @@ def test_a_lease_that_lapsed_while_redis_was_away_is_taken_again(redis_url: str)
     holder takes the free lease again instead of giving up the stage."""
     r = redis.Redis.from_url(redis_url)
     job = uuid.uuid4().hex[:8]
-    lease = StageLease(r, job, "transcribe", ttl_s=0.6)
+    lease = StageLease(r, job, "transcribe", ttl_s=TTL_S)
     with lease:
         r.delete(lease.key)  # what expiry during the outage leaves
-        assert _wait(lambda: r.exists(lease.key) == 1, 5.0)
-        time.sleep(0.5)
+        wait_for(lambda: r.exists(lease.key) == 1, 60)
+        wait_for_renewals(r, lease.key, 2)  # and it keeps renewing it, as its own
         assert not lease.lost.is_set()
-        with StageLease(r, job, "transcribe", ttl_s=0.6) as dup:
+        with StageLease(r, job, "transcribe", ttl_s=TTL_S) as dup:
             assert not dup.held

@@ -18,12 +18,10 @@ Besides the schema, every error answer must be RFC 9457 problem+json (``problem_
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import requests
 import schemathesis
@@ -34,6 +32,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from tests.conftest import API_KEY, Proc, free_port
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -69,17 +68,7 @@ def fuzz_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         log,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.popen.poll() is not None:
-            raise RuntimeError("fuzz shim exited:\n" + proc.tail())
-        try:
-            httpx.get(url + "/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fuzz shim did not start:\n" + proc.tail()) from None
-            time.sleep(0.3)
+    wait_for(lambda: proc.answers(url + "/health"), 120, interval=0.3, what=lambda: "fuzz shim:\n" + proc.tail())
     yield url
     proc.stop()
     log_text = Path(log).read_text(errors="replace")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import pytest
 
 from ecg_audio.callbacks import verify_signature
 from tests.conftest import API_KEY, Call, Proc, Receiver, make_media, score, wait_for_worker, wait_job
+from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,11 @@ def worker_info(stack_env: dict[str, str]) -> dict:
 
 
 def test_health_and_auth(shim: str, ready: httpx.Client) -> None:
-    for _ in range(10):  # a busy worker may miss one 0.5 s ping
-        h = httpx.get(shim + "/health").json()
-        if h["workers"] >= 1:
-            break
-        time.sleep(1)
+    def health_with_a_worker() -> dict | None:
+        h: dict = httpx.get(shim + "/health").json()
+        return h if h["workers"] >= 1 else None  # a busy worker may miss one 0.5 s ping
+
+    h = wait_for(health_with_a_worker, 120, interval=1, what="/health counting a worker")
     assert h["broker"] is True and h["workers"] >= 1 and set(h["queue_depth"]) == {"model", "cpu"}
     body = {"job_id": "auth-check", "video_url": "https://example.com/a.mp4"}
     assert httpx.post(shim + "/api/upload-video/process-video", json=body).status_code == 401
@@ -76,9 +76,7 @@ def test_mp4_with_three_speakers_through_the_shim(
     result = st["result"]
     assert result["metadata"]["speakers_detected"] == scored_call.speakers
     # the callback receiver: progress never goes back, exactly one completed payload, all signed
-    deadline = time.monotonic() + 30
-    while not any(e["status"] == "completed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    receiver.wait_status(job_id, "completed")
     events = receiver.for_job(job_id)
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress) and progress[-1] == 100
@@ -100,7 +98,7 @@ def test_mp4_with_three_speakers_through_the_shim(
     assert after["pid"] == before["pid"] and after["loads"] == before["loads"], (before, after)
     assert all(n == 1 for n in after["loads"].values())
     # librosa's numba code was compiled when the worker started, not in this job's features stage
-    events = [json.loads(line) for line in worker.log.read_text(errors="replace").splitlines() if line.startswith("{")]
+    events = worker.log_events()
     names = [e.get("event") for e in events]
     assert "features_warmed" in names, worker.tail()
     assert names.index("features_warmed") < names.index("stage_done"), names[:20]
@@ -140,9 +138,7 @@ def test_bad_media_fails_cleanly_and_worker_stays_up(ready: httpx.Client, tmp_pa
     st = wait_job(ready, job_id, timeout=120)
     assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA"
     assert "Traceback" not in (st["error_message"] or "")
-    deadline = time.monotonic() + 20
-    while not any(e["status"] == "failed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    receiver.wait_status(job_id, "failed")
     finals = [e for e in receiver.for_job(job_id) if e["status"] == "failed"]
     assert len(finals) == 1 and finals[0]["error_code"] == "INVALID_MEDIA"
     assert ready.get("/health").json()["workers"] >= 1
@@ -172,7 +168,9 @@ def test_transcribe_waits_for_the_result(ready: httpx.Client, sample_wav: Path) 
     assert body["status"] == "completed" and body["progress"] == 100 and body["result"]["segments"]
 
 
-def test_cancel_and_operator_requeue(ready: httpx.Client, sample_wav: Path, stack_env: dict[str, str]) -> None:
+def test_cancel_and_operator_requeue(
+    ready: httpx.Client, worker: Proc, sample_wav: Path, stack_env: dict[str, str]
+) -> None:
     import shutil
     import subprocess
     import sys
@@ -203,7 +201,14 @@ def test_cancel_and_operator_requeue(ready: httpx.Client, sample_wav: Path, stac
     st = d.json()
     if st["status"] != "completed":  # unless it won the race and finished first
         assert st["status"] == "failed" and st["error_code"] == "CANCELLED"
-        time.sleep(5)
+
+        def chain_stopped() -> bool:  # the worker met the cancelled job and stopped its chain
+            return any(
+                e.get("job_id") == cancel_id and e.get("event") in ("chain_stopped", "stage_cancelled")
+                for e in worker.log_events()
+            )
+
+        wait_for(chain_stopped, 300, interval=0.5, what=f"the worker stopping {cancel_id}'s chain")
         assert ready.get(f"/jobs/{cancel_id}").json()["error_code"] == "CANCELLED"
 
 
@@ -219,10 +224,12 @@ def test_cancel_stops_the_running_stage(
         url = ready.post("/api/uploads", content=fh.read()).json()["video_url"]
     job_id = f"cancel-running-{uuid.uuid4().hex[:8]}"
     assert ready.post("/api/upload-video/process-video", json={"job_id": job_id, "video_url": url}).status_code == 202
-    deadline = time.monotonic() + 300
-    while (st := ready.get(f"/jobs/{job_id}").json())["stage"] != "transcribe":
-        assert st["status"] not in ("completed", "failed") and time.monotonic() < deadline, st
-        time.sleep(0.1)
+    def transcribing() -> bool:
+        st = ready.get(f"/jobs/{job_id}").json()
+        assert st["status"] not in ("completed", "failed"), st
+        return bool(st["stage"] == "transcribe")
+
+    wait_for(transcribing, 300, interval=0.1, what=f"{job_id} in its transcribe stage")
     assert ready.delete(f"/jobs/{job_id}").json()["error_code"] == "CANCELLED"
     # the worker is free again: the next job completes
     with open(sample_wav, "rb") as fh:
@@ -234,8 +241,7 @@ def test_cancel_stops_the_running_stage(
     r = redis.Redis.from_url(stack_env["ECG_REDIS_URL"], decode_responses=True)
     runs = {k: v for k, v in r.hgetall(f"ecg:job:{job_id}").items() if k.startswith("runs:")}
     assert set(runs) == {"runs:ingest", "runs:diarize"}, runs
-    events = [json.loads(line) for line in worker.log.read_text(errors="replace").splitlines() if line.startswith("{")]
-    stopped = [e for e in events if e.get("event") == "stage_cancelled" and e.get("job_id") == job_id]
+    stopped = [e for e in worker.log_events() if e.get("event") == "stage_cancelled" and e.get("job_id") == job_id]
     assert [e.get("stage") for e in stopped] == ["transcribe"], stopped
     final = ready.get(f"/jobs/{job_id}").json()
     assert final["status"] == "failed" and final["error_code"] == "CANCELLED"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -13,8 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Proc, free_port, wait_for_worker, wait_job
+from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ARTIFACTS = REPO / "var" / "test-artifacts"
 
@@ -70,13 +70,15 @@ def test_flower_shows_worker_and_finished_task(
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
+            flower.check_alive()
             try:
-                if httpx.get(base + "/healthcheck", timeout=2).status_code == 200:
-                    break
+                return httpx.get(base + "/healthcheck", timeout=2).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.5)
+                return False
+
+        wait_for(healthy, 120, interval=0.5, what=lambda: "Flower's /healthcheck:\n" + flower.tail())
         assert httpx.get(base + "/", timeout=5).status_code == 401  # basic auth is on
         wait_for_worker(api, worker)
         with open(sample_wav, "rb") as fh:
@@ -84,7 +86,12 @@ def test_flower_shows_worker_and_finished_task(
         job_id = f"flower-{uuid.uuid4().hex[:8]}"
         api.post("/api/upload-video/process-video", json={"job_id": job_id, "video_url": url})
         assert wait_job(api, job_id)["status"] == "completed"
-        time.sleep(2)  # events reach Flower
+
+        def merge_succeeded_in_flower() -> bool:  # the task events have reached Flower
+            tasks = httpx.get(base + "/api/tasks", auth=("ops", "flower-test-pw"), timeout=10).json()
+            return any(tid.startswith(f"{job_id}:merge") and t.get("state") == "SUCCESS" for tid, t in tasks.items())
+
+        wait_for(merge_succeeded_in_flower, 120, interval=0.5, what=f"{job_id}'s merge as SUCCESS in Flower's API")
         authed = f"http://ops:flower-test-pw@127.0.0.1:{port}"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         workers_dom = render(exe, authed + "/workers", tmp_path, screenshot=ARTIFACTS / "flower-workers.png")

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import API_KEY, Proc, free_port, start_worker
+from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -70,12 +71,8 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
         job_id = f"s3-{uuid.uuid4().hex[:8]}"
         store.create(job_id, {"video_url": "s3://media-in/calls/sample.wav"})
         send_chain(app, {"job_id": job_id})
-        deadline = time.monotonic() + 400
+        wait_for(lambda: _over(store, job_id, worker), 400, interval=1, what=lambda: worker.tail())
         rec = store.get(job_id)
-        while time.monotonic() < deadline and rec is not None and rec.status not in ("completed", "failed"):
-            assert worker.popen.poll() is None, worker.tail()
-            time.sleep(1)
-            rec = store.get(job_id)
         assert rec is not None and rec.status == "completed", (rec, worker.tail())
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ecg-work").get("Contents", [])}
         assert {f"output/{job_id}.{ext}" for ext in ("json", "srt", "vtt", "rttm")} <= keys, keys
@@ -89,14 +86,7 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
         shim = Proc("shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--port", str(shim_port)],
                     shim_env, tmp_path / "shim.log")
         api = httpx.Client(base_url=f"http://127.0.0.1:{shim_port}", headers={"Authorization": f"Bearer {API_KEY}"})
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api.get("/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and shim.popen.poll() is None, shim.tail()
-                time.sleep(0.3)
+        wait_for(lambda: shim.answers(f"http://127.0.0.1:{shim_port}/health"), 120, interval=0.3, what=shim.tail)
         up = api.post("/api/uploads", content=sample_wav.read_bytes(), timeout=30)
         assert up.status_code == 201, up.text
         uid = up.json()["video_url"].removeprefix("upload://")
@@ -109,11 +99,8 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
             jid = f"s3-{kind}-{uuid.uuid4().hex[:8]}"
             r = api.post("/api/upload-video/process-video", json={"job_id": jid, "video_url": url})
             assert r.status_code == 202, r.text
-            deadline = time.monotonic() + 300
-            while (rec := store.get(jid)) is not None and rec.status not in ("completed", "failed"):
-                assert time.monotonic() < deadline and worker.popen.poll() is None, worker.tail()
-                time.sleep(0.5)
-            finals[kind] = rec
+            wait_for(lambda jid=jid: _over(store, jid, worker), 300, interval=0.5, what=worker.tail)
+            finals[kind] = store.get(jid)
         assert finals["uploaded"] is not None and finals["uploaded"].status == "completed", worker.tail()
         gone = finals["missing"]
         assert gone is not None and gone.status == "failed" and gone.error_code == "INVALID_MEDIA", gone
@@ -131,3 +118,10 @@ def test_s3_input_workspace_and_output(tmp_path: Path, sample_wav: Path) -> None
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _over(store: Any, job_id: str, worker: Proc) -> bool:
+    """Whether the job has ended (or has no record); the worker must still run meanwhile."""
+    worker.check_alive()
+    rec = store.get(job_id)
+    return rec is None or rec.status in ("completed", "failed")

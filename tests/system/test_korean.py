@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO, Proc, Receiver, wait_for_worker, wait_job, which
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def has_hangul(text: str) -> bool:
@@ -185,10 +185,7 @@ def test_korean_job_through_the_shim_speaks_korean(ready: httpx.Client, receiver
     assert st["message"] == "분석 완료"
     assert st["result"]["metadata"]["language"] == "ko"
     assert has_hangul(" ".join(s["text"] for s in st["result"]["segments"]))
-    deadline = time.monotonic() + 30
-    while not any(e["status"] == "completed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    events = receiver.for_job(job_id)
+    events = receiver.wait_status(job_id, "completed")
     assert len(events) >= 4 and events[-1]["message"] == "분석 완료"
     assert all(has_hangul(e["message"]) for e in events), [e["message"] for e in events]
 
@@ -206,8 +203,6 @@ def test_errors_speak_the_locale_from_accept_language(ready: httpx.Client, recei
     assert st["status"] == "failed" and st["error_code"] == "INVALID_MEDIA"  # codes unchanged
     assert st["error_message"].startswith("읽을 수 없는 미디어 파일입니다: "), st
     assert st["message"].startswith("실패: 읽을 수 없는 미디어 파일입니다: "), st
-    deadline = time.monotonic() + 30
-    while not any(e["status"] == "failed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    receiver.wait_status(job_id, "failed")
     final = [e for e in receiver.for_job(job_id) if e["status"] == "failed"]
     assert len(final) == 1 and final[0]["message"].startswith("실패: 읽을 수 없는 미디어 파일입니다"), final

@@ -9,7 +9,6 @@ empty 200), after checking that the hook exists in moto and names this group.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,8 +17,8 @@ import pytest
 from bench.fake_imds import FakeImds
 from ecg_audio.settings import Settings
 from ops import aws
-from tests.ops.helpers import make_settings
-from worker.interruption import Drain, LifecycleAction, Notice, Watcher, read_notice
+from tests.helpers import make_settings, wait_for
+from worker.interruption import SPOT_ACTION_PATH, Drain, LifecycleAction, Notice, Watcher, read_notice
 
 HOOK = "ecg-drain"
 
@@ -101,10 +100,10 @@ def test_spot_budget_never_runs_past_the_notice() -> None:
 def test_watcher_drains_a_stage_that_finishes_in_time(fake_imds: FakeImds) -> None:
     stage = _Stage()
     watcher = Watcher(_imds(fake_imds), _drain(stage), poll_s=0.05).start()
-    time.sleep(0.2)
-    assert stage.events == []  # no notice, nothing happens
+    wait_for(lambda: fake_imds.gets.count(SPOT_ACTION_PATH) >= 3, what="the watcher polling the spot notice")
+    assert stage.events == []  # polled, no notice: nothing happens
     fake_imds.interrupt(in_s=120)
-    _wait_for(lambda: "stop_consuming" in stage.events)
+    wait_for(lambda: "stop_consuming" in stage.events)
     stage.finish()
     watcher.join(10)
     assert stage.events == ["stop_consuming", "stage_finished", "shutdown"]
@@ -178,8 +177,8 @@ def test_lifecycle_action_completes_only_after_the_running_stage_ended(
     watcher = Watcher(_imds(fake_imds), drain, poll_s=0.05).start()
 
     fake_imds.terminate()  # scale-in or instance refresh: the hook holds the instance
-    _wait_for(lambda: "stop_consuming" in stage.events)
-    _wait_for(lambda: any(kind == "heartbeat" for kind, _ in recorded.calls))
+    wait_for(lambda: "stop_consuming" in stage.events)
+    wait_for(lambda: any(kind == "heartbeat" for kind, _ in recorded.calls))
     assert all(kind != "complete" for kind, _ in recorded.calls), "completed while the stage still ran"
     stage.finish()
     watcher.join(10)
@@ -194,11 +193,3 @@ def test_lifecycle_action_completes_only_after_the_running_stage_ended(
         }
     ]
     assert stage.events == ["stop_consuming", "stage_finished", "shutdown"]
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)

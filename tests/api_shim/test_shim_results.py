@@ -2,7 +2,7 @@
 
 These apps use Redis database 3, where no worker listens: accepted jobs stay queued, so the
 queue is what the test makes it. The end-to-end variant (a real job's result and exports,
-parsed by real parsers) is in tests/test_openai_api.py, which runs a worker anyway.
+parsed by real parsers) is in tests/system/test_openai_api.py, which runs a worker anyway.
 """
 
 from __future__ import annotations

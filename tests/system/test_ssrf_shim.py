@@ -19,7 +19,6 @@ import ipaddress
 import socket
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,8 +29,9 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEY, Proc, free_port, wait_for_worker, wait_job
+from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROCESS = "/api/upload-video/process-video"
@@ -50,6 +50,7 @@ class CountingListener:
         self.host = host
         self.port: int = self.sock.getsockname()[1]
         self.accepted = 0
+        self.controls = 0  # connections made on purpose by prove_it_counts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -68,13 +69,18 @@ class CountingListener:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def prove_it_counts(self) -> None:
-        """Positive control: a connection made on purpose is counted."""
+        """Positive control: a connection made on purpose is counted. Connections are accepted in
+        the order they were made, so once this one is counted, any made before it has been too."""
         before = self.accepted
         socket.create_connection((self.host, self.port), timeout=5).close()
-        deadline = time.monotonic() + 5
-        while self.accepted == before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: self.accepted > before, what=f"the control connection to {self.netloc} counted")
         assert self.accepted == before + 1
+        self.controls += 1
+
+    @property
+    def unexpected(self) -> int:
+        """Connections that were not the positive controls."""
+        return self.accepted - self.controls
 
     def close(self) -> None:
         self._stop.set()
@@ -102,7 +108,7 @@ class Unlistened(CountingListener):
     """Stands in for [::1] where the host has no IPv6: the URLs are still refused, nothing can count."""
 
     def __init__(self) -> None:
-        self.host, self.port, self.accepted = "::1", 9, 0
+        self.host, self.port, self.accepted, self.controls = "::1", 9, 0, 0
 
     def prove_it_counts(self) -> None:
         pass
@@ -133,17 +139,7 @@ def strict_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         log,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.popen.poll() is not None:
-            raise RuntimeError("strict shim exited:\n" + proc.tail())
-        try:
-            httpx.get(url + "/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("strict shim did not start:\n" + proc.tail()) from None
-            time.sleep(0.3)
+    wait_for(lambda: proc.answers(url + "/health"), 120, interval=0.3, what=lambda: "strict shim:\n" + proc.tail())
     yield url
     proc.stop()
 
@@ -202,11 +198,11 @@ def test_loopback_and_private_urls_are_refused_at_submission_without_a_connectio
             assert r.status_code == 422 and r.json()["detail"].startswith("callback_url: "), (video_url, r.text)
             assert api.get(f"/jobs/{job_id}").status_code == 404
             seen.append(f"{video_url} -> {detail}")
-    time.sleep(0.5)  # a connection, had one been made, has been accepted by now
     sys.stderr.write("\nrefused at submission:\n  " + "\n  ".join(seen) + "\n")
-    assert (v4.accepted, v6.accepted) == (0, 0), seen
+    # a connection made after every submission is counted: one made during them would be counted too
     v4.prove_it_counts()
     v6.prove_it_counts()
+    assert (v4.unexpected, v6.unexpected) == (0, 0), seen
 
 
 class RedirectServer:
@@ -247,7 +243,7 @@ def test_redirect_to_loopback_is_refused_at_fetch_time_before_any_byte(
         "http://169.254.169.254/latest/meta-data/",
         f"http://[::ffff:127.0.0.2]:{other_loopback.port}/media.wav",  # IPv4-mapped spelling
     ]
-    v6_before = v6.accepted
+    v6_before = v6.unexpected
     redirects = RedirectServer(targets)
     try:
         wait_for_worker(api, worker)
@@ -263,9 +259,9 @@ def test_redirect_to_loopback_is_refused_at_fetch_time_before_any_byte(
             assert "redirect from" in st["error_message"] and "refused" in st["error_message"], (target, st)
             sys.stderr.write(f"\nredirect to {target}: {st['error_code']}: {st['error_message']}")
         assert redirects.hits >= len(targets), "the worker never fetched the first hop"
-        time.sleep(0.5)
-        assert (other_loopback.accepted, v6.accepted - v6_before) == (0, 0), "a redirect target was connected to"
-        other_loopback.prove_it_counts()
+        other_loopback.prove_it_counts()  # made after the jobs ended: one made by them is counted first
+        v6.prove_it_counts()
+        assert (other_loopback.unexpected, v6.unexpected - v6_before) == (0, 0), "a redirect target was connected to"
     finally:
         redirects.close()
         other_loopback.close()

@@ -19,7 +19,9 @@ from tests.conftest import REPO, SHARED
 BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu"]
 
 
-def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+def run_bench(name: str, *args: str, timeout: float = 600) -> dict[str, Any]:
+    """Run a bench; ``timeout`` bounds a hang only: loading the models alone takes minutes on a
+    loaded 2-core machine."""
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", *args],
         cwd=REPO,
@@ -37,7 +39,7 @@ def run_bench(name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
 @pytest.mark.parametrize("name", BENCHES)
 def test_every_bench_documents_itself(name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", f"bench.{name}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout
@@ -72,11 +74,17 @@ def test_shim_load_tiny() -> None:
 
 
 def test_shim_load_paces_wrk_at_the_offered_rate() -> None:
-    """--rate: wrk's delay() keeps each thread to its send schedule, so 8 connections that
-    could go far faster (the unpaced run above) offer about 100 jobs/s."""
+    """--rate: wrk's delay() keeps each thread to its send schedule, one request per 1/rate s and
+    never earlier, so the requests of a run are bounded by the schedule whatever the machine's
+    speed: at most rate x duration, plus the first request of each thread. The rate is far below
+    what the shim accepts unpaced (the run above), so a schedule that was ignored would show."""
     if not shutil.which("wrk"):
         pytest.skip("wrk is absent (apt-get install -y wrk): the shim load bench drives the shim with it")
-    out = run_bench("shim_load", "--seconds", "3", "--connections", "8", "--rate", "100")
-    assert out["offered_rate"] == 100.0
-    assert 60 <= out["accepted_per_s"] <= 140, out["accepted_per_s"]
-    assert out["lost"] == 0, out
+    rate, threads = 20, 1  # threads: the bench's default
+    out = run_bench("shim_load", "--seconds", "3", "--connections", "8", "--rate", str(rate))
+    assert out["offered_rate"] == rate
+    assert out["wrk"].startswith(f"-t{threads} ")
+    # one request at most per slot, over wrk's own run time; slack: its threads start a moment
+    # before its clock, the bench rounds the seconds, and a delay is rounded to the millisecond
+    assert 0 < out["requests"] <= rate * (out["seconds"] + 0.1) + 2 * threads, out
+    assert out["accepted_202"] > 0 and out["lost"] == 0, out

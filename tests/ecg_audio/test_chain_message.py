@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import celeryconfig
 from ecg_audio.chain import STAGES, ChainMessages, queue_key, send_chain, task_ids
 from ecg_audio.jobs import JobStore
 from tests.conftest import Proc, wait_for_worker, wait_job
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -73,6 +73,8 @@ def reference(redis_url: str) -> Iterator[tuple[Any, redis.Redis]]:
 class Events:
     """Every task-sent event published for REFERENCE_DB, as a subscriber (Flower) receives it."""
 
+    PROBE = f"/{REFERENCE_DB}.celeryev/test-probe"
+
     def __init__(self, r: redis.Redis) -> None:
         self.got: list[tuple[str, str]] = []
         self.stop = threading.Event()
@@ -81,17 +83,26 @@ class Events:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+        def subscribed() -> bool:
+            # PSUBSCRIBE returns before Redis has subscribed: it has once a probe comes back
+            if any(c == self.PROBE for c, _ in self.got):
+                return True
+            r.publish(self.PROBE, "probe")
+            return False
+
+        wait_for(subscribed, what="the event subscription")
+
     def _run(self) -> None:
         while not self.stop.is_set():
             m = self.pubsub.get_message(timeout=0.05)
             if m is not None:
                 self.got.append((m["channel"], m["data"]))
 
+    def events(self) -> list[tuple[str, str]]:
+        return [(c, d) for c, d in list(self.got) if c != self.PROBE]
+
     def wait(self, n: int) -> list[tuple[str, str]]:
-        deadline = time.monotonic() + 10
-        while len(self.got) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return list(self.got)
+        return wait_for(lambda: len(self.events()) >= n and self.events(), what=f"{n} task-sent events")
 
     def close(self) -> None:
         self.stop.set()
@@ -124,7 +135,6 @@ def test_message_and_event_are_those_celery_sends(reference: tuple[Any, redis.Re
     app, r = reference
     events = Events(r)
     try:
-        time.sleep(0.2)  # subscribed before anything is sent
         nonce = uuid.uuid4().hex[:8]
         celery_send(app, "ref-job.1", nonce, priority)
         key = queue_key(celeryconfig.TASK_QUEUES[celeryconfig.CHAIN[0]], priority)
@@ -212,6 +222,7 @@ def ran_stages(r: redis.Redis, job_id: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow  # the session's real worker runs the models
 def test_hand_built_messages_run_the_whole_chain_on_a_real_worker(
     api: httpx.Client, worker: Proc, sample_wav: Path, stack_env: dict[str, str]
 ) -> None:

@@ -15,7 +15,6 @@ import os
 import socket
 import struct
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import pytest
 
 from tests.conftest import API_KEY, Proc, Receiver, make_media, wait_for_worker, wait_job
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROCESS = "/api/upload-video/process-video"
 NO_JOB = "/jobs/hostile-no-such-job"
@@ -298,9 +297,11 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
     from ecg_audio.settings import Settings
 
     release = threading.Event()
+    answered: list[str] = []  # lookups that returned: none until the test releases them
 
     def never_answers(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
-        release.wait(60)
+        release.wait(600)
+        answered.append(host)
         raise socket.gaierror(socket.EAI_NONAME, "too late")
 
     monkeypatch.setattr(dns, "DNS_DEADLINE_S", 0.5)
@@ -309,9 +310,8 @@ def test_a_silent_name_server_costs_a_submission_a_deadline_not_a_thread(
     client = TestClient(shim_app.create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"})
     try:
         for n in range(10):  # the pool has 8 threads: the last two wait for none of them
-            t0 = time.monotonic()
             r = client.post(PROCESS, json=_body(job_id=f"dns-{n}", video_url=f"https://slow-{n}.example/a.mp4"))
-            assert time.monotonic() - t0 < 3, "the deadline did not hold"
+            assert answered == [], "the submission waited for a lookup (or a pool thread), not its deadline"
             # a name server that does not answer may answer later: 503 and when to retry, not a final 4xx
             assert r.status_code == 503 and "no DNS answer within 0.5 s" in r.json()["detail"], r.text
             assert int(r.headers["retry-after"]) > 0, r.headers
@@ -608,10 +608,7 @@ def test_good_job_after_the_table(
     _speech_found(st["result"])
     assert URL_TOKEN not in json.dumps(st) and CALLBACK_TOKEN not in json.dumps(st)
     assert worker_pid(stack_env) == submitted.worker_pid, "the worker process was replaced during the table"
-    deadline = time.monotonic() + 30
-    while not any(e["status"] == "completed" for e in receiver.for_job(job_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert any(e["status"] == "completed" for e in receiver.for_job(job_id))
+    receiver.wait_status(job_id, "completed")
 
 
 def test_no_secret_in_any_log(

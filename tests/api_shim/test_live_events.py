@@ -2,7 +2,7 @@
 
 The shim here runs with a 1 s keep-alive so the quiet-stream paths are seen quickly. The events
 are written with ``ecg_audio.event_log.append``, exactly as the workers write them; the real-job
-test (a worker, the sample call) is in tests/test_job_page.py, where the worker is shared.
+test (a worker, the sample call) is in tests/system/test_job_page.py, where the worker is shared.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ecg_audio import event_log
 from ecg_audio.jobs import JobStore
 from ecg_audio.settings import Settings
 from tests.conftest import API_KEY, Proc, free_port
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,15 +45,7 @@ def live_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     p = Proc("live-shim", [sys.executable, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1",
                            "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if p.popen.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("shim did not start:\n" + p.tail())
-        try:
-            httpx.get(url + "/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    wait_for(lambda: p.answers(url + "/health"), 120, interval=0.3, what=lambda: "live shim:\n" + p.tail())
     yield url
     p.stop()
 
@@ -83,10 +76,17 @@ class Sse:
 
 
 def read_sse(
-    client: httpx.Client, url: str, *, headers: dict[str, str] | None = None, stop_after: int | None = None
+    client: httpx.Client,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    stop_after: int | None = None,
+    out: Sse | None = None,
 ) -> Sse:
-    """Read a stream until it ends, or until ``stop_after`` events (then hang up, as a dropped client)."""
-    out = Sse()
+    """Read a stream until it ends, or until ``stop_after`` events (then hang up, as a dropped client).
+
+    ``out``: fill this ``Sse`` as lines arrive, so that another thread can see how far it got."""
+    out = out if out is not None else Sse()
     timeout = httpx.Timeout(connect=10, read=60, write=10, pool=10)
     with client.stream("GET", url, headers=headers or {}, timeout=timeout) as resp:
         out.status = resp.status_code
@@ -136,14 +136,17 @@ def test_reconnect_with_last_event_id_gets_what_was_missed_once(client: httpx.Cl
     assert all(e["event_id"] == i for i, e in first.events)  # the id is the callback's event id
     sent += [emit(r, job, p) for p in (60, 70)]  # happen while the client is away
 
+    second = Sse()
+
     def finish() -> None:
-        time.sleep(1.5)  # the reconnected client is then waiting for new events
+        # a keep-alive comment: the reconnected client has what it missed and waits on a quiet stream
+        wait_for(lambda: second.comments >= 1, what="a keep-alive comment on the quiet stream")
         sent.append(emit(r, job, 80))
         sent.append(emit(r, job, 100, final=True))
 
     writer = threading.Thread(target=finish)
     writer.start()
-    second = read_sse(client, f"/jobs/{job}/events", headers={"Last-Event-ID": first.ids[-1]})
+    read_sse(client, f"/jobs/{job}/events", headers={"Last-Event-ID": first.ids[-1]}, out=second)
     writer.join()
     assert second.ended, "the stream ends after the final event"
     assert first.ids + second.ids == sent, "every event once, in order"
@@ -211,16 +214,17 @@ def test_unknown_job_is_404(client: httpx.Client) -> None:
 def test_many_streams_on_one_event_loop(client: httpx.Client, r: redis.Redis, live_shim: str) -> None:
     """Twenty streams wait at once on one shim process, each gets its own job's events (no thread each)."""
     jobs = [new_job(r) for _ in range(20)]
-    results: dict[str, Sse] = {}
+    results = {j: Sse() for j in jobs}
 
     def listen(job: str) -> None:
         with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
-            results[job] = read_sse(c, f"/jobs/{job}/events")
+            read_sse(c, f"/jobs/{job}/events", out=results[job])
 
     threads = [threading.Thread(target=listen, args=(j,)) for j in jobs]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    # every stream has sent a keep-alive comment: all twenty are open and waiting at once
+    wait_for(lambda: all(s.comments >= 1 for s in results.values()), what="twenty streams waiting")
     expected = {j: [emit(r, j, 50), emit(r, j, 100, final=True)] for j in jobs}
     for t in threads:
         t.join(60)

@@ -17,6 +17,7 @@ import redis
 from ecg_audio import callbacks
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy, Dispatcher, sign, verify_signature
 from ecg_audio.jobs import JobStore
+from tests.helpers import wait_for, wait_for_renewals
 
 KEY = "k3y-for-tests"
 
@@ -31,24 +32,32 @@ def enqueue(r: redis.Redis, job: str, url: str, progress: int) -> str:
 
 
 class AttemptReceiver:
-    """Records every attempt, answered or refused: (event_id, status it answered, time)."""
+    """Records every attempt, answered or refused: (event_id, status it answered, time).
+
+    With ``hold`` set, each POST is recorded in ``arrived`` and then kept open, unanswered,
+    until the test lets it go (``release``): a receiver as slow as the test needs, with no clock.
+    """
 
     def __init__(self) -> None:
         self.attempts: list[tuple[str, int, float]] = []
+        self.arrived: list[str] = []
         self.delivered: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.fail_with: int | None = None
         self.reject_ids: set[str] = set()  # answered 410
-        self.delay_s = 0.0
+        self.hold = False
+        self._gate = threading.Semaphore(0)
         self.lock = threading.Lock()
         rcv = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if rcv.delay_s:
-                    time.sleep(rcv.delay_s)
                 event = json.loads(body)
+                with rcv.lock:
+                    rcv.arrived.append(event["event_id"])
+                if rcv.hold:
+                    rcv._gate.acquire(timeout=600)
                 status = 410 if event["event_id"] in rcv.reject_ids else (rcv.fail_with or 200)
                 with rcv.lock:
                     rcv.attempts.append((event["event_id"], status, time.time()))
@@ -68,6 +77,10 @@ class AttemptReceiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/cb"
 
+    def release(self, n: int = 1) -> None:
+        """Let ``n`` held POSTs (present or future) be answered."""
+        self._gate.release(n)
+
     def failed(self) -> list[tuple[str, int, float]]:
         with self.lock:
             return [a for a in self.attempts if a[1] != 200]
@@ -77,6 +90,8 @@ class AttemptReceiver:
             return [e["event_id"] for e in self.delivered]
 
     def close(self) -> None:
+        self.hold = False
+        self.release(1000)  # nothing stays held
         self.server.shutdown()
         self.server.server_close()
 
@@ -86,15 +101,6 @@ def rcv() -> Any:
     r = AttemptReceiver()
     yield r
     r.close()
-
-
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
 
 
 def _job() -> str:
@@ -169,11 +175,11 @@ def test_receiver_down_then_back_gets_everything(redis_url: str, rcv: AttemptRec
     ids = [enqueue(box.r, job, rcv.url(), p) for p in (10, 100)]
     d = Dispatcher(box, interval_s=0.05).start()
     try:
-        assert _wait(lambda: len(rcv.failed()) >= 3, 10)  # the receiver saw (and refused) retries
+        wait_for(lambda: len(rcv.failed()) >= 3, 60)  # the receiver saw (and refused) retries
         assert rcv.ids() == []
         assert {a[0] for a in rcv.failed()} == {ids[0]}  # only the head is tried: order is kept
         rcv.fail_with = None
-        assert _wait(lambda: len(rcv.ids()) == 2, 10)
+        wait_for(lambda: len(rcv.ids()) == 2, 60)
         assert rcv.ids() == ids
     finally:
         d.stop()
@@ -229,41 +235,55 @@ def test_default_policy_dead_letters_after_a_long_outage(
 
 
 def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, rcv: AttemptReceiver) -> None:
-    """Each POST takes longer than the dispatch lock's TTL: the lock is renewed while it runs, so the
-    second dispatcher never posts the same head, and nothing is popped that was not delivered."""
-    rcv.delay_s = 1.0
-    policy = DeliveryPolicy(lock_ttl_s=0.4, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
+    """Each POST outlasts the dispatch lock's TTL: the lock is renewed while it runs, so the second
+    dispatcher never posts the same head, and nothing is popped that was not delivered."""
+    rcv.hold = True
+    # the TTL is short so that outliving it takes seconds, and long enough that the renewal (every
+    # TTL/3) is never so late on a loaded machine that a live lock lapses
+    policy = DeliveryPolicy(lock_ttl_s=3.0, backoff_base_s=0.05, backoff_max_s=0.2, max_attempts=50)
     job = _job()
+    r = redis.Redis.from_url(redis_url)
     boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY) for _ in range(2)]
     ids = [enqueue(boxes[0].r, job, rcv.url(), p) for p in (10, 25, 40)]
     ds = [Dispatcher(b, interval_s=0.02).start() for b in boxes]
     try:
-        assert _wait(lambda: boxes[0].pending(job) == 0, 60)
-        time.sleep(1.5)  # a late duplicate would land now
+        for n in range(1, len(ids) + 1):
+            wait_for(lambda n=n: len(rcv.arrived) >= n, 60, what=f"POST {n} at the receiver")
+            # held open past the lock's TTL: 4 renewals of TTL/3 each, while the other dispatcher polls
+            wait_for_renewals(r, callbacks.LOCK_PREFIX + job, 4)
+            rcv.release()
+        wait_for(lambda: boxes[0].pending(job) == 0 and len(rcv.ids()) == len(ids), 60, what="all delivered")
     finally:
         for d in ds:
             d.stop()
-    assert [a[0] for a in rcv.attempts] == ids, rcv.attempts  # each posted once, in order
+    # both dispatchers have stopped: every POST either of them made has arrived
+    assert rcv.arrived == ids, rcv.arrived  # each posted once, in order
     assert rcv.ids() == ids
 
 
 def test_slow_receiver_does_not_stall_other_jobs(redis_url: str, rcv: AttemptReceiver) -> None:
-    """One receiver hangs (answers after 20 s, under httpx's per-read timeout of 30 s): the total
-    deadline ends that attempt, and another job's callback goes out meanwhile."""
+    """One receiver hangs (does not answer while the test runs; httpx's per-read timeout is 30 s):
+    the total deadline ends that attempt, and another job's callback goes out meanwhile."""
     fast = AttemptReceiver()
     try:
-        rcv.delay_s = 20.0
+        rcv.hold = True
         policy = DeliveryPolicy(timeout_s=30.0, deadline_s=1.0, backoff_base_s=0.5, max_attempts=50)
-        box = CallbackOutbox(redis.Redis.from_url(redis_url), policy, KEY)
+        q = redis.Redis.from_url(redis_url)
+        box = CallbackOutbox(q, policy, KEY)
         slow_job, fast_job = _job(), _job()
-        enqueue(box.r, slow_job, rcv.url(), 10)
-        fast_id = enqueue(box.r, fast_job, fast.url(), 10)
+        slow_id = enqueue(box.r, slow_job, rcv.url(), 10)
         d = Dispatcher(box, interval_s=0.02).start()
-        t0 = time.monotonic()
         try:
-            assert _wait(lambda: fast.ids() == [fast_id], 15)
-            assert time.monotonic() - t0 < 8.0
-            assert box.pending(slow_job) == 1  # not lost: retried later
+            wait_for(lambda: rcv.arrived[:1] == [slow_id], 60, what="the POST to the hung receiver")
+            fast_id = enqueue(box.r, fast_job, fast.url(), 10)
+            wait_for(lambda: fast.ids() == [fast_id], 60, what="the other job's callback")
+            assert rcv.attempts == [], "the hung receiver answered: nothing was left to stall"
+            # the hung attempt was ended by the deadline: counted and kept for a retry, not lost
+            def head() -> dict[str, Any]:
+                return dict(json.loads(q.lindex(callbacks.QUEUE_PREFIX + slow_job, 0) or "{}"))  # type: ignore[arg-type]
+
+            wait_for(lambda: head().get("attempts", 0) >= 1, 60, what="the hung attempt counted")
+            assert head()["event_id"] == slow_id and box.pending(slow_job) == 1
         finally:
             d.stop()
             box.close()

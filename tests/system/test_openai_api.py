@@ -22,7 +22,7 @@ from pyannote.database.util import load_rttm
 
 from tests.conftest import API_KEY, Proc, wait_for_worker
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # words of the sample's reference transcript (pyannote/audio/sample/sample.stm)
 EXPECTED_WORDS = ("hello", "know", "there")
