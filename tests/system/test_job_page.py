@@ -327,13 +327,14 @@ def _stored_job(redis_url: str, locale: str | None) -> str:
 
 def _page_words(chrome: Chrome, view_url: str) -> dict[str, Any]:
     chrome.open(view_url)
-    deadline = time.monotonic() + 60
-    words: dict[str, Any] = {}
-    while not words.get("rendered") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        words = json.loads(chrome.js(PAGE_WORDS) or "{}")
-    assert words.get("rendered"), words
-    return words
+    seen: dict[str, Any] = {}
+
+    def rendered() -> bool:
+        seen.update(json.loads(chrome.js(PAGE_WORDS) or "{}"))
+        return bool(seen.get("rendered"))
+
+    wait_for(rendered, 60, interval=0.2, what=lambda: f"the page's words: {seen}")
+    return seen
 
 
 def test_job_page_speaks_the_jobs_locale(client: httpx.Client, redis_url: str, chrome: Chrome) -> None:  # noqa: F811
