@@ -29,13 +29,17 @@ class BodySizeLimit:
     buffered up to the cap and refused as soon as it passes it, so no route ever parses more.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, exempt_paths: frozenset[str], exempt_prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.exempt_paths = exempt_paths
+        self.exempt_prefixes = exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.exempt_paths or path.startswith(self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ecg_audio.speakers import SPEAKER_ID_PATTERN
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JobStatus = Literal["queued", "processing", "completed", "failed"]
@@ -19,6 +21,13 @@ class JobOptions(BaseModel):
     model: str | None = Field(None, max_length=200, description="ASR model; one of those the workers have.")
     locale: Literal["en", "ko"] | None = Field(
         None, description="Language of progress and error messages; default: Accept-Language, then the server's."
+    )
+    identify_speakers: bool | None = Field(
+        None,
+        description="Name speakers from this API key's speaker library (GET /speakers); default: on when it has any.",
+    )
+    speakers: list[Annotated[str, Field(pattern=SPEAKER_ID_PATTERN)]] | None = Field(
+        None, max_length=200, description="Only these enrolled speakers (ids) are candidates; default: all the key's."
     )
 
     @model_validator(mode="after")

@@ -93,6 +93,8 @@ async def submit(
     ran it makes a retry find the job (200), never queue it twice.
     """
     await check_request_async(shim, req)
+    if req.options.speakers:
+        await run_in_threadpool(check_speakers, shim, req.options.speakers, caller)
     if req.options.locale is None and accept_language:
         # messages in the caller's language unless the job names one (options.locale)
         req.options.locale = resolve_locale(accept_language, shim.settings.default_locale)
@@ -110,6 +112,16 @@ async def submit(
     elif rec is not None:
         same_job(rec, request, caller)
     return created, rec
+
+
+def check_speakers(shim: Shim, ids: list[str], caller: Caller) -> None:
+    """422 for an ``options.speakers`` id that is not a speaker of the caller's key."""
+    from ecg_audio.speakers import SpeakerLibrary, unknown_speakers
+
+    unknown = unknown_speakers(SpeakerLibrary(shim.r), caller.fingerprint, ids)
+    if unknown:
+        listed = ", ".join(unknown)
+        raise ApiError(422, "UNKNOWN_SPEAKER", f"options.speakers names no speaker of this API key: {listed}")
 
 
 def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:

@@ -361,7 +361,7 @@ def _cues(segment: dict[str, Any]) -> list[tuple[float, float, str]]:
 def to_srt(segments: Sequence[dict[str, Any]]) -> str:
     blocks: list[str] = []
     for s in segments:
-        who = f"[{s['speaker']}] " if s.get("speaker") else ""
+        who = f"[{_who(s)}] " if _who(s) else ""
         for start, end, text in _cues(s):
             n = len(blocks) + 1
             blocks.append(f"{n}\n{_clock(start, ',')} --> {_clock(end, ',')}\n{who}{text}\n")
@@ -371,7 +371,7 @@ def to_srt(segments: Sequence[dict[str, Any]]) -> str:
 def to_vtt(segments: Sequence[dict[str, Any]]) -> str:
     blocks = ["WEBVTT\n"]
     for s in segments:
-        who = f"<v {s['speaker']}>" if s.get("speaker") else ""
+        who = f"<v {_who(s)}>" if _who(s) else ""
         for start, end, text in _cues(s):
             blocks.append(f"{_clock(start, '.')} --> {_clock(end, '.')}\n{who}{text.replace('-->', '->')}\n")
     return "\n".join(blocks)
@@ -380,9 +380,19 @@ def to_vtt(segments: Sequence[dict[str, Any]]) -> str:
 def to_rttm(turns: Sequence[dict[str, Any]], file_id: str) -> str:
     uri = "".join(c if c.isalnum() or c in "._-" else "_" for c in file_id) or "audio"
     return "".join(
-        f"SPEAKER {uri} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {t['speaker']} <NA> <NA>\n"
+        f"SPEAKER {uri} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {_rttm_name(t)} <NA> <NA>\n"
         for t in turns
     )
+
+
+def _who(item: dict[str, Any]) -> str:
+    """The display label: the enrolled name when the speaker was recognised, else the label."""
+    return str(item.get("speaker_name") or item.get("speaker") or "")
+
+
+def _rttm_name(turn: dict[str, Any]) -> str:
+    # a name may hold spaces; RTTM's fields are space-separated
+    return "_".join(_who(turn).split())
 
 
 # --- the result document --------------------------------------------------
