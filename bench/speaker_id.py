@@ -27,6 +27,7 @@ evaluates a given one. ``--matching FILE`` also times the matching on a recordin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import tempfile
@@ -66,7 +67,8 @@ def conversation(
     sys.argv = ["make_conversation", str(out), name, "--minutes", str(minutes), "--speakers", str(len(voices))]
     sys.argv += ["--seed", str(seed)]
     try:
-        maker.main()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the bench's one JSON line
+            maker.main()
     finally:
         sys.argv = argv
     turns = json.loads((out / f"{name}.json").read_text())["turns"]

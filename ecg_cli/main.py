@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--once", action="store_true", help="publish one round, print it, exit")
     mt.set_defaults(func=cmd_metrics)
 
+    from ecg_cli import speakers
+
+    speakers.add_parser(sub, str(DEFAULT_VAR))
+
     dn = sub.add_parser("down", help="stop what 'up --detach' started")
     dn.add_argument("--var-dir", default=str(DEFAULT_VAR))
     dn.set_defaults(func=cmd_down)
