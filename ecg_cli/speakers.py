@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,7 @@ from typing import Any
 def _client(a: argparse.Namespace) -> Any:
     import httpx
 
-    from ecg_cli.main import _client_config
-
-    url, key = _client_config(Path(a.var_dir))
+    url, key = a.client_config(Path(a.var_dir))
     # enrolling a file waits for a worker to embed it (ECG_SPEAKER_ENROLL_WAIT_S on the shim)
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
@@ -61,7 +60,8 @@ def cmd_remove(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any, var_default: str) -> None:
+def add_parser(sub: Any, var_default: str, client_config: Callable[[Path], tuple[str, str]]) -> None:
+    """The ``speakers`` command; ``client_config(var_dir)`` gives the shim's URL and API key."""
     sp = sub.add_parser("speakers", help="this API key's enrolled voices (through the shim)")
     ssub = sp.add_subparsers(dest="speakers_cmd", required=True)
     add = ssub.add_parser("add", help="enroll a voice: a 5-60 s sample of it, or a speaker of a finished job")
@@ -77,3 +77,4 @@ def add_parser(sub: Any, var_default: str) -> None:
     rm.set_defaults(func=cmd_remove)
     for p in (add, ls, rm):
         p.add_argument("--var-dir", default=var_default)
+        p.set_defaults(client_config=client_config)
