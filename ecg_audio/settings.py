@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.voiceprints import MATCH_THRESHOLD
+
 EMBEDDED = "embedded"
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "xxx"}
 
@@ -122,7 +124,7 @@ class Settings(BaseSettings):
 
     # --- speakers by name (voiceprints, issue 27) ---------------------------
     speaker_match_threshold: float = Field(
-        0.55,
+        MATCH_THRESHOLD,
         ge=-1.0,
         le=1.0,
         description="Cosine similarity from which a job's speaker takes an enrolled name (calibrated: README).",

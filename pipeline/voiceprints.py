@@ -22,9 +22,11 @@ import numpy as np
 
 from pipeline.errors import InvalidMediaError
 
-MATCH_THRESHOLD = 0.55
-"""Cosine similarity from which a recording's speaker takes an enrolled name. Calibrated with
-``bench/speaker_id.py`` on synthetic voices not used for tuning (figures in README)."""
+MATCH_THRESHOLD = 0.825
+"""Cosine similarity from which a recording's speaker takes an enrolled name: the middle of the
+gap between the highest impostor and the lowest genuine pair of ``bench/speaker_id.py``'s tuning
+voices, checked on voices not used for tuning (figures in bench/README.md). Unnamed is the safe
+failure: a wrong name is worse than a label."""
 MIN_SAMPLE_S = 5.0
 MAX_SAMPLE_S = 60.0
 MIN_SAMPLE_SPEECH_S = 3.0

@@ -77,21 +77,45 @@ def _job(api: httpx.Client, wav: Path, **options: Any) -> dict[str, Any]:
     return st
 
 
-NAMES = {"speaker90": "Kim Min-ji", "speaker91": "Lee Jun-ho"}
+NAMES = {"speaker90": "Kim Min-ji", "speaker91": "Lee Jun-ho", "S0": "Kim Min-ji", "S1": "Lee Jun-ho"}
 
 
+@pytest.mark.xfail(
+    reason="the diarization of a 15 s clip of pyannote's sample merges its two voices (first 15 s: both "
+    "labels mostly speaker90; last 15 s: one speaker from 0.0 to 14.9 s), so no label holds speaker91 to "
+    "enroll or to name; speakers by name works per label and cannot split a label",
+    strict=False,
+)
 def test_pyannote_sample_voices_enrolled_from_one_job_named_in_the_next(
     ready: httpx.Client, sample_wav: Path, tmp_path: Path
 ) -> None:
-    ref = _reference(sample_wav.with_suffix(".rttm"))
-    first = _job(ready, _clip(sample_wav, 0.0, 15.0, tmp_path / "first.wav"))
+    _enroll_then_name(ready, sample_wav, sample_wav.with_suffix(".rttm"), (0.0, 15.0), (15.0, 30.0), tmp_path)
+
+
+def test_voices_enrolled_from_one_job_named_in_another(ready: httpx.Client, shared_dir: Path, tmp_path: Path) -> None:
+    """The same path on two minutes of the shared two-voice call: enrolled by label from a job of
+    its first minute, named in a job of its sixth."""
+    wav = shared_dir / "audio" / "conv_2spk_10min.wav"
+    _enroll_then_name(ready, wav, wav.with_suffix(".rttm"), (0.0, 60.0), (300.0, 360.0), tmp_path)
+
+
+def _enroll_then_name(
+    ready: httpx.Client,
+    wav: Path,
+    rttm: Path,
+    enroll_span: tuple[float, float],
+    test_span: tuple[float, float],
+    tmp_path: Path,
+) -> None:
+    ref = _reference(rttm)
+    first = _job(ready, _clip(wav, *enroll_span, tmp_path / "first.wav"))
     enrolled: dict[str, str] = {}
     for turn_label in sorted({s["speaker"] for s in first["result"]["segments"] if s.get("speaker")}):
         # the label's voice: the reference speaker of most of its speech
         talk: dict[str, float] = {}
         for s in first["result"]["diarization"]:
             if s["speaker"] == turn_label:
-                who, _ = _main_voice(s["start"], s["end"], ref)
+                who, _ = _main_voice(enroll_span[0] + s["start"], enroll_span[0] + s["end"], ref)
                 if who:
                     talk[who] = talk.get(who, 0.0) + s["end"] - s["start"]
         who = max(talk, key=lambda k: talk[k])
@@ -100,9 +124,9 @@ def test_pyannote_sample_voices_enrolled_from_one_job_named_in_the_next(
         r = ready.post("/speakers", json={"name": NAMES[who], "from_job": first["job_id"], "speaker": turn_label})
         assert r.status_code == 201, r.text
         enrolled[r.json()["id"]] = who
-    print(f"first 15 s: labels enrolled as {sorted(enrolled.values())}")
+    print(f"{wav.name} {enroll_span}: labels enrolled as {sorted(enrolled.values())}")
     try:
-        second = _job(ready, _clip(sample_wav, 15.0, 30.0, tmp_path / "last.wav"))["result"]
+        second = _job(ready, _clip(wav, *test_span, tmp_path / "last.wav"))["result"]
         print(
             "last 15 s:",
             json.dumps([(s["start"], s["end"], s["speaker"], s.get("speaker_name")) for s in second["segments"]]),
@@ -110,14 +134,14 @@ def test_pyannote_sample_voices_enrolled_from_one_job_named_in_the_next(
         assert set(second["metadata"]["speakers"].values()) <= set(NAMES.values())
         checked = 0
         for seg in second["segments"]:
-            who, share = _main_voice(15.0 + seg["start"], 15.0 + seg["end"], ref)
+            who, share = _main_voice(test_span[0] + seg["start"], test_span[0] + seg["end"], ref)
             if who is None or share < 0.6 or who not in enrolled.values():
                 continue  # silence or mostly overlapped: no single right name
             checked += 1
             assert seg.get("speaker_name") == NAMES[who], (seg, who)
             assert seg["speaker_similarity"] >= second["metadata"]["speaker_identification"]["threshold"]
         assert checked >= 2
-        assert set(enrolled.values()) == set(NAMES), "both voices enrolled from the first 15 s"
+        assert len(set(enrolled.values())) == 2, "both voices enrolled from the first job"
     finally:
         for sid in enrolled:
             ready.delete(f"/speakers/{sid}")
