@@ -33,9 +33,13 @@ from pipeline.voiceprints import MATCH_THRESHOLD, Voiceprint, mean_voiceprint
 SPEAKER_KEY = "ecg:speaker:"
 OWNER_INDEX_KEY = "ecg:speakers:"
 JOB_VOICES_KEY = "ecg:job-voices:"
+PENDING_KEY = "ecg:speaker-pending:"
 ENROLL_TASK = "ecg.speakers.enroll"
 """The worker task that embeds an uploaded voice sample (the shim sends it by name)."""
 SPEAKER_ID_PATTERN = r"^[a-f0-9]{32}$"
+ENROLL_EXPIRES_S = 3600
+"""A sample no worker took within this long is not embedded (the task expires; the uploads
+sweep deletes the file, ``ECG_UPLOAD_TTL_S``)."""
 MAX_SAMPLES = 20
 """Samples kept per speaker (their voiceprints: the mean is over them); the oldest go first."""
 
@@ -141,6 +145,25 @@ class SpeakerLibrary:
         wanted = list(ids) if ids is not None else sorted(str(i) for i in self.r.smembers(OWNER_INDEX_KEY + owner))  # type: ignore[union-attr]
         records = [self.get(owner, i) for i in wanted]
         return [r.voiceprint() for r in records if r is not None and r.vector]
+
+    # --- samples sent to a worker and not embedded yet -----------------------------------
+    def mark_pending(self, owner: str, speaker_id: str, upload: str, ttl_s: int) -> None:
+        self.r.hset(PENDING_KEY + speaker_id, mapping={"owner": owner, "upload": upload})
+        self.r.expire(PENDING_KEY + speaker_id, ttl_s)
+
+    def take_pending(self, speaker_id: str) -> bool:
+        """The worker's claim on a pending sample: False when it was cancelled (or expired)."""
+        return bool(self.r.delete(PENDING_KEY + speaker_id))
+
+    def cancel_pending(self, owner: str, speaker_id: str) -> str | None:
+        """Cancel the owner's pending sample; its upload URL (to delete), or None when none is pending."""
+        h: dict[str, str] = self.r.hgetall(PENDING_KEY + speaker_id)  # type: ignore[assignment]
+        if not h or h.get("owner") != owner or not self.r.delete(PENDING_KEY + speaker_id):
+            return None
+        return h.get("upload")
+
+    def is_pending(self, owner: str, speaker_id: str) -> bool:
+        return self.r.hget(PENDING_KEY + speaker_id, "owner") == owner
 
     # --- the voices of finished jobs ----------------------------------------------------
     def keep_job_voices(self, job_id: str, owner: str | None, voices: dict[str, list[float]], ttl_s: int) -> None:

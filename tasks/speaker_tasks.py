@@ -32,6 +32,11 @@ def enroll_speaker(request: dict[str, Any]) -> dict[str, Any]:
     """``request``: ``{owner, upload, name, speaker_id, add}``; ``add`` true: a sample for the
     existing speaker ``speaker_id``, else a new speaker with that id."""
     env = context.stage_env(lambda stage, progress, message: None)
+    library = SpeakerLibrary(context.job_store().r)
+    if not library.take_pending(str(request["speaker_id"])):
+        # DELETE /speakers/{id} cancelled it while it waited for a worker, or it expired
+        _delete_upload(env, str(request["upload"]))
+        return {"error_code": "CANCELLED", "error_message": "the enrollment was cancelled"}
     job = JobSpec(job_id=f"enroll-{uuid.uuid4().hex}", source=str(request["upload"]))
     ws = env.workspace(job.job_id)
     try:
@@ -42,7 +47,6 @@ def enroll_speaker(request: dict[str, Any]) -> dict[str, Any]:
     finally:
         ws.remove()
         _delete_upload(env, str(request["upload"]))
-    library = SpeakerLibrary(context.job_store().r)
     owner, speaker_id = str(request["owner"]), str(request["speaker_id"])
     if request.get("add"):
         rec = library.update(owner, speaker_id, add=(vector, sample))

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -26,7 +27,7 @@ from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiErro
 from api_shim.middleware import MAX_JSON_BODY_BYTES
 from api_shim.routes.uploads import save_upload
 from api_shim.submission import existing_job
-from ecg_audio.speakers import ENROLL_TASK, SPEAKER_ID_PATTERN, SpeakerLibrary, SpeakerRecord
+from ecg_audio.speakers import ENROLL_EXPIRES_S, ENROLL_TASK, SPEAKER_ID_PATTERN, SpeakerLibrary, SpeakerRecord
 from ecg_audio.uploads import s3_key, upload_id, uploads_dir
 
 log = structlog.get_logger("ecg.shim")
@@ -63,11 +64,17 @@ class Speaker(BaseModel):
     updated_at: float
 
 
+class Enrolling(BaseModel):
+    id: str
+    status: str = Field("enrolling", description="No worker embedded the sample in time; it still will.")
+
+
 class SpeakerList(BaseModel):
     speakers: list[Speaker]
 
 
 ENROLL_DOCS: dict[int | str, dict[str, Any]] = {
+    202: {"model": Enrolling, "description": "Not embedded within ECG_SPEAKER_ENROLL_WAIT_S; see Location"},
     **NOT_FOUND,
     **UNAVAILABLE,
     422: {"description": "SAMPLE_DURATION, SAMPLE_NO_SPEECH, SAMPLE_MULTIPLE_VOICES, INVALID_MEDIA, VALIDATION_ERROR"},
@@ -95,7 +102,7 @@ BODY_DOC = {
     openapi_extra=BODY_DOC,
     summary="Enroll a voice: a 5-60 s sample of it, or a speaker of a finished job",
 )
-async def create_speaker(request: Request, shim: ShimDep, caller: CurrentKey) -> Speaker:
+async def create_speaker(request: Request, shim: ShimDep, caller: CurrentKey) -> Any:
     library = SpeakerLibrary(shim.r)
     if await run_in_threadpool(library.count, caller.fingerprint) >= shim.settings.max_speakers_per_key:
         raise ApiError(409, "SPEAKER_LIMIT", f"this API key has {shim.settings.max_speakers_per_key} speakers already")
@@ -104,7 +111,8 @@ async def create_speaker(request: Request, shim: ShimDep, caller: CurrentKey) ->
         raise ApiError(422, "VALIDATION_ERROR", "name is required")
     speaker_id = uuid.uuid4().hex
     if file is not None:
-        await _enroll_file(shim, caller, file, {"name": body.name, "speaker_id": speaker_id, "add": False})
+        if not await _enroll_file(shim, caller, file, {"name": body.name, "speaker_id": speaker_id, "add": False}):
+            return _enrolling(speaker_id)
         rec = await run_in_threadpool(library.get, caller.fingerprint, speaker_id)
     else:
         vector, sample = await run_in_threadpool(_job_voice, shim, caller, body)
@@ -132,17 +140,18 @@ def get_speaker(speaker_id: SpeakerId, shim: ShimDep, caller: CurrentKey) -> Spe
     openapi_extra=BODY_DOC,
     summary="Rename a speaker and/or add a sample (a file, or a speaker of a finished job)",
 )
-async def update_speaker(speaker_id: SpeakerId, request: Request, shim: ShimDep, caller: CurrentKey) -> Speaker:
+async def update_speaker(speaker_id: SpeakerId, request: Request, shim: ShimDep, caller: CurrentKey) -> Any:
     library = SpeakerLibrary(shim.r)
     await run_in_threadpool(_existing, library, caller, speaker_id)
     body, file = await _read_body(request, shim)
+    if body.name is not None:
+        await run_in_threadpool(lambda: library.update(caller.fingerprint, speaker_id, name=body.name))
     if file is not None:
-        await _enroll_file(shim, caller, file, {"name": None, "speaker_id": speaker_id, "add": True})
+        if not await _enroll_file(shim, caller, file, {"name": None, "speaker_id": speaker_id, "add": True}):
+            return _enrolling(speaker_id)
     elif body.from_job is not None or body.speaker is not None:
         vector, sample = await run_in_threadpool(_job_voice, shim, caller, body)
         await run_in_threadpool(lambda: library.update(caller.fingerprint, speaker_id, add=(vector, sample)))
-    if body.name is not None:
-        await run_in_threadpool(lambda: library.update(caller.fingerprint, speaker_id, name=body.name))
     return _public(await run_in_threadpool(_existing, library, caller, speaker_id))
 
 
@@ -154,7 +163,12 @@ async def update_speaker(speaker_id: SpeakerId, request: Request, shim: ShimDep,
     summary="Erase a speaker: its voiceprint and its samples' voiceprints, for good",
 )
 def delete_speaker(speaker_id: SpeakerId, shim: ShimDep, caller: CurrentKey) -> Response:
-    if not SpeakerLibrary(shim.r).delete(caller.fingerprint, speaker_id):
+    library = SpeakerLibrary(shim.r)
+    # a sample still waiting for a worker is cancelled, and its file deleted, too
+    pending = library.cancel_pending(caller.fingerprint, speaker_id)
+    if pending is not None:
+        _drop_upload(shim, pending)
+    if not library.delete(caller.fingerprint, speaker_id) and pending is None:
         raise ApiError(404, "NOT_FOUND", "no such speaker")
     log.info("speaker_deleted", speaker_id=speaker_id)
     return Response(status_code=204)
@@ -166,8 +180,18 @@ def delete_speaker(speaker_id: SpeakerId, shim: ShimDep, caller: CurrentKey) -> 
 def _existing(library: SpeakerLibrary, caller: Caller, speaker_id: str) -> SpeakerRecord:
     rec = library.get(caller.fingerprint, speaker_id)
     if rec is None:
+        if library.is_pending(caller.fingerprint, speaker_id):
+            raise ApiError(404, "SPEAKER_ENROLLING", "the sample is not embedded yet: retry shortly")
         raise ApiError(404, "NOT_FOUND", "no such speaker")
     return rec
+
+
+def _enrolling(speaker_id: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=202,
+        content=Enrolling(id=speaker_id).model_dump(),
+        headers={"Location": f"{SPEAKERS_PATH}/{speaker_id}"},
+    )
 
 
 def _public(rec: SpeakerRecord) -> Speaker:
@@ -224,28 +248,29 @@ async def _chunks(file: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _enroll_file(shim: Shim, caller: Caller, file: UploadFile, request: dict[str, Any]) -> None:
-    """Store the sample as an upload, have a worker embed it, wait (with a deadline)."""
+async def _enroll_file(shim: Shim, caller: Caller, file: UploadFile, request: dict[str, Any]) -> bool:
+    """Store the sample as an upload, have a worker embed it, wait (with a deadline): True when
+    it is enrolled, False when the worker has not answered in time (it goes on; a DELETE of the
+    speaker meanwhile cancels it and deletes the file)."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     upload = (await save_upload(shim, _chunks(file))).video_url
     wait_s = shim.settings.speaker_enroll_wait_s
     payload = {**request, "owner": caller.fingerprint, "upload": upload}
+    library = SpeakerLibrary(shim.r)
     try:
-        result = shim.celery.send_task(ENROLL_TASK, args=[payload], expires=wait_s)
+        await run_in_threadpool(
+            library.mark_pending, caller.fingerprint, request["speaker_id"], upload, ENROLL_EXPIRES_S
+        )
+        result = shim.celery.send_task(ENROLL_TASK, args=[payload], expires=ENROLL_EXPIRES_S)
     except Exception as e:
         await run_in_threadpool(_drop_upload, shim, upload)
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job queue is unavailable; retry shortly") from e
     try:
         reply = await run_in_threadpool(lambda: result.get(timeout=wait_s, propagate=False))
     except CeleryTimeout:
-        # the task expires unstarted; the sample must not outlive the request
-        await run_in_threadpool(_drop_upload, shim, upload)
-        raise ApiError(
-            503, "ENROLLMENT_TIMEOUT", f"no worker embedded the sample within {wait_s:.0f} s; retry later"
-        ) from None
-    finally:
-        result.forget()
+        return False
+    result.forget()
     if not isinstance(reply, dict):
         raise ApiError(500, "INTERNAL_ERROR", "the worker failed to embed the sample")
     code = reply.get("error_code")
@@ -253,6 +278,7 @@ async def _enroll_file(shim: Shim, caller: Caller, file: UploadFile, request: di
         if code == "NOT_FOUND":
             raise ApiError(404, "NOT_FOUND", "no such speaker")
         raise ApiError(422, str(code) if code in SAMPLE_CODES else "INVALID_SAMPLE", str(reply.get("error_message")))
+    return True
 
 
 def _drop_upload(shim: Shim, url: str) -> None:
