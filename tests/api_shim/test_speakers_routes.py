@@ -180,3 +180,36 @@ def test_bad_enrollments_answer_clear_codes(clients: tuple[TestClient, TestClien
         "/speakers", files={"file": ("a.wav", big)}, data={"name": "Kim"}, headers={"Content-Length": str(60 * 1024**2)}
     )
     assert r.status_code in (400, 413), r.text
+
+
+def test_a_sample_no_worker_took_is_pending_and_delete_cancels_it(redis_url: str, tmp_path: Path) -> None:
+    """No worker consumes this database: the enrollment answers 202 (enrolling) after the wait; a
+    DELETE cancels it, deletes the stored sample, and a worker that comes later finds nothing to do."""
+    from api_shim.app import create_app
+    from ecg_audio.settings import Settings
+    from ecg_audio.speakers import PENDING_KEY, SpeakerLibrary
+
+    settings = Settings(
+        api_keys=[KEY_A, KEY_B],
+        redis_url=_db(redis_url),
+        workspace_root=tmp_path / "ws",
+        output_root=tmp_path / "o",
+        speaker_enroll_wait_s=0.3,
+    )
+    a = TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY_A}"})
+    b = TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY_B}"})
+    sample = b"RIFF-not-really-audio" * 200
+    r = a.post("/speakers", data={"name": "Kim"}, files={"file": ("kim.wav", sample)})
+    assert r.status_code == 202 and r.json()["status"] == "enrolling", r.text
+    sid = r.json()["id"]
+    assert r.headers["location"] == f"/speakers/{sid}"
+    assert a.get(f"/speakers/{sid}").json()["code"] == "SPEAKER_ENROLLING"
+    uploads = tmp_path / "uploads"
+    assert [p for p in uploads.iterdir() if p.read_bytes() == sample], "the sample waits as an upload"
+    assert b.delete(f"/speakers/{sid}").status_code == 404  # not B's to cancel
+    assert a.delete(f"/speakers/{sid}").status_code == 204
+    assert not [p for p in uploads.iterdir() if p.read_bytes() == sample], "DELETE left the sample"
+    r6 = redis.Redis.from_url(_db(redis_url))
+    assert not r6.exists(PENDING_KEY + sid)
+    assert SpeakerLibrary(r6).take_pending(sid) is False  # the late worker's claim fails
+    assert a.get(f"/speakers/{sid}").json()["code"] == "NOT_FOUND"
