@@ -30,8 +30,13 @@ failure: a wrong name is worse than a label."""
 MIN_SAMPLE_S = 5.0
 MAX_SAMPLE_S = 60.0
 MIN_SAMPLE_SPEECH_S = 3.0
-MAIN_VOICE_SHARE = 0.85
-"""An enrollment sample is one voice: its main speaker holds at least this share of its speech."""
+OTHER_VOICE_SHARE = 0.25
+OTHER_VOICE_SIMILARITY = 0.5
+"""A sample is refused as two voices when its diarization finds a second voice that holds at least
+``OTHER_VOICE_SHARE`` of the speech and sounds clearly unlike the first (cosine similarity under
+``OTHER_VOICE_SIMILARITY``). Coarse on purpose: on clips of a few seconds the diarization both
+splits one voice in two (pyannote's sample, 6.6 s of one voice: two labels at 0.64) and merges
+two (two espeak voices, 8 s each: one label), so a stricter rule refuses good samples."""
 
 
 @dataclass(frozen=True)
@@ -211,21 +216,37 @@ def voice_of_sample(pipeline: Any, audio: np.ndarray, sample_rate: int = 16000) 
             f"a voice sample must last {MIN_SAMPLE_S:.0f}-{MAX_SAMPLE_S:.0f} s; this one lasts {duration:.1f} s",
             code="SAMPLE_DURATION",
         )
-    result = diarize(pipeline, audio)
+    check_one_voice(diarize(pipeline, audio))
+    # the sample is one voice: embedded as one speaker, all of its speech
+    whole = diarize(pipeline, audio, num_speakers=1)
+    speech = sum(t.end - t.start for t in whole.exclusive_turns)
+    if not whole.voiceprints:
+        raise InvalidMediaError(
+            f"the sample holds {speech:.1f} s of speech; a voice sample needs at least {MIN_SAMPLE_SPEECH_S:.0f} s",
+            code="SAMPLE_NO_SPEECH",
+        )
+    vector = next(iter(whole.voiceprints.values()))
+    return SampleVoice(vector=list(vector), duration=round(duration, 3), speech=round(speech, 3))
+
+
+def check_one_voice(result: Any) -> None:
+    """Refuse a sample with too little speech (``SAMPLE_NO_SPEECH``) or two clearly different
+    voices (``SAMPLE_MULTIPLE_VOICES``, see ``OTHER_VOICE_SHARE``), from its diarization."""
     speech: dict[str, float] = {}
     for turn in result.exclusive_turns:
         speech[turn.speaker] = speech.get(turn.speaker, 0.0) + turn.end - turn.start
     total = sum(speech.values())
-    main = max(speech, key=lambda k: speech[k]) if speech else None
-    if main is None or speech[main] < MIN_SAMPLE_SPEECH_S or main not in result.voiceprints:
+    if total < MIN_SAMPLE_SPEECH_S:
         raise InvalidMediaError(
             f"the sample holds {total:.1f} s of speech; a voice sample needs at least {MIN_SAMPLE_SPEECH_S:.0f} s",
             code="SAMPLE_NO_SPEECH",
         )
-    if speech[main] < MAIN_VOICE_SHARE * total:
-        raise InvalidMediaError(
-            f"the sample holds {len(speech)} voices (the main one speaks {speech[main]:.1f} of {total:.1f} s); "
-            "send a sample of one voice only",
-            code="SAMPLE_MULTIPLE_VOICES",
-        )
-    return SampleVoice(vector=list(result.voiceprints[main]), duration=round(duration, 3), speech=round(total, 3))
+    ranked = sorted((k for k in speech if k in result.voiceprints), key=lambda k: -speech[k])
+    for other in ranked[1:]:
+        similarity = float(unit(result.voiceprints[ranked[0]]) @ unit(result.voiceprints[other]))  # type: ignore[operator]
+        if speech[other] >= OTHER_VOICE_SHARE * total and similarity < OTHER_VOICE_SIMILARITY:
+            raise InvalidMediaError(
+                f"the sample holds more than one voice ({speech[other]:.1f} of {total:.1f} s sound like another "
+                "person); send a sample of one voice only",
+                code="SAMPLE_MULTIPLE_VOICES",
+            )

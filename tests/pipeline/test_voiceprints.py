@@ -130,3 +130,28 @@ def test_name_speakers_without_matches_leaves_labels() -> None:
     name_speakers(result, {})
     assert result["metadata"]["speakers"] == {}
     assert all("speaker_name" not in s for s in result["segments"])
+
+
+def test_a_sample_with_two_clearly_different_voices_is_refused() -> None:
+    import pytest
+
+    from pipeline.errors import InvalidMediaError
+    from pipeline.voiceprints import check_one_voice
+
+    def diarized(seconds: dict[str, float], prints: dict[str, list[float]]) -> DiarizationResult:
+        turns, t = [], 0.0
+        for label, s in seconds.items():
+            turns.append(SpeakerTurn(t, t + s, label))
+            t += s
+        return DiarizationResult(turns, turns, len(seconds), prints)
+
+    check_one_voice(diarized({"A": 10.0}, {"A": _axis(0)}))
+    # one voice split in two by the diarization (alike): accepted; a short aside: accepted
+    check_one_voice(diarized({"A": 6.0, "B": 4.0}, {"A": _axis(0), "B": _axis(0, tilt=0.8, j=1)}))
+    check_one_voice(diarized({"A": 9.0, "B": 1.0}, {"A": _axis(0), "B": _axis(1)}))
+    with pytest.raises(InvalidMediaError) as two:
+        check_one_voice(diarized({"A": 6.0, "B": 4.0}, {"A": _axis(0), "B": _axis(1)}))
+    assert two.value.code == "SAMPLE_MULTIPLE_VOICES"
+    with pytest.raises(InvalidMediaError) as silent:
+        check_one_voice(diarized({"A": 2.0}, {"A": _axis(0)}))
+    assert silent.value.code == "SAMPLE_NO_SPEECH"

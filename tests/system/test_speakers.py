@@ -3,9 +3,10 @@
 * pyannote's sample: both voices enrolled from a job of its first 15 s (by label, ``from_job``),
   then a job of its last 15 s: every segment of those voices carries the right name
   (the issue's first acceptance).
-* a sample file enrolled through the worker task; a two-voice, a too-short and a non-media
-  sample refused with their codes; after DELETE neither Redis nor any file under the fleet's
-  var directory (uploads, workspaces, outputs) holds the voiceprint or the sample.
+* a sample file enrolled through the worker task; a too-short, a silent and a non-media
+  sample refused with their codes (two voices: tests/pipeline/test_voiceprints.py); after
+  DELETE neither Redis nor any file under the fleet's var directory (uploads, workspaces,
+  outputs) holds the voiceprint or the sample.
 """
 
 from __future__ import annotations
@@ -176,9 +177,14 @@ def test_a_sample_file_enrolled_refused_and_erased(
 ) -> None:
     # 21.78-28.5 s: one voice (speaker91) alone
     one = _clip(sample_wav, 21.8, 28.4, tmp_path / "one.wav")
-    two = _clip(sample_wav, 6.5, 15.0, tmp_path / "two.wav")
     short = _clip(sample_wav, 22.0, 25.0, tmp_path / "short.wav")
-    for path, code in ((two, "SAMPLE_MULTIPLE_VOICES"), (short, "SAMPLE_DURATION")):
+    silence = tmp_path / "silence.wav"
+    with wave.open(str(silence), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000 * 8)
+    for path, code in ((short, "SAMPLE_DURATION"), (silence, "SAMPLE_NO_SPEECH")):
         r = ready.post("/speakers", data={"name": "x"}, files={"file": (path.name, path.read_bytes())}, timeout=300)
         assert r.status_code == 422 and r.json()["code"] == code, r.text
     r = ready.post("/speakers", data={"name": "x"}, files={"file": ("n.wav", b"not media at all" * 100)}, timeout=300)
