@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.errors import InvalidMediaError
 
-MATCH_THRESHOLD = 0.825
+MATCH_THRESHOLD = 0.833
 """Cosine similarity from which a recording's speaker takes an enrolled name: the middle of the
 gap between the highest impostor and the lowest genuine pair of ``bench/speaker_id.py``'s tuning
 voices, checked on voices not used for tuning (figures in bench/README.md). Unnamed is the safe
