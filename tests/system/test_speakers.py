@@ -129,7 +129,7 @@ def _enroll_then_name(
     try:
         second = _job(ready, _clip(wav, *test_span, tmp_path / "last.wav"))["result"]
         print(
-            "last 15 s:",
+            f"{wav.name} {test_span}:",
             json.dumps([(s["start"], s["end"], s["speaker"], s.get("speaker_name")) for s in second["segments"]]),
         )
         assert set(second["metadata"]["speakers"].values()) <= set(NAMES.values())
