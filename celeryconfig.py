@@ -10,6 +10,7 @@ from kombu import Exchange, Queue
 
 from ecg_audio.queues import CPU_QUEUE, MODEL_QUEUE, PRIORITY_STEPS, QUEUES
 from ecg_audio.settings import get_settings
+from ecg_audio.speakers import ENROLL_TASK
 from ecg_audio.stage_table import STAGES
 
 _s = get_settings()
@@ -17,7 +18,8 @@ _s = get_settings()
 # The chain, each task's queue and its time limits come from the stage table
 # (ecg_audio/stage_table.py): one row per stage. Model stages hold the GPU; ingest/features/merge
 # are CPU and I/O work that can run beside them on a separate worker so the GPU never waits.
-TASK_QUEUES = {s.task_name: s.queue for s in STAGES} | {"ecg.worker_info": MODEL_QUEUE}
+# enrolling a voice sample needs the diarization's model (tasks/speaker_tasks.py)
+TASK_QUEUES = {s.task_name: s.queue for s in STAGES} | {"ecg.worker_info": MODEL_QUEUE, ENROLL_TASK: MODEL_QUEUE}
 CHAIN = [s.task_name for s in STAGES]
 
 # Hard time limit per stage (seconds); the soft limit fires first so the stage can

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api_shim.deps import Shim, lifespan
 from api_shim.errors import install_error_handlers
 from api_shim.middleware import MAX_JSON_BODY_BYTES, UPLOAD_PATH, BodySizeLimit
-from api_shim.routes import events, health, jobs, openai, presign, uploads, view
+from api_shim.routes import events, health, jobs, openai, presign, speakers, uploads, view
 from ecg_audio.settings import Settings
 
 DESCRIPTION = (
@@ -30,16 +30,14 @@ DESCRIPTION = (
 def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ECG Audio Analyzer", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.shim = shim = Shim.start(settings)
-    # media is streamed by the routes that take it; everything else is a small JSON document
-    media_paths = frozenset({UPLOAD_PATH, openai.OPENAI_PATH})
-    app.add_middleware(
-        BodySizeLimit,
-        max_bytes=MAX_JSON_BODY_BYTES,
-        media_paths=media_paths,
-        media_max_bytes=shim.settings.max_download_bytes,
-    )
+    # media is streamed by the routes that take it (voice samples too), capped while it arrives;
+    # everything else is a small JSON document
+    uploads_cap, samples_cap = shim.settings.max_download_bytes, shim.settings.max_sample_bytes
+    media = {UPLOAD_PATH: uploads_cap, openai.OPENAI_PATH: uploads_cap}
+    media |= {speakers.SPEAKERS_PATH: samples_cap, speakers.SPEAKERS_PATH + "/": samples_cap}
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, media=media)
     install_error_handlers(app)
-    for module in (jobs, uploads, presign, openai, health, events, view):
+    for module in (jobs, uploads, presign, openai, health, events, view, speakers):
         app.include_router(module.router)
     return app
 

@@ -32,7 +32,7 @@ def to_txt(segments: list[dict[str, Any]]) -> str:
     """One line per segment: ``[00:01:02] SPEAKER_00: text`` (no speaker label where none was found)."""
     lines = []
     for s in segments:
-        who = f"{s['speaker']}: " if s.get("speaker") else ""
+        who = f"{s.get('speaker_name') or s['speaker']}: " if s.get("speaker") else ""
         lines.append(f"[{_clock(float(s['start']))}] {who}{s['text'].strip()}")
     return "\n".join(lines) + ("\n" if lines else "")
 

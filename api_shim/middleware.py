@@ -28,24 +28,29 @@ class BodySizeLimit:
     Job requests (every route but the media ones) are capped at ``max_bytes``: a declared
     Content-Length over it is refused before a byte is read; a chunked body is buffered up to the
     cap and refused as soon as it passes it, so no route ever parses more. Media routes
-    (``media_paths``) stream their body, capped at ``media_max_bytes``: the count runs in the
-    ``receive`` the route reads from, so a chunked upload (no Content-Length) is stopped at the cap
+    (``media``: a path, or a prefix ending in ``/``, and its cap) stream their body: the count
+    runs in the ``receive`` the route reads from, so a chunked upload (no Content-Length) is stopped at the cap
     wherever it is being read, by the upload route's own loop or by the multipart parser that
     would otherwise spool a body of any size to disk first.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, media_paths: frozenset[str], media_max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, media: dict[str, int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.media_paths = media_paths
-        self.media_max_bytes = media_max_bytes
+        self.media = media
+
+    def _media_cap(self, path: str) -> int | None:
+        if path in self.media:
+            return self.media[path]
+        return next((cap for p, cap in self.media.items() if p.endswith("/") and path.startswith(p)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] in self.media_paths:
-            await self.app(scope, _capped(receive, self.media_max_bytes), send)
+        cap = self._media_cap(scope["path"])
+        if cap is not None:
+            await self.app(scope, _capped(receive, cap), send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ecg_audio.jobs import JobStatus
 from ecg_audio.messages import Locale
+from ecg_audio.speakers import SPEAKER_ID_PATTERN
 from pipeline.exports import SUBTITLE_OPTIONS
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ class JobOptions(BaseModel):
         None, description="Language of progress and error messages; default: Accept-Language, then the server's."
     )
     subtitles: SubtitleOptions | None = Field(None, description="Subtitle layout of the SRT and VTT exports.")
+    identify_speakers: bool | None = Field(
+        None,
+        description="Name speakers from this API key's speaker library (GET /speakers); default: on when it has any.",
+    )
+    speakers: list[Annotated[str, Field(pattern=SPEAKER_ID_PATTERN)]] | None = Field(
+        None, max_length=200, description="Only these enrolled speakers (ids) are candidates; default: all the key's."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:

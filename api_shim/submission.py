@@ -102,6 +102,8 @@ async def submit(
     upload first admits before it stores a byte).
     """
     await check_request_async(shim, req)
+    if req.options.speakers:
+        await run_in_threadpool(check_speakers, shim, req.options.speakers, caller)
     body = req.model_dump(mode="json")  # the request's identity: what the caller sent
     store = shim.async_store()
     try:
@@ -148,6 +150,16 @@ def as_sent(request: dict[str, Any]) -> dict[str, Any]:
         return request
     options = {**(request.get("options") or {}), "locale": None}
     return {k: v for k, v in request.items() if k != HEADER_LOCALE} | {"options": options}
+
+
+def check_speakers(shim: Shim, ids: list[str], caller: Caller) -> None:
+    """422 for an ``options.speakers`` id that is not a speaker of the caller's key."""
+    from ecg_audio.speakers import SpeakerLibrary, unknown_speakers
+
+    unknown = unknown_speakers(SpeakerLibrary(shim.r), caller.fingerprint, ids)
+    if unknown:
+        listed = ", ".join(unknown)
+        raise ApiError(422, "UNKNOWN_SPEAKER", f"options.speakers names no speaker of this API key: {listed}")
 
 
 def same_job(rec: JobRecord, request: dict[str, Any], caller: Caller) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ecg_audio.messages import Locale
+from pipeline.voiceprints import MATCH_THRESHOLD
 
 EMBEDDED = "embedded"
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "xxx"}
@@ -121,6 +122,19 @@ class Settings(BaseSettings):
     max_duration_s: float = 4 * 3600.0
     network_timeout_s: float = 30.0
     transcribe_wait_s: float = Field(600.0, description="How long POST /transcribe waits for the result.")
+
+    # --- speakers by name (voiceprints, issue 27) ---------------------------
+    speaker_match_threshold: float = Field(
+        MATCH_THRESHOLD,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine similarity from which a job's speaker takes an enrolled name (calibrated: README).",
+    )
+    speaker_enroll_wait_s: float = Field(
+        180.0, gt=0, description="How long POST /speakers waits for a worker to embed an uploaded voice sample."
+    )
+    max_speakers_per_key: int = Field(1000, ge=1, description="Voiceprints one API key may enroll.")
+    max_sample_bytes: int = Field(50 * 1024**2, ge=1, description="Largest voice sample file POST /speakers takes.")
 
     # --- callbacks -------------------------------------------------------
     callback_signing_key: SecretStr | None = None

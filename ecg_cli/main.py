@@ -35,10 +35,12 @@ def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # ty
         file=out,
     )
     for label, s in speakers.items():
-        print(f"  {label}: {s['total_duration']:.1f} s, {s['word_count']} words", file=out)
+        named = f" ({s['name']})" if s.get("name") else ""
+        print(f"  {label}{named}: {s['total_duration']:.1f} s, {s['word_count']} words", file=out)
     for seg in result.get("segments", []):
         m, s = divmod(seg["start"], 60)
-        print(f"[{int(m):02d}:{s:05.2f}] {seg.get('speaker') or '?'}: {seg['text']}", file=out)
+        who = seg.get("speaker_name") or seg.get("speaker") or "?"
+        print(f"[{int(m):02d}:{s:05.2f}] {who}: {seg['text']}", file=out)
 
 
 # --- analyze ---------------------------------------------------------------
@@ -69,6 +71,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             model=choice.model,
             subtitles=subtitles or None,
             on_progress=None if a.quiet else _progress_bar,
+            speakers_dir=a.speakers,
         )
     except AnalysisError as e:
         print(f"\nerror {e.code}: {e.message}", file=sys.stderr)
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     _add_subtitle_args(an)
+    an.add_argument(
+        "--speakers", metavar="DIR", help="name speakers from voice samples in DIR: NAME.wav or NAME/*.wav, 5-60 s"
+    )
     an.add_argument("-q", "--quiet", action="store_true")
     an.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     an.set_defaults(func=cmd_analyze)
@@ -286,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--interval", type=float, help="seconds between rounds (default ECG_METRICS_INTERVAL_S)")
     mt.add_argument("--once", action="store_true", help="publish one round, print it, exit")
     mt.set_defaults(func=cmd_metrics)
+
+    from ecg_cli import speakers
+
+    speakers.add_parser(sub, str(DEFAULT_VAR), _client_config)
 
     dn = sub.add_parser("down", help="stop what 'up --detach' started")
     dn.add_argument("--var-dir", default=str(DEFAULT_VAR))

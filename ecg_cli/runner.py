@@ -32,8 +32,12 @@ def analyze(
     registry: Any = None,
     on_progress: Callable[[str, int, str], None] | None = None,
     job_id: str | None = None,
+    speakers_dir: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Analyze a local file or URL and return the job document ``{job_id, status, result}``."""
+    """Analyze a local file or URL and return the job document ``{job_id, status, result}``.
+
+    ``speakers_dir``: a folder of voice samples named by their speaker (``Alice.wav``, or several
+    in ``Alice/``); the result names the speakers it recognises (offline: no library, no shim)."""
     offline_model_env()
     from ecg_audio.logs import quiet_model_warnings
     from tasks.context import stage_env
@@ -73,6 +77,12 @@ def analyze(
         env.workspace_root = root / "workspaces"
         env.output_root = root / "output"
         env.s3_bucket = None  # in-process runs keep everything local
+        env.speakers = None
+        if speakers_dir is not None:
+            from pipeline.voiceprints import FixedSpeakers
+
+            voices = voices_from_folder(registry.diarization()[0], Path(speakers_dir), root)
+            env.speakers = FixedSpeakers(voices, s.speaker_match_threshold)
         t0 = time.perf_counter()
         for name in STAGE_NAMES:
             run_stage(name, job, env)
@@ -85,3 +95,40 @@ def analyze(
 
         report("merge", 100, text(STAGE_BY_NAME["merge"].done.key, locale or s.default_locale))
         return envelope
+
+
+def voices_from_folder(pipeline: Any, folder: Path, tmp: Path) -> list[Any]:
+    """One voiceprint per speaker of ``folder``: each file ``NAME.ext`` is a sample of NAME, each
+    subfolder ``NAME/`` holds samples of NAME (their voiceprints averaged). Samples as for
+    ``POST /speakers``: 5-60 s of that one voice, any media ffmpeg reads."""
+    from pipeline.audio import load_wav
+    from pipeline.errors import InvalidMediaError
+    from pipeline.media import extract_audio
+    from pipeline.voiceprints import Voiceprint, mean_voiceprint, voice_of_sample
+
+    if not folder.is_dir():
+        raise InvalidMediaError(f"--speakers: {folder} is not a folder", code="SAMPLE_FOLDER")
+    samples: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            samples.setdefault(path.name, []).extend(p for p in sorted(path.iterdir()) if p.is_file())
+        elif path.is_file():
+            samples.setdefault(path.stem, []).append(path)
+    voices = []
+    for name, paths in samples.items():
+        vectors = []
+        for path in paths:
+            wav = tmp / f"sample-{uuid.uuid4().hex}.wav"
+            try:
+                extract_audio(path, wav, max_duration_s=600)
+                vectors.append(voice_of_sample(pipeline, load_wav(wav)).vector)
+            except InvalidMediaError as e:
+                raise InvalidMediaError(f"voice sample {path.name}: {e.message}", code=e.code) from e
+            finally:
+                wav.unlink(missing_ok=True)
+        voices.append(Voiceprint(f"file:{name}", name, mean_voiceprint(vectors)))
+    if not voices:
+        raise InvalidMediaError(f"--speakers: {folder} holds no voice sample", code="SAMPLE_FOLDER")
+    return voices

@@ -355,9 +355,14 @@ def to_vtt(segments: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] |
 def to_rttm(turns: Sequence[Mapping[str, Any]], file_id: str) -> str:
     uri = "".join(c if c.isalnum() or c in "._-" else "_" for c in file_id) or "audio"
     return "".join(
-        f"SPEAKER {uri} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {t['speaker']} <NA> <NA>\n"
+        f"SPEAKER {uri} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {_rttm_name(t)} <NA> <NA>\n"
         for t in turns
     )
+
+
+def _rttm_name(turn: Mapping[str, Any]) -> str:
+    # the display label (a recognised speaker's name); RTTM's fields are space-separated
+    return "_".join(str(turn.get("speaker_name") or turn["speaker"]).split())
 
 
 def exports(result: Mapping[str, Any], job_id: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from typing import Any
 from ecg_audio.callbacks import CallbackOutbox
 from ecg_audio.jobs import JobStore
 from ecg_audio.settings import Settings, get_settings
+from ecg_audio.speakers import JobSpeakers, SpeakerLibrary
 from ecg_audio.uploads import uploads_dir
 from media_io.policy import make_outbox, url_policy
 from tasks.stages import ModelProvider, Reporter, StageEnv
@@ -76,4 +77,18 @@ def stage_env(
         keep_workspace=s.keep_workspace,
         uploads_dir=uploads_dir(s),
         s3_bucket=s.s3_bucket if s.workspace_backend == "s3" else None,
+        speakers=job_speakers(),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def job_speakers() -> JobSpeakers:
+    """The speaker library as a job's stages see it: the candidates of the job's own API key."""
+    s = get_settings()
+    store = job_store()
+
+    def owner_of(job_id: str) -> str | None:
+        rec = store.get(job_id)
+        return rec.owner if rec is not None else None
+
+    return JobSpeakers(SpeakerLibrary(store.r), owner_of, s.job_ttl_s, s.speaker_match_threshold)

@@ -365,3 +365,6 @@ def worker_info() -> dict[str, Any]:
     provider = context.models()
     stats = getattr(provider, "stats", None)
     return stats() if callable(stats) else {}
+
+
+import tasks.speaker_tasks  # noqa: E402,F401  (registers ecg.speakers.enroll beside the stage tasks)

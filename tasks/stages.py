@@ -40,6 +40,11 @@ def stage_body(name: str) -> Callable[[_Body], _Body]:
     return register
 
 
+def stage_bodies() -> dict[str, _Body]:
+    """The registered stage bodies by name (the enrollment task reuses ingest's)."""
+    return dict(_BODIES)
+
+
 def _within(stage: str, fraction: float, *, start: int | None = None) -> int:
     """Progress part-way through a stage: between the previous milestone and this stage's, never reaching it
     (the stage's own milestone is reported when its artifact is written)."""
@@ -110,6 +115,7 @@ class StageEnv:
     keep_workspace: bool = False
     uploads_dir: Path | None = None  # where upload://<id> inputs live
     s3_bucket: str | None = None  # set: workspace under s3://bucket/temp/{job}/, results under output/
+    speakers: Any = None  # pipeline.voiceprints.SpeakerAccess: enrolled voices, for speakers by name (merge)
     _s3: Any = None
 
     def asr_batch_size(self, device: str) -> int:
@@ -555,6 +561,10 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         stage_times=times,
         notes=[*(transcript.get("notes") or []), *_stage_notes(ws)],
     )
+    if env.speakers is not None:  # speakers by name: the job's labels matched with its key's voices
+        from pipeline.voiceprints import identify_speakers
+
+        identify_speakers(result, DiarizationResult.from_dict(diar), env.speakers, job.job_id, job.options)
     md = result["metadata"]
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)

@@ -70,7 +70,7 @@ LAYERS: dict[str, set[str]] = {
     "pipeline": set(),
     "core": {"pipeline"},
     "media_io": {"pipeline", "core"},
-    "ops": {"core"},
+    "ops": {"pipeline", "core"},  # pipeline.errors: the job error codes the metrics count
     "tasks": {"pipeline", "core", "media_io", "ops"},
     "worker": {"pipeline", "core", "media_io", "ops", "tasks"},
     "api_shim": {"pipeline", "core", "media_io", "ops"},

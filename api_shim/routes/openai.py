@@ -191,13 +191,20 @@ def _verbose(result: dict[str, Any], text: str, granularities: list[str]) -> dic
     body["text"] = text
     if not granularities or "segment" in granularities:
         body["segments"] = [
-            {"id": s["id"], "start": s["start"], "end": s["end"], "text": s["text"], "speaker": s.get("speaker")}
-            for s in segments
+            {"id": s["id"], "start": s["start"], "end": s["end"], "text": s["text"], **_who(s)} for s in segments
         ]
     if "word" in granularities:
         body["words"] = [
-            {"word": w["word"], "start": w["start"], "end": w["end"], "speaker": w.get("speaker")}
+            {"word": w["word"], "start": w["start"], "end": w["end"], **_who(w)}
             for s in segments
             for w in s.get("words", [])
         ]
     return body
+
+
+def _who(item: dict[str, Any]) -> dict[str, Any]:
+    """``speaker``, and where the speaker was recognised its name and similarity (speakers by name)."""
+    out = {"speaker": item.get("speaker")}
+    if item.get("speaker_name"):
+        out |= {"speaker_name": item["speaker_name"], "speaker_similarity": item.get("speaker_similarity")}
+    return out

@@ -123,6 +123,12 @@
     return Array.from(names).sort();
   }
 
+  // the display label: the enrolled name when the speaker was recognised (metadata.speakers), else the label
+  let shownNames = {};
+  function shown(spk) {
+    return shownNames[spk] || spk;
+  }
+
   function tickStep(total) {
     for (const step of [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600]) {
       if (total / step <= 12) return step;
@@ -148,7 +154,7 @@
     speakers.forEach((spk, i) => {
       const y = top + i * laneH;
       const lane = svg("g", { class: "lane", "data-speaker": spk });
-      lane.appendChild(svg("text", { class: "lane-label", x: 4, y: y + laneH / 2 + 4 }, spk));
+      lane.appendChild(svg("text", { class: "lane-label", x: 4, y: y + laneH / 2 + 4 }, shown(spk)));
       lane.appendChild(svg("rect", { x: left, y: y + 3, width: W - left - right, height: laneH - 6, fill: "#f3f5f7" }));
       for (const t of turns) {
         if (t.speaker !== spk) continue;
@@ -156,7 +162,7 @@
           class: "turn", x: x(t.start), y: y + 5, width: Math.max(1, x(t.end) - x(t.start)), height: laneH - 10,
           rx: 2, fill: colour[spk],
         });
-        r.appendChild(svg("title", {}, `${spk} ${clock(t.start)}–${clock(t.end)}`));
+        r.appendChild(svg("title", {}, `${shown(spk)} ${clock(t.start)}–${clock(t.end)}`));
         lane.appendChild(r);
       }
       root.appendChild(lane);
@@ -176,7 +182,7 @@
       const name = el("td");
       const swatch = el("span", { class: "swatch" });
       swatch.style.background = colour[spk];
-      name.append(swatch, document.createTextNode(spk));
+      name.append(swatch, document.createTextNode(shown(spk)));
       tr.append(name,
         el("td", { class: "num talk-seconds", "data-seconds": String(s.total_duration || 0) }, duration(s.total_duration || 0)),
         el("td", { class: "num" }, Math.round(100 * (s.total_duration || 0) / total) + " %"),
@@ -205,13 +211,14 @@
       const li = el("li", { class: "segment", "data-speaker": seg.speaker || "", "data-start": String(seg.start) });
       li.style.setProperty("--c", colour[seg.speaker] || "#999");
       li.append(el("span", { class: "time" }, clock(seg.start) + " – " + clock(seg.end)),
-        el("span", { class: "who" }, seg.speaker || "?"),
+        el("span", { class: "who" }, seg.speaker_name || seg.speaker || "?"),
         el("span", { class: "text" }, (seg.text || "").trim()));
       list.appendChild(li);
     }
   }
 
   function render(result) {
+    shownNames = (result.metadata || {}).speakers || {};
     const speakers = speakersOf(result);
     const colour = {};
     speakers.forEach((s, i) => { colour[s] = PALETTE[i % PALETTE.length]; });

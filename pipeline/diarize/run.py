@@ -31,7 +31,10 @@ def diarize(
         hook: ``hook(step_name, fraction_done)`` after segmentation (voice activity),
             during and after embeddings, and after clustering.
     """
-    annotation, exclusive, _ = apply_pipeline(
+    clustering = getattr(pipeline, "clustering", None)
+    if clustering is not None and hasattr(clustering, "speaker_stats"):
+        clustering.speaker_stats = None
+    annotation, exclusive, centroids = apply_pipeline(
         pipeline,
         audio,
         num_speakers=num_speakers,
@@ -39,7 +42,13 @@ def diarize(
         max_speakers=max_speakers,
         hook=ProgressHook(hook) if hook is not None else None,
     )
-    result = to_result(annotation, exclusive)
+    stats = getattr(clustering, "speaker_stats", None)
+    voices = {}
+    for i, label in enumerate(annotation.labels()):
+        known = speaker_vector(i, centroids, stats)
+        if known is not None:
+            voices[str(label)] = known[0]
+    result = to_result(annotation, exclusive, voices)
     if hook is not None:
         hook("done", 1.0)
     return result
@@ -76,6 +85,28 @@ def apply_pipeline(
         return output, None, None
     embeddings = getattr(output, "speaker_embeddings", None)
     return output.speaker_diarization, output.exclusive_speaker_diarization, embeddings
+
+
+def speaker_vector(
+    row: int, centroids: np.ndarray | None, stats: list[Any] | None
+) -> tuple[np.ndarray, int, bool] | None:
+    """What the pipeline knows of the voice of its ``row``-th speaker: ``(vector, count, exact)``.
+
+    exact: ``vector`` is the sum of the clustering's ``count`` unit-length training embeddings of
+    that speaker (``CampplusClustering.speaker_stats``); otherwise its centroid scaled to unit
+    length (count 1). None when the pipeline gave no centroid for it.
+    """
+    if centroids is None or row >= len(centroids):
+        return None
+    centroid = np.asarray(centroids[row], dtype=np.float64)
+    norm = float(np.linalg.norm(centroid))
+    if not np.isfinite(norm) or norm == 0.0:
+        # pyannote pads zero centroids for speakers its clustering did not produce
+        return None
+    for known, total, count in stats or []:
+        if count > 0 and np.array_equal(np.asarray(known, dtype=np.float64), centroid):
+            return np.asarray(total, dtype=np.float64), int(count), True
+    return centroid / norm, 1, False
 
 
 class ProgressHook:

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, release_freed_memory, wav_duration
 from pipeline.diarize.result import DiarizationResult, exclusive_turns, result_from_raw
-from pipeline.diarize.run import ProgressHook, apply_pipeline, diarize
+from pipeline.diarize.run import ProgressHook, apply_pipeline, diarize, speaker_vector
 
 DIARIZE_WINDOW_S = 660.0
 """Files up to this long go through :func:`diarize` in one piece; longer ones in windows
@@ -136,7 +136,12 @@ def diarize_wav(
     gap = max(0.1, float(getattr(getattr(pipeline, "segmentation", None), "min_duration_off", 0.0) or 0.0))
     glob = _join_at_cuts([(a, b, name[k]) for a, b, k in raw], cuts, gap, per_speaker=True)
     glob_exclusive = _join_at_cuts([(a, b, name[k]) for a, b, k in exclusive_raw], cuts, gap, per_speaker=False)
-    result = result_from_raw(glob, glob_exclusive)
+    # a speaker's voice over the whole file: the sum of their local speakers' embeddings
+    voices: dict[str, np.ndarray] = {}
+    for s, g in zip(speakers, groups, strict=True):
+        if s.vector is not None:
+            voices[f"G{g}"] = voices.get(f"G{g}", 0.0) + np.asarray(s.vector, dtype=np.float64)
+    result = result_from_raw(glob, glob_exclusive, voices)
     if hook is not None:
         hook("done", 1.0)
     return result
@@ -292,17 +297,11 @@ def _local_speaker(
     window: int, label: str, row: int, centroids: np.ndarray | None, stats: list[Any] | None
 ) -> _LocalSpeaker:
     """A window's speaker as the pipeline described it (vector None when it did not)."""
-    if centroids is None or row >= len(centroids):
+    known = speaker_vector(row, centroids, stats)
+    if known is None:
         return _LocalSpeaker(window, label, None, 0, exact=False)
-    centroid = np.asarray(centroids[row], dtype=np.float64)
-    norm = float(np.linalg.norm(centroid))
-    if not np.isfinite(norm) or norm == 0.0:
-        # pyannote pads zero centroids for speakers its clustering did not produce
-        return _LocalSpeaker(window, label, None, 0, exact=False)
-    for known, total, count in stats or []:
-        if count > 0 and np.array_equal(np.asarray(known, dtype=np.float64), centroid):
-            return _LocalSpeaker(window, label, np.asarray(total, dtype=np.float64), int(count), exact=True)
-    return _LocalSpeaker(window, label, centroid / norm, 1, exact=False)
+    vector, count, exact = known
+    return _LocalSpeaker(window, label, vector, count, exact=exact)
 
 
 def _embed_turns(pipeline: Any, audio: np.ndarray, turns: list[tuple[float, float]]) -> tuple[np.ndarray | None, int]:

@@ -56,6 +56,7 @@ def fuzz_shim(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
             "ECG_WORKSPACE_ROOT": str(var / "workspaces"),
             "ECG_OUTPUT_ROOT": str(var / "output"),
             "ECG_TRANSCRIBE_WAIT_S": "0.5",
+            "ECG_SPEAKER_ENROLL_WAIT_S": "0.5",  # no worker embeds samples here: 202, enrolling
             "ECG_LOG_LEVEL": "WARNING",  # thousands of refusals are not worth a log line each
         }
     )
@@ -100,6 +101,11 @@ OPERATIONS = [
     ("GET", "/health"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
+    ("POST", "/speakers"),
+    ("GET", "/speakers"),
+    ("GET", "/speakers/{speaker_id}"),
+    ("PATCH", "/speakers/{speaker_id}"),
+    ("DELETE", "/speakers/{speaker_id}"),
 ]
 
 
