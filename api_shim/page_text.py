@@ -13,6 +13,7 @@ import html
 import json
 import re
 
+from ecg_audio.jobs import JobStatus
 from ecg_audio.messages import Locale, resolve_locale, text
 
 # key -> {locale: text}
@@ -32,10 +33,16 @@ PAGE: dict[str, dict[str, str]] = {
     "transcript": {"en": "Transcript", "ko": "녹취록"},
     "progress": {"en": "Progress", "ko": "진행률"},
     # written by the script
-    "status.queued": {"en": "queued", "ko": "대기 중"},
-    "status.processing": {"en": "processing", "ko": "처리 중"},
-    "status.completed": {"en": "completed", "ko": "완료"},
-    "status.failed": {"en": "failed", "ko": "실패"},
+    # a status is shown by its own name in English
+    **{
+        f"status.{status}": {"en": status.value, "ko": ko}
+        for status, ko in (
+            (JobStatus.QUEUED, "대기 중"),
+            (JobStatus.PROCESSING, "처리 중"),
+            (JobStatus.COMPLETED, "완료"),
+            (JobStatus.FAILED, "실패"),
+        )
+    },
     "stage": {"en": "stage: {stage}", "ko": "단계: {stage}"},
     "job_failed": {"en": "the job failed", "ko": "작업이 실패했습니다"},
     "export.srt": {"en": "SRT subtitles", "ko": "SRT 자막"},

@@ -37,6 +37,12 @@ LIMIT_QUEUED = "ecg:limit:queued:"
 # that scores them
 WAITING = "ecg:waiting:"
 WAITING_SEQ = "ecg:waiting:seq"
+# the speaker library: a speaker (hash), each API key's speakers (set), the voiceprints of a finished
+# job's labels (hash), an enrollment waiting for a worker (ecg_audio/speakers.py)
+SPEAKER = "ecg:speaker:"
+SPEAKERS_OWNER = "ecg:speakers:"
+JOB_VOICES = "ecg:job-voices:"
+SPEAKER_PENDING = "ecg:speaker-pending:"
 # the event streams each API key holds open (sorted sets of leases; api_shim/stream_slots.py)
 STREAMS = "ecg:streams:"
 

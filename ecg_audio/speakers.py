@@ -28,12 +28,13 @@ from typing import Any
 
 import redis
 
+from ecg_audio import keys
 from pipeline.voiceprints import MATCH_THRESHOLD, Voiceprint, mean_voiceprint
 
-SPEAKER_KEY = "ecg:speaker:"
-OWNER_INDEX_KEY = "ecg:speakers:"
-JOB_VOICES_KEY = "ecg:job-voices:"
-PENDING_KEY = "ecg:speaker-pending:"
+SPEAKER_KEY = keys.SPEAKER
+OWNER_INDEX_KEY = keys.SPEAKERS_OWNER
+JOB_VOICES_KEY = keys.JOB_VOICES
+PENDING_KEY = keys.SPEAKER_PENDING
 ENROLL_TASK = "ecg.speakers.enroll"
 """The worker task that embeds an uploaded voice sample (the shim sends it by name)."""
 SPEAKER_ID_PATTERN = r"^[a-f0-9]{32}$"

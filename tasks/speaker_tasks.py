@@ -20,7 +20,7 @@ import structlog
 from celery import shared_task
 
 from ecg_audio.speakers import ENROLL_TASK, SpeakerLibrary
-from pipeline.errors import AnalysisError
+from pipeline.errors import AnalysisError, CancelledError
 from tasks import context
 from tasks.stages import JobSpec, StageEnv, stage_bodies
 
@@ -36,7 +36,7 @@ def enroll_speaker(request: dict[str, Any]) -> dict[str, Any]:
     if not library.take_pending(str(request["speaker_id"])):
         # DELETE /speakers/{id} cancelled it while it waited for a worker, or it expired
         _delete_upload(env, str(request["upload"]))
-        return {"error_code": "CANCELLED", "error_message": "the enrollment was cancelled"}
+        return {"error_code": CancelledError.code, "error_message": "the enrollment was cancelled"}
     job = JobSpec(job_id=f"enroll-{uuid.uuid4().hex}", source=str(request["upload"]))
     ws = env.workspace(job.job_id)
     try:

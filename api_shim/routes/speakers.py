@@ -27,8 +27,10 @@ from api_shim.errors import NOT_FOUND, PROTECTED_RESPONSES, UNAVAILABLE, ApiErro
 from api_shim.middleware import MAX_JSON_BODY_BYTES
 from api_shim.routes.uploads import save_upload
 from api_shim.submission import existing_job
+from ecg_audio.jobs import JobStatus
 from ecg_audio.speakers import ENROLL_EXPIRES_S, ENROLL_TASK, SPEAKER_ID_PATTERN, SpeakerLibrary, SpeakerRecord
 from ecg_audio.uploads import s3_key, upload_id, uploads_dir
+from pipeline.errors import InvalidMediaError
 
 log = structlog.get_logger("ecg.shim")
 router = APIRouter(tags=["speakers"], responses=PROTECTED_RESPONSES)
@@ -38,7 +40,7 @@ SpeakerName = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 SpeakerId = Annotated[str, Field(pattern=SPEAKER_ID_PATTERN)]
-SAMPLE_CODES = {"SAMPLE_DURATION", "SAMPLE_NO_SPEECH", "SAMPLE_MULTIPLE_VOICES", "INVALID_MEDIA"}
+SAMPLE_CODES = {"SAMPLE_DURATION", "SAMPLE_NO_SPEECH", "SAMPLE_MULTIPLE_VOICES", InvalidMediaError.code}
 
 
 class FromJob(BaseModel):
@@ -230,7 +232,7 @@ def _job_voice(shim: Shim, caller: Caller, body: FromJob) -> tuple[list[float], 
     if not body.from_job or not body.speaker:
         raise ApiError(422, "VALIDATION_ERROR", "give a sample file, or both from_job and speaker")
     rec = existing_job(shim.store, body.from_job, caller)
-    if rec.status != "completed":
+    if rec.status != JobStatus.COMPLETED:
         raise ApiError(409, "JOB_NOT_FINISHED", f"job {body.from_job} is {rec.status}; enroll from a completed job")
     vector = SpeakerLibrary(shim.r).job_voice(body.from_job, caller.fingerprint, body.speaker)
     if vector is None:
