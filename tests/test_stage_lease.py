@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from tasks.pipeline_tasks import StageLease
+from tasks.lease import StageLease
 
 
 class RacyRedis(redis.Redis):

@@ -294,12 +294,12 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
 def _release_stage_lease(settings: Settings, request: Any) -> None:
     """Free the killed stage's lease now, so the worker that takes the requeued message runs it at once.
 
-    The lease (tasks/pipeline_tasks.py) would otherwise keep the next worker waiting
+    The lease (tasks/lease.py) would otherwise keep the next worker waiting
     until its TTL lapses. Safe: its holder, the pool child, is dead.
     """
     import redis
 
-    from tasks.pipeline_tasks import StageLease
+    from tasks.lease import StageLease
 
     try:
         args = request.args or []
