@@ -29,11 +29,41 @@ from ecg_audio.stage_table import STAGE_NAMES
 from pipeline.errors import AnalysisError, CancelledError, ProcessingError, StageTimeoutError
 from tasks import context, outcomes
 from tasks.faults import maybe_crash
-from tasks.lease import StageLease
+from tasks.lease import StageLease, lease_key
 from tasks.progress import reporter
 from tasks.stages import JobSpec, StageOutcome, run_stage
 
 log = structlog.get_logger("ecg.tasks")
+
+# KEYS: record, lease. ARGV: stage, the lease token of this delivery. A delivery is counted in
+# 'deliveries:<stage>' under its lease token ('delivery:<stage>'); this takes it back (once).
+_UNCOUNT_LUA = """
+local field = 'delivery:' .. ARGV[1]
+if redis.call('HGET', KEYS[1], field) ~= ARGV[2] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'deliveries:' .. ARGV[1], -1)
+redis.call('HDEL', KEYS[1], field)
+return 1
+"""
+# KEYS: record. ARGV: stage, lease token. The delivery returned or raised: taken back from the count.
+_DELIVERED_LUA = """
+local field = 'delivery:' .. ARGV[1]
+redis.call('HINCRBY', KEYS[1], 'deliveries:' .. ARGV[1], -1)
+if redis.call('HGET', KEYS[1], field) == ARGV[2] then redis.call('HDEL', KEYS[1], field) end
+"""
+
+
+def hand_back(client: Any, job_id: str, stage: str) -> bool:
+    """The stage's process was stopped on purpose (a spot or lifecycle drain killed it and its message
+    went back to the queue): its delivery is not one that crashed, so it is taken back from the count
+    that fails a job with STAGE_CRASHED, and the lease it held is freed for the next delivery. Only the
+    delivery that holds the lease now is taken back. True when one was."""
+    key = lease_key(job_id, stage)
+    token = client.get(key)
+    uncounted = False
+    if token is not None:
+        uncounted = bool(client.eval(_UNCOUNT_LUA, 2, f"ecg:job:{job_id}", key, stage, token))
+    client.delete(key)  # its holder is dead
+    return uncounted
 
 
 class StageRun:
@@ -50,6 +80,7 @@ class StageRun:
         self.job = JobSpec(job_id=self.job_id, source="")
         self.run_no: int | None = None  # the job's run (1, then one more per operator requeue)
         self.env: Any = None
+        self.lease_token = ""  # this delivery's, once it holds the stage's lease
 
     # --- 1. load -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -81,15 +112,18 @@ class StageRun:
                 # later, when its checkpoint will make this a no-op
                 log.info("stage_busy_elsewhere")
                 raise self.task.retry(countdown=LEASE_WAIT.delay(1))
+            token = lease.lock.local.token
+            self.lease_token = token.decode() if isinstance(token, bytes) else str(token)
             yield lease
 
     def count_delivery(self) -> None:
-        """Counted before any work, and taken back when the body returns or raises (``run``): what is
-        left counts the deliveries whose process died (a segfault, the OOM killer, a kill), so a stage
-        that dies every time ends here instead of being delivered for ever."""
+        """Counted before any work, and taken back when the body returns or raises (``run``) or when a
+        drain hands the stage back (``hand_back``): what is left counts the deliveries whose process
+        died (a segfault, the OOM killer, a kill), so a stage that dies every time ends here instead of
+        being delivered for ever."""
         pipe = self.store.r.pipeline()
         pipe.hincrby(self.key, f"deliveries:{self.stage}", 1)
-        pipe.hset(self.key, f"started:{self.stage}", "1")
+        pipe.hset(self.key, mapping={f"started:{self.stage}": "1", f"delivery:{self.stage}": self.lease_token})
         deliveries = int(pipe.execute()[0])
         limit = context.settings().max_stage_deliveries
         if deliveries > limit:
@@ -108,7 +142,7 @@ class StageRun:
         except SoftTimeLimitExceeded as e:
             raise StageTimeoutError(f"the {self.stage} stage took longer than its time limit") from e
         finally:
-            self.store.r.hincrby(self.key, f"deliveries:{self.stage}", -1)
+            self.store.r.eval(_DELIVERED_LUA, 1, self.key, self.stage, self.lease_token)
 
     # --- 4. record -----------------------------------------------------------------------------
     def record(self, outcome: StageOutcome, lease: StageLease) -> None:
