@@ -106,7 +106,8 @@ local run = (tonumber(redis.call('HGET', key, 'run') or '1') or 1) + 1
 local fields = redis.call('HKEYS', key)
 for _, f in ipairs(fields) do
   local p = string.sub(f, 1, 11)
-  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:' then
+  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:'
+     or string.sub(f, 1, 10) == 'published:' or string.sub(f, 1, 9) == 'delivery:' then
     redis.call('HDEL', key, f)
   end
 end

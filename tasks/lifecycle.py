@@ -5,8 +5,9 @@
               stored only reports; the same stage running elsewhere (the lease) makes this delivery
               wait; a stage whose process died ``max_stage_deliveries`` times fails the job;
 3. **run**    the stage body (``tasks.stages``), counted as a delivery until it returns or raises;
-4. **record** what it did (runs, the audio's length), and stop a duplicate that would publish the
-              next stage a second time; merge reports the job complete;
+4. **record** what it did (runs, the audio's length), then publish the next stage in the Redis step
+              that checks the lease (a duplicate, or a delivery whose lease was taken over, publishes
+              nothing); merge reports the job complete;
 5. **fail or retry**: Redis away → the message goes back to its queue; cancelled → the chain stops;
               a network fault → retried with backoff (``ecg_audio.retry``); anything else → the job
               fails with its code and final event.
@@ -23,6 +24,7 @@ import redis
 import structlog
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
+from ecg_audio.chain import next_stage_commands, publish_next
 from ecg_audio.jobs import JobRecord, is_terminal
 from ecg_audio.retry import LEASE_WAIT, NETWORK_RETRY, REDIS_AWAY
 from ecg_audio.stage_table import STAGE_NAMES
@@ -159,6 +161,35 @@ class StageRun:
         elif self.next_started():
             # a duplicate delivery of a finished stage whose successor already runs (or ran):
             # publishing the next stage again would start a second copy of the rest of the chain
+            log.info("duplicate_contained")
+            raise Ignore()
+        self.publish_next()
+
+    def publish_next(self) -> None:
+        """The next stage's message goes out in the Redis step that checks this delivery still holds
+        the stage's lease (and that the next stage was neither published for this run nor started),
+        instead of from Celery after the task returns, when the lease is already released: a copy
+        restored while Redis was away, running beside this one, cannot publish it a second time."""
+        i = STAGE_NAMES.index(self.stage)
+        if i + 1 >= len(STAGE_NAMES):
+            return
+        commands = next_stage_commands(self.task.app, self.task.request, {"job_id": self.job_id})
+        if not commands:  # no chain to continue (the task called directly)
+            return
+        rc = publish_next(
+            self.store.r,
+            commands,
+            lease_key=lease_key(self.job_id, self.stage),
+            token=self.lease_token,
+            record_key=self.key,
+            stage=self.stage,
+            next_stage=STAGE_NAMES[i + 1],
+        )
+        self.task.request.chain = None  # published here, or by the delivery that holds the lease: not by Celery
+        if rc == 0:
+            log.warning("stage_lease_lost_not_publishing")
+            raise Ignore()
+        if rc == 2:
             log.info("duplicate_contained")
             raise Ignore()
 
