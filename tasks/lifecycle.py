@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import redis
 import structlog
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from ecg_audio.chain import next_stage_commands, publish_next
 from ecg_audio.jobs import JobRecord, is_terminal
@@ -82,7 +83,7 @@ class StageRun:
         self.job = JobSpec(job_id=self.job_id, source="")
         self.run_no: int | None = None  # the job's run (1, then one more per operator requeue)
         self.env: Any = None
-        self.lease_token = ""  # this delivery's, once it holds the stage's lease
+        self.lease_id = ""  # the token of the stage's lease, once this delivery holds it
 
     # --- 1. load -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -115,7 +116,7 @@ class StageRun:
                 log.info("stage_busy_elsewhere")
                 raise self.task.retry(countdown=LEASE_WAIT.delay(1))
             token = lease.lock.local.token
-            self.lease_token = token.decode() if isinstance(token, bytes) else str(token)
+            self.lease_id = token.decode() if isinstance(token, bytes) else str(token)
             yield lease
 
     def count_delivery(self) -> None:
@@ -125,7 +126,7 @@ class StageRun:
         being delivered for ever."""
         pipe = self.store.r.pipeline()
         pipe.hincrby(self.key, f"deliveries:{self.stage}", 1)
-        pipe.hset(self.key, mapping={f"started:{self.stage}": "1", f"delivery:{self.stage}": self.lease_token})
+        pipe.hset(self.key, mapping={f"started:{self.stage}": "1", f"delivery:{self.stage}": self.lease_id})
         deliveries = int(pipe.execute()[0])
         limit = context.settings().max_stage_deliveries
         if deliveries > limit:
@@ -144,7 +145,7 @@ class StageRun:
         except SoftTimeLimitExceeded as e:
             raise StageTimeoutError(f"the {self.stage} stage took longer than its time limit") from e
         finally:
-            self.store.r.eval(_DELIVERED_LUA, 1, self.key, self.stage, self.lease_token)
+            self.store.r.eval(_DELIVERED_LUA, 1, self.key, self.stage, self.lease_id)
 
     # --- 4. record -----------------------------------------------------------------------------
     def record(self, outcome: StageOutcome, lease: StageLease) -> None:
@@ -180,7 +181,7 @@ class StageRun:
             self.store.r,
             commands,
             lease_key=lease_key(self.job_id, self.stage),
-            token=self.lease_token,
+            token=self.lease_id,
             record_key=self.key,
             stage=self.stage,
             next_stage=STAGE_NAMES[i + 1],
@@ -206,7 +207,8 @@ class StageRun:
     # --- 5. fail or retry ----------------------------------------------------------------------
     def fail_or_retry(self, e: Exception) -> NoReturn:
         """Called in the ``except`` block of the exception ``e`` that ended this delivery."""
-        if isinstance(e, redis.ConnectionError | redis.TimeoutError):
+        # kombu's OperationalError: the broker connection lost while the next stage is published
+        if isinstance(e, redis.ConnectionError | redis.TimeoutError | OperationalError):
             # Redis away (a restart) while this stage reads or writes its bookkeeping: not the job's
             # fault, and failing it would need Redis anyway. The message goes back to its queue once
             # Redis answers; if even that fails it stays unacknowledged and worker.liveness restores

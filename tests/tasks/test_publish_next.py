@@ -97,3 +97,45 @@ def test_only_the_lease_holder_publishes_and_only_once(worker_app: tuple[Any, re
     # a second delivery of the finished stage (a restored copy), holding the lease after the first
     assert publish_next(r, commands, token="this-delivery", **kw) == 2
     assert r.llen(queue) == 1 and r.hget(record, "publishes:ingest") == "1"
+
+
+def test_a_broker_error_while_publishing_hands_the_message_back(
+    redis_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis gone as the stage publishes its successor: the message goes back to its queue (Reject,
+    requeue), the job is not failed; the checkpoint makes the redelivery publish at once."""
+    from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+
+    from ecg_audio.retry import Backoff
+    from ecg_audio.settings import get_settings
+    from media_io.workspace import Workspace
+    from tasks import context, lifecycle
+    from tasks.pipeline_tasks import STAGE_TASKS
+
+    monkeypatch.setenv("ECG_REDIS_URL", redis_url)
+    monkeypatch.setenv("ECG_WORKSPACE_ROOT", str(tmp_path / "ws"))
+    get_settings.cache_clear()
+    context.job_store.cache_clear()
+    context.set_model_provider(lambda: SimpleNamespace(device="cpu"))  # type: ignore[arg-type, return-value]
+    monkeypatch.setattr(lifecycle, "REDIS_AWAY", Backoff(0.0, 0.0, jitter=0.0))
+
+    def gone(*a: Any, **k: Any) -> Any:
+        raise OperationalError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    monkeypatch.setattr(lifecycle, "next_stage_commands", gone)
+    job = f"pn-{uuid.uuid4().hex[:8]}"
+    store = context.job_store()
+    assert store.create(job, {"job_id": job, "video_url": "https://example.com/a.wav"})
+    Workspace.open(tmp_path / "ws", job).write_json("ingest.json", {"duration": 1.0})
+    task = STAGE_TASKS["ingest"]
+    task.push_request(id=f"{job}:ingest:x", chain=_ingest_request(None, job).chain)
+    try:
+        with pytest.raises(Reject):
+            task.run_stage_task("ingest", {"job_id": job})
+    finally:
+        task.pop_request()
+        get_settings.cache_clear()
+        context.job_store.cache_clear()
+    rec = store.get(job)
+    assert rec is not None and rec.status != "failed", rec
