@@ -25,8 +25,9 @@ workers with the real models, a real callback receiver — and disturbs them:
                            more than 60 s.
 13. ``cancel_during_merge``: a DELETE while merge runs: record and final callback agree.
 14. ``redis_outage_long``:  Redis away 90 s (quick: 45 s) while two workers run stages, past the
-                           liveness window and the lease TTL: every job completes once, no stage's
-                           successor published twice, nothing stuck.
+                           liveness window and the lease TTL, the worker running a model stage
+                           paused until its peer restored its message: every job completes once, no
+                           stage's successor published twice, nothing stuck.
 
 Prints one JSON line of counts. ``--quick`` shrinks every scenario (what ``make test``
 runs); the defaults are the issue's figures (20 jobs / 5 kills, 10 queued, 60 s down,
@@ -280,9 +281,13 @@ def scenario_spot(var: Path, seconds: float, drain_s: float) -> dict[str, Any]:
 
 def scenario_redis_outage_long(var: Path, jobs: int, down_s: float) -> dict[str, Any]:
     """Redis away longer than the liveness window and the stage lease's TTL while two workers run
-    stages: on its return every heartbeat and lease has expired, so the workers' reapers restore each
-    other's messages and a second copy of a running stage starts beside the first. Every job must
-    complete once, no stage's successor be published twice, and nothing be left stuck."""
+    stages: on its return every heartbeat and lease has expired, so a worker's reaper restores the
+    other's message and a second copy of a running stage starts beside the first. Every job must
+    complete once, no stage's successor be published twice, and nothing be left stuck.
+
+    Which worker reaps first is a race; so that a restore happens on every run, the worker running a
+    model stage is paused (SIGSTOP) through the outage and until its peer has restored its message,
+    then resumed: its stage goes on under a lease that another copy holds now."""
     from ecg_audio.event_log import is_final
     from ecg_audio.event_log import key as event_log_key
     from ecg_audio.queues import queue_depth
@@ -301,8 +306,14 @@ def scenario_redis_outage_long(var: Path, jobs: int, down_s: float) -> dict[str,
             return sum(1 for r in recs if r is not None and r.status == "processing" and r.progress >= 15) >= 2
 
         wait_for(two_running, 600)
-        fleet.blip_redis(down_s)
-        back = time.monotonic()
+        paused, _ = _running_model_stage(fleet, 300)
+        fleet.kill_worker(paused, signal.SIGSTOP)
+        try:
+            fleet.blip_redis(down_s)
+            back = time.monotonic()
+            wait_for(lambda: _restored(fleet) > 0, 120)
+        finally:
+            fleet.kill_worker(paused, signal.SIGCONT)
         status = fleet.wait_all(ids, 1200)
         done_s = round(time.monotonic() - back, 1)
 
@@ -322,12 +333,20 @@ def scenario_redis_outage_long(var: Path, jobs: int, down_s: float) -> dict[str,
             "stuck": sum(1 for s in status.values() if s not in ("completed", "failed"))
             + sum(queue_depth(fleet.store.r).values())
             + int(fleet.store.r.hlen(UNACKED)),
+            "paused_worker": paused,
             "restored_from_dead_workers": fleet.counter(RESTORED_KEY),
             "orphans_restored": fleet.counter(ORPHANS_KEY),
             "completed_after_return_s": done_s,
         }
     finally:
         fleet.close()
+
+
+def _restored(fleet: Fleet) -> int:
+    try:
+        return fleet.counter(RESTORED_KEY)
+    except Exception:  # Redis still starting
+        return 0
 
 
 def _counts(fleet: Fleet, job_id: str, prefix: str) -> dict[str, int]:

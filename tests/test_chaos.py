@@ -79,3 +79,4 @@ def test_chaos_redis_outage_long_quick() -> None:
     assert long["completed"] == long["jobs"] == long["one_final_each"], long
     assert long["duplicate_publishes"] == 0 and long["stuck"] == 0, long
     assert long["stages_published"] == 5 * long["jobs"], long  # ingest..features each published its successor
+    assert long["restored_from_dead_workers"] >= 1, long  # a live worker's message was restored: two copies ran
