@@ -30,17 +30,21 @@ def view_secret(settings: Settings) -> bytes | None:
     return hmac.new(_LABEL, "\n".join(keys).encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
 
-def _mac(secret: bytes, job_id: str, expires: int) -> str:
-    mac = hmac.new(secret, f"view:{job_id}:{expires}".encode(), hashlib.sha256).digest()
+def _mac(secret: bytes, job_id: str, expires: int, first_run: int) -> str:
+    # a job re-created under the id of a purged one (first_run > 1) is another job: the links to the
+    # earlier one must not open it
+    name = job_id if first_run <= 1 else f"{job_id}#{first_run}"
+    mac = hmac.new(secret, f"view:{name}:{expires}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-def make_token(secret: bytes, job_id: str, expires: int) -> str:
-    return f"{expires}.{_mac(secret, job_id, expires)}"
+def make_token(secret: bytes, job_id: str, expires: int, *, first_run: int = 1) -> str:
+    return f"{expires}.{_mac(secret, job_id, expires, first_run)}"
 
 
-def check_token(secret: bytes | None, job_id: str, token: str, *, now: float | None = None) -> bool:
-    """True when ``token`` was made for ``job_id`` with ``secret`` and has not expired."""
+def check_token(secret: bytes | None, job_id: str, token: str, *, first_run: int = 1, now: float | None = None) -> bool:
+    """True when ``token`` was made for ``job_id`` (the job whose record has ``first_run``) with
+    ``secret`` and has not expired."""
     if secret is None:
         return False
     expires_s, _, mac = token.partition(".")
@@ -49,13 +53,16 @@ def check_token(secret: bytes | None, job_id: str, token: str, *, now: float | N
     expires = int(expires_s)
     if expires < (time.time() if now is None else now):
         return False
-    return hmac.compare_digest(_mac(secret, job_id, expires), mac)
+    return hmac.compare_digest(_mac(secret, job_id, expires, first_run), mac)
 
 
-def view_url(settings: Settings, job_id: str, base_url: str = "/", *, now: float | None = None) -> str | None:
+def view_url(
+    settings: Settings, job_id: str, base_url: str = "/", *, first_run: int = 1, now: float | None = None
+) -> str | None:
     """``{base_url}jobs/{job_id}/view?token=...``, valid for ``ECG_VIEW_TTL_S``; None when no secret can be had."""
     secret = view_secret(settings)
     if secret is None:
         return None
     expires = int((time.time() if now is None else now) + settings.view_ttl_s)
-    return f"{base_url.rstrip('/')}/jobs/{job_id}/view?token={make_token(secret, job_id, expires)}"
+    token = make_token(secret, job_id, expires, first_run=first_run)
+    return f"{base_url.rstrip('/')}/jobs/{job_id}/view?token={token}"

@@ -12,6 +12,10 @@ workers with the real models, a real callback receiver — and disturbs them:
 5. ``many``:     many short jobs over 2 workers.
 6. ``oom``:      a CUDA out-of-memory error injected in transcribe.
 7. ``spot``:     a spot interruption notice (fake IMDSv2) to the worker running a model stage.
+8. ``redis_outage_long``:  Redis away 90 s (quick: 45 s) while two workers run stages, past the
+                          liveness window and the lease TTL, the worker running a model stage
+                          paused until its peer restored its message: every job completes once, no
+                          stage's successor published twice, nothing stuck.
 
 The delivery scenarios (slow receiver, crash before the final, poison message, restart in
 place, Redis blip, cancel during merge) are ``bench/chaos_delivery.py``.
@@ -265,6 +269,81 @@ def scenario_spot(var: Path, seconds: float, drain_s: float) -> dict[str, Any]:
             server.close()
 
 
+def scenario_redis_outage_long(var: Path, jobs: int, down_s: float) -> dict[str, Any]:
+    """Redis away longer than the liveness window and the stage lease's TTL while two workers run
+    stages: on its return every heartbeat and lease has expired, so a worker's reaper restores the
+    other's message and a second copy of a running stage starts beside the first. Every job must
+    complete once, no stage's successor be published twice, and nothing be left stuck.
+
+    Which worker reaps first is a race; so that a restore happens on every run, the worker running a
+    model stage is paused (SIGSTOP) through the outage and until its peer has restored its message,
+    then resumed: its stage goes on under a lease that another copy holds now."""
+    from ecg_audio.event_log import is_final
+    from ecg_audio.event_log import key as event_log_key
+    from ecg_audio.queues import queue_depth
+    from worker.liveness import ORPHANS_KEY, UNACKED
+
+    fleet = Fleet(var / "redis_outage_long")
+    try:
+        clips = make_clips(fleet.var, 2, 20.0)
+        fleet.start_worker("w1")
+        fleet.start_worker("w2")
+        fleet.wait_workers(2)
+        ids = [fleet.submit(clips[i % 2]) for i in range(jobs)]
+
+        def two_running() -> bool:
+            recs = [fleet.store.get(j) for j in ids]
+            return sum(1 for r in recs if r is not None and r.status == "processing" and r.progress >= 15) >= 2
+
+        wait_for(two_running, 600)
+        paused, _ = _running_model_stage(fleet, 300)
+        fleet.kill_worker(paused, signal.SIGSTOP)
+        try:
+            fleet.blip_redis(down_s)
+            back = time.monotonic()
+            wait_for(lambda: _restored(fleet) > 0, 120)
+        finally:
+            fleet.kill_worker(paused, signal.SIGCONT)
+        status = fleet.wait_all(ids, 1200)
+        done_s = round(time.monotonic() - back, 1)
+
+        def drained() -> bool:  # every message acknowledged, none waiting
+            return sum(queue_depth(fleet.store.r).values()) == 0 and int(fleet.store.r.hlen(UNACKED)) == 0
+
+        wait_for(drained, 120)
+        finals = {j: [e for _, e in fleet.store.r.xrange(event_log_key(j)) if is_final(e["event_id"])] for j in ids}
+        publishes = {j: _counts(fleet, j, "publishes:") for j in ids}
+        return {
+            "jobs": jobs,
+            "down_s": down_s,
+            "completed": sum(1 for s in status.values() if s == "completed"),
+            "one_final_each": sum(1 for j in ids if len(finals[j]) == 1),
+            "duplicate_publishes": sum(max(0, n - 1) for p in publishes.values() for n in p.values()),
+            "stages_published": sum(len(p) for p in publishes.values()),
+            "stuck": sum(1 for s in status.values() if s not in ("completed", "failed"))
+            + sum(queue_depth(fleet.store.r).values())
+            + int(fleet.store.r.hlen(UNACKED)),
+            "paused_worker": paused,
+            "restored_from_dead_workers": fleet.counter(RESTORED_KEY),
+            "orphans_restored": fleet.counter(ORPHANS_KEY),
+            "completed_after_return_s": done_s,
+        }
+    finally:
+        fleet.close()
+
+
+def _restored(fleet: Fleet) -> int:
+    try:
+        return fleet.counter(RESTORED_KEY)
+    except Exception:  # Redis still starting
+        return 0
+
+
+def _counts(fleet: Fleet, job_id: str, prefix: str) -> dict[str, int]:
+    h = fleet.store.r.hgetall(f"ecg:job:{job_id}")
+    return {k.removeprefix(prefix): int(v) for k, v in h.items() if k.startswith(prefix)}
+
+
 def _running_model_stage(fleet: Fleet, timeout: float) -> tuple[str, str]:
     """(worker name, stage) of the first model stage seen running."""
     deadline = time.monotonic() + timeout
@@ -282,7 +361,7 @@ def _running_model_stage(fleet: Fleet, timeout: float) -> tuple[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts, for make test")
-    every = ("kill", "redis", "receiver", "sigterm", "many", "oom", "spot")
+    every = ("kill", "redis", "receiver", "sigterm", "many", "oom", "spot", "redis_outage_long")
     ap.add_argument("--scenarios", default=",".join(every))
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
     a = ap.parse_args()
@@ -306,6 +385,9 @@ def main() -> int:
         if "spot" in wanted:
             # quick: the stage is handed back at once (drain 0 s); full: it may finish first (90 s)
             out["spot"] = scenario_spot(var, 20.0 if a.quick else 60.0, 0.0 if a.quick else 90.0)
+        if "redis_outage_long" in wanted:
+            # longer than the liveness window (10 s here) and the lease TTL (30 s) either way
+            out["redis_outage_long"] = scenario_redis_outage_long(var, 2 if a.quick else 4, 45.0 if a.quick else 90.0)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out))
     return 0

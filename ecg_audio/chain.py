@@ -202,3 +202,87 @@ def send_chain(app: Any, payload: dict[str, Any], *, priority: int | None = None
     msg = messages.build(str(payload["job_id"]), priority=priority)
     push(client, msg)
     return msg.task_id
+
+
+# --- the next stage, published by the stage that holds the lease --------------------------------
+
+# KEYS: the stage's lease, the job record. ARGV: the publisher's lease token, this stage, the next
+# stage, then the commands that publish the next stage's message: name, argument count, arguments...
+# Returns 1 published; 0 the lease is not (or no longer) the publisher's: another delivery of this
+# stage took over and publishes; 2 published already, or the next stage already started.
+_PUBLISH_NEXT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'published:' .. ARGV[2]) == 1
+   or redis.call('HEXISTS', KEYS[2], 'started:' .. ARGV[3]) == 1 then return 2 end
+local allowed = {LPUSH = true, PUBLISH = true, PEXPIRE = true}
+local i = 4
+while i <= #ARGV do
+  local name, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
+  if not allowed[name] then return redis.error_reply('unexpected publish command ' .. name) end
+  redis.call(name, unpack(ARGV, i + 2, i + 1 + n))
+  i = i + 2 + n
+end
+redis.call('HSET', KEYS[2], 'published:' .. ARGV[2], '1')
+redis.call('HINCRBY', KEYS[2], 'publishes:' .. ARGV[2], 1)
+return 1
+"""
+
+
+class _Captured:
+    """Stands in for kombu's publish batch (``Producer._batch_local.current``): the Redis channel
+    routes each message as it would publish it, and hands this object its final Redis commands
+    (``_publish_batch.add``: LPUSH on the queue or its priority sub-queue, PUBLISH of the task-sent
+    event) instead of running them."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, tuple[Any, ...]]] = []
+
+    def publish(self, channel: Any, message: Any, **kwargs: Any) -> Any:
+        return channel.basic_publish(message, _publish_batch=self, **kwargs)
+
+    def add(self, name: str, *args: Any) -> None:
+        self.commands.append((name, args))
+
+
+def next_stage_commands(app: Any, request: Any, retval: Any) -> list[tuple[str, tuple[Any, ...]]]:
+    """The Redis commands that publish the next task of ``request``'s chain, as Celery's worker would
+    after the task returns ``retval`` (``celery.app.trace``: ``signature(chain[-1]).apply_async((retval,),
+    chain=chain[:-1], parent_id=..., root_id=..., priority=...)``), built by Celery and routed by kombu,
+    but not run. [] when the chain has no next task."""
+    from celery import signature
+
+    chain = list(request.chain or [])
+    if not chain:
+        return []
+    priority = (request.delivery_info or {}).get("priority") if app.conf.task_inherit_parent_priority else None
+    captured = _Captured()
+    with app.producer_or_acquire() as producer:
+        if not producer.connection.transport.implements.batch_publish:
+            raise RuntimeError("the broker transport cannot hand over its publish commands (kombu's Redis can)")
+        producer._batch_local.current = captured
+        try:
+            signature(chain[-1], app=app).apply_async(
+                (retval,),
+                chain=chain[:-1],
+                parent_id=request.id,
+                root_id=request.root_id or request.id,
+                priority=priority,
+                producer=producer,
+            )
+        finally:
+            del producer._batch_local.current
+    return captured.commands
+
+
+def publish_next(
+    client: redis.Redis, commands: list[tuple[str, tuple[Any, ...]]], *, lease_key: str, token: str,
+    record_key: str, stage: str, next_stage: str
+) -> int:
+    """Run ``commands`` (``next_stage_commands``) only while ``token`` holds the stage's lease, the job's
+    next stage has neither been published for this run nor started: one Redis script, so a delivery
+    whose lease lapsed (Redis away longer than its TTL, a stalled process) never publishes beside the
+    one that took it over. See ``_PUBLISH_NEXT_LUA`` for the return codes."""
+    args: list[Any] = [token, stage, next_stage]
+    for name, cmd_args in commands:
+        args += [name, len(cmd_args), *cmd_args]
+    return int(client.eval(_PUBLISH_NEXT_LUA, 2, lease_key, record_key, *args))  # type: ignore[arg-type]

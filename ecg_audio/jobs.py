@@ -12,6 +12,7 @@ a late or redelivered update cannot rewind what the backend already saw.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 
-from ecg_audio import keys
+from ecg_audio import event_log, keys
+from ecg_audio.callbacks import DEAD_PREFIX, DUE_KEY, LOCK_PREFIX
+from ecg_audio.callbacks import QUEUE_PREFIX as OUTBOX_PREFIX
 
 # the one status type lives with the event builder (the final event and the terminal state are
 # written together there)
@@ -62,6 +65,7 @@ return 1
 """)
 
 OWNER_PREFIX = keys.JOBS_OWNER
+RETIRED_RUNS = keys.JOBS_RETIRED_RUNS
 
 # KEYS: the record, the index of all jobs[, the queue list]
 # ARGV: job_id, now, request JSON, ttl, message ('' = none), task-sent event ('' = none), event channel,
@@ -82,6 +86,10 @@ if ARGV[5] ~= '' then
 end
 redis.call('HSET', key, 'job_id', ARGV[1], 'status', QUEUED, 'progress', '0', 'message', QUEUED_MESSAGE,
            'created_at', ARGV[2], 'updated_at', ARGV[2], 'request', ARGV[3], 'attempts', '0')
+-- an id purged before: its runs go on from the last one, so that no event id of the earlier job
+-- (its final is '{job_id}:final:{run}') is ever used again
+local retired = tonumber(redis.call('HGET', RETIRED_RUNS, ARGV[1]) or '0') or 0
+if retired > 0 then redis.call('HSET', key, 'run', retired + 1, 'first_run', retired + 1) end
 redis.call('EXPIRE', key, ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 -- the all-jobs index keeps what the records keep (Redis runs noeviction)
@@ -100,10 +108,13 @@ return 1
     QUEUED_MESSAGE=text("job.queued", "en"),
     WAITING_PREFIX=WAITING_PREFIX,
     WAITING_SEQ=WAITING_SEQ,
+    RETIRED_RUNS=RETIRED_RUNS,
 )
 
 
-# KEYS: record, failed index. ARGV: force, now, ttl. Returns the new run, 0 unknown, -1 not finished.
+# KEYS: record, failed index, result. ARGV: force, now, ttl. Returns the new run, 0 unknown, -1 not finished.
+# The stored result goes: a new run computes its own (a forced requeue of a completed job recomputes
+# instead of reporting the old result at once).
 _REQUEUE_LUA = lua_with_statuses(
     """
 local key = KEYS[1]
@@ -114,7 +125,8 @@ local run = (tonumber(redis.call('HGET', key, 'run') or '1') or 1) + 1
 local fields = redis.call('HKEYS', key)
 for _, f in ipairs(fields) do
   local p = string.sub(f, 1, 11)
-  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:' then
+  if p == 'deliveries:' or p == 'netretries:' or string.sub(f, 1, 8) == 'started:'
+     or string.sub(f, 1, 10) == 'published:' or string.sub(f, 1, 9) == 'delivery:' then
     redis.call('HDEL', key, f)
   end
 end
@@ -122,10 +134,35 @@ redis.call('HSET', key, 'status', QUEUED, 'error_code', '', 'error_message', '',
            'message', REQUEUED_MESSAGE, 'run', run, 'updated_at', ARGV[2])
 redis.call('EXPIRE', key, ARGV[3])
 redis.call('ZREM', KEYS[2], redis.call('HGET', key, 'job_id'))
+redis.call('DEL', KEYS[3])
 return run
 """,
     REQUEUED_MESSAGE=text("job.requeued", "en"),
 )
+
+
+# KEYS: record, all-jobs index, failed index, result, event log, callback outbox, dead letters, callback
+# lock, callbacks due index, retired runs. ARGV: job_id, owner index prefix. Returns 1, or 0 without a record.
+_PURGE_LUA = """
+local existed = 0
+local h = redis.call('HMGET', KEYS[1], 'job_id', 'owner', 'run')
+if h[1] then
+  existed = 1
+  if h[2] and h[2] ~= '' then redis.call('ZREM', ARGV[2] .. h[2], ARGV[1]) end
+  local run = tonumber(h[3] or '1') or 1
+  local retired = tonumber(redis.call('HGET', KEYS[10], ARGV[1]) or '0') or 0
+  if run > retired then redis.call('HSET', KEYS[10], ARGV[1], run) end
+end
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+return existed
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _create_call(
@@ -166,6 +203,7 @@ class JobRecord:
     queue_task_id: str | None = None
     duration: float | None = None  # the audio's length in seconds, once the ingest stage knows it
     run: int = 1  # 1, then one more per operator requeue; the final event's id names it
+    first_run: int = 1  # more than 1 for a job re-created under the id of a purged one (view links name it)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -186,6 +224,7 @@ class JobRecord:
             queue_task_id=h.get("queue_task_id") or None,
             duration=float(h["duration"]) if h.get("duration") else None,
             run=int(h.get("run") or 1),
+            first_run=int(h.get("first_run") or 1),
         )
 
 
@@ -196,6 +235,7 @@ class JobStore:
         self._update = self.r.register_script(_UPDATE_LUA)
         self._create = self.r.register_script(_CREATE_LUA)
         self._requeue = self.r.register_script(_REQUEUE_LUA)
+        self._purge = self.r.register_script(_PURGE_LUA)
         self.events = JobEvents(client, ttl_s)
 
     @classmethod
@@ -266,12 +306,32 @@ class JobStore:
         return rc == 1
 
     def requeue(self, job_id: str, *, force: bool = False) -> int | None:
-        """Reopen a finished job (operator action) as a new run: progress is kept, the error and the
-        per-stage delivery counts are cleared. Returns the new run number, or None when the job is
-        unknown or (without ``force``) not finished: a running job would get a second chain."""
-        r = self._requeue(keys=[PREFIX + job_id, FAILED_SET], args=["1" if force else "0", time.time(), self.ttl_s])
+        """Reopen a finished job (operator action) as a new run: progress is kept; the error, the
+        per-stage delivery counts and the stored result are cleared. Returns the new run number, or
+        None when the job is unknown or (without ``force``) not finished: a running job would get a
+        second chain."""
+        names = [PREFIX + job_id, FAILED_SET, RESULT_PREFIX + job_id]
+        r = self._requeue(keys=names, args=["1" if force else "0", time.time(), self.ttl_s])
         n = int(r)  # type: ignore[arg-type]
         return n if n > 0 else None
+
+    def purge(self, job_id: str) -> bool:
+        """Forget a job and everything it owns in Redis: record, result, event log, callback outbox
+        and dead letters, index entries (all jobs, failed, owner, due callbacks), stage leases, fault
+        counters, Celery's task results. Its last run is retired (``RETIRED_RUNS``) so that a job
+        re-created under this id starts after it. False when there was no record."""
+        from ecg_audio.stage_table import STAGE_NAMES
+
+        names = [PREFIX + job_id, ALL_SET, FAILED_SET, RESULT_PREFIX + job_id, event_log.key(job_id)]
+        names += [OUTBOX_PREFIX + job_id, DEAD_PREFIX + job_id, LOCK_PREFIX + job_id, DUE_KEY, RETIRED_RUNS]
+        existed = int(self._purge(keys=names, args=[job_id, OWNER_PREFIX])) == 1  # type: ignore[arg-type]
+        owned = [f"{keys.LEASE}{job_id}:{stage}" for stage in STAGE_NAMES]
+        owned += [f"{keys.FAULT}{job_id}:{point}" for point in (*STAGE_NAMES, "before_final")]
+        owned.append(keys.JOB_VOICES + job_id)  # its speakers' voiceprints (speakers by name)
+        # task ids are '{job_id}:{stage}:{nonce}' (ecg_audio.chain.task_ids)
+        owned += list(self.r.scan_iter(match=f"celery-task-meta-{_glob_escape(job_id)}:*", count=1000))
+        self.r.delete(*owned)
+        return existed
 
     def failed_ids(self, limit: int = 100) -> list[str]:
         return list(self.r.zrevrange(FAILED_SET, 0, limit - 1))  # type: ignore[arg-type]

@@ -14,6 +14,9 @@ RESULT = "ecg:result:"
 JOBS_ALL = "ecg:jobs:all"
 JOBS_FAILED = "ecg:jobs:failed"  # the dead-letter index
 JOBS_OWNER = "ecg:jobs:owner:"  # per API key fingerprint
+# hash: job id -> the last run of a purged job with that id (a few bytes per purged id: all that
+# purge keeps, so that a job re-created under the id never reuses an event id of the earlier one)
+JOBS_RETIRED_RUNS = "ecg:jobs:retired_runs"
 # a stage run's lease and the fault-injection counters (tests and chaos)
 LEASE = "ecg:lease:"
 FAULT = "ecg:fault:"

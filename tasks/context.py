@@ -14,7 +14,7 @@ from ecg_audio.settings import Settings, get_settings
 from ecg_audio.speakers import JobSpeakers, SpeakerLibrary
 from ecg_audio.uploads import uploads_dir
 from media_io.policy import make_outbox, url_policy
-from tasks.stages import ModelProvider, Reporter, StageEnv
+from tasks.stage_env import ModelProvider, Reporter, StageEnv
 
 _model_provider: Callable[[], ModelProvider] | None = None
 

@@ -13,16 +13,18 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from ecg_audio.jobs import JobStatus
 from ecg_audio.stage_table import ASSEMBLING, STAGE_BY_NAME, STAGE_NAMES, STAGES, STEP_KEYS, VAD
-from media_io.workspace import S3Workspace, Workspace
+from media_io.workspace import Workspace
 from pipeline.audio import release_freed_memory
-from pipeline.errors import GPUMemoryError, InvalidMediaError, is_cuda_oom
+from tasks.devices import diarization_settings, on_device
+from tasks.oom import oom_fallback
+from tasks.stage_env import StageEnv
+from tasks.storage import upload_source, write_output
 
 log = structlog.get_logger("ecg.stages")
 
@@ -55,26 +57,6 @@ def _within(stage: str, fraction: float, *, start: int | None = None) -> int:
     return min(end - 1, start + int((end - start) * max(0.0, min(1.0, fraction))))
 
 
-class ModelProvider(Protocol):
-    device: str
-
-    def asr(self, language: str | None = None, *, device: str | None = None) -> tuple[Any, str]: ...
-
-    def asr_route(
-        self, language: str | None = None, *, model: str | None = None, device: str | None = None
-    ) -> tuple[Any, str]: ...
-
-    def diarization(self) -> tuple[Any, str]: ...
-
-    def aligner(self, language: str) -> tuple[Any, str] | None: ...
-
-
-class Reporter(Protocol):
-    """Takes a message a person reads; the stage bodies report keys, which ``run_stage`` renders."""
-
-    def __call__(self, stage: str, progress: int, message: str) -> None: ...
-
-
 @dataclass
 class JobSpec:
     """What travels between stages (small: no audio, no results)."""
@@ -95,57 +77,6 @@ class JobSpec:
             callback_url=request.get("callback_url"),
             options={k: v for k, v in (request.get("options") or {}).items() if v is not None},
         )
-
-
-@dataclass
-class StageEnv:
-    """Everything a stage needs besides the job: built from settings by the caller."""
-
-    workspace_root: Path
-    output_root: Path
-    models: ModelProvider
-    report: Reporter
-    batch_size: int | None = None  # ASR batch; None: 8 on CUDA, 4 on CPU (see asr_batch_size)
-    max_download_bytes: int = 4 * 1024**3
-    max_duration_s: float = 4 * 3600.0
-    network_timeout_s: float = 30.0
-    url_policy: Any = None  # media_io.urlguard.UrlPolicy
-    s3_client_factory: Callable[[], Any] | None = None
-    fault_injection: str | None = None
-    keep_workspace: bool = False
-    uploads_dir: Path | None = None  # where upload://<id> inputs live
-    s3_bucket: str | None = None  # set: workspace under s3://bucket/temp/{job}/, results under output/
-    speakers: Any = None  # pipeline.voiceprints.SpeakerAccess: enrolled voices, for speakers by name (merge)
-    _s3: Any = None
-
-    def asr_batch_size(self, device: str) -> int:
-        """4 on CPU: no slower than 8 there (the CPU is busy either way) with half the encoder's
-        attention memory; 8 on a GPU, where a larger batch keeps it busy."""
-        return self.batch_size or (4 if device == "cpu" else 8)
-
-    def s3(self) -> Any:
-        if self._s3 is None:
-            if self.s3_client_factory is None:
-                raise RuntimeError("an S3 workspace needs an S3 client factory")
-            self._s3 = self.s3_client_factory()
-        return self._s3
-
-    def workspace(self, job_id: str) -> Workspace:
-        if self.s3_bucket:
-            return S3Workspace.open_s3(self.workspace_root, job_id, self.s3(), self.s3_bucket)
-        return Workspace.open(self.workspace_root, job_id)
-
-    def write_output(self, name: str, text: str) -> str:
-        """Write a result file where results go: ``s3://bucket/output/`` or the local output root."""
-        if self.s3_bucket:
-            self.s3().put_object(Bucket=self.s3_bucket, Key=f"output/{name}", Body=text.encode())
-            return f"s3://{self.s3_bucket}/output/{name}"
-        self.output_root.mkdir(parents=True, exist_ok=True)
-        path = self.output_root / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return str(path)
 
 
 @dataclass
@@ -200,70 +131,7 @@ def _localized(env: StageEnv, job: JobSpec) -> StageEnv:
     return dataclasses.replace(env, report=lambda stage, p, key: report(stage, p, text(key, locale)))
 
 
-# --- fault injection (tests only) --------------------------------------
-
-
-class InjectedOutOfMemoryError(RuntimeError):
-    """Looks like CUDA's OOM to the handling code: ``CUDA out of memory`` in the message."""
-
-
-def _maybe_inject(env: StageEnv, stage: str, ws: Workspace) -> None:
-    """``cuda_oom:<stage>:<n>`` raises a CUDA OOM the first n times the stage runs for a job."""
-    if not env.fault_injection:
-        return
-    for rule in env.fault_injection.split(","):
-        parts = rule.strip().split(":")
-        if len(parts) == 3 and parts[0] == "cuda_oom" and parts[1] == stage:
-            counter = ws.path(f"fault-{stage}.count")
-            seen = int(counter.read_text()) if counter.exists() else 0
-            if seen < int(parts[2]):
-                counter.write_text(str(seen + 1))
-                raise InjectedOutOfMemoryError("CUDA out of memory (injected by ECG_FAULT_INJECTION)")
-
-
 # --- stage bodies ---------------------------------------------------------
-
-
-UPLOAD_GONE = "the uploaded file is gone (uploads are kept for a limited time: upload it again)"
-
-
-def _upload_source(url: str, env: StageEnv, policy: Any) -> tuple[str, Any]:
-    """Where ``upload://<id>`` lives: ``s3://<bucket>/uploads/<id>`` with an S3 workspace (the
-    shim put it there), else ``<uploads_dir>/<id>``; and the URL policy that admits it."""
-    from ecg_audio.uploads import s3_key, upload_id
-
-    upload = upload_id(url)
-    if upload is None:
-        raise InvalidMediaError("malformed upload id: expected upload://<32 hex digits>")
-    if env.s3_bucket:
-        from botocore.exceptions import ClientError
-
-        try:
-            env.s3().head_object(Bucket=env.s3_bucket, Key=s3_key(upload))
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code"))
-            if code in {"404", "NoSuchKey", "NotFound"}:
-                raise InvalidMediaError(UPLOAD_GONE) from None
-            # throttled (503 SlowDown) or an S3 hiccup: the stage is retried, not failed as an internal error
-            from pipeline.errors import DownloadError
-
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            retryable = not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
-            raise DownloadError(f"the uploaded file could not be checked: S3 said {code}", retryable=retryable) from e
-        # this one object, although uploads/ is no input location for jobs
-        admit_s3 = dataclasses.replace(
-            policy,
-            allowed_schemes=frozenset(policy.allowed_schemes) | {"s3"},
-            s3_inputs=(f"{env.s3_bucket}/{s3_key(upload)}",),
-            s3_denied=(),
-        )
-        return f"s3://{env.s3_bucket}/{s3_key(upload)}", admit_s3
-    if env.uploads_dir is None:
-        raise InvalidMediaError("uploads are not enabled on this worker")
-    path = env.uploads_dir / upload
-    if not path.is_file():
-        raise InvalidMediaError(UPLOAD_GONE)
-    return str(path), dataclasses.replace(policy, allow_local_files=True)
 
 
 @stage_body("ingest")
@@ -278,7 +146,7 @@ def _ingest(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     downloads.mkdir(exist_ok=True)
     source, policy = job.source, env.url_policy or UrlPolicy()
     if source.startswith("upload://"):
-        source, policy = _upload_source(source, env, policy)
+        source, policy = upload_source(source, env, policy)
     src = fetch_to_file(
         source,
         downloads,
@@ -324,7 +192,7 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
     def attempt(batch: int, device: str) -> Any:
         # window by window on long files: memory is bounded by a window, not the recording
-        with _diarization_settings(pipeline, batch, device, env.models.device):
+        with diarization_settings(pipeline, batch, device, env.models.device):
             return diarize_wav(
                 pipeline,
                 ws.path("audio.wav"),
@@ -335,7 +203,7 @@ def _diarize(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             )
 
     batch = int(getattr(pipeline, "embedding_batch_size", 1) or 1)
-    result, notes = _oom_fallback("diarize", "diarization", job, env, ws, attempt, batch)
+    result, notes = oom_fallback("diarize", "diarization", job.job_id, env, ws, attempt, batch)
     _add_notes(ws, "diarize", notes)
     ws.write_json("diarization.json", {**result.to_dict(), "model": name})
 
@@ -371,8 +239,8 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         return transcript, model, name, batch, device
 
     first_batch = int(job.options.get("batch_size") or env.asr_batch_size(env.models.device))
-    (transcript, model, name, batch, device), notes = _oom_fallback(
-        "transcribe", "transcription", job, env, ws, attempt, first_batch
+    (transcript, model, name, batch, device), notes = oom_fallback(
+        "transcribe", "transcription", job.job_id, env, ws, attempt, first_batch
     )
     ws.write_json(
         "transcript.json",
@@ -396,32 +264,6 @@ def _check_languages(job: JobSpec, env: StageEnv) -> None:
     subtitle_options(job.options.get("subtitles"))  # refused before any work, not at the last stage
 
 
-def _oom_fallback(
-    stage: str, what: str, job: JobSpec, env: StageEnv, ws: Workspace, attempt: Callable[[int, str], Any], batch: int
-) -> tuple[Any, list[str]]:
-    """``attempt(batch, device)`` with the treatment transcribe gives a CUDA out-of-memory error:
-    half the batch, then the CPU, each step noted for ``metadata.notes``; out of memory at batch 1
-    on the CPU is GPU_MEMORY_ERROR."""
-    device = env.models.device
-    notes: list[str] = []
-    while True:
-        try:
-            _maybe_inject(env, stage, ws)
-            return attempt(batch, device), notes
-        except Exception as e:
-            if not is_cuda_oom(e):
-                raise
-            if batch > 1:
-                notes.append(f"{what}: out of GPU memory at batch size {batch}; retried with {batch // 2}")
-                batch //= 2
-            elif device != "cpu":
-                notes.append(f"{what}: out of GPU memory at batch size 1; fell back to CPU")
-                device = "cpu"
-            else:
-                raise GPUMemoryError(f"{what}: out of memory even at batch size 1 on CPU") from e
-            log.warning("cuda_oom_recovered", job_id=job.job_id, stage=stage, batch_size=batch, device=device)
-
-
 def _add_notes(ws: Workspace, stage: str, notes: list[str]) -> None:
     """Kept beside the stage's artifact (written before it) for merge to put in ``metadata.notes``."""
     if notes:
@@ -433,52 +275,6 @@ def _add_notes(ws: Workspace, stage: str, notes: list[str]) -> None:
 def _stage_notes(ws: Workspace) -> list[str]:
     kept = ws.read_json("notes.json") if ws.has("notes.json") else {}
     return [n for stage in STAGE_NAMES for n in kept.get(stage, [])]
-
-
-class _on_device:
-    """Run a torch model on ``device`` for one attempt, then put it back (it is shared by later jobs)."""
-
-    def __init__(self, model: Any, device: str, home: str) -> None:
-        self.model, self.device, self.home = model, device, home
-        self.moved = device != home and hasattr(model, "to")
-
-    def __enter__(self) -> None:
-        if self.moved:
-            self.model.to(self.device)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.moved:
-            self.model.to(self.home)
-            release_freed_memory()
-
-
-class _diarization_settings(_on_device):
-    """Diarization at a smaller batch (segmentation and embedding) and/or on the CPU, restored after."""
-
-    def __init__(self, pipeline: Any, batch: int, device: str, home: str) -> None:
-        super().__init__(pipeline, device, home)
-        self.batch = batch
-        self.saved = {
-            k: getattr(pipeline, k) for k in ("embedding_batch_size", "segmentation_batch_size") if hasattr(pipeline, k)
-        }
-
-    def __enter__(self) -> None:
-        for k, v in self.saved.items():
-            if v and v > self.batch:
-                setattr(self.model, k, self.batch)
-        if self.moved:
-            import torch
-
-            self.model.to(torch.device(self.device))
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self.saved.items():
-            setattr(self.model, k, v)
-        if self.moved:
-            import torch
-
-            self.model.to(torch.device(self.home))
-            release_freed_memory()
 
 
 @stage_body("align")
@@ -505,13 +301,13 @@ def _align(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
         def wav2vec2_words(part: Transcript, aligner: tuple[Any, str]) -> Any:
             model, name = aligner
-            with _on_device(model[0] if isinstance(model, tuple) else model, device, env.models.device):
+            with on_device(model[0] if isinstance(model, tuple) else model, device, env.models.device):
                 return align_with_wav2vec2(model, ws.path("audio.wav"), part, device=device, name=name)
 
         return align_by_language(transcript, env.models.aligner, whisper_words, wav2vec2_words)
 
     batch = env.asr_batch_size(env.models.device)
-    alignment, notes = _oom_fallback("align", "word alignment", job, env, ws, attempt, batch)
+    alignment, notes = oom_fallback("align", "word alignment", job.job_id, env, ws, attempt, batch)
     _add_notes(ws, "align", notes)
     ws.write_json("alignment.json", alignment.to_dict())
 
@@ -571,10 +367,10 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     md["subtitles"] = subtitle_options(job.options.get("subtitles"))  # every rendering of the exports reads it
     envelope = {"job_id": job.job_id, "status": JobStatus.COMPLETED, "result": result}
     for ext, text in exports(result, job.job_id).items():
-        env.write_output(f"{job.job_id}.{ext}", text)
+        write_output(env, f"{job.job_id}.{ext}", text)
     ws.write_json("result.json", envelope)
     # the JSON is written last: its presence in output/ means the job is complete
-    env.write_output(f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
+    write_output(env, f"{job.job_id}.json", json.dumps(envelope, ensure_ascii=False, indent=1))
 
 
 # every row of the stage table has a body, and every body a row

@@ -18,7 +18,8 @@ On either, :class:`Drain` runs, in the Celery parent:
    with ``task_reject_on_worker_lost`` Celery rejects the message with requeue, so it
    is back on its queue in milliseconds, not after the liveness restore
    (``worker_dead_after_s``) or the visibility timeout. Only that stage runs again;
-   the ones before it are checkpoints in the workspace;
+   the ones before it are checkpoints in the workspace. A hand-back is not a crash: it does not
+   count towards the ``max_stage_deliveries`` that fail a job with STAGE_CRASHED;
 4. complete the termination lifecycle action (``CONTINUE``) when a hook name is set,
    so the group terminates the instance now instead of at the hook's timeout;
 5. warm shutdown (SIGTERM to the parent): nothing is held any more, so it is quick.
@@ -263,7 +264,7 @@ def _celery_drain(app: Any, consumer: Any, settings: Settings, lifecycle: Lifecy
                 continue
             killed += 1
             _wait_gone(pid)
-            _release_stage_lease(settings, request)
+            _handed_back(settings, request)
         return killed
 
     def shutdown() -> None:
@@ -291,15 +292,14 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _release_stage_lease(settings: Settings, request: Any) -> None:
-    """Free the killed stage's lease now, so the worker that takes the requeued message runs it at once.
-
-    The lease (tasks/pipeline_tasks.py) would otherwise keep the next worker waiting
-    until its TTL lapses. Safe: its holder, the pool child, is dead.
-    """
+def _handed_back(settings: Settings, request: Any) -> None:
+    """The killed stage was handed back, not crashed: its delivery is taken back from the count that
+    fails a job with STAGE_CRASHED after ``max_stage_deliveries``, and its lease is freed now, so the
+    worker that takes the requeued message runs it at once instead of waiting for the TTL. Safe: the
+    lease's holder, the pool child, is dead."""
     import redis
 
-    from tasks.pipeline_tasks import StageLease
+    from tasks.lifecycle import hand_back
 
     try:
         args = request.args or []
@@ -309,12 +309,11 @@ def _release_stage_lease(settings: Settings, request: Any) -> None:
         return
     if not job_id:
         return
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        # the key as StageLease builds it (constructing one only sets attributes)
-        client.delete(StageLease(client, str(job_id), stage).key)
+        hand_back(client, str(job_id), stage)
     except redis.RedisError as e:
-        log.warning("lease_release_failed", error=str(e))
+        log.warning("hand_back_not_recorded", error=str(e))
     finally:
         client.close()
 

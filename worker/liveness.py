@@ -127,14 +127,24 @@ class Liveness:
         return self
 
     def stop(self) -> None:
+        """Leave the fleet: heartbeat, membership and in-flight set go. A message still unacknowledged
+        (a cold shutdown) keeps this worker listed, heartbeat gone, so that a peer's reaper restores it
+        and then removes the rest, as for a dead worker."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(1.0, 2 * self.interval_s))  # a beat in progress would add them back
         try:
+            key = INFLIGHT_PREFIX + self.id
+            tags = [t.decode() if isinstance(t, bytes) else str(t) for t in self.r.smembers(key)]  # type: ignore[union-attr]
+            unacked = [t for t in tags if self.r.hexists(UNACKED, t)]
             pipe = self.r.pipeline()
             pipe.delete(HEARTBEAT_PREFIX + self.id)
-            pipe.srem(WORKERS_KEY, self.id)
+            if not unacked:
+                pipe.delete(key)
+                pipe.srem(WORKERS_KEY, self.id)
             pipe.execute()
-        except redis.RedisError:
-            pass
+        except redis.RedisError as e:
+            log.warning("liveness_stop_failed", error=str(e))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -187,6 +197,27 @@ class Liveness:
         return restored
 
     def _restore(self, tag: str) -> None:
+        """Put an unacknowledged message back on its queue under a NEW delivery tag.
+
+        kombu's ``restore_by_tag`` keeps the tag, so the restored copy and the one its first holder
+        still runs (a live worker taken for dead during a Redis outage) share it, and the first
+        holder's acknowledgement would delete the second copy's entry in ``unacked``: should the
+        second worker then die, its message would be gone. Otherwise this is kombu's own restore
+        (one WATCH/MULTI transaction: out of ``unacked``, back on its queue, marked redelivered)."""
+        from kombu.utils.json import loads
+
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
-            channel.qos.restore_by_tag(tag, client=channel.client)
+            qos = channel.qos
+
+            def restore(pipe: Any) -> None:
+                raw = pipe.hget(qos.unacked_key, tag)
+                pipe.multi()
+                qos._remove_from_indices(tag, pipe)
+                if raw:
+                    payload, exchange, routing_key = loads(raw.decode() if isinstance(raw, bytes) else raw)
+                    payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+                    channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+
+            with channel.conn_or_acquire(channel.client) as client:
+                client.transaction(restore, qos.unacked_key)

@@ -6,8 +6,10 @@ run wherever the celery CLI runs, against the same broker and job records.
 
 from __future__ import annotations
 
+import glob
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +19,7 @@ from ecg_audio import keys
 from ecg_audio.chain import send_chain
 from ecg_audio.jobs import FAILED_SET, JobStatus, JobStore, is_terminal
 from ecg_audio.settings import get_settings
+from ecg_audio.stage_table import STAGE_BY_NAME
 from pipeline.errors import CancelledError
 
 
@@ -98,6 +101,11 @@ def requeue(ctx: click.Context, job_ids: tuple[str, ...], priority: int | None, 
             )
             refused += 1
             continue
+        if rec.status == JobStatus.COMPLETED:
+            # the stored result went with the requeue; a kept workspace's merge checkpoint goes too, so
+            # that merge computes the result again instead of reporting the old one
+            merged = get_settings().workspace_root / job_id / STAGE_BY_NAME["merge"].artifact
+            merged.unlink(missing_ok=True)
         send_chain(app, {"job_id": job_id}, priority=priority)  # the stages read the request from the record
         click.echo(f"{job_id}: requeued as run {run} (resumes after the last finished stage)")
     if refused:
@@ -124,9 +132,9 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
 @click.option("--yes", is_flag=True, help="do not ask")
 @click.pass_context
 def purge_failed(ctx: click.Context, older_than: float, yes: bool) -> None:
-    """Forget failed jobs (records, dead-letter entries and their workspaces)."""
-    import shutil
-
+    """Forget failed jobs: everything each owns (record, result, event log, callbacks, index entries,
+    leases; its workspace and result files). A job later created under the same id starts afresh: it
+    replays none of these events, and its event ids (the final's included) are new."""
     store = _store(ctx.obj.app)
     cutoff = time.time() - older_than * 3600
     ids = [str(i) for i in store.r.zrangebyscore(FAILED_SET, 0, cutoff)]
@@ -135,10 +143,18 @@ def purge_failed(ctx: click.Context, older_than: float, yes: bool) -> None:
         return
     if not yes:
         click.confirm(f"purge {len(ids)} failed jobs?", abort=True)
-    root = get_settings().workspace_root
+    settings = get_settings()
     for job_id in ids:
-        store.r.delete(keys.job(job_id), keys.result(job_id))
-        store.r.zrem(FAILED_SET, job_id)
-        store.r.zrem(keys.JOBS_ALL, job_id)
-        shutil.rmtree(root / job_id, ignore_errors=True)
+        store.purge(job_id)
+        _remove_files(settings.workspace_root, settings.output_root, job_id)
     click.echo(f"purged {len(ids)} failed jobs")
+
+
+def _remove_files(workspace_root: Path, output_root: Path, job_id: str) -> None:
+    import shutil
+
+    shutil.rmtree(workspace_root / job_id, ignore_errors=True)
+    # <job_id>.<format> (json, srt, ...), not <job_id>.<more>.<format>: another job's, whose id has a dot
+    for path in output_root.glob(f"{glob.escape(job_id)}.*"):
+        if "." not in path.name[len(job_id) + 1 :]:
+            path.unlink(missing_ok=True)

@@ -68,20 +68,19 @@ async def job_access(
 async def authorise(
     shim: Shim, job_id: str, creds: HTTPAuthorizationCredentials | None, token: str | None
 ) -> JobRecord:
-    caller = None
-    if token is not None:
-        if not check_token(view_secret(shim.settings), job_id, token):
-            raise ApiError(
-                status.HTTP_403_FORBIDDEN,
-                "VIEW_LINK_INVALID",
-                "this job page link is not valid or has expired; ask for the job's current view_url",
-            )
-    else:
-        caller = await require_key(shim, creds)
+    caller = None if token is not None else await require_key(shim, creds)
     try:
         rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
     except redis.RedisError as e:
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    # a link names the job it was made for: one to a purged job does not open a job re-created under its id
+    first_run = rec.first_run if rec is not None else 1
+    if token is not None and not check_token(view_secret(shim.settings), job_id, token, first_run=first_run):
+        raise ApiError(
+            status.HTTP_403_FORBIDDEN,
+            "VIEW_LINK_INVALID",
+            "this job page link is not valid or has expired; ask for the job's current view_url",
+        )
     # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
     if rec is None or (caller is not None and not visible_to(rec, caller)):
         raise ApiError(404, "NOT_FOUND", "no such job")

@@ -78,7 +78,7 @@ def get_job(job_id: str, shim: ShimDep, caller: CurrentKey, request: Request) ->
     state = job_state(rec, result)
     state.queue_position = shim.progress.queue_position(rec)
     state.eta_s = shim.progress.eta_s(rec)
-    state.view_url = view_url(shim.settings, rec.job_id, str(request.base_url))
+    state.view_url = view_url(shim.settings, rec.job_id, str(request.base_url), first_run=rec.first_run)
     return state
 
 

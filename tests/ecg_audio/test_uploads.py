@@ -11,7 +11,8 @@ import pytest
 from ecg_audio.uploads import SweepThrottle, s3_key, sweep_uploads, upload_id
 from media_io.urlguard import UrlPolicy
 from pipeline.errors import InvalidMediaError
-from tasks.stages import StageEnv, _upload_source
+from tasks.stage_env import StageEnv
+from tasks.storage import upload_source
 
 
 def _aged(path: Path, age_s: float) -> Path:
@@ -57,16 +58,16 @@ def test_a_local_upload_is_read_from_the_uploads_directory(tmp_path: Path) -> No
     env.uploads_dir.mkdir()  # type: ignore[union-attr]
     uid = "1" * 32
     (env.uploads_dir / uid).write_bytes(b"media")  # type: ignore[operator]
-    source, policy = _upload_source(f"upload://{uid}", env, UrlPolicy())
+    source, policy = upload_source(f"upload://{uid}", env, UrlPolicy())
     assert source == str(tmp_path / "uploads" / uid) and policy.allow_local_files
 
 
 def test_a_missing_or_malformed_upload_says_so(tmp_path: Path) -> None:
     env = _env(tmp_path)
     with pytest.raises(InvalidMediaError, match="the uploaded file is gone"):
-        _upload_source("upload://" + "2" * 32, env, UrlPolicy())
+        upload_source("upload://" + "2" * 32, env, UrlPolicy())
     with pytest.raises(InvalidMediaError, match="malformed upload id"):
-        _upload_source("upload://../x", env, UrlPolicy())
+        upload_source("upload://../x", env, UrlPolicy())
 
 
 def test_the_shim_sweeps_expired_uploads_at_most_once_per_interval(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_throttled_upload_head_is_retryable() -> None:
     download fault (the stage is retried), not an internal error that fails the job."""
     from botocore.exceptions import ClientError
 
-    from tasks.stages import _upload_source
+    from tasks.storage import upload_source
 
     class Throttled:
         def head_object(self, **_: Any) -> Any:
@@ -113,7 +113,7 @@ def test_throttled_upload_head_is_retryable() -> None:
 
     env = SimpleNamespace(s3_bucket="ecg-work", s3=lambda: Throttled())
     with pytest.raises(DownloadError) as e:
-        _upload_source("upload://" + "a" * 32, env, _worker_policy(s3_bucket="ecg-work"))  # type: ignore[arg-type]
+        upload_source("upload://" + "a" * 32, env, _worker_policy(s3_bucket="ecg-work"))  # type: ignore[arg-type]
     assert e.value.retryable
 
 

@@ -72,3 +72,15 @@ def test_chaos_delivery_quick() -> None:
     cancel = out["cancel_during_merge"]
     assert cancel["cancelled_in_merge"] == 1 and cancel["finals"] == 1 and cancel["agree"] == 1, cancel
     assert cancel["record"] == "failed/CANCELLED", cancel
+
+
+def test_chaos_redis_outage_long_quick() -> None:
+    """Redis away past the liveness window and the lease TTL while two workers run stages (issue 23):
+    restored copies run beside the originals; the lease-checked publish and the restored copies' own
+    delivery tags keep every job to one completion, each stage's successor to one publish."""
+    out = _chaos("redis_outage_long", 1750)
+    long = out["redis_outage_long"]
+    assert long["completed"] == long["jobs"] == long["one_final_each"], long
+    assert long["duplicate_publishes"] == 0 and long["stuck"] == 0, long
+    assert long["stages_published"] == 5 * long["jobs"], long  # ingest..features each published its successor
+    assert long["restored_from_dead_workers"] >= 1, long  # a live worker's message was restored: two copies ran

@@ -287,10 +287,11 @@ def test_lease_waits_do_not_spend_the_network_retry_budget(
 ) -> None:
     """A delivery that waited 10 times for a duplicate's lease (Celery's retries = 10) then meets a
     network fault: it is retried (the fault's own budget is untouched), not failed at once."""
+    from ecg_audio.retry import NETWORK_RETRY
     from ecg_audio.settings import get_settings
     from pipeline.errors import DownloadError
     from tasks import context
-    from tasks.pipeline_tasks import NETWORK_RETRIES, STAGE_TASKS
+    from tasks.pipeline_tasks import STAGE_TASKS
 
     ingest_task = STAGE_TASKS["ingest"]
 
@@ -302,7 +303,7 @@ def test_lease_waits_do_not_spend_the_network_retry_budget(
     store.create(job, {"job_id": job, "video_url": "http://127.0.0.1:9/a.wav"})  # nothing listens on port 9
     ingest_task.push_request(retries=10)
     try:
-        for _ in range(NETWORK_RETRIES):
+        for _ in range(NETWORK_RETRY.attempts):
             with pytest.raises(DownloadError):  # outside a worker Celery's retry re-raises the fault
                 ingest_task.run_stage_task("ingest", {"job_id": job})
             rec = store.get(job)
@@ -323,13 +324,14 @@ def test_redis_gone_after_the_stage_body_requeues_instead_of_failing(
     back (Reject requeue) and the checkpoint makes the redelivery cheap."""
     from celery.exceptions import Reject
 
+    from ecg_audio.retry import Backoff
     from media_io.workspace import Workspace
-    from tasks import context, pipeline_tasks
+    from tasks import context, lifecycle
     from tasks.pipeline_tasks import STAGE_TASKS
 
     ingest_task = STAGE_TASKS["ingest"]
 
-    monkeypatch.setattr(pipeline_tasks, "REDIS_BACKOFF_S", 0.0, raising=False)
+    monkeypatch.setattr(lifecycle, "REDIS_AWAY", Backoff(0.0, 0.0, jitter=0.0))
     job = _job(tasks_env)
     Workspace.open(context.settings().workspace_root, job).write_json("ingest.json", {"duration": 1.0})
     client = context.job_store().r

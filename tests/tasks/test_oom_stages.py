@@ -13,7 +13,8 @@ import pytest
 import pipeline.align
 import pipeline.diarize
 from pipeline.errors import GPUMemoryError
-from tasks.stages import JobSpec, StageEnv, _stage_notes, run_stage
+from tasks.stage_env import StageEnv
+from tasks.stages import JobSpec, _stage_notes, run_stage
 
 
 class FakeDiarization:

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from tasks.pipeline_tasks import StageLease
+from tasks.lease import StageLease
 from tests.helpers import wait_for, wait_for_renewals
 
 # Short enough that outliving it takes seconds; long enough that the renewer thread (every TTL/3)
