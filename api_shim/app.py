@@ -22,7 +22,7 @@ from api_shim.deps import Shim, make_celery
 from api_shim.errors import install_error_handlers
 from api_shim.middleware import MAX_JSON_BODY_BYTES, UPLOAD_PATH, BodySizeLimit
 from api_shim.probes import queue_depth
-from api_shim.routes import events, health, jobs, openai, presign, uploads, view
+from api_shim.routes import events, health, jobs, openai, presign, uploads, view, webhooks
 from api_shim.schemas import ProcessRequest
 from ecg_audio.logs import configure_logging
 from ecg_audio.settings import Settings
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     media_paths = frozenset({UPLOAD_PATH, openai.OPENAI_PATH})
     app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, exempt_paths=media_paths)
     install_error_handlers(app)
-    routers = (jobs, uploads, presign, openai, health, events, view)
+    routers = (jobs, uploads, presign, openai, health, events, view, webhooks)
     for module in routers:
         app.include_router(module.router)
     return app
