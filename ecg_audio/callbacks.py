@@ -67,9 +67,9 @@ class DeliveryPolicy:
     jitter: float = 0.1  # each wait is scaled by uniform(1 - jitter, 1 + jitter): no thundering herd
     timeout_s: float = 10.0  # connect, and each read
     deadline_s: float = 30.0  # one POST, all of it; then it is cancelled and retried on the schedule
-    per_host: int = 4  # POSTs in flight to one receiver host, per dispatcher
+    per_host: int = 8  # POSTs in flight to one receiver host, per dispatcher
     max_inflight: int = 64  # jobs delivering at once, per dispatcher
-    host_busy_wait_s: float = 0.5  # a job whose host is full is looked at again this much later
+    host_busy_wait_s: float = 0.5  # when a whole scan is of full hosts: those jobs are looked at this much later
     lock_ttl_s: float = 60.0  # renewed while a POST runs; lapses only when its dispatcher is gone
     batch_per_job: int = 20  # events of one job per turn before the other due jobs get theirs
     dead_ttl_s: int = 7 * 24 * 3600  # dead letters expire (Redis runs noeviction) ...
@@ -386,6 +386,7 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self.active: dict[str, asyncio.Task[int]] = {}
         self.per_host: Counter[str] = Counter()
+        self._wake: asyncio.Event | None = None  # set when a job's turn ends: its slot is free at once
 
     def start(self) -> Dispatcher:
         if self.outbox.root is None:
@@ -402,15 +403,18 @@ class Dispatcher:
     async def _main(self) -> None:
         ar = async_twin(self.outbox.r)
         fenced = ar.register_script(_FENCED_LUA)
+        self._wake = asyncio.Event()
         try:
             while not self._stop.is_set():
+                self._wake.clear()
                 try:
                     await self._turn(ar, fenced)
                 except redis.RedisError as e:
                     log.warning("callback_dispatcher_redis_error", error=str(e))
                 except Exception:  # a bug here must not kill the loop silently
                     log.exception("callback_dispatcher_error")
-                await asyncio.sleep(self.interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
         finally:
             for task in self.active.values():
                 task.cancel()
@@ -440,8 +444,9 @@ class Dispatcher:
                 continue
             self.per_host[host] += 1
             self.active[job_id] = asyncio.create_task(self._run_job(ar, fenced, job_id, host))
-        if busy:
-            # looked at again a little later, so that the scan reaches the jobs of other hosts
+        if busy and len(due) >= self.scan:
+            # the whole window was due jobs: those of full hosts step back a little, so that the next
+            # scans reach the jobs of other hosts (a smaller window saw every due job: nothing to do)
             await ar.zadd(DUE_KEY, busy, xx=True, gt=True)  # type: ignore[arg-type]
 
     async def _run_job(self, ar: Any, fenced: Any, job_id: str, host: str) -> int:
@@ -458,3 +463,5 @@ class Dispatcher:
             self.per_host[host] -= 1
             if self.per_host[host] <= 0:
                 del self.per_host[host]
+            if self._wake is not None:
+                self._wake.set()

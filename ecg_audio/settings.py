@@ -138,7 +138,7 @@ class Settings(BaseSettings):
         "is dead-lettered (replayable). Default: 8 attempts over 27.6 h.",
     )
     callback_max_per_host: int = Field(
-        4, ge=1, description="Callback POSTs in flight to one receiver host (host:port), per dispatcher."
+        8, ge=1, description="Callback POSTs in flight to one receiver host (host:port), per dispatcher."
     )
     callback_max_inflight: int = Field(64, ge=1, description="Jobs delivering callbacks at once, per dispatcher.")
     webhook_rotation_overlap_s: float = Field(

@@ -350,8 +350,8 @@ def test_replay_resends_dead_letters_in_order_with_their_ids(redis_url: str, rcv
 def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, rcv: AttemptReceiver) -> None:
     """Each POST takes longer than the dispatch lock's TTL: the lock is renewed while it runs, so the
     second dispatcher never posts the same head, and nothing is popped that was not delivered."""
-    rcv.delay_s = 1.0
-    policy = DeliveryPolicy(lock_ttl_s=0.4, schedule_s=(0.05,) * 50)
+    rcv.delay_s = 2.5
+    policy = DeliveryPolicy(lock_ttl_s=1.0, schedule_s=(0.05,) * 50)  # renewed every 0.33 s: room on a loaded host
     job = _job()
     boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), policy, ROOT) for _ in range(2)]
     ids = [boxes[0].enqueue(job, rcv.url(), {"job_id": job, "progress": p}) for p in (10, 25, 40)]
