@@ -312,12 +312,10 @@ def scenario_slowloris_tenant(var: Path, jobs: int, run_s: float) -> dict[str, A
                 else:
                     fleet.store.events.finish(j, JobStatus.COMPLETED, stage="merge", message="Done", progress=100)
             time.sleep(run_s / steps)
-        expected = {j: [f["event_id"] for _, f in fleet.store.r.xrange(f"ecg:job:{j}:events")] for j in b_ids}  # type: ignore[index, union-attr]
-        emitted = {
-            f["event_id"]: int(sid.split("-")[0]) / 1000.0
-            for j in b_ids
-            for sid, f in fleet.store.r.xrange(f"ecg:job:{j}:events")  # type: ignore[union-attr]
-        }
+        logs = {j: list(fleet.store.r.xrange(f"ecg:job:{j}:events")) for j in b_ids}  # type: ignore[arg-type]
+        expected = {j: [str(f["event_id"]) for _, f in logs[j]] for j in b_ids}  # type: ignore[index]
+        # when each event was emitted: its stream entry id is the Redis clock in ms
+        emitted = {str(f["event_id"]): int(str(sid).split("-")[0]) / 1000.0 for j in b_ids for sid, f in logs[j]}  # type: ignore[index]
         total = sum(len(v) for v in expected.values())
         wait_for(lambda: len(rcv.events) >= total, 300)
         time.sleep(2.0)  # a late duplicate would land now

@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def emit(result: dict[str, Any], load_before: list[float] | None = None, load_after: list[float] | None = None) -> None:
+def emit(
+    result: dict[str, Any], load_before: list[float] | None = None, load_after: list[float] | None = None
+) -> None:
     """The bench's one line on stdout: its result as JSON, ending with the load averages
     before and after the run when they are given (the machine may be shared)."""
     if load_before is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-SECRET_PREFIX = "ecg:whsec:"  # noqa: S105  (a key name: + fingerprint, a hash of generations, no secret)
+SECRET_PREFIX = "ecg:whsec:"  # noqa: S105  # nosec B105  (a key name: + fingerprint; holds generations, no secret)
 NO_OWNER = "-"  # jobs made by operator commands (no API key) are signed as this owner
 WHSEC = "whsec_"
 
