@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import json
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -134,10 +136,17 @@ def classify_error(e: BaseException) -> Outcome:
     return Outcome(reason=f"{type(e).__name__}: {str(e)[:160]}")
 
 
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # built once: loading the CA bundle takes long enough (~0.1-1 s) to stall the dispatcher's loop,
+    # and with it the renewal of the job locks, if every POST built its own
+    return httpx.create_ssl_context()
+
+
 async def plain_post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
     """A POST without the URL guard (tests, benches); the fleet uses ``GuardedHttp.post_async``."""
     async with (
-        httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client,
+        httpx.AsyncClient(verify=_ssl_context(), timeout=timeout_s, follow_redirects=False, trust_env=False) as client,
         client.stream("POST", url, content=body, headers=headers) as resp,
     ):
         return resp.status_code, resp.headers
@@ -404,6 +413,7 @@ class Dispatcher:
         ar = async_twin(self.outbox.r)
         fenced = ar.register_script(_FENCED_LUA)
         self._wake = asyncio.Event()
+        _ssl_context()  # now, before any lock is held
         try:
             while not self._stop.is_set():
                 self._wake.clear()
