@@ -460,8 +460,10 @@ class Dispatcher:
             await ar.zadd(DUE_KEY, busy, xx=True, gt=True)  # type: ignore[arg-type]
 
     async def _run_job(self, ar: Any, fenced: Any, job_id: str, host: str) -> int:
+        delivered = 0
         try:
-            return await self.outbox.deliver_job(ar, fenced, job_id)
+            delivered = await self.outbox.deliver_job(ar, fenced, job_id)
+            return delivered
         except redis.RedisError as e:
             log.warning("callback_dispatcher_redis_error", job_id=job_id, error=str(e))
             return 0
@@ -473,5 +475,7 @@ class Dispatcher:
             self.per_host[host] -= 1
             if self.per_host[host] <= 0:
                 del self.per_host[host]
-            if self._wake is not None:
+            # a slot freed by a delivery is reused at once; not one freed by a job another dispatcher holds
+            # (that would spin on its lock) nor by a failure (its job waits for the schedule anyway)
+            if delivered and self._wake is not None:
                 self._wake.set()

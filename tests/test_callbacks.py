@@ -368,6 +368,27 @@ def test_slow_receiver_two_dispatchers_each_event_once_in_order(redis_url: str, 
         assert [a[0] for a in rcv.attempts if a[0].startswith(j)] == ids[j], rcv.attempts  # once each, in order
 
 
+def test_a_job_locked_by_another_dispatcher_is_not_polled_in_a_loop(redis_url: str, rcv: AttemptReceiver) -> None:
+    """While one dispatcher holds a job's lock for a long POST, the other looks at that job once per
+    interval, not as fast as its loop can go (a freed slot wakes the loop only after a delivery)."""
+    rcv.delay_s = 4.0
+    r = redis.Redis.from_url(redis_url)
+    boxes = [CallbackOutbox(redis.Redis.from_url(redis_url), DeliveryPolicy(), ROOT) for _ in range(2)]
+    job = _job()
+    boxes[0].enqueue(job, rcv.url(), {"job_id": job})
+    ds = [Dispatcher(b, interval_s=0.2).start() for b in boxes]
+    try:
+        assert _wait(lambda: r.exists(callbacks.LOCK_PREFIX + job), 10)
+        before = int(r.info("stats")["total_commands_processed"])
+        time.sleep(2.0)  # a measuring window inside the 4 s POST, not a wait for something to happen
+        spent = int(r.info("stats")["total_commands_processed"]) - before
+        assert _wait(lambda: rcv.ids() != [], 30)
+    finally:
+        for d in ds:
+            d.stop()
+    assert spent < 200, spent  # ~10 turns per dispatcher, a few commands each, and the lock renewals
+
+
 class Trickler:
     """Accepts connections and answers one byte every ``every_s``; records when each connection ended."""
 
