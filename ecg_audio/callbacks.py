@@ -327,6 +327,9 @@ class CallbackOutbox:
         except TimeoutError:
             return Outcome(reason=f"deadline ({self.policy.deadline_s:g} s)")
         except LockError:
+            # lapsed (this loop stalled past its TTL) and maybe taken: the POST is abandoned; it may
+            # still land, and the new owner posts it again (at least once: receivers de-duplicate)
+            log.warning("callback_lock_lapsed", event_id=event["event_id"])
             return Outcome(lock_lost=True)
         except asyncio.CancelledError:
             raise
@@ -413,7 +416,7 @@ class Dispatcher:
         ar = async_twin(self.outbox.r)
         fenced = ar.register_script(_FENCED_LUA)
         self._wake = asyncio.Event()
-        _ssl_context()  # now, before any lock is held
+        await self._warm_up(ar)
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -430,6 +433,19 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*self.active.values(), return_exceptions=True)
             await ar.aclose()
+
+    async def _warm_up(self, ar: Any) -> None:
+        """Pay the first-time costs (the CA bundle, anyio's backend, httpx's client, the connection to
+        Redis) before any lock is held: on a busy host they stalled the loop past a short lock TTL, and
+        a lapsed lock means a second dispatcher posts the same event."""
+        import anyio
+
+        _ssl_context()
+        await anyio.sleep(0)
+        async with httpx.AsyncClient(verify=_ssl_context(), trust_env=False):
+            pass
+        with contextlib.suppress(redis.RedisError):
+            await ar.ping()
 
     async def _turn(self, ar: Any, fenced: Any) -> None:
         policy = self.outbox.policy
