@@ -129,7 +129,8 @@ def scenario_receiver(var: Path, jobs: int, down_s: float) -> dict[str, Any]:
         time.sleep(down_s)
         rcv.up()
         fleet.wait_all(ids, 900)
-        deadline = time.monotonic() + 120
+        # the default schedule: an event refused twice while the receiver was down waits ~5 min more
+        deadline = time.monotonic() + 5 + 300 * 1.1 + 60
         while time.monotonic() < deadline and not all(rcv.finals(j) for j in ids):
             time.sleep(0.5)
         final_ids = rcv.final_event_ids()
@@ -375,7 +376,8 @@ def main() -> int:
         if "redis" in wanted:
             out["redis"] = scenario_redis(var, 4 if a.quick else 10)
         if "receiver" in wanted:
-            out["receiver"] = scenario_receiver(var, 3 if a.quick else 10, 8.0 if a.quick else 60.0)
+            # quick: down less than the first retry's wait (5 s), so each refused event's retry lands after it
+            out["receiver"] = scenario_receiver(var, 3 if a.quick else 10, 3.0 if a.quick else 60.0)
         if "sigterm" in wanted:
             out["sigterm"] = scenario_sigterm(var)
         if "many" in wanted:

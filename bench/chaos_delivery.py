@@ -16,6 +16,8 @@ receiver), disturbed:
 5. ``redis_blip``:          Redis down 10 s while 2 stages run: all jobs complete, none stalls
                             more than 60 s.
 6. ``cancel_during_merge``: a DELETE while merge runs: record and final callback agree.
+7. ``slowloris_tenant``:    tenant A's receiver trickles a byte every 5 s; tenant B's events all
+                            arrive, in order, p99 delay ≤ 2 s (two dispatchers, default settings).
 
 Prints one JSON line of counts; ``--quick`` shrinks the scenarios (what ``make test`` runs).
 
@@ -25,8 +27,11 @@ usage: python -m bench.chaos_delivery [--quick] [--scenarios slow_receiver,poiso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -59,7 +64,7 @@ def scenario_slow_receiver(var: Path, jobs: int) -> dict[str, Any]:
                 fleet.store.events.progress(j, progress=p, stage=stage, message=stage)
             fleet.store.events.finish(j, JobStatus.COMPLETED, stage="merge", message="Done", progress=100, result={})
         expected = {j: [f["event_id"] for _, f in fleet.store.r.xrange(f"ecg:job:{j}:events")] for j in ids}  # type: ignore[index, union-attr]
-        policy = DeliveryPolicy(lock_ttl_s=1.0, deadline_s=30.0, backoff_base_s=0.1, backoff_max_s=1.0, max_attempts=50)
+        policy = DeliveryPolicy(lock_ttl_s=1.0)  # the default schedule: nothing here fails
         t0 = time.monotonic()
         for _ in range(2):
             box = CallbackOutbox(redis.Redis.from_url(fleet.redis_url), policy)
@@ -261,6 +266,112 @@ def scenario_cancel_during_merge(var: Path) -> dict[str, Any]:
         rcv.down()
 
 
+class Trickler:
+    """A receiver that accepts every connection and answers one byte every ``every_s`` (a slowloris
+    backend: an answer takes minutes, and every read arrives well within any per-read timeout)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/cb"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                conn.sendall(bytes([byte]))
+                time.sleep(self.every_s)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def scenario_slowloris_tenant(var: Path, jobs: int, run_s: float) -> dict[str, Any]:
+    """Tenant A's ``jobs`` jobs call a receiver that trickles a byte every 5 s; tenant B's ``jobs`` jobs
+    call a healthy one. Both emit their events through the one event builder over ``run_s``; two
+    dispatchers with the DEFAULT delivery settings (as the shim and a worker run them) deliver. B's
+    events must all arrive, in order, each within 2 s (p99) of being emitted."""
+    from ecg_audio.callbacks import Dispatcher
+    from ecg_audio.jobs import JobStatus
+    from ecg_audio.settings import Settings
+    from media_io.policy import make_outbox
+
+    fleet = Fleet(var / "slowloris_tenant")
+    slow, rcv = Trickler(5.0), Receiver()
+    arrived: dict[str, float] = {}
+    settings = Settings(
+        redis_url=fleet.redis_url, url_allowlist=["127.0.0.1"], callback_signing_key="chaos-root-key-0123456789"
+    )
+    dispatchers = [Dispatcher(make_outbox(settings)).start() for _ in range(2)]
+    try:
+        a_ids = [f"tenA-{uuid.uuid4().hex[:8]}" for _ in range(jobs)]
+        b_ids = [f"tenB-{uuid.uuid4().hex[:8]}" for _ in range(jobs)]
+        for j in a_ids + b_ids:
+            url = slow.url() if j in a_ids else rcv.url()
+            assert fleet.store.create(j, {"job_id": j, "video_url": "https://example.com/a.wav", "callback_url": url})
+        milestones = ((10, "ingest"), (25, "diarize"), (40, "diarize"), (60, "transcribe"), (80, "features"))
+        steps = len(milestones) + 1
+        for i in range(steps):
+            for j in a_ids + b_ids:  # A's first: its events are due before B's every time
+                if i < len(milestones):
+                    p, stage = milestones[i]
+                    fleet.store.events.progress(j, progress=p, stage=stage, message=stage)
+                else:
+                    fleet.store.events.finish(j, JobStatus.COMPLETED, stage="merge", message="Done", progress=100)
+            time.sleep(run_s / steps)
+        logs = {j: list(fleet.store.r.xrange(f"ecg:job:{j}:events")) for j in b_ids}  # type: ignore[arg-type]
+        expected = {j: [str(f["event_id"]) for _, f in logs[j]] for j in b_ids}  # type: ignore[index]
+        # when each event was emitted: its stream entry id is the Redis clock in ms
+        emitted = {str(f["event_id"]): int(str(sid).split("-")[0]) / 1000.0 for j in b_ids for sid, f in logs[j]}  # type: ignore[index]
+        total = sum(len(v) for v in expected.values())
+        wait_for(lambda: len(rcv.events) >= total, 300)
+        time.sleep(2.0)  # a late duplicate would land now
+        got: dict[str, list[str]] = {j: [] for j in b_ids}
+        with rcv.lock:
+            for e in rcv.events:
+                got[e["job_id"]].append(e["event_id"])
+            arrived = dict(rcv.arrived)
+        delays = sorted(arrived[i] - emitted[i] for i in emitted if i in arrived)
+        delivered = sum(len(v) for v in got.values())
+        unique = sum(len(set(v)) for v in got.values())
+        return {
+            "jobs_per_tenant": jobs,
+            "trickle_every_s": slow.every_s,
+            "b_events": total,
+            "b_delivered": delivered,
+            "b_lost": total - unique,
+            "b_duplicates": delivered - unique,
+            "b_out_of_order_jobs": sum(1 for j in b_ids if got[j] != expected[j]),
+            "b_p50_delay_s": round(delays[len(delays) // 2], 3) if delays else None,
+            "b_p99_delay_s": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))], 3) if delays else None,
+            "b_max_delay_s": round(delays[-1], 3) if delays else None,
+            "a_connections": slow.connections,
+            # A's events are not lost: they wait in its outbox for the schedule's next attempt
+            "a_events_waiting": sum(int(fleet.store.r.llen(f"ecg:cb:q:{j}")) for j in a_ids),  # type: ignore[arg-type]
+            "a_events_dead": sum(int(fleet.store.r.llen(f"ecg:cb:dead:{j}")) for j in a_ids),  # type: ignore[arg-type]
+        }
+    finally:
+        for d in dispatchers:
+            d.stop()
+        slow.close()
+        rcv.down()
+        fleet.close()
+
+
 SCENARIOS = (
     "slow_receiver",
     "crash_before_final",
@@ -268,6 +379,7 @@ SCENARIOS = (
     "restart_in_place",
     "redis_blip",
     "cancel_during_merge",
+    "slowloris_tenant",
 )
 
 
@@ -284,6 +396,8 @@ def run_scenarios(wanted: list[str], var: Path, quick: bool, out: dict[str, Any]
         out["redis_blip"] = scenario_redis_blip(var, 10.0)
     if "cancel_during_merge" in wanted:
         out["cancel_during_merge"] = scenario_cancel_during_merge(var)
+    if "slowloris_tenant" in wanted:
+        out["slowloris_tenant"] = scenario_slowloris_tenant(var, 6 if quick else 20, 30.0 if quick else 120.0)
 
 
 def main() -> int:

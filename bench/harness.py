@@ -162,8 +162,6 @@ class Fleet:
                 "ECG_URL_ALLOWLIST": '["127.0.0.1"]',
                 "ECG_WORKER_DEAD_AFTER_S": "10",
                 "ECG_WORKER_HEARTBEAT_S": "2",
-                "ECG_CALLBACK_BACKOFF_MAX_S": "5",
-                "ECG_CALLBACK_MAX_ATTEMPTS": "50",
                 "ECG_LOG_LEVEL": "WARNING",
                 "HF_HUB_OFFLINE": "1",
                 "PYANNOTE_METRICS_ENABLED": "false",
@@ -505,6 +503,7 @@ class Receiver:
     def __init__(self, port: int = 0, *, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.events: list[dict[str, Any]] = []
+        self.arrived: dict[str, float] = {}  # event id -> when it (first) arrived, unix time
         self.lock = threading.Lock()
         self.port = port
         self.server: ThreadingHTTPServer | None = None
@@ -517,8 +516,10 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 time.sleep(rcv.delay_s)
+                event = json.loads(body)
                 with rcv.lock:
-                    rcv.events.append(json.loads(body))
+                    rcv.events.append(event)
+                    rcv.arrived.setdefault(str(event.get("event_id")), time.time())
                 self.send_response(200)
                 self.end_headers()
 

@@ -150,8 +150,9 @@ if ok and type(req) == 'table' and type(req['callback_url']) == 'string' and req
   url = req['callback_url']
 end
 if url then
+  -- the owner (an API key's fingerprint) picks the secret that signs it (ecg_audio.webhook_secrets)
   redis.call('RPUSH', KEYS[2], '{"event_id":' .. cjson.encode(eid) .. ',"url":' .. cjson.encode(url)
-    .. ',"attempts":0,"payload":' .. body .. '}')
+    .. ',"owner":' .. cjson.encode(h['owner'] or '') .. ',"attempts":0,"payload":' .. body .. '}')
   redis.call('ZADD', KEYS[3], 'NX', now, job)
 end
 return {code, eid}

@@ -26,6 +26,8 @@ CALLBACK_DUE = "ecg:cb:due"
 CALLBACK_LOCK = "ecg:cb:lock:"
 CALLBACK_DELIVERED = "ecg:cb:delivered"
 CALLBACK_DEAD = "ecg:cb:dead:"
+# each API key's webhook secret generations (hash: no secret, ecg_audio/webhook_secrets.py)
+WEBHOOK_SECRET_GENERATIONS = "ecg:whsec:"  # noqa: S105  # nosec B105  (a key name, not a secret)
 # worker liveness
 WORKERS = "ecg:workers:ids"
 WORKER_HEARTBEAT = "ecg:workers:hb:"

@@ -137,13 +137,28 @@ class Settings(BaseSettings):
     max_sample_bytes: int = Field(50 * 1024**2, ge=1, description="Largest voice sample file POST /speakers takes.")
 
     # --- callbacks -------------------------------------------------------
-    callback_signing_key: SecretStr | None = None
-    callback_timeout_s: float = 10.0
-    callback_max_attempts: int = Field(8, ge=1, le=50)
-    callback_backoff_base_s: float = 0.5
-    callback_backoff_max_s: float = 60.0
+    callback_signing_key: SecretStr | None = Field(
+        None,
+        description="Root key of the per-API-key whsec_ webhook secrets (ecg_audio/webhook_secrets.py); "
+        "none: callbacks go out unsigned (logged at start). `ecg-audio up` generates one.",
+    )
+    callback_timeout_s: float = Field(10.0, gt=0, description="Connect and each read of one callback POST.")
     callback_deadline_s: float = Field(
         30.0, gt=0, description="One callback POST, all of it (connect, send, every read); then it is retried."
+    )
+    # --- webhooks (issue 23): retry schedule, bulkheads, secret rotation
+    callback_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        min_length=1,
+        description="Wait after each failed callback attempt (each with +-10 % jitter); past the last, the event "
+        "is dead-lettered (replayable). Default: 8 attempts over 27.6 h.",
+    )
+    callback_max_per_host: int = Field(
+        8, ge=1, description="Callback POSTs in flight to one receiver host (host:port), per dispatcher."
+    )
+    callback_max_inflight: int = Field(64, ge=1, description="Jobs delivering callbacks at once, per dispatcher.")
+    webhook_rotation_overlap_s: float = Field(
+        24 * 3600.0, ge=0, description="After POST /webhooks/secret/rotate, the previous secret signs too this long."
     )
 
     # --- shim ------------------------------------------------------------

@@ -206,6 +206,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         with open(stack.var_dir / "stack.env", "a") as fh:
             fh.write(f"ECG_FLOWER_USER={stack.flower_user}\nECG_FLOWER_PASSWORD={stack.flower_password}\n")
     print(f"api key in {stack.var_dir / 'stack.env'}")
+    print(f"callbacks signed (Standard Webhooks): your secret is GET {stack.shim_url}/webhooks/secret")
     if a.detach:
         return 0
     try:

@@ -13,13 +13,15 @@ URL before any S3 call, with the same message as any other location outside
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import redis
 
 from ecg_audio.callbacks import CallbackOutbox, DeliveryPolicy
 from ecg_audio.settings import Settings
-from media_io.fetch import FetchLimits, GuardedHttp
+from ecg_audio.webhook_secrets import WebhookSecrets
+from media_io.http import FetchLimits, GuardedHttp, post_async
 from media_io.urlguard import UrlPolicy
 
 WORKSPACE_PREFIXES = ("temp/", "output/", "uploads/")
@@ -44,17 +46,27 @@ def url_policy(s: Settings, *, allow_local_files: bool = False) -> UrlPolicy:
     )
 
 
-def make_outbox(s: Settings) -> CallbackOutbox:
-    policy = DeliveryPolicy(
+def delivery_policy(s: Settings) -> DeliveryPolicy:
+    return DeliveryPolicy(
+        schedule_s=tuple(s.callback_retry_schedule_s),
         timeout_s=s.callback_timeout_s,
-        max_attempts=s.callback_max_attempts,
-        backoff_base_s=s.callback_backoff_base_s,
-        backoff_max_s=s.callback_backoff_max_s,
         deadline_s=s.callback_deadline_s,
+        per_host=s.callback_max_per_host,
+        max_inflight=s.callback_max_inflight,
     )
+
+
+def make_outbox(s: Settings) -> CallbackOutbox:
     key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
     # callbacks go through the same SSRF guard as downloads; a redirect is not followed
     guard = GuardedHttp(
         policy=url_policy(s), limits=FetchLimits(max_bytes=1 << 20, timeout_s=s.callback_timeout_s, max_redirects=0)
     )
-    return CallbackOutbox(redis.Redis.from_url(s.redis_url), policy, key, guard)
+    return CallbackOutbox(
+        redis.Redis.from_url(s.redis_url), delivery_policy(s), key, functools.partial(post_async, guard)
+    )
+
+
+def webhook_secrets(s: Settings, client: redis.Redis) -> WebhookSecrets:
+    key = s.callback_signing_key.get_secret_value() if s.callback_signing_key else None
+    return WebhookSecrets(client, key, s.webhook_rotation_overlap_s)

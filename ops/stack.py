@@ -93,6 +93,7 @@ class Stack:
     api_key: str
     flower_user: str = "ops"
     flower_password: str = ""
+    signing_key: str = ""  # root of the per-key webhook secrets (ecg_audio/webhook_secrets.py)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -105,6 +106,7 @@ class Stack:
             {
                 "ECG_REDIS_URL": self.redis_url,
                 "ECG_API_KEYS": f'["{self.api_key}"]',
+                "ECG_CALLBACK_SIGNING_KEY": self.signing_key,
                 "ECG_VAR_DIR": str(self.var_dir),
                 "ECG_WORKSPACE_ROOT": str(self.var_dir / "workspaces"),
                 "ECG_OUTPUT_ROOT": str(self.var_dir / "output"),
@@ -202,6 +204,18 @@ def start_worker(
     )
 
 
+def webhook_root_key(var_dir: Path) -> str:
+    """The stack's root key for signing callbacks: generated once and kept in ``var/`` (0600), so each
+    API key's webhook secret stays the same across ``up``s (a new root would re-key every tenant)."""
+    path = var_dir / "webhook-root.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def bring_up(
     var_dir: Path,
     *,
@@ -222,6 +236,7 @@ def bring_up(
         flower_port=flower_port,
         api_key=api_key or os.environ.get("ECG_API_KEY") or secrets.token_urlsafe(24),
         flower_password=os.environ.get("ECG_FLOWER_PASSWORD") or secrets.token_urlsafe(12),
+        signing_key=os.environ.get("ECG_CALLBACK_SIGNING_KEY") or webhook_root_key(var_dir),
     )
     logs = var_dir / "logs"
     if not redis_reachable(redis_url):

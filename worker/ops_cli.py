@@ -1,4 +1,4 @@
-"""Operator commands on the celery CLI: ``celery -A worker.app jobs list|show|requeue|cancel|purge-failed``.
+"""Operator commands on the celery CLI: ``celery -A worker.app jobs list|show|requeue|cancel|purge-failed|replay``.
 
 Registered through the ``celery.commands`` entry point (pyproject.toml), so they
 run wherever the celery CLI runs, against the same broker and job records.
@@ -32,7 +32,7 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else "-"
 
 
-@click.group(name="jobs", help="Inspect and steer jobs: list, show, requeue, cancel, purge-failed.")
+@click.group(name="jobs", help="Inspect and steer jobs: list, show, requeue, cancel, purge-failed, replay.")
 def jobs() -> None:
     pass
 
@@ -158,3 +158,20 @@ def _remove_files(workspace_root: Path, output_root: Path, job_id: str) -> None:
     for path in output_root.glob(f"{glob.escape(job_id)}.*"):
         if "." not in path.name[len(job_id) + 1 :]:
             path.unlink(missing_ok=True)
+
+
+@jobs.command(cls=CeleryCommand)
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--since", default=None, help="only events after this event id (of the job's event log)")
+@click.pass_context
+def replay(ctx: click.Context, job_ids: tuple[str, ...], since: str | None) -> None:
+    """Send the jobs' dead-lettered callbacks again, in order, with their original webhook-id."""
+    from ecg_audio.callbacks import CallbackOutbox, UnknownEvent
+
+    outbox = CallbackOutbox(_store(ctx.obj.app).r)
+    for job_id in job_ids:
+        try:
+            ids = outbox.replay(job_id, since)
+        except UnknownEvent as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"{job_id}: {len(ids)} event(s) queued again" + "".join(f"\n  {i}" for i in ids))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.diarize.result import DiarizationResult, SpeakerTurn, result_from_raw
-from pipeline.merge import exports
+from pipeline.exports import exports
 from pipeline.voiceprints import (
     FixedSpeakers,
     Voiceprint,
