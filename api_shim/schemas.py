@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PROMPT_MAX_CHARS = 1000  # Whisper reads at most 223 tokens of it; longer text is a mistake, not a prompt
+HOTWORDS_MAX_CHARS = 500
 JobStatus = Literal["queued", "processing", "completed", "failed"]
 
 
@@ -20,6 +22,21 @@ class JobOptions(BaseModel):
     locale: Literal["en", "ko"] | None = Field(
         None, description="Language of progress and error messages; default: Accept-Language, then the server's."
     )
+    # vocabulary: both reach every ASR model's decoder (faster-whisper's initial_prompt and hotwords)
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=PROMPT_MAX_CHARS,
+        description="Text the decoder reads before the audio (Whisper's initial prompt): the cast, brands and "
+        "places of the show spelt as they should be, in the recording's language and style. Whisper reads "
+        "only its last 223 tokens.",
+    )
+    hotwords: str | None = Field(
+        None,
+        min_length=1,
+        max_length=HOTWORDS_MAX_CHARS,
+        description="Names and terms to favour while decoding (faster-whisper's hotwords), space- or comma-separated.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:
@@ -27,6 +44,10 @@ class JobOptions(BaseModel):
             raise ValueError("give either num_speakers, or min_speakers/max_speakers, not both")
         if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
+        for name in ("prompt", "hotwords"):
+            text = getattr(self, name)
+            if text is not None and (not text.strip() or any(ord(c) < 32 and c not in "\n\t" for c in text)):
+                raise ValueError(f"{name} must be printable text")
         return self
 
 

@@ -41,6 +41,11 @@ def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # ty
 # --- analyze ---------------------------------------------------------------
 
 
+def _vocabulary_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="text the decoder reads first: names and terms spelt right (options.prompt)")
+    p.add_argument("--hotwords", help="names and terms to favour while decoding (options.hotwords)")
+
+
 def cmd_analyze(a: argparse.Namespace) -> int:
     from ecg_audio.logs import configure_logging
     from ecg_cli.runner import analyze
@@ -62,6 +67,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             language=choice.language,
             locale=a.locale,
             model=choice.model,
+            prompt=a.prompt,
+            hotwords=a.hotwords,
             on_progress=None if a.quiet else _progress_bar,
         )
     except AnalysisError as e:
@@ -125,6 +132,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
             body["options"]["num_speakers"] = a.num_speakers
         if a.locale:
             body["options"]["locale"] = a.locale
+        for name in ("prompt", "hotwords"):
+            if getattr(a, name, None):
+                body["options"][name] = getattr(a, name)
         r = client.post("/api/upload-video/process-video", json=body)
         if r.status_code >= 400:
             print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--language", help="ISO 639-1 code (en, ko, ja ...); default: identified per stretch of speech")
     an.add_argument("--locale", choices=["en", "ko"], help="language of progress messages (default ECG_DEFAULT_LOCALE)")
     an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
+    _vocabulary_arguments(an)
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     an.add_argument("-q", "--quiet", action="store_true")
     an.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -245,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--language")
     sb.add_argument("--num-speakers", type=int)
     sb.add_argument("--locale", choices=["en", "ko"], help="language of the job's progress and error messages")
+    _vocabulary_arguments(sb)
     sb.add_argument("-o", "--output")
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))
     sb.set_defaults(func=cmd_submit)

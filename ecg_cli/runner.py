@@ -27,6 +27,8 @@ def analyze(
     language: str | None = None,
     locale: str | None = None,
     model: str | None = None,
+    prompt: str | None = None,
+    hotwords: str | None = None,
     settings: Settings | None = None,
     registry: Any = None,
     on_progress: Callable[[str, int, str], None] | None = None,
@@ -40,6 +42,7 @@ def analyze(
 
     quiet_model_warnings()
     s = settings or get_settings()
+    _check_vocabulary(prompt, hotwords)
     registry = registry or get_registry(s)
     job = JobSpec(
         job_id=job_id or f"local-{uuid.uuid4().hex[:12]}",
@@ -53,6 +56,8 @@ def analyze(
                 "max_speakers": max_speakers,
                 "locale": locale,
                 "model": model,
+                "prompt": prompt,
+                "hotwords": hotwords,
             }.items()
             if v is not None
         },
@@ -83,3 +88,19 @@ def analyze(
 
         report("merge", 100, localize("Done", locale or s.default_locale))
         return envelope
+
+
+def _check_vocabulary(prompt: str | None, hotwords: str | None) -> None:
+    """options.prompt / options.hotwords checked by the rules the shim applies (its JobOptions)."""
+    if prompt is None and hotwords is None:
+        return
+    from pydantic import ValidationError
+
+    from api_shim.schemas import JobOptions
+    from pipeline.errors import UnsupportedOptionError
+
+    try:
+        JobOptions(prompt=prompt, hotwords=hotwords)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors()[:3])
+        raise UnsupportedOptionError(problems) from None

@@ -92,12 +92,12 @@ def test_verbose_json_has_speakers_and_the_job_exports_parse(
 @pytest.mark.parametrize(
     ("kwargs", "phrase"),
     [
-        ({"prompt": "Diane and Sheila talk."}, "prompt is not supported"),
+        ({"prompt": "Diane and Sheila. " * 60}, "at most 1000 characters"),
         ({"model": "gpt-4o-transcribe"}, "is not served here"),
         ({"temperature": 0.2}, "temperature is not supported"),
         ({"response_format": "json", "timestamp_granularities": ["word"]}, "needs response_format=verbose_json"),
     ],
-    ids=["prompt", "unknown model", "temperature", "granularity without verbose_json"],
+    ids=["prompt too long", "unknown model", "temperature", "granularity without verbose_json"],
 )
 def test_options_it_cannot_honour_are_refused(
     client: openai.OpenAI, api: httpx.Client, sample_wav: Path, kwargs: dict[str, Any], phrase: str
