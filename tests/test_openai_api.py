@@ -4,7 +4,8 @@ pyannote's bundled sample call (two speakers) goes through ``POST /v1/audio/tran
 as ``json``, ``srt`` and ``verbose_json``: each is an upload and a job on the session's real
 worker. The verbose job's result and exports are then fetched from ``/jobs/{id}/…`` and parsed
 by real parsers: ``srt`` for SubRip, ``webvtt-py`` for WebVTT, pyannote's RTTM loader.
-Options the server cannot honour are refused by name, before any job exists.
+``prompt`` reaches the decoder (a name is spelt as the prompt spells it). Options the server
+cannot honour are refused by name, before any job exists.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import srt
 import webvtt
 from pyannote.database.util import load_rttm
 
-from tests.conftest import API_KEY, Proc, wait_for_worker
+from tests.conftest import API_KEY, GUEST_NAME, Proc, wait_for_worker
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -87,6 +88,14 @@ def test_verbose_json_has_speakers_and_the_job_exports_parse(
     assert set(annotation.labels()) == speakers and len(list(annotation.itertracks())) == len(rttm.splitlines())
     txt = export("txt", "text/plain")
     assert len(txt.splitlines()) == len(cues) and all(line.startswith("[00:") for line in txt.splitlines())
+
+
+def test_prompt_reaches_the_decoder(client: openai.OpenAI, guest_name_wav: Path) -> None:
+    """OpenAI's ``prompt`` is the job's options.prompt: the name it spells is the one decoded."""
+    first = GUEST_NAME.split()[0]
+    plain = _transcribe(client, guest_name_wav, response_format="json").parse().text
+    prompted = _transcribe(client, guest_name_wav, response_format="json", prompt=f"{GUEST_NAME}.").parse().text
+    assert first not in plain and prompted.count(first) == 2, (plain, prompted)
 
 
 @pytest.mark.parametrize(
