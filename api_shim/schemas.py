@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.vocabulary import HOTWORDS_MAX_CHARS, PROMPT_MAX_CHARS, vocabulary_problem
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-PROMPT_MAX_CHARS = 1000  # Whisper reads at most 223 tokens of it; longer text is a mistake, not a prompt
-HOTWORDS_MAX_CHARS = 500
 JobStatus = Literal["queued", "processing", "completed", "failed"]
 
 
@@ -45,9 +45,9 @@ class JobOptions(BaseModel):
         if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
         for name in ("prompt", "hotwords"):
-            text = getattr(self, name)
-            if text is not None and (not text.strip() or any(ord(c) < 32 and c not in "\n\t" for c in text)):
-                raise ValueError(f"{name} must be printable text")
+            problem = vocabulary_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         return self
 
 

@@ -91,16 +91,10 @@ def analyze(
 
 
 def _check_vocabulary(prompt: str | None, hotwords: str | None) -> None:
-    """options.prompt / options.hotwords checked by the rules the shim applies (its JobOptions)."""
-    if prompt is None and hotwords is None:
-        return
-    from pydantic import ValidationError
-
-    from api_shim.schemas import JobOptions
+    """options.prompt / options.hotwords checked by the rules the shim applies."""
     from pipeline.errors import UnsupportedOptionError
+    from pipeline.vocabulary import vocabulary_problem
 
-    try:
-        JobOptions(prompt=prompt, hotwords=hotwords)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors()[:3])
-        raise UnsupportedOptionError(problems) from None
+    problems = [p for p in (vocabulary_problem("prompt", prompt), vocabulary_problem("hotwords", hotwords)) if p]
+    if problems:
+        raise UnsupportedOptionError("; ".join(problems))

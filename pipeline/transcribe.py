@@ -537,7 +537,8 @@ def _redecode(model: Any, audio: np.ndarray, language: str | None, opts: DecodeO
         vad_filter=False,
         without_timestamps=True,
     )
-    kept, dropped = [], []
+    kept: list[Any] = []
+    dropped: list[Any] = []
     for seg in segments:
         (dropped if _looks_degenerate(seg.text) else kept).append(seg)
     text = " ".join(seg.text.strip() for seg in kept).strip()
