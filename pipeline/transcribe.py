@@ -46,6 +46,10 @@ CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place 
 # pieces of at most 30 s (Whisper's window).
 SECOND_PASS_MARGIN_S = 0.3
 SECOND_PASS_MAX_S = 30.0
+# Whisper's own test for a window without speech (openai/whisper transcribe.py), applied in the
+# second pass: a stretch the first pass left empty is where a decoder invents words
+NO_SPEECH_P = 0.6
+NO_SPEECH_LOGPROB = -1.0
 
 
 def embedded_asr_path() -> Path:
@@ -184,6 +188,7 @@ class DecodeOptions:
     prompt: str | None = None
     hotwords: str | None = None
     word_timestamps: bool = True
+    skip_silence: bool = False  # Whisper's no-speech test: no text where it hears no speech
 
 
 @dataclass
@@ -393,10 +398,12 @@ def _second_pass(
     else:
         guesses = [(str(language), 1.0)] * len(spans)
     langs = [lang for lang, _ in guesses]
-    got = _decode_pieces(route, pieces, spans, langs, batch_size, opts, acc)
+    reasons = len(acc.reasons)
+    got = _decode_pieces(route, pieces, spans, langs, batch_size, dataclasses.replace(opts, skip_silence=True), acc)
+    explained = {(g.start, g.end) for g in acc.reasons[reasons:]}
     for (a, b), (lang, p), ok in zip(spans, guesses, got, strict=True):
         acc.count(lang, p, b - a)
-        if not ok:
+        if not ok and (a, b) not in explained:
             acc.reasons.append(Gap(a, b, f"no words: decoded twice, the second time alone as '{lang}'"))
     acc.second_pass["stretches"] += len(spans)
     acc.second_pass["seconds"] += sum(b - a for a, b in spans)
@@ -463,17 +470,22 @@ def _transcribe_batch(
         no_repeat_ngram_size=options.no_repeat_ngram_size,
         repetition_penalty=options.repetition_penalty,
         return_scores=True,
+        return_no_speech_prob=opts.skip_silence,
     )
     out: list[_Decoded] = []
     tokens: list[list[int]] = []
     for piece, res in zip(pieces, results, strict=True):
         ids = res.sequences_ids[0]
-        logprob: float | None = res.scores[0] * (len(ids) ** options.length_penalty) / (len(ids) + 1)
+        score = float(res.scores[0] * (len(ids) ** options.length_penalty) / (len(ids) + 1))
+        logprob: float | None = score
         text_tokens = [t for t in ids if t < tokenizer.eot]
         text = str(tokenizer.tokenizer.decode(text_tokens)).strip()
         decoded = _Decoded(text, logprob, None, False)
         looped = loop_reason(text)
-        if looped:
+        if opts.skip_silence and res.no_speech_prob > NO_SPEECH_P and score < NO_SPEECH_LOGPROB:
+            why = f"no words: Whisper hears no speech here (no-speech probability {res.no_speech_prob:.2f})"
+            decoded, text_tokens = _Decoded("", None, None, False, why), []
+        elif looped:
             # batched decoding has no temperature fallback: re-decode this chunk alone with it
             decoded = _redecode(model, piece, language, opts, looped)
             text_tokens = [t for t in tokenizer.encode(" " + decoded.text) if t < tokenizer.eot] if decoded.text else []

@@ -90,3 +90,30 @@ def test_prompt_and_hotwords_reach_the_english_decoder(asr, guest_name_wav: Path
     print(f"without: {plain}\nprompt: {prompted}\nhotwords: {hot}")
     assert first not in plain, plain  # tiny.en hears "Shivong"
     assert prompted.count(first) == 2 and hot.count(first) == 2, (prompted, hot)
+
+
+def test_second_pass_decodes_speech_the_first_pass_left_without_words(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sheila's "And I'm Sheila in Texas, originally from Chicago" (14.4-17.8 s, sample.stm) taken
+    out of a first pass's result, as a missed language change leaves it: the second pass finds it."""
+    first = T.transcribe(asr, sample_wav, batch_size=8, second_pass=False)
+    acc = T._Decoding(segments=[s for s in first.segments if s.end <= 14.0 or s.start >= 18.0])
+    speech = [(14.44, 17.77)]
+    T._second_pass(asr_route(asr), sample_wav, speech, 30.0, acc, False, "en", 8, T.DecodeOptions())
+    found = [s for s in acc.segments if s.start >= 13.5 and s.end <= 18.5]
+    assert found and "chicago" in " ".join(s.text for s in found).lower(), found
+    assert acc.second_pass["filled"] == 1 and not acc.reasons
+    assert all(14.0 <= w["start"] <= w["end"] <= 18.2 for s in found for w in s.words or [])
+
+
+def test_second_pass_leaves_a_reason_where_it_hears_no_speech(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    """A "turn" over the sample's first seconds (line noise, no words in sample.stm): no words
+    are invented there, and metadata.gaps will say why."""
+    tr = T.transcribe(asr, sample_wav, batch_size=8, speech_turns=[(0.5, 4.5, "X"), (6.6, 29.9, "Y")])
+    assert not [s for s in tr.segments if s.end < 5.0], tr.segments[:2]
+    (gap,) = [g for g in tr.gaps if g["start"] < 4.5]
+    assert gap["why"].startswith("no words"), gap
+    assert tr.second_pass["stretches"] >= 1
+
+
+def asr_route(model):  # type: ignore[no-untyped-def]
+    return T.AsrRoute(main=model, main_name="tiny.en")
