@@ -13,6 +13,7 @@ from pipeline.exports import SUBTITLE_OPTIONS
 
 if TYPE_CHECKING:
     from ecg_audio.jobs import JobRecord
+from pipeline.vocabulary import HOTWORDS_MAX_CHARS, PROMPT_MAX_CHARS, vocabulary_problem
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -52,6 +53,20 @@ class JobOptions(BaseModel):
     )
     speakers: list[Annotated[str, Field(pattern=SPEAKER_ID_PATTERN)]] | None = Field(
         None, max_length=200, description="Only these enrolled speakers (ids) are candidates; default: all the key's."
+    # vocabulary: both reach every ASR model's decoder (faster-whisper's initial_prompt and hotwords)
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=PROMPT_MAX_CHARS,
+        description="Text the decoder reads before the audio (Whisper's initial prompt): the cast, brands and "
+        "places of the show spelt as they should be, in the recording's language and style. Whisper reads "
+        "only its last 223 tokens.",
+    )
+    hotwords: str | None = Field(
+        None,
+        min_length=1,
+        max_length=HOTWORDS_MAX_CHARS,
+        description="Names and terms to favour while decoding (faster-whisper's hotwords), space- or comma-separated.",
     )
 
     @model_validator(mode="after")
@@ -60,6 +75,10 @@ class JobOptions(BaseModel):
             raise ValueError("give either num_speakers, or min_speakers/max_speakers, not both")
         if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
+        for name in ("prompt", "hotwords"):
+            problem = vocabulary_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         return self
 
 

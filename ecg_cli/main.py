@@ -46,6 +46,11 @@ def print_who_said_what(envelope: dict[str, Any], out=sys.stdout) -> None:  # ty
 # --- analyze ---------------------------------------------------------------
 
 
+def _vocabulary_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="text the decoder reads first: names and terms spelt right (options.prompt)")
+    p.add_argument("--hotwords", help="names and terms to favour while decoding (options.hotwords)")
+
+
 def cmd_analyze(a: argparse.Namespace) -> int:
     from ecg_audio.logs import configure_logging
     from ecg_cli.runner import analyze
@@ -70,6 +75,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             locale=a.locale,
             model=choice.model,
             subtitles=subtitles or None,
+            prompt=a.prompt,
+            hotwords=a.hotwords,
             on_progress=None if a.quiet else _progress_bar,
             speakers_dir=a.speakers,
         )
@@ -148,6 +155,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
             body["options"]["locale"] = a.locale
         if _subtitle_args(a):
             body["options"]["subtitles"] = _subtitle_args(a)
+        for name in ("prompt", "hotwords"):
+            if getattr(a, name, None):
+                body["options"][name] = getattr(a, name)
         r = client.post("/api/upload-video/process-video", json=body)
         if r.status_code >= 400:
             print(f"refused ({r.status_code}): {r.json().get('detail')}", file=sys.stderr)
@@ -257,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--language", help="ISO 639-1 code (en, ko, ja ...); default: identified per stretch of speech")
     an.add_argument("--locale", choices=LOCALES, help="language of progress messages (default ECG_DEFAULT_LOCALE)")
     an.add_argument("--model", help="ASR model, one of the configured ones (ECG_ASR_MODEL_ALLOWLIST)")
+    _vocabulary_arguments(an)
     an.add_argument("--timeline", help="also draw who spoke when into this PNG")
     _add_subtitle_args(an)
     an.add_argument(
@@ -273,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--language")
     sb.add_argument("--num-speakers", type=int)
     sb.add_argument("--locale", choices=LOCALES, help="language of the job's progress and error messages")
+    _vocabulary_arguments(sb)
     sb.add_argument("-o", "--output")
     _add_subtitle_args(sb)
     sb.add_argument("--var-dir", default=str(DEFAULT_VAR))

@@ -28,6 +28,8 @@ def analyze(
     locale: str | None = None,
     model: str | None = None,
     subtitles: dict[str, Any] | None = None,
+    prompt: str | None = None,
+    hotwords: str | None = None,
     settings: Settings | None = None,
     registry: Any = None,
     on_progress: Callable[[str, int, str], None] | None = None,
@@ -45,6 +47,7 @@ def analyze(
 
     quiet_model_warnings()
     s = settings or get_settings()
+    _check_vocabulary(prompt, hotwords)
     registry = registry or get_registry(s)
     job = JobSpec(
         job_id=job_id or f"local-{uuid.uuid4().hex[:12]}",
@@ -59,6 +62,8 @@ def analyze(
                 "locale": locale,
                 "model": model,
                 "subtitles": subtitles,
+                "prompt": prompt,
+                "hotwords": hotwords,
             }.items()
             if v is not None
         },
@@ -132,3 +137,11 @@ def voices_from_folder(pipeline: Any, folder: Path, tmp: Path) -> list[Any]:
     if not voices:
         raise InvalidMediaError(f"--speakers: {folder} holds no voice sample", code="SAMPLE_FOLDER")
     return voices
+def _check_vocabulary(prompt: str | None, hotwords: str | None) -> None:
+    """options.prompt / options.hotwords checked by the rules the shim applies."""
+    from pipeline.errors import UnsupportedOptionError
+    from pipeline.vocabulary import vocabulary_problem
+
+    problems = [p for p in (vocabulary_problem("prompt", prompt), vocabulary_problem("hotwords", hotwords)) if p]
+    if problems:
+        raise UnsupportedOptionError("; ".join(problems))

@@ -29,6 +29,8 @@ class Transcript:
     repaired_chunks: int = 0  # chunks re-decoded because batched decoding looped
     language_probability: float | None = None  # None: the language was requested, not detected
     languages: dict[str, float] = field(default_factory=dict)  # language -> seconds of speech decoded as it
+    gaps: list[dict[str, Any]] = field(default_factory=list)  # {start, end, why}: speech left without words
+    second_pass: dict[str, float] = field(default_factory=dict)  # stretches, seconds, filled: the re-decoding
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +40,8 @@ class Transcript:
             "languages": self.languages,
             "speech_regions": [list(r) for r in self.speech_regions],
             "repaired_chunks": self.repaired_chunks,
+            "gaps": list(self.gaps),
+            "second_pass": dict(self.second_pass),
         }
 
     @classmethod
@@ -49,6 +53,8 @@ class Transcript:
             repaired_chunks=int(d.get("repaired_chunks", 0)),
             language_probability=d.get("language_probability"),
             languages=dict(d.get("languages") or {}),
+            gaps=list(d.get("gaps") or []),
+            second_pass=dict(d.get("second_pass") or {}),
         )
 
 

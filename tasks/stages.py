@@ -217,6 +217,8 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     # said at once: language detection and the first batch take seconds before the first 'asr'
     # report, and the record would say 'diarize' all that while (a DELETE then seems to land there)
     env.report("transcribe", _within("transcribe", 0.0), STEP_KEYS["transcribing"])
+    # the diarization's turns: where a chunk changes speaker, and the speech that must get words
+    turns = [(t["start"], t["end"], t["speaker"]) for t in ws.read_json("diarization.json").get("turns", [])]
 
     def attempt(batch: int, device: str) -> Any:
         model, name = env.models.asr_route(language, model=job.options.get("model"), device=device)
@@ -235,6 +237,9 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             # Whisper's word times come nearly free with the decoding: the fallback wherever
             # no wav2vec2 aligner is configured for a language
             word_timestamps=True,
+            speech_turns=turns,
+            prompt=job.options.get("prompt"),
+            hotwords=job.options.get("hotwords"),
         )
         return transcript, model, name, batch, device
 
@@ -328,6 +333,7 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 @stage_body("merge")
 def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     from pipeline.align import Alignment
+    from pipeline.coverage import coverage_metadata
     from pipeline.diarize import DiarizationResult
     from pipeline.exports import exports, subtitle_options
     from pipeline.features import FeatureTracks
@@ -362,6 +368,13 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
 
         identify_speakers(result, DiarizationResult.from_dict(diar), env.speakers, job.job_id, job.options)
     md = result["metadata"]
+    md.update(coverage_metadata(result, transcript.get("gaps") or [], transcript.get("second_pass") or {}))
+    log.info("speech_coverage", job_id=job.job_id, speech_coverage=md["speech_coverage"], gaps=len(md["gaps"]))
+    if md.get("coverage_note"):
+        md["notes"].append(md.pop("coverage_note"))
+        log.warning(
+            "low_speech_coverage", job_id=job.job_id, speech_coverage=md["speech_coverage"], gaps=md["gaps"][:20]
+        )
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)
     md["subtitles"] = subtitle_options(job.options.get("subtitles"))  # every rendering of the exports reads it

@@ -8,8 +8,8 @@ the job id in ``X-ECG-Job-Id`` (its result and exports stay under ``/jobs/{id}``
 
 Every form field is either honoured or refused (400 UNSUPPORTED_OPTION), never ignored:
 ``model`` is ``whisper-1`` (the server's configured model) or the name of a configured
-model; ``prompt`` and ``temperature`` are refused, since the workers' decoding takes no
-initial prompt and fixes its own temperature schedule.
+model; ``prompt`` becomes the job's ``options.prompt`` (Whisper's initial prompt, as OpenAI's
+is); ``temperature`` is refused, since the workers fix their own temperature schedule.
 """
 
 from __future__ import annotations
@@ -100,8 +100,6 @@ async def transcriptions(request: Request, shim: ShimDep, caller: CurrentKey) ->
         unknown = sorted(set(form.keys()) - FIELDS)
         if unknown:
             raise _refuse(f"unknown form fields {unknown}: this endpoint takes {sorted(FIELDS)}")
-        if form.get("prompt"):
-            raise _refuse("prompt is not supported: the workers' transcription takes no initial prompt")
         if form.get("temperature") not in (None, ""):
             raise _refuse("temperature is not supported: the workers use their own decoding schedule")
         fmt = str(form.get("response_format") or "json")
@@ -114,6 +112,7 @@ async def transcriptions(request: Request, shim: ShimDep, caller: CurrentKey) ->
             raise _refuse("timestamp_granularities[] needs response_format=verbose_json")
         model = _model(shim, str(form.get("model") or ""))
         language = str(form.get("language") or "") or None
+        prompt = str(form.get("prompt") or "") or None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise _refuse("file: send the audio as a multipart file part named 'file'")
@@ -123,7 +122,7 @@ async def transcriptions(request: Request, shim: ShimDep, caller: CurrentKey) ->
                 job_id=f"oai-{uuid.uuid4().hex}",
                 video_url="upload://" + "0" * 32,
                 language=language,
-                options=JobOptions(model=model),
+                options=JobOptions(model=model, prompt=prompt),
             )
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])

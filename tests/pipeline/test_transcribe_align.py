@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from pipeline import align as A
 from pipeline import transcribe as T
 from pipeline.errors import UnsupportedOptionError
+from pipeline.loop_guard import loop_reason
+from tests.conftest import GUEST_NAME
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +51,69 @@ def test_non_english_on_english_only_model_is_refused(asr) -> None:  # type: ign
     with pytest.raises(UnsupportedOptionError, match="ECG_ASR_MULTILINGUAL_MODEL"):
         T.check_language(asr, "de", "embedded")
     assert T.check_language(asr, "en", "embedded") == "en"
+
+
+def test_a_decoding_loop_is_decoded_again_with_temperature_fallback(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    """A synthetic loop: the decoder is made to start every chunk with "thank you" eight times
+    (a forced prefix), as Whisper's loops look; the guard re-decodes those chunks alone."""
+    looping = copy.copy(asr)  # the module's model stays as it is
+    looping.options = dataclasses.replace(asr.options, prefix="thank you " * 8)
+    tr = T.transcribe(looping, sample_wav, batch_size=8, second_pass=False)
+    text = " ".join(s.text for s in tr.segments)
+    assert tr.repaired_chunks >= 1
+    assert "thank you thank you" not in text.lower(), text
+    assert "chicago" in text.lower(), text
+    assert loop_reason("thank you " * 8 + text[:40])  # what the guard saw
+
+
+def test_korean_vocabulary_reaches_the_multilingual_decoder(shared_dir: Path) -> None:
+    """korean_conv_24s talks about a 투스잼 (a tooth gem); Whisper base hears 투스젠 unless told."""
+    base = T.load_asr_model("embedded-base", device="cpu", compute_type="int8", beam_size=5)
+    wav = shared_dir / "audio" / "korean_conv_24s.wav"
+
+    def text(**vocabulary: str) -> str:
+        tr = T.transcribe(base, wav, language="ko", second_pass=False, **vocabulary)
+        return " ".join(s.text for s in tr.segments)
+
+    plain, prompted, hot = text(), text(prompt="투스잼 이야기."), text(hotwords="투스잼")
+    print(f"without: {plain}\nprompt: {prompted}\nhotwords: {hot}")
+    assert "투스잼" not in plain, plain
+    assert prompted.count("투스잼") >= 2 and hot.count("투스잼") >= 2, (prompted, hot)
+
+
+def test_prompt_and_hotwords_reach_the_english_decoder(asr, guest_name_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    def text(**vocabulary: str) -> str:
+        return " ".join(s.text for s in T.transcribe(asr, guest_name_wav, second_pass=False, **vocabulary).segments)
+
+    first = GUEST_NAME.split()[0]
+    plain, prompted, hot = text(), text(prompt=f"{GUEST_NAME}."), text(hotwords=GUEST_NAME)
+    print(f"without: {plain}\nprompt: {prompted}\nhotwords: {hot}")
+    assert first not in plain, plain  # tiny.en hears "Shivong"
+    assert prompted.count(first) == 2 and hot.count(first) == 2, (prompted, hot)
+
+
+def test_second_pass_decodes_speech_the_first_pass_left_without_words(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sheila's "And I'm Sheila in Texas, originally from Chicago" (14.4-17.8 s, sample.stm) taken
+    out of a first pass's result, as a missed language change leaves it: the second pass finds it."""
+    first = T.transcribe(asr, sample_wav, batch_size=8, second_pass=False)
+    acc = T._Decoding(segments=[s for s in first.segments if s.end <= 14.0 or s.start >= 18.0])
+    speech = [(14.44, 17.77)]
+    T._second_pass(asr_route(asr), sample_wav, speech, 30.0, acc, False, "en", 8, T.DecodeOptions())
+    found = [s for s in acc.segments if s.start >= 13.5 and s.end <= 18.5]
+    assert found and "chicago" in " ".join(s.text for s in found).lower(), found
+    assert acc.second_pass["filled"] == 1 and not acc.reasons
+    assert all(14.0 <= w["start"] <= w["end"] <= 18.2 for s in found for w in s.words or [])
+
+
+def test_second_pass_leaves_a_reason_where_it_hears_no_speech(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    """A "turn" over the sample's first seconds (line noise, no words in sample.stm): no words
+    are invented there, and metadata.gaps will say why."""
+    tr = T.transcribe(asr, sample_wav, batch_size=8, speech_turns=[(0.5, 4.5, "X"), (6.6, 29.9, "Y")])
+    assert not [s for s in tr.segments if s.end < 5.0], tr.segments[:2]
+    (gap,) = [g for g in tr.gaps if g["start"] < 4.5]
+    assert gap["why"].startswith("no words"), gap
+    assert tr.second_pass["stretches"] >= 1
+
+
+def asr_route(model):  # type: ignore[no-untyped-def]
+    return T.AsrRoute(main=model, main_name="tiny.en")

@@ -4,7 +4,8 @@ pyannote's bundled sample call (two speakers) goes through ``POST /v1/audio/tran
 as ``json``, ``srt`` and ``verbose_json``: each is an upload and a job on the session's real
 worker. The verbose job's result and exports are then fetched from ``/jobs/{id}/…`` and parsed
 by real parsers: ``srt`` for SubRip, ``webvtt-py`` for WebVTT, pyannote's RTTM loader.
-Options the server cannot honour are refused by name, before any job exists.
+``prompt`` reaches the decoder (a name is spelt as the prompt spells it). Options the server
+cannot honour are refused by name, before any job exists.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import srt
 import webvtt
 from pyannote.database.util import load_rttm
 
-from tests.conftest import API_KEY, Proc, wait_for_worker
+from tests.conftest import API_KEY, GUEST_NAME, Proc, wait_for_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -96,15 +97,23 @@ def test_verbose_json_has_speakers_and_the_job_exports_parse(
     assert len(txt.splitlines()) == len(body["segments"]) and all(line.startswith("[00:") for line in txt.splitlines())
 
 
+def test_prompt_reaches_the_decoder(client: openai.OpenAI, guest_name_wav: Path) -> None:
+    """OpenAI's ``prompt`` is the job's options.prompt: the name it spells is the one decoded."""
+    first = GUEST_NAME.split()[0]
+    plain = _transcribe(client, guest_name_wav, response_format="json").parse().text
+    prompted = _transcribe(client, guest_name_wav, response_format="json", prompt=f"{GUEST_NAME}.").parse().text
+    assert first not in plain and prompted.count(first) == 2, (plain, prompted)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "phrase"),
     [
-        ({"prompt": "Diane and Sheila talk."}, "prompt is not supported"),
+        ({"prompt": "Diane and Sheila. " * 60}, "at most 1000 characters"),
         ({"model": "gpt-4o-transcribe"}, "is not served here"),
         ({"temperature": 0.2}, "temperature is not supported"),
         ({"response_format": "json", "timestamp_granularities": ["word"]}, "needs response_format=verbose_json"),
     ],
-    ids=["prompt", "unknown model", "temperature", "granularity without verbose_json"],
+    ids=["prompt too long", "unknown model", "temperature", "granularity without verbose_json"],
 )
 def test_options_it_cannot_honour_are_refused(
     client: openai.OpenAI, api: httpx.Client, sample_wav: Path, kwargs: dict[str, Any], phrase: str

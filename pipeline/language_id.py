@@ -1,0 +1,172 @@
+"""Which language each stretch of speech is in, and where a chunk changes language.
+
+WhisperX's VAD merges speech into chunks of up to 30 s, and a chunk that holds the end of
+one language and the start of another was decoded as one of them: Whisper drops (or
+translates) the rest. The first speaker run of every chunk is probed (the diarization's
+turns; without them, the chunk's start). A chunk with two or more runs whose next chunk (or
+the window's end) follows in another language has its last run probed too; only when the
+two disagree is every run of that chunk identified, and the chunk is cut where the language
+changes. A recording in one language costs one probe a chunk, plus one a window. Probes are
+encoded at their own length (rounded up to ``PROBE_STEP_FRAMES``; CTranslate2's Whisper
+encoder takes inputs shorter than 30 s, and its cost falls faster than the length).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio import SAMPLE_RATE
+
+# A chunk keeps a language of its own (not its window's) only when Whisper is this sure of it and
+# the chunk is this long: short or unsure chunks are where language identification errs.
+CHUNK_LANGUAGE_MIN_P = 0.7
+CHUNK_LANGUAGE_MIN_S = 2.0
+# Language identification reads at most the first 15 s of a piece: CTranslate2's Whisper encoder takes
+# shorter inputs than 30 s, and its cost falls faster than the length (attention); the identified
+# language stays the same, with a somewhat lower probability.
+IDENTIFY_FRAMES = 1500
+PROBE_STEP_FRAMES = 500  # probes are padded to a multiple of 5 s, so that a batch shares one length
+RUN_MIN_S = 1.0  # a speaker run shorter than this takes its neighbour's language when a chunk is split
+SWITCH_MIN_P = 0.5  # head and tail probes both at least this sure, in two languages: the chunk switches
+
+Span = tuple[float, float]
+Guess = tuple[str, float]
+
+
+def identify(model: Any, pieces: Sequence[np.ndarray], batch_size: int) -> list[tuple[str, float, dict[str, float]]]:
+    """(language, probability, top-10 distribution) per piece, from the first IDENTIFY_FRAMES of each."""
+    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+
+    whisper = model.model
+    n_mels = whisper.feat_kwargs.get("feature_size") or 80
+    out: list[tuple[str, float, dict[str, float]] | None] = [None] * len(pieces)
+    by_frames: dict[int, list[int]] = {}
+    for i, piece in enumerate(pieces):
+        frames = math.ceil(max(1, min(len(piece) // 160, IDENTIFY_FRAMES)) / PROBE_STEP_FRAMES) * PROBE_STEP_FRAMES
+        by_frames.setdefault(min(frames, IDENTIFY_FRAMES), []).append(i)
+    for frames, idx in sorted(by_frames.items()):
+        for first in range(0, len(idx), max(1, batch_size)):
+            part = idx[first : first + max(1, batch_size)]
+            feats = []
+            for i in part:
+                piece = pieces[i][: frames * 160]
+                mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
+                feats.append(np.asarray(mel, dtype=np.float32)[:, :frames])
+            encoder_output = whisper.encode(np.ascontiguousarray(np.stack(feats)))
+            for i, result in zip(part, whisper.model.detect_language(encoder_output), strict=True):
+                token, p = result[0]
+                out[i] = (token[2:-2], float(p), {t[2:-2]: float(q) for t, q in result[:10]})
+    return [r for r in out if r is not None]
+
+
+def speaker_runs(turns: Sequence[tuple[float, float, str]], start: float, end: float) -> list[Span]:
+    """Consecutive turns of one speaker joined, clipped to [start, end], relative to ``start``."""
+    runs: list[list[Any]] = []
+    for a, b, who in sorted(turns):
+        if b <= start or a >= end:
+            continue
+        a, b = max(a, start) - start, min(b, end) - start
+        if runs and runs[-1][2] == who:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b, who])
+    return [(a, b) for a, b, _ in runs]
+
+
+def _inside(span: Span, runs: Sequence[Span]) -> list[Span]:
+    a, b = span
+    return [(max(a, ra), min(b, rb)) for ra, rb in runs if min(b, rb) - max(a, ra) >= RUN_MIN_S]
+
+
+def _cut(audio: np.ndarray, span: Span, *, tail: bool = False) -> np.ndarray:
+    a, b = int(span[0] * SAMPLE_RATE), int(span[1] * SAMPLE_RATE)
+    n = IDENTIFY_FRAMES * 160
+    return audio[max(a, b - n) : b] if tail else audio[a : min(b, a + n)]
+
+
+def chunk_languages(
+    model: Any, audio: np.ndarray, spans: Sequence[Span], runs: Sequence[Span], batch_size: int
+) -> tuple[list[Span], list[Guess]]:
+    """The chunks (``spans``, seconds into ``audio``), cut where their language changes, and
+    (language, probability) for each. ``runs``: speaker runs in the same time (may be empty).
+
+    Chunks that were not cut and are short or unsure take the window's language (the one with
+    most confident speech), as a single probe of a short stretch is where identification errs."""
+    if not spans:
+        return [], []
+    long_runs = [[r for r in _inside(span, runs) if r[1] - r[0] >= CHUNK_LANGUAGE_MIN_S] for span in spans]
+    head_probes = [_cut(audio, rs[0] if rs else span) for rs, span in zip(long_runs, spans, strict=True)]
+    heads = identify(model, head_probes, batch_size)
+    weight: dict[str, float] = {}
+    for (lang, p, _), probe in zip(heads, head_probes, strict=True):
+        weight[lang] = weight.get(lang, 0.0) + p * len(probe)
+    window_language = max(weight, key=lambda k: weight[k])
+    # a chunk may change language after its first run only if the next chunk starts in another
+    # language (or no chunk follows in this window): only those chunks' last runs are probed
+    suspect = [
+        i
+        for i in range(len(spans))
+        if len(long_runs[i]) >= 2 and (i + 1 == len(spans) or heads[i + 1][0] != heads[i][0])
+    ]
+    tails = identify(model, [_cut(audio, long_runs[i][-1], tail=True) for i in suspect], batch_size)
+    switching = [
+        i
+        for i, (lang, p, _) in zip(suspect, tails, strict=True)
+        if lang != heads[i][0] and min(p, heads[i][1]) >= SWITCH_MIN_P
+    ]
+    split = _split_switching(model, audio, spans, runs, switching, batch_size)
+    out_spans: list[Span] = []
+    out_langs: list[Guess] = []
+    for i, span in enumerate(spans):
+        if i in split:
+            for piece, guess in split[i]:
+                out_spans.append(piece)
+                out_langs.append(guess)
+            continue
+        lang, p, dist = heads[i]
+        sure = p >= CHUNK_LANGUAGE_MIN_P and span[1] - span[0] >= CHUNK_LANGUAGE_MIN_S
+        out_spans.append(span)
+        out_langs.append(
+            (lang, p) if sure or lang == window_language else (window_language, dist.get(window_language, 0.0))
+        )
+    return out_spans, out_langs
+
+
+def _split_switching(
+    model: Any, audio: np.ndarray, spans: Sequence[Span], runs: Sequence[Span], switching: list[int], batch_size: int
+) -> dict[int, list[tuple[Span, Guess]]]:
+    """For each chunk in ``switching``: every speaker run identified, the chunk cut between runs
+    of different languages. Unsure or short runs take the language of the run before them."""
+    if not switching:
+        return {}
+    inside = {i: _inside(spans[i], runs) for i in switching}
+    flat = [(i, r) for i in switching for r in inside[i]]
+    found = identify(model, [_cut(audio, r) for _, r in flat], batch_size)
+    per_chunk: dict[int, list[tuple[Span, str, float]]] = {}
+    for (i, r), (lang, p, _) in zip(flat, found, strict=True):
+        per_chunk.setdefault(i, []).append((r, lang, p))
+    out: dict[int, list[tuple[Span, Guess]]] = {}
+    for i, probed in per_chunk.items():
+        labelled: list[tuple[Span, str, float]] = []
+        for r, lang, p in probed:
+            if labelled and (p < SWITCH_MIN_P or r[1] - r[0] < CHUNK_LANGUAGE_MIN_S):
+                lang, p = labelled[-1][1], labelled[-1][2]
+            labelled.append((r, lang, p))
+        if labelled and labelled[0][2] < SWITCH_MIN_P:  # an unsure first run: the next sure one's
+            sure = next((x for x in labelled if x[2] >= SWITCH_MIN_P), labelled[0])
+            labelled[0] = (labelled[0][0], sure[1], sure[2])
+        a, b = spans[i]
+        pieces: list[tuple[Span, Guess]] = []
+        cur_start, cur_lang, cur_p = a, labelled[0][1], labelled[0][2]
+        for (prev, _, _), (r, lang, p) in zip(labelled, labelled[1:], strict=False):
+            if lang != cur_lang:
+                cut = (prev[1] + r[0]) / 2 if prev[1] <= r[0] else r[0]
+                pieces.append(((cur_start, cut), (cur_lang, cur_p)))
+                cur_start, cur_lang, cur_p = cut, lang, p
+        pieces.append(((cur_start, b), (cur_lang, cur_p)))
+        out[i] = pieces
+    return out
