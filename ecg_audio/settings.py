@@ -80,9 +80,18 @@ class Settings(BaseSettings):
     )
     compute_type: str = Field(
         "auto",
-        description="CTranslate2 compute type; 'auto' = float16 on CUDA, int8 on CPU. On CPUs without VNNI "
-        "(AVX2 only) int8 rounds differently and tiny.en loses ~1 point of WER; float32 there is more "
-        "accurate and slower",
+        description="CTranslate2 compute type; 'auto' = float16 on CUDA, and on a CPU chosen from its flags at "
+        "start: int8 with AVX-512 VNNI, int8_float32 with AVX2 or AVX-512BW only, float32 without AVX2 "
+        "(ONEDNN_MAX_CPU_ISA caps the flags considered). On CPUs without VNNI int8 rounds differently and "
+        "tiny.en loses ~1 point of WER; float32 there is more accurate and slower",
+    )
+    # --- CPU threads (speed: a worker computes with the same threads as an in-process run) ---
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        le=512,
+        description="Threads each model library uses on a CPU (torch, ONNX Runtime, CTranslate2); 0 = every "
+        "core this process may run on (its affinity mask)",
     )
     batch_size: int | None = Field(
         None,

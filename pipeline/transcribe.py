@@ -91,6 +91,10 @@ def load_asr_model(
     _tame_whisperx_logger()
     source = resolve_asr_model(name_or_path, cache_dir)
     is_local = Path(source).is_dir()
+    # the cores this process may run on, not the machine's (os.cpu_count): a container or a
+    # taskset'd worker would otherwise run more threads than cores
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         model = whisperx.load_model(
             source,
@@ -98,11 +102,12 @@ def load_asr_model(
             compute_type=compute_type,
             vad_method="pyannote",
             asr_options={"beam_size": beam_size, "best_of": beam_size},
-            threads=threads or max(1, os.cpu_count() or 1),
+            threads=threads,
             local_files_only=not is_local,
         )
         _tame_whisperx_logger()  # whisperx (re)installs its stdout handler while loading
         _set_vad_step(model, VAD_STEP_RATIO)
+        model.ecg_cpu_threads = threads  # CTranslate2 does not report its intra-op threads: ops read it here
         if is_multilingual(model):
             # decode with timestamp tokens, as Whisper itself does (the text keeps only the text
             # tokens): Whisper base transcribes Korean more accurately so (bench/quality.py's CER)

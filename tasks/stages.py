@@ -254,9 +254,16 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             "model": model.labels_for(transcript.languages) if hasattr(model, "labels_for") else name,
             "batch_size": batch,
             "device": device,
+            # the CTranslate2 compute type the models ran (ECG_COMPUTE_TYPE=auto chooses it per CPU)
+            "compute_type": _compute_type(env.models, device),
             "notes": notes,
         },
     )
+
+
+def _compute_type(models: Any, device: str) -> str | None:
+    choose = getattr(models, "compute_type", None)
+    return str(choose(device)) if callable(choose) else None
 
 
 def _check_languages(job: JobSpec, env: StageEnv) -> None:
@@ -356,6 +363,7 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         languages=transcript.get("languages") or {},
         models={
             "asr": transcript.get("model"),
+            "asr_compute_type": transcript.get("compute_type"),
             "diarization": diar.get("model"),
             "alignment": alignment.method if alignment.model is None else f"{alignment.method}:{alignment.model}",
         },

@@ -34,17 +34,21 @@ class ModelRegistry:
         self._configure_threads()
 
     def _configure_threads(self) -> None:
-        import torch
+        """Every model library's thread count from one setting, before any model is built (the
+        ONNX Runtime sessions copy torch's count when they are created)."""
+        from worker.cpu import configure_torch_threads, cpu_threads
 
+        self.cpu_threads = cpu_threads(self.settings.cpu_threads)
         if self.device == "cpu":
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(max(1, n))
+            configure_torch_threads(self.cpu_threads)
 
     def compute_type(self, device: str) -> str:
         ct = self.settings.compute_type
         if ct != "auto":
             return ct
-        return "float16" if device == "cuda" else "int8"
+        from worker.cpu import auto_compute_type
+
+        return auto_compute_type(device)
 
     # --- ASR -------------------------------------------------------------
     def asr_route(
@@ -102,6 +106,7 @@ class ModelRegistry:
                 device=device,
                 compute_type=self.compute_type(device),
                 beam_size=self.settings.asr_beam_size,
+                threads=self.cpu_threads,
                 cache_dir=self.settings.model_cache_dir,
             )
             self.loads[f"asr:{name}:{device}"] += 1
@@ -163,13 +168,32 @@ class ModelRegistry:
         self.diarization()
 
     def stats(self) -> dict[str, Any]:
+        from worker.cpu import thread_report
+
+        with self._lock:
+            asr = {f"{name}:{device}": _asr_settings(model) for (name, device), model in self._asr.items()}
         return {
             "pid": os.getpid(),
             "device": self.device,
             "loads": dict(self.loads),
             "unloads": dict(self.unloads),
             "asr_resident": self.resident_asr(),
+            "cpu_threads": self.cpu_threads,
+            "compute_type": self.compute_type(self.device),
+            "asr": asr,
+            "threads": thread_report(),
         }
+
+
+def _asr_settings(model: Any) -> dict[str, Any]:
+    """What CTranslate2 resolved for a loaded model: the compute type it runs (``int8`` resolves
+    to ``int8_float32`` on a CPU for a model saved in float16) and its threads."""
+    ct2 = getattr(getattr(model, "model", None), "model", None)
+    return {
+        "compute_type": getattr(ct2, "compute_type", None),
+        "cpu_threads": getattr(model, "ecg_cpu_threads", None),
+        "num_workers": getattr(ct2, "num_workers", None),
+    }
 
 
 _registry: ModelRegistry | None = None

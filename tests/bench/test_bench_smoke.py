@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, SHARED
 
-BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu"]
+BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu", "peer"]
 
 
 def run_bench(name: str, *args: str, timeout: float = 600) -> dict[str, Any]:
@@ -49,6 +49,19 @@ def test_gpu_bench_skips_cleanly_without_cuda() -> None:
     if shutil.which("nvidia-smi"):
         pytest.skip("a GPU is present: the GPU bench is a device run (minutes), not a smoke test")
     assert run_bench("gpu") == {"skipped": "no CUDA device"}
+
+
+@pytest.mark.shared
+def test_peer_tiny() -> None:
+    if not (SHARED / "audio" / "conv_2spk_10min.wav").is_file():
+        pytest.skip(f"../shared is absent ({SHARED}): the peer bench needs conv_2spk_10min.wav")
+    out = run_bench("peer", "--seconds", "5", "--rounds", "1", timeout=600)
+    assert out["audio_s"] == pytest.approx(5.0, abs=0.1)
+    assert len(out["ours_total_s"]) == 1 and len(out["peer_wall_s"]) == 1
+    assert out["ours_total_s"][0] > 0 and out["peer_wall_s"][0] > 0
+    assert out["ratio"] == pytest.approx(out["ours_median_s"] / out["peer_median_s"], rel=0.01)
+    assert set(out["cpu_flags"]) >= {"avx2", "avx512f", "avx512_vnni"} and out["cpu"]
+    assert out["compute_type_auto"] in {"int8", "int8_float32", "float32"} and "loadavg_before" in out
 
 
 @pytest.mark.shared
