@@ -53,6 +53,7 @@ class JobOptions(BaseModel):
     )
     speakers: list[Annotated[str, Field(pattern=SPEAKER_ID_PATTERN)]] | None = Field(
         None, max_length=200, description="Only these enrolled speakers (ids) are candidates; default: all the key's."
+    )
     # vocabulary: both reach every ASR model's decoder (faster-whisper's initial_prompt and hotwords)
     prompt: str | None = Field(
         None,
