@@ -106,6 +106,9 @@ OPERATIONS = [
     ("GET", "/speakers/{speaker_id}"),
     ("PATCH", "/speakers/{speaker_id}"),
     ("DELETE", "/speakers/{speaker_id}"),
+    ("GET", "/webhooks/secret"),
+    ("POST", "/webhooks/secret/rotate"),
+    ("POST", "/jobs/{job_id}/callbacks/replay"),
 ]
 
 
