@@ -30,6 +30,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The whole-fleet runs (tests/system) last: they start the session's worker, shim and callback
+    dispatcher, which then run beside every later test on the session's Redis. The package tests
+    before them see a Redis that only they use (as they did when the tests were flat files), and
+    the quick failures come first."""
+    system = REPO / "tests" / "system"
+    items.sort(key=lambda item: item.path.is_relative_to(system))
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"shared material: {SHARED if SHARED.is_dir() else 'ABSENT (tests that need it are skipped)'}"
 
