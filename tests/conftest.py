@@ -103,6 +103,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 SCRATCH_DB = 12
 
 
+# A database that no worker, shim or callback dispatcher of the session serves: tests that run a
+# stage in their own process (its lease, delivery count and published successor) use it, so the
+# session's worker (started by whichever test needs it first) neither takes their messages nor
+# reaps their deliveries.
+STAGE_DB = 13
+
+
+@pytest.fixture(scope="session")
+def stage_redis_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{STAGE_DB}"
+
+
 @pytest.fixture(scope="session")
 def scratch_redis_url(redis_url: str) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{SCRATCH_DB}"

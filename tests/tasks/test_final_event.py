@@ -37,7 +37,8 @@ class NoModels:
 
 
 @pytest.fixture
-def tasks_env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def tasks_env(stage_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    redis_url = stage_redis_url
     monkeypatch.setenv("ECG_REDIS_URL", redis_url)
     monkeypatch.setenv("ECG_WORKSPACE_ROOT", str(tmp_path / "ws"))
     monkeypatch.setenv("ECG_OUTPUT_ROOT", str(tmp_path / "out"))

@@ -100,7 +100,7 @@ def test_only_the_lease_holder_publishes_and_only_once(worker_app: tuple[Any, re
 
 
 def test_a_broker_error_while_publishing_hands_the_message_back(
-    redis_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    stage_redis_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis gone as the stage publishes its successor: the message goes back to its queue (Reject,
     requeue), the job is not failed; the checkpoint makes the redelivery publish at once."""
@@ -113,7 +113,7 @@ def test_a_broker_error_while_publishing_hands_the_message_back(
     from tasks import context, lifecycle
     from tasks.pipeline_tasks import STAGE_TASKS
 
-    monkeypatch.setenv("ECG_REDIS_URL", redis_url)
+    monkeypatch.setenv("ECG_REDIS_URL", stage_redis_url)
     monkeypatch.setenv("ECG_WORKSPACE_ROOT", str(tmp_path / "ws"))
     get_settings.cache_clear()
     context.job_store.cache_clear()

@@ -29,7 +29,8 @@ class NoModels:
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def env(stage_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    redis_url = stage_redis_url
     from tasks import context
 
     monkeypatch.setenv("ECG_REDIS_URL", redis_url)
