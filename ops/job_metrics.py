@@ -431,16 +431,11 @@ class JobMetrics:
         if error_code == STAGE_CRASHED:
             self.batcher.add("StageCrashes", 1, "Count", image)
 
-    def record_job(self, duration_s: float, *, ok: bool) -> None:
-        """A whole job ended, for a caller that knows its whole duration.
-
-        Sends ``ProcessingTime`` and ``ErrorRate`` with ``Stage=job``. No worker calls it (a
-        worker sees only its own stages): their job outcomes come from the stage outcomes
-        (:meth:`record_stage`), and ``ProcessingTime`` with ``Stage=job`` is not sent yet.
-        """
+    def record_job_time(self, processing_time_s: float) -> None:
+        """A job completed in this process: ``ProcessingTime`` with ``Stage=job`` (the sum of its stage
+        times, as in its result). Its outcome is already counted from the last stage's success."""
         dimensions = {"AutoScalingGroupName": self.group, "Stage": JOB_STAGE}
-        self.batcher.add("ProcessingTime", duration_s, "Seconds", dimensions)
-        self.batcher.add("ErrorRate", _OK if ok else _ERROR, "Percent", dimensions)
+        self.batcher.add("ProcessingTime", processing_time_s, "Seconds", dimensions)
         self.batcher.flush_if_due()
 
     def report_instance_gpu(self, instance_id: str, *, interval_s: float) -> None:

@@ -24,6 +24,21 @@ def set_model_provider(provider: Callable[[], ModelProvider]) -> None:
     _model_provider = provider
 
 
+_job_completed: Callable[[float], None] | None = None
+
+
+def set_job_completed_hook(hook: Callable[[float], None] | None) -> None:
+    """What to call, once per job, when this process completes one (the worker's job metrics):
+    the job's processing time in seconds, the sum of its stage times as in its result."""
+    global _job_completed
+    _job_completed = hook
+
+
+def job_completed(processing_time_s: float) -> None:
+    if _job_completed is not None:
+        _job_completed(processing_time_s)
+
+
 def models() -> ModelProvider:
     if _model_provider is None:
         raise RuntimeError("no model provider: the worker installs one in worker_process_init")

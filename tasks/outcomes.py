@@ -65,6 +65,7 @@ def complete(job: JobSpec, env: StageEnv, run: int | None) -> None:
         log.info("completion_not_reported", code=rc)
         return
     md = envelope["result"]["metadata"]
+    context.job_completed(float(md["processing_time"]))
     log.info(
         "video_processing_completed",
         event_id=event_id,

@@ -117,7 +117,9 @@ def _init_process(**_: object) -> None:
     gc.freeze()
     log.info("worker_ready", **registry.stats())
     _state["dispatcher"] = Dispatcher(context.outbox()).start()
-    _state["metrics"] = job_metrics_from_settings(settings)
+    metrics = _state["metrics"] = job_metrics_from_settings(settings)
+    if metrics is not None:
+        context.set_job_completed_hook(metrics.record_job_time)
 
 
 def _stage_started(task_id: str | None = None, task: Any = None, **_: object) -> None:

@@ -90,19 +90,19 @@ def test_stage_and_job_metrics_reach_cloudwatch(settings: Settings) -> None:
         raise ValueError("bad audio")
     metrics.stage_started("task-3", "align")
     metrics.stage_finished("task-3", ok=None)  # will be retried: no error-rate sample yet
-    metrics.record_job(45.0, ok=True)
-    metrics.record_job(50.0, ok=False)
-    # 3 stages x (time, memory x2, GPU x2, GPU memory x2) + 2 stage outcomes + 2 jobs x (time, outcome)
+    metrics.record_job_time(45.0)
+    metrics.record_job_time(50.0)
+    # 3 stages x (time, memory x2, GPU x2, GPU memory x2) + 2 stage outcomes + 2 job times
     # + the failed diarize's job outcome (ErrorRate job, JobsFailed, FleetFailures)
-    assert metrics.close() == 30
+    assert metrics.close() == 28
 
     group = {"AutoScalingGroupName": "ecg-workers-test"}
     assert _stats(settings, "ErrorRate", {**group, "Stage": "transcribe"})["Average"] == 0.0
     assert _stats(settings, "ErrorRate", {**group, "Stage": "diarize"})["Average"] == 100.0
     assert _stats(settings, "ErrorRate", {**group, "Stage": "align"}) == {}
     assert _stats(settings, "ProcessingTime", {**group, "Stage": "align"})["SampleCount"] == 1
-    # record_job's two (0, 100) and the failed stage's job (100)
-    assert _stats(settings, "ErrorRate", {**group, "Stage": "job"})["Average"] == pytest.approx(200 / 3)
+    # the failed stage's job (100): a job's time says nothing of its outcome
+    assert _stats(settings, "ErrorRate", {**group, "Stage": "job"})["Average"] == 100.0
     assert _stats(settings, "ProcessingTime", {**group, "Stage": "job"})["Maximum"] == 50.0
     gpu = _stats(settings, "GPUUtilization", {**group, "Stage": "transcribe"})
     assert (gpu["SampleCount"], gpu["Average"]) == (1.0, 42.0)

@@ -145,6 +145,22 @@ def test_crash_between_terminal_state_and_final_still_one_final(
     assert len(finals) == 1 and finals[0]["status"] == "completed" and finals[0]["result"] == RESULT["result"], finals
 
 
+def test_a_completed_job_reports_its_processing_time_once(tasks_env: redis.Redis) -> None:
+    """The worker's job metrics (ProcessingTime, Stage=job, which ProcessingTimeAlarm watches) hear of
+    each completed job once, with its result's processing time; not again on a redelivered merge."""
+    from tasks import context
+
+    heard: list[float] = []
+    context.set_job_completed_hook(heard.append)
+    try:
+        job = _job(tasks_env)
+        _merge(job)
+        _merge(job)
+    finally:
+        context.set_job_completed_hook(None)
+    assert heard == [RESULT["result"]["metadata"]["processing_time"]]
+
+
 @pytest.mark.parametrize("callback", ["http://127.0.0.1:9/cb", None])
 def test_every_event_goes_to_the_event_log(tasks_env: redis.Redis, callback: str | None) -> None:
     """Milestones and the final, with or without a callback_url, in the per-job stream; the same ids and
