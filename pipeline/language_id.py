@@ -2,13 +2,13 @@
 
 WhisperX's VAD merges speech into chunks of up to 30 s, and a chunk that holds the end of
 one language and the start of another was decoded as one of them: Whisper drops (or
-translates) the rest. The first speaker run of every chunk is probed (the diarization's
-turns; without them, the chunk's start). A chunk with two or more runs whose next chunk (or
-the window's end) follows in another language has its last run probed too; only when the
-two disagree is every run of that chunk identified, and the chunk is cut where the language
-changes. A recording in one language costs one probe a chunk, plus one a window. Probes are
-encoded at their own length (rounded up to ``PROBE_STEP_FRAMES``; CTranslate2's Whisper
-encoder takes inputs shorter than 30 s, and its cost falls faster than the length).
+translates) the rest. When the diarization's turns are known, a chunk with two or more
+speaker runs is probed twice, on its first and on its last run; only when the two disagree
+is every run of that chunk identified, and the chunk is cut where the language changes.
+A chunk of one speaker is probed once, as before. Probes are encoded at their own length
+(rounded up to ``PROBE_STEP_FRAMES``; CTranslate2's Whisper encoder takes inputs shorter
+than 30 s, and its cost falls faster than the length), so a chunk's two short speaker runs
+cost about what one 15 s probe did.
 """
 
 from __future__ import annotations
@@ -98,26 +98,25 @@ def chunk_languages(
     most confident speech), as a single probe of a short stretch is where identification errs."""
     if not spans:
         return [], []
-    long_runs = [[r for r in _inside(span, runs) if r[1] - r[0] >= CHUNK_LANGUAGE_MIN_S] for span in spans]
-    head_probes = [_cut(audio, rs[0] if rs else span) for rs, span in zip(long_runs, spans, strict=True)]
-    heads = identify(model, head_probes, batch_size)
+    probes: list[np.ndarray] = []
+    owners: list[tuple[int, str]] = []
+    for i, span in enumerate(spans):
+        long_runs = [r for r in _inside(span, runs) if r[1] - r[0] >= CHUNK_LANGUAGE_MIN_S]
+        head = long_runs[0] if long_runs else span
+        probes.append(_cut(audio, head))
+        owners.append((i, "head"))
+        if len(long_runs) >= 2:
+            probes.append(_cut(audio, long_runs[-1], tail=True))
+            owners.append((i, "tail"))
+    found = identify(model, probes, batch_size)
+    heads: dict[int, tuple[str, float, dict[str, float]]] = {}
+    tails: dict[int, tuple[str, float, dict[str, float]]] = {}
     weight: dict[str, float] = {}
-    for (lang, p, _), probe in zip(heads, head_probes, strict=True):
-        weight[lang] = weight.get(lang, 0.0) + p * len(probe)
+    for (i, which), res, probe in zip(owners, found, probes, strict=True):
+        (heads if which == "head" else tails)[i] = res
+        weight[res[0]] = weight.get(res[0], 0.0) + res[1] * len(probe)
     window_language = max(weight, key=lambda k: weight[k])
-    # a chunk may change language after its first run only if the next chunk starts in another
-    # language (or no chunk follows in this window): only those chunks' last runs are probed
-    suspect = [
-        i
-        for i in range(len(spans))
-        if len(long_runs[i]) >= 2 and (i + 1 == len(spans) or heads[i + 1][0] != heads[i][0])
-    ]
-    tails = identify(model, [_cut(audio, long_runs[i][-1], tail=True) for i in suspect], batch_size)
-    switching = [
-        i
-        for i, (lang, p, _) in zip(suspect, tails, strict=True)
-        if lang != heads[i][0] and min(p, heads[i][1]) >= SWITCH_MIN_P
-    ]
+    switching = [i for i, t in tails.items() if t[0] != heads[i][0] and min(t[1], heads[i][1]) >= SWITCH_MIN_P]
     split = _split_switching(model, audio, spans, runs, switching, batch_size)
     out_spans: list[Span] = []
     out_langs: list[Guess] = []
