@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.language_rules import UNSPACED_LANGUAGES
+from pipeline.language_rules import LANGUAGE_SCRIPTS, UNSPACED_LANGUAGES, scripts_of
 
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 MAX_GAP_S = 1.5  # a pause this long starts a new segment
@@ -249,6 +249,45 @@ def _speaker_runs(words: Sequence[WordOut], idx: list[int]) -> list[list[int]]:
     return runs
 
 
+# A run of at least this many words, none of them in the script of the language they were decoded
+# as, all in the script of exactly one other language of the recording, is labelled that language
+# (one or two such words are kept: an acronym or a name inside a sentence).
+SCRIPT_RUN_MIN_WORDS = 3
+
+
+def languages_by_script(texts: Sequence[str], langs: Sequence[str], recording: Sequence[str]) -> list[str]:
+    """Each word's language, corrected where its script contradicts it.
+
+    A chunk is decoded as one language, but one that holds the end of one language and the start
+    of another can still be decoded in both (Whisper writes what it hears): its words keep the
+    chunk's label. Where a long enough run of words is written in the script of another language
+    the recording was identified in (``recording``), that run takes that language.
+    """
+    out = list(langs)
+
+    def foreign(i: int) -> str | None:
+        own = LANGUAGE_SCRIPTS.get(out[i])
+        scripts = scripts_of(texts[i])
+        if own is None or not scripts or scripts & own:
+            return None
+        fits = [lang for lang in recording if lang != out[i] and scripts <= LANGUAGE_SCRIPTS.get(lang, frozenset())]
+        return fits[0] if len(fits) == 1 else None
+
+    i = 0
+    while i < len(out):
+        target = foreign(i)
+        j = i + 1
+        if target is not None:
+            # the run: words of the same label and the same foreign language; wordless tokens
+            # (digits, punctuation) inside it join it
+            while j < len(out) and out[j] == out[i] and (foreign(j) == target or not scripts_of(texts[j])):
+                j += 1
+            if sum(1 for k in range(i, j) if scripts_of(texts[k])) >= SCRIPT_RUN_MIN_WORDS:
+                out[i:j] = [target] * (j - i)
+        i = j
+    return out
+
+
 def build_segments(words: Sequence[WordOut], languages: Sequence[str | None] | None = None) -> list[SegmentOut]:
     """Group words into segments: split at speaker changes, language changes (``languages``: one
     per word), long pauses, and long monologues. Words of languages written without spaces join
@@ -346,6 +385,7 @@ def assemble(
     words = assign_word_speakers(alignment.words, excl, turns)
     # one language per word, from the transcript segment it came from (words keep their order)
     word_languages = [s.language or language for s in alignment.segments for _ in s.words]
+    word_languages = languages_by_script([w.word for w in words], word_languages, list(languages or {}))
     segments = build_segments(words, word_languages)
     for seg in segments:
         seg.features = segment_features(tracks, seg.start, seg.end, len(seg.words))

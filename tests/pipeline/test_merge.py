@@ -153,3 +153,19 @@ def test_any_input_gets_one_speaker_per_word(
     assert [(w.word, w.start, w.end) for w in out] == [(w.word, w.start, w.end) for w in ws]
     speakers = {t.speaker for t in tt}
     assert all((w.speaker in speakers) if speakers else w.speaker is None for w in out)
+
+
+def test_a_run_of_words_in_another_languages_script_takes_that_language() -> None:
+    """A chunk decoded as Korean that ends in English words keeps them English in the result (what
+    korean_conv_24s joined around the English sample gave: 'Well, there is not much difference.'
+    labelled ko); an acronym inside Korean speech stays Korean; a recording identified in one
+    language only is never relabelled."""
+    from pipeline.merge import languages_by_script
+
+    texts = ["Well,", "there", "is", "not", "much", "difference.", "아", "진짜요?"]
+    assert languages_by_script(texts, ["ko"] * 8, ["ko", "en"]) == ["en"] * 6 + ["ko"] * 2
+    acronym = ["이거", "AI", "모델이에요", "OK", "2024년"]
+    assert languages_by_script(acronym, ["ko"] * 5, ["ko", "en"]) == ["ko"] * 5
+    assert languages_by_script(texts, ["ko"] * 8, ["ko"]) == ["ko"] * 8
+    # and the other way: Hangul decoded under an English label
+    assert languages_by_script(["안녕하세요.", "반갑습니다", "여러분", "Hi"], ["en"] * 4, ["en", "ko"]) == ["ko"] * 3 + ["en"]
