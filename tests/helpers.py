@@ -88,3 +88,49 @@ def aws_settings(endpoint: str) -> Settings:
         secrets_manager_secret_id=None,
         instance_id=None,
     )
+
+
+class Forked:
+    """A function run in a forked child, as a Celery prefork pool child runs a task.
+
+    ``os.fork`` rather than ``multiprocessing``: a multiprocessing child first runs the after-fork
+    hooks registered in the parent, and kombu's closes every connection pool an earlier test left
+    in this process, reading from sockets the parent still owns (a BRPOP in progress never
+    answers the child: it hung there, in the clean-clone runs). The child runs ``target`` and exits
+    with 0 whatever it raised; ``exitcode`` is negative for a signal, as multiprocessing has it.
+    """
+
+    def __init__(self, target: Callable[..., Any], *args: Any) -> None:
+        self.target, self.args = target, args
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+
+    def start(self) -> Forked:
+        import os
+
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                self.target(*self.args)
+            except BaseException:  # noqa: S110  (the test reads what the child did from Redis)
+                pass
+            finally:
+                os._exit(0)
+        self.pid = pid
+        return self
+
+    def poll(self) -> int | None:
+        import os
+
+        if self.exitcode is None and self.pid is not None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.exitcode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.exitcode
+
+    def join(self, timeout: float) -> int | None:
+        """The exit code, or None if the child still runs after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.exitcode

@@ -168,4 +168,5 @@ def test_a_run_of_words_in_another_languages_script_takes_that_language() -> Non
     assert languages_by_script(acronym, ["ko"] * 5, ["ko", "en"]) == ["ko"] * 5
     assert languages_by_script(texts, ["ko"] * 8, ["ko"]) == ["ko"] * 8
     # and the other way: Hangul decoded under an English label
-    assert languages_by_script(["안녕하세요.", "반갑습니다", "여러분", "Hi"], ["en"] * 4, ["en", "ko"]) == ["ko"] * 3 + ["en"]
+    hangul = ["안녕하세요.", "반갑습니다", "여러분", "Hi"]
+    assert languages_by_script(hangul, ["en"] * 4, ["en", "ko"]) == ["ko"] * 3 + ["en"]

@@ -207,7 +207,7 @@ def test_duplicate_of_a_finished_stage_does_not_publish_the_next_again(tasks_env
 
 def _deliver_in_child(job: str, stage: str) -> int:
     """One delivery of ``stage`` in a forked process (as a pool child runs it); returns its exit code."""
-    import multiprocessing
+    from tests.helpers import Forked
 
     def child() -> None:
         from ecg_audio.settings import get_settings
@@ -218,15 +218,11 @@ def _deliver_in_child(job: str, stage: str) -> int:
         context.job_store.cache_clear()
         task = StageTask()
         task.name = f"ecg.{stage}"
-        try:
-            task.run_stage_task(stage, {"job_id": job})
-        except BaseException:
-            pass
+        task.run_stage_task(stage, {"job_id": job})
 
-    p = multiprocessing.get_context("fork").Process(target=child)
-    p.start()
-    p.join(120)
-    return int(p.exitcode or 0)
+    code = Forked(child).start().join(120)
+    assert code is not None, "the delivery neither finished nor died within 120 s"
+    return code
 
 
 def test_a_stage_that_kills_its_process_ends_after_n_deliveries(

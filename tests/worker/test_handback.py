@@ -8,20 +8,18 @@ parent's hand-back bookkeeping is the function the drain calls after the kill.""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import redis
 
 from ecg_audio.settings import get_settings
+from tests.helpers import Forked, wait_for
 
 
 class NoModels:
@@ -54,19 +52,7 @@ def _child(job: str) -> None:
     context.job_store.cache_clear()
     task = StageTask()
     task.name = "ecg.diarize"
-    try:
-        task.run_stage_task("diarize", {"job_id": job})
-    finally:
-        os._exit(0)
-
-
-def _wait(cond: Any, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+    task.run_stage_task("diarize", {"job_id": job})
 
 
 def test_three_hand_backs_do_not_fail_the_job(env: redis.Redis) -> None:
@@ -80,14 +66,12 @@ def test_three_hand_backs_do_not_fail_the_job(env: redis.Redis) -> None:
     store.update(job, status="processing", progress=30, stage="diarize", message="Finding speakers")
     request = SimpleNamespace(args=[{"job_id": job}], name="ecg.diarize")
     for n in range(1, 4):
-        child = multiprocessing.get_context("fork").Process(target=_child, args=(job,))
-        child.start()
+        child = Forked(_child, job).start()
         # running: counted as a delivery, holding the lease, paused inside the stage
-        assert _wait(lambda: env.hget(f"ecg:job:{job}", "deliveries:diarize") == "1"), n
+        wait_for(lambda: env.hget(f"ecg:job:{job}", "deliveries:diarize") == "1", 120, what=f"delivery {n} counted")
         assert child.pid is not None
         os.kill(child.pid, signal.SIGKILL)  # what the drain's hand_back does
-        child.join(30)
-        assert child.exitcode == -signal.SIGKILL
+        assert child.join(30) == -signal.SIGKILL
         _handed_back(get_settings(), request)
         assert env.hget(f"ecg:job:{job}", "deliveries:diarize") == "0", n
         assert not env.exists(f"ecg:lease:{job}:diarize")  # the next delivery runs at once
