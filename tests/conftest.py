@@ -39,6 +39,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.path.is_relative_to(system))
 
 
+@pytest.fixture(autouse=True)
+def _celery_current_app() -> Iterator[None]:
+    """Each test gets back the Celery app that was current before it. ``Celery(...)`` makes itself
+    the current app, and the stage tasks (shared tasks) resolve through it: a test's probe app
+    without them, left current, made every later in-process stage call fail with NotRegistered."""
+    from celery import _state
+
+    before = _state.get_current_app()
+    yield
+    before.set_current()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"shared material: {SHARED if SHARED.is_dir() else 'ABSENT (tests that need it are skipped)'}"
 
