@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecg_cli import speakers
 
     speakers.add_parser(sub, str(DEFAULT_VAR), _client_config)
+    from ecg_cli import stream
+
+    stream.add_parsers(sub, str(DEFAULT_VAR), _client_config)
 
     dn = sub.add_parser("down", help="stop what 'up --detach' started")
     dn.add_argument("--var-dir", default=str(DEFAULT_VAR))
