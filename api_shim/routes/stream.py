@@ -49,7 +49,6 @@ STREAM_PATH = "/v1/stream"
 ENCODINGS = ("pcm_s16le",)
 SAMPLE_RATES = (16000,)
 RETRY_AFTER_S = "5"  # no slot free: a slot frees when a stream ends (seconds to minutes)
-MAX_FRAME_BYTES = 1 << 20
 OUT_BLOCK_MS = 500  # the relay looks at the worker's heartbeat at least this often
 
 router = APIRouter(tags=["stream"])
@@ -190,8 +189,6 @@ async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Pat
                 return False
             data = msg.get("bytes")
             if data:
-                if len(data) > MAX_FRAME_BYTES:
-                    data = data[:MAX_FRAME_BYTES]
                 spool.write(data)
                 await live.push_audio(r, stream_id, data)
                 continue
