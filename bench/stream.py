@@ -6,8 +6,8 @@ and the shim, then for each N in ``--streams`` (e.g. ``1,2,3``) opens N WebSocke
 (``ecg_cli.stream.LiveClient``, what ``ecg-audio stream`` runs) that send the recording at
 ``--speed`` times real time, 100 ms a frame, all at once. Per stream:
 
-* ``first_partial_s``: when the first ``partial`` arrived, minus the end of its first word (the
-  audio of that word was sent then, at speed 1);
+* ``first_partial_s``: when the first ``partial`` arrived, minus the start of its first word (at
+  speed 1, when that audio was sent); ``first_partial_after_end_s``: minus the end of its last word;
 * ``final_latency_p95_s``: per ``final``, its arrival minus the end of its last word (at speed 1);
 * ``lag_max_s``: the most any message trailed the speech it carries (arrival minus its ``end``):
   a worker that keeps up stays near one decoding; one that falls behind grows without bound;
@@ -70,6 +70,7 @@ def stream_figures(client: LiveClient, speed: float, stm: Path) -> dict[str, Any
         "ended": last.get("type") == "end",
         "error": last.get("code") if last.get("type") == "error" else None,
         "first_partial_s": round(partials[0][0] - partials[0][1]["start"], 3) if partials else None,
+        "first_partial_after_end_s": round(partials[0][0] - partials[0][1]["end"], 3) if partials else None,
         "final_latency_p95_s": percentile([t - m["end"] for t, m in finals], 95),
         "lag_max_s": round(max((t - m["end"] for t, m in partials + finals), default=0.0), 3),
         "finals": len(finals),

@@ -36,7 +36,7 @@ def load_stream_models(settings: Settings) -> Any:
     """The models of every stream, loaded once: ``pipeline.streaming.asr.StreamModels``."""
     from ecg_audio.languages import is_english_only
     from pipeline.streaming.asr import StreamModels, load_whisper
-    from pipeline.streaming.speakers import load_embedder
+    from pipeline.streaming.speakers import load_embedder, load_segmenter
     from pipeline.transcribe import resolve_asr_model
     from worker.cpu import auto_compute_type, configure_torch_threads, cpu_threads
 
@@ -57,7 +57,7 @@ def load_stream_models(settings: Settings) -> Any:
     else:
         english, multilingual = None, main
     embed = load_embedder(runtime=settings.diarization_runtime, onnx_cache_dir=settings.onnx_cache_dir)
-    return StreamModels(english=english, multilingual=multilingual, embed=embed)
+    return StreamModels(english=english, multilingual=multilingual, embed=embed, segment=load_segmenter())
 
 
 def pcm_to_float(pcm: bytes) -> np.ndarray:

