@@ -1,5 +1,6 @@
 """WS /v1/stream end to end: real Redis, a real stream worker process (real models), the real shim
-under uvicorn, a real WebSocket client (``ecg_cli.stream.LiveClient``, what ``ecg-audio stream`` runs).
+under uvicorn, a real WebSocket client (``ecg_cli.stream.LiveClient``, what ``ecg-audio stream`` runs),
+and a real Celery worker that refines the job the stream became.
 
 The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
 """
@@ -22,7 +23,7 @@ import redis
 from ecg_audio import live
 from ecg_cli.stream import LiveClient, file_pcm
 from pipeline.errors import NoStreamSlotError, StreamWorkerLostError
-from tests.conftest import API_KEY, LIVE_DB, Proc, free_port
+from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -62,6 +63,14 @@ def stream_worker(live_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
+def stage_worker(live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """The batch chain's worker for the jobs the streams become (it loads while the stream worker does)."""
+    proc = start_worker(live_env, tmp_path_factory.mktemp("logs") / "stage-worker.log", name="live-w")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
 def live_shim(live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "live-shim.log"
@@ -82,8 +91,8 @@ def _ws(url: str) -> str:
     return url.replace("http://", "ws://")
 
 
-def test_a_stream_sends_finals_with_speakers_then_becomes_a_job(
-    live_shim: str, stream_worker: Proc, sample_pcm: bytes
+def test_a_stream_sends_finals_with_speakers_then_becomes_a_refined_job(
+    live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_pcm: bytes
 ) -> None:
     client = LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en", "job_id": "live-e2e-1"})
     messages = list(client.run(sample_pcm, speed=4.0))
@@ -94,12 +103,14 @@ def test_a_stream_sends_finals_with_speakers_then_becomes_a_job(
     assert len(finals) >= 5 and all(f["speaker"] and f["language"] == "en" and f["words"] for f in finals)
     assert [f["id"] for f in finals] == list(range(len(finals)))
     assert messages[-1]["job_id"] == "live-e2e-1"
-    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}) as api:
-        job = api.get("/jobs/live-e2e-1")
-        assert job.status_code == 200, job.text
-        assert job.json()["status"] == "queued"  # the batch chain waits for a stage worker (none here)
-    stored = live.live_result(redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"]), "live-e2e-1")
-    assert stored is not None and [f["text"] for f in stored["finals"]] == [f["text"] for f in finals]
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        assert api.get("/jobs/live-e2e-1").status_code == 200
+        done = wait_job(api, "live-e2e-1", timeout=480)
+    assert done["status"] == "completed", (done, stage_worker.tail())
+    result = done["result"]
+    assert result["segments"] and result["metadata"]["duration"] == pytest.approx(len(sample_pcm) / 32000, abs=0.1)
+    assert [f["text"] for f in result["live"]["finals"]] == [f["text"] for f in finals]
+    assert result["live"]["language"] == "en" and result["metadata"]["speakers_detected"] == 2
 
 
 def test_a_browser_token_opens_a_stream_and_a_full_worker_refuses_the_next(
