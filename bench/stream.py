@@ -37,7 +37,7 @@ import redis
 from bench.harness import TreeRss, emit, eprint, loadavg
 from ecg_audio import live
 from ecg_cli.stream import LiveClient, file_pcm
-from ops.stack import free_port, start_redis
+from ops.stack import free_port, start_redis, stream_worker_command
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "stream-bench-key-0123456789"
@@ -107,7 +107,7 @@ def start_stack(var: Path, slots: int) -> tuple[list[subprocess.Popen[bytes]], s
     logs = var / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     worker = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "worker.stream"],
+        stream_worker_command(),
         env=env,
         cwd=REPO,
         stdout=open(logs / "worker.log", "ab"),

@@ -22,6 +22,7 @@ import redis
 
 from ecg_audio import live
 from ecg_cli.stream import LiveClient, file_pcm
+from ops.stack import stream_worker_command
 from pipeline.errors import NoStreamSlotError, StreamWorkerLostError
 from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
@@ -50,7 +51,7 @@ def live_env(redis_url: str, stack_env: dict[str, str], tmp_path_factory: pytest
 @pytest.fixture(scope="module")
 def stream_worker(live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     log = tmp_path_factory.mktemp("logs") / "stream-worker.log"
-    proc = Proc("stream-worker", [sys.executable, "-m", "worker.stream"], live_env, log)
+    proc = Proc("stream-worker", stream_worker_command(), live_env, log)
     r = redis.Redis.from_url(live_env["ECG_REDIS_URL"])
 
     def ready() -> bool:
