@@ -71,6 +71,7 @@ def stream_figures(client: LiveClient, speed: float, stm: Path) -> dict[str, Any
         "error": last.get("code") if last.get("type") == "error" else None,
         "first_partial_s": round(partials[0][0] - partials[0][1]["start"], 3) if partials else None,
         "first_partial_after_end_s": round(partials[0][0] - partials[0][1]["end"], 3) if partials else None,
+        "final_latency_p50_s": percentile([t - m["end"] for t, m in finals], 50),
         "final_latency_p95_s": percentile([t - m["end"] for t, m in finals], 95),
         "lag_max_s": round(max((t - m["end"] for t, m in partials + finals), default=0.0), 3),
         "finals": len(finals),

@@ -57,7 +57,21 @@ def load_stream_models(settings: Settings) -> Any:
     else:
         english, multilingual = None, main
     embed = load_embedder(runtime=settings.diarization_runtime, onnx_cache_dir=settings.onnx_cache_dir)
-    return StreamModels(english=english, multilingual=multilingual, embed=embed, segment=load_segmenter())
+    models = StreamModels(english=english, multilingual=multilingual, embed=embed, segment=load_segmenter())
+    warm_up(models)
+    return models
+
+
+def warm_up(models: Any) -> None:
+    """One pass of every model on a few seconds of noise: their first call builds kernels and
+    caches (seconds on a CPU), which would otherwise land on the first stream's first finals."""
+    noise = np.random.default_rng(0).normal(0, 0.01, 3 * 16000).astype(np.float32)
+    for backend in (models.english, models.multilingual):
+        if backend is not None:
+            backend.transcribe(noise, prompt="", language="en")
+    if models.multilingual is not None:
+        models.multilingual.detect_language(noise)
+    models.embed(noise, models.segment(noise)[:, 0] + 1.0)
 
 
 def pcm_to_float(pcm: bytes) -> np.ndarray:
