@@ -17,11 +17,17 @@ import numpy as np
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.errors import UnsupportedOptionError
+from pipeline.loop_guard import loop_reason
 from pipeline.streaming.types import TimedWord
 
 # Whisper's own no-speech test (openai/whisper transcribe.py), per segment
 NO_SPEECH_P = 0.6
 NO_SPEECH_LOGPROB = -1.0
+# A decoding may write at most this many tokens per second of audio (plus a few): speech needs far
+# fewer (Korean, the densest here, about 10), and a decoder caught in a loop on a short buffer
+# otherwise writes Whisper's 448 tokens, seconds of compute (seen: 9-18 s on 2-4 s of Korean)
+MAX_TOKENS_PER_S = 20
+MIN_TOKENS = 16
 
 
 class WhisperBackend:
@@ -45,11 +51,14 @@ class WhisperBackend:
             condition_on_previous_text=True,
             vad_filter=False,
             temperature=0.0,
+            max_new_tokens=int(MIN_TOKENS + MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE),
         )
         length = len(audio) / SAMPLE_RATE
         words: list[TimedWord] = []
         for seg in segments:
             if seg.no_speech_prob > NO_SPEECH_P and seg.avg_logprob < NO_SPEECH_LOGPROB:
+                continue
+            if loop_reason(seg.text):  # a loop is not speech, however often two decodings agree on it
                 continue
             for w in seg.words or []:
                 # a word of punctuation alone is what Whisper writes into silence
