@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from fastapi.security import HTTPAuthorizationCredentials
@@ -96,7 +97,10 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
         if query.job_id and await shim.async_store().get(job_id) is not None:
             raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {job_id!r} is already taken: choose another job_id")
         r = shim.async_store().r
-        worker = await live.claim_slot(r, job_id)
+        try:
+            worker = await live.claim_slot(r, job_id)
+        except redis.RedisError as e:
+            raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
         if worker is None:
             raise ApiError(
                 503, NoStreamSlotError.code, "no live transcription slot is free", {"Retry-After": RETRY_AFTER_S}
