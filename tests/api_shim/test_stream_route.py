@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from ecg_audio import live
+from ecg_audio import keys, live
 from ecg_cli.stream import LiveClient, file_pcm
 from ops.stack import stream_worker_command
 from pipeline.errors import NoStreamSlotError, StreamWorkerLostError
@@ -140,19 +140,40 @@ def _refusal(client: LiveClient) -> Any:
     return refused.value.response
 
 
-def test_a_killed_stream_worker_is_reported_to_its_client(
-    live_shim: str, stream_worker: Proc, sample_pcm: bytes
+def test_a_killed_stream_worker_is_reported_to_its_client_and_the_other_stream_carries_on(
+    live_shim: str, stream_worker: Proc, sample_pcm: bytes, tmp_path: Path
 ) -> None:
     r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
     wait_for(lambda: live.slot_counts(r) == (0, 1), 60, what="the slot of the previous test freed")
-    client = LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en"})
-    stream = client.run(sample_pcm, speed=1.0, timeout=60)
-    first: dict[str, Any] = next(m for m in stream if m["type"] in ("partial", "final", "error"))
-    assert first["type"] != "error", first
-    killed_at = time.monotonic() - client.started
-    os.kill(stream_worker.popen.pid, signal.SIGKILL)
-    rest = list(stream)
-    assert rest and rest[-1]["type"] == "error", rest[-3:]
-    assert rest[-1]["code"] == StreamWorkerLostError.code
-    heard_after = client.received[-1][0] - killed_at
-    print(json.dumps({"worker_lost_heard_after_s": round(heard_after, 2)}))
+    other = Proc("stream-worker-2", stream_worker_command(), stream_worker.env, tmp_path / "stream-worker-2.log")
+    try:
+        wait_for(lambda: other.check_alive() or live.slot_counts(r) == (0, 2), 300, what=lambda: other.tail())
+        clients = {
+            job_id: LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en", "job_id": job_id})
+            for job_id in ("live-kill-a", "live-kill-b")
+        }
+        streams = {job_id: c.run(sample_pcm, speed=1.0, timeout=60) for job_id, c in clients.items()}
+        firsts = {
+            job_id: next(m for m in s if m["type"] in ("partial", "final", "error")) for job_id, s in streams.items()
+        }
+        assert all(m["type"] != "error" for m in firsts.values()), firsts
+        # each worker has one slot: one stream on each; the first worker's dies with it
+        doomed = next(j for j in clients if r.sismember(live.busy_key(_worker_id(r, stream_worker.popen.pid)), j))
+        survivor = next(j for j in clients if j != doomed)
+        killed_at = time.monotonic() - clients[doomed].started
+        os.kill(stream_worker.popen.pid, signal.SIGKILL)
+        rest = list(streams[doomed])
+        assert rest and rest[-1]["type"] == "error", rest[-3:]
+        assert rest[-1]["code"] == StreamWorkerLostError.code
+        heard_after = clients[doomed].received[-1][0] - killed_at
+        print(json.dumps({"worker_lost_heard_after_s": round(heard_after, 2)}))
+        carried_on = list(streams[survivor])
+        assert carried_on[-1] == {"type": "end", "job_id": survivor}, carried_on[-3:]
+    finally:
+        other.stop()
+
+
+def _worker_id(r: redis.Redis, pid: int) -> str:
+    """The live id of the stream worker with this process id (``host:pid:boot``)."""
+    ids = [w.decode() for w in r.smembers(keys.LIVE_WORKERS)]  # type: ignore[union-attr]
+    return next(w for w in ids if w.split(":")[1] == str(pid))
