@@ -147,7 +147,12 @@ def test_a_killed_stream_worker_is_reported_to_its_client_and_the_other_stream_c
     wait_for(lambda: live.slot_counts(r) == (0, 1), 60, what="the slot of the previous test freed")
     other = Proc("stream-worker-2", stream_worker_command(), stream_worker.env, tmp_path / "stream-worker-2.log")
     try:
-        wait_for(lambda: other.check_alive() or live.slot_counts(r) == (0, 2), 300, what=lambda: other.tail())
+
+        def both_ready() -> bool:
+            other.check_alive()
+            return live.slot_counts(r) == (0, 2)
+
+        wait_for(both_ready, 300, what=lambda: other.tail())
         clients = {
             job_id: LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en", "job_id": job_id})
             for job_id in ("live-kill-a", "live-kill-b")
