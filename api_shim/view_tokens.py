@@ -66,3 +66,21 @@ def view_url(
     expires = int((time.time() if now is None else now) + settings.view_ttl_s)
     token = make_token(secret, job_id, expires, first_run=first_run)
     return f"{base_url.rstrip('/')}/jobs/{job_id}/view?token={token}"
+
+
+# --- live stream tokens (POST /v1/stream/token) ----------------------------------------------
+# A browser cannot set a header on a WebSocket, so it opens WS /v1/stream with ``?token=``: the same
+# signature as a page link, over ``stream:<key fingerprint>`` (never a job id: those hold no ':'),
+# so a token opens streams owned by the key that asked for it, until it expires.
+
+
+def make_stream_token(secret: bytes, fingerprint: str, expires: int) -> str:
+    return f"{fingerprint}.{make_token(secret, 'stream:' + fingerprint, expires)}"
+
+
+def stream_token_owner(secret: bytes | None, token: str, *, now: float | None = None) -> str | None:
+    """The key fingerprint a valid, unexpired stream token was made for; None otherwise."""
+    fingerprint, _, rest = token.partition(".")
+    if not fingerprint or len(fingerprint) > 64 or not fingerprint.isalnum():
+        return None
+    return fingerprint if check_token(secret, "stream:" + fingerprint, rest, now=now) else None

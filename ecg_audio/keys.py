@@ -50,6 +50,16 @@ JOB_VOICES = "ecg:job-voices:"
 SPEAKER_PENDING = "ecg:speaker-pending:"
 # the event streams each API key holds open (sorted sets of leases; api_shim/stream_slots.py)
 STREAMS = "ecg:streams:"
+# live transcription (WS /v1/stream; ecg_audio/live.py): the stream workers (set), each one's heartbeat
+# (a string with a short TTL: its slot count), the live streams it holds (set), its start queue (list);
+# per live stream its audio in and its messages out (Redis streams); per job the live finals (JSON)
+LIVE_WORKERS = "ecg:live:workers"
+LIVE_HEARTBEAT = "ecg:live:hb:"
+LIVE_BUSY = "ecg:live:busy:"
+LIVE_START = "ecg:live:start:"
+LIVE_AUDIO = "ecg:live:audio:"
+LIVE_OUT = "ecg:live:out:"
+LIVE_RESULT = "ecg:live:result:"
 
 
 def job(job_id: str) -> str:

@@ -17,9 +17,11 @@ from pipeline.errors import (
     DownloadError,
     GPUMemoryError,
     InvalidMediaError,
+    NoStreamSlotError,
     ProcessingError,
     StageCrashedError,
     StageTimeoutError,
+    StreamWorkerLostError,
     UnsupportedOptionError,
 )
 
@@ -60,6 +62,11 @@ ERRORS: dict[str, dict[str, str]] = {
     StageTimeoutError.code: {"en": "A stage took too long", "ko": "처리 시간이 초과되었습니다"},
     CancelledError.code: {"en": "The job was cancelled", "ko": "작업이 취소되었습니다"},
     StageCrashedError.code: {"en": "The stage kept crashing", "ko": "처리 단계가 반복해서 중단되었습니다"},
+    StreamWorkerLostError.code: {
+        "en": "The live transcription worker stopped; reconnect to continue",
+        "ko": "실시간 전사 작업자가 멈췄습니다. 다시 연결하세요",
+    },
+    NoStreamSlotError.code: {"en": "No live transcription slot is free", "ko": "실시간 전사 슬롯이 모두 사용 중입니다"},
 }
 
 # details of an error that the catalog has in Korean too (AnalysisError.key; its values fill the
@@ -82,6 +89,7 @@ NOT_MEDIA_KINDS_KO: dict[str, str] = {
     "playlist": "미디어가 아닌 재생 목록(M3U)",
     "text": "일반 텍스트",
 }
+
 
 def resolve_locale(locale: str | None, default: str = "en") -> Locale:
     """'ko', 'ko-KR', 'KO' -> 'ko'; an Accept-Language value ('ko-KR,ko;q=0.9,en;q=0.8') -> its

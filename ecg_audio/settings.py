@@ -199,6 +199,17 @@ class Settings(BaseSettings):
         "new one is refused with 429 (api_shim/stream_slots.py)",
     )
 
+    # --- live transcription (WS /v1/stream) -------------------------------
+    stream_slots: int = Field(
+        2, ge=1, le=64, description="Live streams one stream worker serves at once (ecg-audio stream-worker)."
+    )
+    stream_token_ttl_s: int = Field(
+        60, ge=5, le=3600, description="How long a token from POST /v1/stream/token opens a stream (?token=)."
+    )
+    stream_max_s: float = Field(
+        4 * 3600.0, gt=0, description="The longest live stream; past it the server ends it as if the client stopped."
+    )
+
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(
         default=None, description="AWS region; none = boto3's chain (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)."

@@ -199,6 +199,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         flower_port=a.flower_port,
         flower=not a.no_flower,
         cpu_worker=a.cpu_worker,
+        stream_worker=a.stream_worker,
     )
     print(f"waiting for the worker to load its models (logs in {stack.var_dir / 'logs'}) ...", file=sys.stderr)
     try:
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--flower-port", type=int, default=5555)
     up.add_argument("--no-flower", action="store_true")
     up.add_argument("--cpu-worker", action="store_true", help="a second worker for the cpu queue (GPU machines)")
+    up.add_argument("--stream-worker", action="store_true", help="a stream worker too, for WS /v1/stream")
     up.add_argument("--detach", action="store_true", help="return once ready; stop with 'ecg-audio down'")
     up.add_argument("--timeout", type=float, default=600)
     up.set_defaults(func=cmd_up)
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecg_cli import speakers
 
     speakers.add_parser(sub, str(DEFAULT_VAR), _client_config)
+    from ecg_cli import stream
+
+    stream.add_parsers(sub, str(DEFAULT_VAR), _client_config)
 
     dn = sub.add_parser("down", help="stop what 'up --detach' started")
     dn.add_argument("--var-dir", default=str(DEFAULT_VAR))

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from ecg_audio import live
 from ecg_audio.queues import PRIORITY_STEPS, QUEUES, priority_queue_keys
 from ecg_audio.settings import Settings, get_settings
 
@@ -122,8 +123,10 @@ def publish(
     settings: Settings | None = None,
     *,
     callback_dead_letters: int | None = None,
+    stream_slots: tuple[int, int] | None = None,
 ) -> PublishedMetrics:
-    """Put ``QueueLength``, ``BacklogPerInstance`` (and ``CallbackDeadLetters``) for the worker group.
+    """Put ``QueueLength``, ``BacklogPerInstance`` (and ``CallbackDeadLetters``; with ``stream_slots``,
+    the live stream workers' ``StreamSlotsBusy`` and ``StreamSlotsFree``) for the worker group.
 
     With no instance in service the backlog itself is published as the per-instance
     value, so any backlog above the target still scales out from zero.
@@ -164,6 +167,14 @@ def publish(
                     }
                 ]
             ),
+            *(
+                []
+                if stream_slots is None
+                else [
+                    {"MetricName": name, "Dimensions": dimensions, "Value": float(value), "Unit": "Count"}
+                    for name, value in zip(("StreamSlotsBusy", "StreamSlotsFree"), stream_slots, strict=True)
+                ]
+            ),
         ],
     )
     published = PublishedMetrics(total, instances, per_instance)
@@ -201,6 +212,7 @@ class QueueMetricsPublisher:
             backlog,
             self.settings,
             callback_dead_letters=dead_letters(self._redis),
+            stream_slots=live.slot_counts(self._redis),
         )
 
     def close(self) -> None:

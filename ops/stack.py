@@ -204,6 +204,12 @@ def start_worker(
     )
 
 
+def stream_worker_command() -> list[str]:
+    """The stream worker's launch command (``worker.stream``): what ``ecg-audio up --stream-worker``,
+    ``bench/stream.py`` and the live stream tests run."""
+    return [sys.executable, "-m", "worker.stream"]
+
+
 def webhook_root_key(var_dir: Path) -> str:
     """The stack's root key for signing callbacks: generated once and kept in ``var/`` (0600), so each
     API key's webhook secret stays the same across ``up``s (a new root would re-key every tenant)."""
@@ -226,6 +232,7 @@ def bring_up(
     api_key: str | None = None,
     quiet: bool = False,
     cpu_worker: bool = False,
+    stream_worker: bool = False,
 ) -> Stack:
     var_dir = var_dir.resolve()
     (var_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -249,6 +256,14 @@ def bring_up(
         # ingest, features and merge of other jobs run beside the model stages: the GPU never waits
         stack.procs["cpu-worker"] = start_worker("cpu", env, logs / "cpu-worker.log", "cpu", log_level=None)
     stack.procs["worker"] = start_worker("worker", env, logs / "worker.log", "model" if cpu_worker else "model,cpu")
+    if stream_worker:  # live transcription (WS /v1/stream): its own process type, models preloaded
+        stack.procs["stream-worker"] = subprocess.Popen(
+            stream_worker_command(),
+            start_new_session=True,
+            env=env,
+            stdout=open(logs / "stream-worker.log", "ab"),  # noqa: SIM115 - the child keeps it
+            stderr=subprocess.STDOUT,
+        )
     py = sys.executable
     stack.procs["shim"] = subprocess.Popen(
         [py, "-m", "uvicorn", "api_shim.app:app", "--host", "127.0.0.1", "--port", str(shim_port), "--no-access-log"],

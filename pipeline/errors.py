@@ -81,6 +81,21 @@ class StageCrashedError(AnalysisError):
     code = "STAGE_CRASHED"
 
 
+class StreamWorkerLostError(AnalysisError):
+    """The stream worker serving a live stream stopped answering (its heartbeat lapsed): the client
+    may reconnect and start a new stream, which another worker takes."""
+
+    code = "STREAM_WORKER_LOST"
+    retryable = True
+
+
+class NoStreamSlotError(AnalysisError):
+    """Every stream worker's slots are taken (or none runs): retry after a few seconds."""
+
+    code = "NO_STREAM_SLOT"
+    retryable = True
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
     """True for torch's and CTranslate2's out-of-memory errors (and our injected one)."""
     name = type(exc).__name__

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from ecg_audio import live
 from ecg_audio.jobs import JobStatus
 from ecg_audio.messages import error_message, failed, text
 from ecg_audio.stage_table import STAGE_BY_NAME
@@ -44,6 +45,9 @@ def complete(job: JobSpec, env: StageEnv, run: int | None) -> None:
     envelope = store.get_result(job.job_id)
     if envelope is None:
         envelope = env.workspace(job.job_id).read_json("result.json")
+        finals = live.live_result(store.r, job.job_id)
+        if finals is not None:  # a job that began as a live stream keeps what its client saw
+            envelope["result"]["live"] = finals
         store.set_result(job.job_id, envelope)
     # the result is safe in Redis (and output/): the workspace can go before the job is
     # reported complete, so a client that sees 'completed' never sees leftovers

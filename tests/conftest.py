@@ -121,6 +121,10 @@ SCRATCH_DB = 12
 # reaps their deliveries.
 STAGE_DB = 13
 
+# A database for the live stream tests (tests/api_shim/test_stream_route.py): their stream worker,
+# shim and the jobs their streams become, which no Celery worker of the session takes.
+LIVE_DB = 15
+
 
 @pytest.fixture(scope="session")
 def stage_redis_url(redis_url: str) -> str:

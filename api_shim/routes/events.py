@@ -283,7 +283,7 @@ async def job_events_ws(
     try:
         slot = await open_slot(shim, rec)
     except ApiError as e:
-        await _deny(websocket, e)
+        await deny_websocket(websocket, e)
         return
     live = live_state(shim.settings)
     try:
@@ -328,7 +328,7 @@ async def _until_gone(websocket: WebSocket) -> None:
         pass
 
 
-async def _deny(websocket: WebSocket, e: ApiError) -> None:
+async def deny_websocket(websocket: WebSocket, e: ApiError) -> None:
     """Refuse before the handshake: an HTTP answer where the server can send one, else a close."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(problem_response(e.status_code, e.code, str(e.detail), headers=e.headers))

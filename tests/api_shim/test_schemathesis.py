@@ -98,6 +98,7 @@ OPERATIONS = [
     ("POST", "/api/uploads"),
     ("POST", "/api/uploads/presigned"),
     ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/stream/token"),
     ("GET", "/health"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, SHARED
 
-BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu", "peer"]
+BENCHES = ["overhead", "stages", "long", "pipelining", "shim_load", "gpu", "peer", "stream"]
 
 
 def run_bench(name: str, *args: str, timeout: float = 600) -> dict[str, Any]:

@@ -77,6 +77,21 @@ def test_publish_7_messages_2_instances(
     assert _metric_values(settings, "BacklogPerInstance") == [3.5]
 
 
+def test_stream_slots_are_published_beside_the_backlog(settings: Settings, worker_group) -> None:
+    worker_group(1)
+
+    publish(
+        aws.client("cloudwatch", settings),
+        aws.client("autoscaling", settings),
+        Backlog(waiting={"model": 0, "cpu": 0}),
+        settings,
+        stream_slots=(3, 1),
+    )
+
+    assert _metric_values(settings, "StreamSlotsBusy") == [3.0]
+    assert _metric_values(settings, "StreamSlotsFree") == [1.0]
+
+
 def test_no_instances_publishes_the_whole_backlog(settings: Settings, worker_group) -> None:
     worker_group(0)
 

@@ -1,0 +1,278 @@
+"""Live transcription: ``WS /v1/stream``, and ``POST /v1/stream/token`` for browsers.
+
+The client sends binary frames of audio (``pcm_s16le``, 16 kHz mono), then the text message
+``{"type": "stop"}``; it gets ``partial``, ``final``, ``speaker_update`` messages as a stream
+worker (``worker.stream``) produces them, then ``end`` with the job the stream became, or an
+``error`` (``code``, ``message``). The shim holds no model: it claims a slot on a live stream
+worker (503 + Retry-After before the upgrade when none is free), relays the audio to it and its
+messages back through Redis (``ecg_audio.live``), and watches its heartbeat: a worker that dies
+is reported as ``STREAM_WORKER_LOST`` within seconds.
+
+At ``stop`` the recording becomes a normal job (``job_id``, or a new ``live-…`` id), owned by the
+caller's key: its WAV is stored as an upload and, with ``refine`` (the default), the batch chain
+runs on it (``api_shim.submission.submit``); the live finals are kept for its ``result.live``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import struct
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel, ValidationError
+
+from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, require_key
+from api_shim.errors import PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.routes.events import deny_websocket
+from api_shim.routes.uploads import save_upload
+from api_shim.schemas import JOB_ID_PATTERN, JobOptions, ProcessRequest
+from api_shim.submission import check_request_async, submit
+from api_shim.view_tokens import make_stream_token, stream_token_owner, view_secret
+from ecg_audio import live
+from pipeline.errors import NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
+
+log = structlog.get_logger("ecg.shim")
+
+STREAM_PATH = "/v1/stream"
+ENCODINGS = ("pcm_s16le",)
+SAMPLE_RATES = (16000,)
+RETRY_AFTER_S = "5"  # no slot free: a slot frees when a stream ends (seconds to minutes)
+OUT_BLOCK_MS = 500  # the relay looks at the worker's heartbeat at least this often
+
+router = APIRouter(tags=["stream"])
+
+
+class StreamToken(BaseModel):
+    token: str
+    expires_in: int
+
+
+@router.post(
+    STREAM_PATH + "/token",
+    response_model=StreamToken,
+    summary="A short-lived token that opens WS /v1/stream as this key (?token=), for browsers",
+    responses={**PROTECTED_RESPONSES, **UNAVAILABLE},
+)
+async def stream_token(shim: ShimDep, caller: CurrentKey) -> StreamToken:
+    secret = view_secret(shim.settings)
+    if secret is None:  # unreachable with a key accepted (keys derive the secret); kept for clarity
+        raise ApiError(503, "NO_TOKEN_SECRET", "stream tokens need ECG_VIEW_SECRET or API keys")
+    ttl = shim.settings.stream_token_ttl_s
+    return StreamToken(token=make_stream_token(secret, caller.fingerprint, int(time.time()) + ttl), expires_in=ttl)
+
+
+@dataclass(frozen=True)
+class StreamQuery:
+    language: str | None
+    options: JobOptions
+    job_id: str | None
+    refine: bool
+
+
+class _Ended(Exception):
+    """The worker's side ended the stream with an error message (already sent to the client)."""
+
+
+@router.websocket(STREAM_PATH)
+async def stream(websocket: WebSocket, token: str | None = None) -> None:
+    """Live transcription over a WebSocket (the README's ``WS /v1/stream`` has the contract)."""
+    shim: Shim = websocket.app.state.shim
+    try:
+        caller = await _caller(shim, websocket, token)
+        query = await _query(shim, dict(websocket.query_params))
+        job_id = query.job_id or f"live-{uuid.uuid4().hex}"
+        if query.job_id and await shim.async_store().get(job_id) is not None:
+            raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {job_id!r} is already taken: choose another job_id")
+        r = shim.async_store().r
+        try:
+            worker = await live.claim_slot(r, job_id)
+        except redis.RedisError as e:
+            raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+        if worker is None:
+            raise ApiError(
+                503, NoStreamSlotError.code, "no live transcription slot is free", {"Retry-After": RETRY_AFTER_S}
+            )
+    except ApiError as e:
+        await deny_websocket(websocket, e)
+        return
+    request = live.StartRequest(job_id, query.language, query.options.num_speakers, query.options.max_speakers)
+    log.info("live_stream_admitted", job_id=job_id, worker=worker)
+    try:
+        await live.start(r, worker, request)
+        await websocket.accept()
+        with tempfile.TemporaryDirectory(prefix="ecg-live-") as tmp:
+            recording = Path(tmp) / "audio.pcm"
+            finals = await _relay(websocket, r, worker, job_id, recording)
+            if finals is not None:
+                await _become_job(shim, websocket, caller, query, job_id, recording, finals)
+    except (WebSocketDisconnect, _Ended):
+        pass
+    finally:
+        await live.abandon(r, worker, job_id)
+
+
+async def _caller(shim: Shim, websocket: WebSocket, token: str | None) -> Caller:
+    """The key this stream acts for: ``Authorization: Bearer`` or a stream token."""
+    if token is not None:
+        owner = stream_token_owner(view_secret(shim.settings), token)
+        if owner is None:
+            raise ApiError(403, "FORBIDDEN", "stream token not accepted (expired, or not made here)")
+        return Caller(fingerprint=owner)
+    scheme, _, value = (websocket.headers.get("authorization") or "").partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=value.strip()) if value else None
+    return await require_key(shim, creds)
+
+
+async def _query(shim: Shim, params: dict[str, str]) -> StreamQuery:
+    """The stream's options, checked as a job's are (422 for what no worker could serve)."""
+    known = {"language", "encoding", "sample_rate", "num_speakers", "max_speakers", "job_id", "locale", "refine"}
+    unknown = sorted(set(params) - known - {"token"})
+    if unknown:
+        raise ApiError(422, UnsupportedOptionError.code, f"unknown query parameters {unknown}")
+    if params.get("encoding", ENCODINGS[0]) not in ENCODINGS:
+        raise ApiError(422, UnsupportedOptionError.code, f"encoding: one of {list(ENCODINGS)}")
+    if params.get("sample_rate", str(SAMPLE_RATES[0])) not in {str(r) for r in SAMPLE_RATES}:
+        raise ApiError(422, UnsupportedOptionError.code, f"sample_rate: one of {list(SAMPLE_RATES)}")
+    job_id = params.get("job_id") or None
+    if job_id is not None and not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise ApiError(422, UnsupportedOptionError.code, "job_id: letters, digits, '.', '_', '-' (at most 128)")
+    refine = params.get("refine", "true").lower()
+    if refine not in ("true", "false", "1", "0"):
+        raise ApiError(422, UnsupportedOptionError.code, "refine: true or false")
+    if refine in ("false", "0"):
+        raise ApiError(422, UnsupportedOptionError.code, "refine=false is not served yet: the stream's job is refined")
+    try:
+        options = JobOptions(
+            num_speakers=params.get("num_speakers") or None,  # type: ignore[arg-type]
+            max_speakers=params.get("max_speakers") or None,  # type: ignore[arg-type]
+            locale=params.get("locale") or None,  # type: ignore[arg-type]
+        )
+        language = params.get("language") or None
+        probe = ProcessRequest(job_id="probe", video_url="upload://" + "0" * 32, language=language, options=options)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
+        raise ApiError(422, UnsupportedOptionError.code, problems[:500]) from None
+    await check_request_async(shim, probe)  # the one language rule (ecg_audio.languages)
+    return StreamQuery(probe.language, options, job_id, True)
+
+
+async def _relay(websocket: WebSocket, r: Any, worker: str, stream_id: str, recording: Path) -> dict[str, Any] | None:
+    """Audio in and messages out until the worker is done: its live result; None when the client left."""
+    inbound = asyncio.ensure_future(_audio_in(websocket, r, stream_id, recording))
+    outbound = asyncio.ensure_future(_messages_out(websocket, r, worker, stream_id))
+    try:
+        done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
+        if inbound in done and inbound.result() is False:  # the client went away before stop
+            return None
+        return await outbound
+    finally:
+        for task in (inbound, outbound):
+            task.cancel()
+        await asyncio.gather(inbound, outbound, return_exceptions=True)
+
+
+async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path) -> bool:
+    """Binary frames to the worker (and the recording) until ``stop``: True; False when the client left."""
+    with open(recording, "wb") as spool:
+        while True:
+            msg = await websocket.receive()
+            if msg["type"] == "websocket.disconnect":
+                return False
+            data = msg.get("bytes")
+            if data:
+                spool.write(data)
+                await live.push_audio(r, stream_id, data)
+                continue
+            text = msg.get("text") or ""
+            with contextlib.suppress(ValueError):
+                if json.loads(text).get("type") == "stop":
+                    await live.push_stop(r, stream_id)
+                    return True
+
+
+async def _messages_out(websocket: WebSocket, r: Any, worker: str, stream_id: str) -> dict[str, Any]:
+    """The worker's messages to the client until ``done`` (returns its live result); a lapsed
+    heartbeat or an error from the worker ends the stream (``_Ended``) after telling the client."""
+    last = "0-0"
+    while True:
+        reply = await r.xread({live.out_key(stream_id): last}, block=OUT_BLOCK_MS, count=100)
+        for _key, entries in reply or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                message = json.loads(fields["m"])
+                if message["type"] == live.DONE:
+                    return dict(message.get("live") or {})
+                await websocket.send_text(fields["m"])
+                if message["type"] == "error":
+                    await websocket.close(code=status.WS_1011_INTERNAL_ERROR)
+                    raise _Ended(message.get("code"))
+        if not reply and not await live.worker_alive(r, worker):
+            err = StreamWorkerLostError("the live transcription worker stopped; reconnect to start a new stream")
+            log.warning("live_stream_worker_lost", stream_id=stream_id, worker=worker)
+            await websocket.send_text(json.dumps({"type": "error", "code": err.code, "message": err.message}))
+            await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER)
+            raise _Ended(err.code)
+
+
+async def _become_job(
+    shim: Shim,
+    websocket: WebSocket,
+    caller: Caller,
+    query: StreamQuery,
+    job_id: str,
+    recording: Path,
+    finals: dict[str, Any],
+) -> None:
+    """The recording stored as an upload, the live finals kept, the job submitted; ``end`` sent."""
+    if recording.stat().st_size < 2:
+        await websocket.send_text(json.dumps({"type": "end", "job_id": None}))
+        await websocket.close()
+        return
+    try:
+        stored = await save_upload(shim, _as_wav(recording))
+        await live.store_live_result(shim.async_store().r, job_id, finals, shim.settings.job_ttl_s)
+        req = ProcessRequest(job_id=job_id, video_url=stored.video_url, language=query.language, options=query.options)
+        await submit(shim, req, caller, admitted=False)
+    except ApiError as e:  # the job could not be made (a limit, Redis away): the client hears why
+        await websocket.send_text(json.dumps({"type": "error", "code": e.code, "message": str(e.detail)}))
+        await websocket.close(code=status.WS_1011_INTERNAL_ERROR)
+        return
+    log.info("live_stream_job", job_id=job_id, bytes=stored.bytes)
+    await websocket.send_text(json.dumps({"type": "end", "job_id": job_id}))
+    await websocket.close()
+
+
+def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATES[0]) -> bytes:
+    """The 44-byte header of a 16-bit mono PCM WAV file holding ``data_bytes`` of samples."""
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+async def _as_wav(recording: Path) -> AsyncIterator[bytes]:
+    """The raw pcm_s16le recording with a WAV header in front (16 kHz mono)."""
+    size = recording.stat().st_size // 2 * 2
+    yield wav_header(size)
+    with open(recording, "rb") as fh:
+        left = size
+        while left > 0 and (chunk := fh.read(min(1 << 20, left))):
+            left -= len(chunk)
+            yield chunk
