@@ -10,7 +10,7 @@ DEMO_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: setup system-deps demo test test-quick lint typecheck security unit quick bench-quality clean
+.PHONY: setup system-deps demo test test-quick lint typecheck security unit quick acceptance bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -57,8 +57,14 @@ typecheck: setup
 security: setup
 	$(VENV)/bin/bandit -q -c pyproject.toml -r ecg_audio media_io ops pipeline tasks worker api_shim ecg_cli
 
+# Every test but the long acceptance runs (marked acceptance: the chaos benches, the webhook
+# receiver down for 150 s), which take as long as all the rest together: `make acceptance`.
 unit: setup system-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m "not acceptance" tests
+	@echo "make test leaves out the tests marked acceptance (long runs of one scenario): make acceptance runs them"
+
+acceptance: setup system-deps
+	$(PY) -m pytest -m acceptance tests
 
 # Every test except those marked slow (tests/system: the whole fleet, chaos and language runs,
 # and any test that starts the real worker): the edit-and-rerun loop. `make test` runs them all.

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance, pytest.mark.timeout(1800)]
 
 
 def _chaos(scenarios: str, timeout: float, bench: str = "bench.chaos") -> dict[str, Any]:

@@ -163,6 +163,7 @@ def _wait(cond: Any, timeout: float, step: float = 1.0) -> bool:
     return bool(cond())
 
 
+@pytest.mark.acceptance
 @pytest.mark.timeout(2400)
 def test_receiver_down_150s_at_80_percent_gets_every_event_once_verified(
     api: httpx.Client,
