@@ -28,6 +28,11 @@ NO_SPEECH_LOGPROB = -1.0
 # otherwise writes Whisper's 448 tokens, seconds of compute (seen: 9-18 s on 2-4 s of Korean)
 MAX_TOKENS_PER_S = 20
 MIN_TOKENS = 16
+# Whisper's context is 448 tokens and faster-whisper refuses a decoding whose prompt plus
+# max_new_tokens exceeds it; its prompt (the initial prompt and the text before) takes at most
+# 448 // 2 - 1 tokens plus the start-of-transcript sequence. A buffer that grew past ~11 s while
+# decoding lagged (a loaded machine) asked for more and failed the stream with a ValueError.
+MAX_NEW_TOKENS = 448 // 2 - 8
 
 
 class WhisperBackend:
@@ -51,7 +56,7 @@ class WhisperBackend:
             condition_on_previous_text=True,
             vad_filter=False,
             temperature=0.0,
-            max_new_tokens=int(MIN_TOKENS + MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE),
+            max_new_tokens=min(MAX_NEW_TOKENS, int(MIN_TOKENS + MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE)),
         )
         length = len(audio) / SAMPLE_RATE
         words: list[TimedWord] = []

@@ -119,3 +119,17 @@ def _score(finals: Sequence[dict[str, object]], wav: Path, tmp_path: Path) -> di
     path = tmp_path / "live.json"
     path.write_text(json.dumps(doc))
     return score_result(path, wav.with_suffix(".stm"), wav.with_suffix(".rttm"))
+
+
+def test_a_long_buffer_with_a_long_prompt_still_decodes(sample_wav: Path) -> None:
+    """A buffer that grew while decoding lagged (25 s) after a long committed text: the decoding
+    stays within Whisper's 448-token context instead of failing the stream (faster-whisper's
+    ValueError 'the combined length of the prompt and max_new_tokens ... exceeds max_length')."""
+    from pipeline.audio import load_wav
+    from pipeline.streaming.asr import load_whisper
+    from pipeline.transcribe import resolve_asr_model
+
+    backend = load_whisper(resolve_asr_model("embedded"), compute_type="int8_float32", threads=2)
+    prompt = " ".join(["we talked about the weather in New Jersey and in Texas today"] * 12)
+    words = backend.transcribe(load_wav(sample_wav, 0.0, 25.0), prompt=prompt, language="en")
+    assert len(words) > 10, words
