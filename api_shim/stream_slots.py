@@ -57,9 +57,12 @@ class Slot:
         await self.client.zrem(self.key, self.member)
 
 
-async def acquire(client: redis.asyncio.Redis, owner: str, cap: int, lease_s: float) -> Slot | None:
-    """A slot for a new stream of ``owner`` (an API key's fingerprint), or None when all ``cap`` are held."""
-    key, member = PREFIX + owner, uuid.uuid4().hex
+async def acquire(
+    client: redis.asyncio.Redis, owner: str, cap: int, lease_s: float, *, prefix: str = PREFIX
+) -> Slot | None:
+    """A slot for a new stream of ``owner`` (an API key's fingerprint), or None when all ``cap`` are held.
+    ``prefix``: which kind of stream (event streams by default; live transcription streams have their own)."""
+    key, member = prefix + owner, uuid.uuid4().hex
     now = time.time()
     admitted = await client.eval(_ACQUIRE, 1, key, int(now * 1000), int((now + lease_s) * 1000), cap, member)
     return Slot(client, key, member, lease_s) if int(admitted) == 1 else None

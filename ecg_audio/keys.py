@@ -60,6 +60,7 @@ LIVE_START = "ecg:live:start:"
 LIVE_AUDIO = "ecg:live:audio:"
 LIVE_OUT = "ecg:live:out:"
 LIVE_RESULT = "ecg:live:result:"
+LIVE_PER_KEY = "ecg:live:perkey:"  # + key fingerprint: a zset of the live streams one API key holds (leases)
 
 
 def job(job_id: str) -> str:

@@ -203,6 +203,13 @@ class Settings(BaseSettings):
     stream_slots: int = Field(
         2, ge=1, le=64, description="Live streams one stream worker serves at once (ecg-audio stream-worker)."
     )
+    max_live_streams_per_key: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="Live streams (WS /v1/stream) one API key may hold at once across the shims; past it a new one "
+        "is refused with 429 TOO_MANY_STREAMS, so one tenant cannot take every stream worker's slots",
+    )
     stream_token_ttl_s: int = Field(
         60, ge=5, le=3600, description="How long a token from POST /v1/stream/token opens a stream (?token=)."
     )

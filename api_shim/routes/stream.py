@@ -34,14 +34,15 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ValidationError
 
+from api_shim import stream_slots
 from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, require_key
 from api_shim.errors import PROTECTED_RESPONSES, UNAVAILABLE, ApiError
-from api_shim.routes.events import deny_websocket
+from api_shim.routes.events import deny_websocket, release
 from api_shim.routes.uploads import save_upload
 from api_shim.schemas import JOB_ID_PATTERN, JobOptions, ProcessRequest
 from api_shim.submission import check_request_async, submit
 from api_shim.view_tokens import make_stream_token, stream_token_owner, view_secret
-from ecg_audio import live
+from ecg_audio import keys, live
 from pipeline.errors import NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
 
 log = structlog.get_logger("ecg.shim")
@@ -51,6 +52,9 @@ ENCODINGS = ("pcm_s16le",)
 SAMPLE_RATES = (16000,)
 RETRY_AFTER_S = "5"  # no slot free: a slot frees when a stream ends (seconds to minutes)
 OUT_BLOCK_MS = 500  # the relay looks at the worker's heartbeat at least this often
+# a stream's hold on its key's live streams (ECG_MAX_LIVE_STREAMS_PER_KEY) is renewed this often and
+# lapses this long after a shim that died stopped renewing it
+KEY_SLOT_LEASE_S = 30.0
 
 router = APIRouter(tags=["stream"])
 
@@ -97,17 +101,21 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
         if query.job_id and await shim.async_store().get(job_id) is not None:
             raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {job_id!r} is already taken: choose another job_id")
         r = shim.async_store().r
+        held = await _key_slot(shim, r, caller)
         try:
             worker = await live.claim_slot(r, job_id)
         except redis.RedisError as e:
+            await release(held)
             raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
         if worker is None:
+            await release(held)
             raise ApiError(
                 503, NoStreamSlotError.code, "no live transcription slot is free", {"Retry-After": RETRY_AFTER_S}
             )
     except ApiError as e:
         await deny_websocket(websocket, e)
         return
+    renewing = asyncio.ensure_future(_keep(held))
     request = live.StartRequest(job_id, query.language, query.options.num_speakers, query.options.max_speakers)
     log.info("live_stream_admitted", job_id=job_id, worker=worker)
     try:
@@ -121,7 +129,35 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
     except (WebSocketDisconnect, _Ended):
         pass
     finally:
+        renewing.cancel()
         await live.abandon(r, worker, job_id)
+        await release(held)
+
+
+async def _key_slot(shim: Shim, r: Any, caller: Caller) -> stream_slots.Slot:
+    """This stream's place among its key's live streams (``ECG_MAX_LIVE_STREAMS_PER_KEY``), or 429:
+    one tenant cannot take every stream worker's slots."""
+    cap = shim.settings.max_live_streams_per_key
+    try:
+        slot = await stream_slots.acquire(r, caller.fingerprint, cap, KEY_SLOT_LEASE_S, prefix=keys.LIVE_PER_KEY)
+    except redis.RedisError as e:
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    if slot is None:
+        raise ApiError(
+            429,
+            "TOO_MANY_STREAMS",
+            f"this API key already has {cap} live streams open; stop one first",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    return slot
+
+
+async def _keep(slot: stream_slots.Slot) -> None:
+    """Renew the key's hold while the stream lasts (a Redis blip skips one renewal)."""
+    while True:
+        await asyncio.sleep(KEY_SLOT_LEASE_S / 3)
+        with contextlib.suppress(redis.RedisError):
+            await slot.renew()
 
 
 async def _caller(shim: Shim, websocket: WebSocket, token: str | None) -> Caller:

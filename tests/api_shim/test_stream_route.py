@@ -120,15 +120,36 @@ def test_a_browser_token_opens_a_stream_and_a_full_worker_refuses_the_next(
     with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}) as api:
         token = api.post("/v1/stream/token").json()["token"]
     first = LiveClient(_ws(live_shim), token=token, query={"language": "en"})
+    r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
     ws = first.connect()  # holds the one slot
     try:
-        wait_for(lambda: live.slot_counts(redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"]))[1] == 0, 30)
+        wait_for(lambda: live.slot_counts(r)[1] == 0, 30)
         refused = _refusal(LiveClient(_ws(live_shim), api_key=API_KEY))
         assert refused.status_code == 503 and refused.headers["Retry-After"]
         assert json.loads(refused.body)["code"] == NoStreamSlotError.code
+        held = keys.LIVE_PER_KEY + token.partition(".")[0]  # the key's live streams: the refused one gave its back
+        assert r.zcard(held) == 1
         assert _refusal(LiveClient(_ws(live_shim), token=token + "x")).status_code == 403
     finally:
         ws.close()
+    wait_for(lambda: r.zcard(held) == 0, 30, what="the ended stream's hold on its key given back")
+
+
+def test_one_key_holds_at_most_its_live_streams(live_shim: str, stream_worker: Proc) -> None:
+    """ECG_MAX_LIVE_STREAMS_PER_KEY (2): while two live streams of this key are held (here by another
+    shim's leases), the next is refused with 429 before the upgrade, whatever slots are free."""
+    r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}) as api:
+        held = keys.LIVE_PER_KEY + api.post("/v1/stream/token").json()["token"].partition(".")[0]
+    lease_end = int((time.time() + 600) * 1000)
+    r.zadd(held, {"other-shim-a": lease_end, "other-shim-b": lease_end})
+    try:
+        refused = _refusal(LiveClient(_ws(live_shim), api_key=API_KEY))
+        assert refused.status_code == 429 and refused.headers["Retry-After"]
+        assert json.loads(refused.body)["code"] == "TOO_MANY_STREAMS"
+        assert r.zcard(held) == 2
+    finally:
+        r.delete(held)
 
 
 def _refusal(client: LiveClient) -> Any:
