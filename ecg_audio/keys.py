@@ -62,6 +62,10 @@ LIVE_OUT = "ecg:live:out:"
 LIVE_RESULT = "ecg:live:result:"
 LIVE_PER_KEY = "ecg:live:perkey:"  # + key fingerprint: a zset of the live streams one API key holds (leases)
 
+# + instance id: the processes of one instance that hold work (a set of roles: the Celery worker,
+# the stream worker), the protection last set for it (":state") and the lock around both (":lock")
+PROTECTION = "ecg:protection:"
+
 
 def job(job_id: str) -> str:
     return JOB + job_id

@@ -18,6 +18,13 @@ the stop timeout, SIGTERM waits that long for the task, then cancels it and puts
 message straight back on its Redis queue for another worker. Set both together;
 ``REMAP_SIGTERM`` alone makes SIGTERM cancel the running task at once.
 
+Two processes on one instance. The stream worker (``worker/stream.py``, live streams) runs
+beside the Celery worker on the same instance and holds work of its own. Each process is a
+*role*; the roles holding work are a Redis set per instance (``keys.PROTECTION``), and whoever
+changes it does so, and sets the protection the set now calls for, under one Redis lock: the
+Celery worker finishing a job leaves the instance protected while a stream runs. Without Redis
+each process falls back to its own count, as a lone worker does.
+
 Protection cannot cover one race: a task taken in the moment between losing
 protection and being chosen for termination. That task is handed back by the
 shutdown above.
@@ -36,9 +43,14 @@ from typing import Any
 
 import structlog
 
+from ecg_audio import keys
 from ecg_audio.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
+
+# how long an instance's roles are kept without a change: a process killed while holding work
+# leaves its role behind; the next start of that role clears it (reset), this bounds the rest
+PROTECTION_TTL_S = 24 * 3600
 
 
 class InstanceProtection:
@@ -49,10 +61,16 @@ class InstanceProtection:
     call is logged and not fatal; the next transition tries again.
     """
 
-    def __init__(self, autoscaling: Any, asg_name: str, instance_id: str) -> None:
+    def __init__(
+        self, autoscaling: Any, asg_name: str, instance_id: str, *, shared: Any = None, role: str = "celery"
+    ) -> None:
+        """``shared``: a Redis client where the instance's roles holding work are kept (see the
+        module docstring); None = this process alone decides. ``role``: this process's name there."""
         self._autoscaling = autoscaling
         self.asg_name = asg_name
         self.instance_id = instance_id
+        self._shared = shared
+        self.role = role
         self._in_flight = 0
         self._protected: bool | None = None  # as last set successfully; None = unknown
         self._lock = threading.Lock()
@@ -68,20 +86,50 @@ class InstanceProtection:
     def task_started(self) -> None:
         with self._lock:
             self._in_flight += 1
-            self._apply(True)
+            if self._in_flight == 1 or self._shared is None:
+                self._holding(True)
 
     def task_finished(self) -> None:
         with self._lock:
             self._in_flight = max(0, self._in_flight - 1)
             if self._in_flight == 0:
-                self._apply(False)
+                self._holding(False)
 
     def reset(self) -> None:
-        """No task held: clear protection whatever state AWS is in (e.g. after a crash)."""
+        """No task held: clear protection whatever state AWS is in (e.g. after a crash), unless
+        another role of the instance holds work."""
         with self._lock:
             self._in_flight = 0
             self._protected = None
-            self._apply(False)
+            self._holding(False, force=True)
+
+    def _holding(self, holding: bool, force: bool = False) -> None:
+        if self._shared is None:
+            self._apply(holding)
+            return
+        import redis
+
+        key = keys.PROTECTION + self.instance_id
+        try:
+            with self._shared.lock(key + ":lock", timeout=30, blocking_timeout=10):
+                if holding:
+                    self._shared.sadd(key, self.role)
+                else:
+                    self._shared.srem(key, self.role)
+                self._shared.expire(key, PROTECTION_TTL_S)
+                wanted = bool(self._shared.scard(key))
+                state = self._shared.get(key + ":state")
+                known = None if force or state is None else state == b"1"
+                self._protected = known
+                self._apply(wanted)
+                if self._protected is wanted:
+                    self._shared.set(key + ":state", b"1" if wanted else b"0", ex=PROTECTION_TTL_S)
+        except redis.RedisError as e:  # LockError included: the lock not had in time
+            # Redis away: decide alone, as a lone worker would (the AWS call is made whatever
+            # this process last set, since another role may have changed it since)
+            log.warning("scale_in_protection_shared_unavailable", role=self.role, error=type(e).__name__)
+            self._protected = None
+            self._apply(holding)
 
     def _apply(self, protected: bool) -> None:
         if self._protected is protected:
@@ -111,12 +159,14 @@ _resolved = False
 _resolve_lock = threading.Lock()
 
 
-def instance_protection_from_settings(settings: Settings | None = None) -> InstanceProtection | None:
+def instance_protection_from_settings(
+    settings: Settings | None = None, role: str = "celery"
+) -> InstanceProtection | None:
     """This process's :class:`InstanceProtection`, or None when it does not apply.
 
     None when ``ECG_SCALE_IN_PROTECTION`` is false, ``ECG_WORKER_ASG_NAME`` is unset
     or the instance id is unknown (not on EC2 and no ``ECG_INSTANCE_ID``). Resolved
-    once per process.
+    once per process. ``role``: which of the instance's processes this is ("celery", "stream").
     """
     global _protection, _resolved
     with _resolve_lock:
@@ -135,8 +185,11 @@ def instance_protection_from_settings(settings: Settings | None = None) -> Insta
         if not instance_id:
             log.warning("scale_in_protection_disabled", reason="no instance id (ECG_INSTANCE_ID or IMDSv2)")
             return None
+        import redis
+
         autoscaling = aws.client("autoscaling", settings)
-        _protection = InstanceProtection(autoscaling, settings.worker_asg_name, instance_id)
+        shared = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        _protection = InstanceProtection(autoscaling, settings.worker_asg_name, instance_id, shared=shared, role=role)
         return _protection
 
 

@@ -133,8 +133,14 @@ class StreamWorker:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.stopping = threading.Event()
+        from worker.scaling import instance_protection_from_settings
+
+        # a live stream protects its instance from scale-in as a running job does (worker/scaling.py)
+        self.protection = instance_protection_from_settings(settings, role="stream")
 
     def run(self) -> None:
+        if self.protection is not None:
+            self.protection.reset()
         live.heartbeat(self.r, self.id, self.settings.stream_slots)
         threads = [threading.Thread(target=self._beat, name="heartbeat", daemon=True)]
         threads += [
@@ -172,6 +178,8 @@ class StreamWorker:
         sid = request.stream_id
         log.info("stream_started", stream_id=sid, language=request.language)
         t0 = time.monotonic()
+        if self.protection is not None:
+            self.protection.task_started()
         try:
             serve_stream(self.r, self.models, request, max_s=self.settings.stream_max_s)
         except AnalysisError as e:
@@ -181,6 +189,8 @@ class StreamWorker:
             live.send(self.r, sid, {"type": "error", "code": ProcessingError.code, "message": type(e).__name__})
         finally:
             live.release(self.r, self.id, sid)
+            if self.protection is not None:
+                self.protection.task_finished()
             log.info("stream_ended", stream_id=sid, seconds=round(time.monotonic() - t0, 1))
 
 

@@ -91,3 +91,49 @@ def test_disabled_unless_configured(settings: Settings, monkeypatch, fresh_proce
     monkeypatch.setattr(scaling, "get_settings", lambda: settings)  # scale_in_protection defaults to False
     scaling.on_task_prerun()
     assert scaling.instance_protection_from_settings() is None
+
+
+def test_a_stream_keeps_the_instance_protected_after_the_celery_worker_finishes(
+    settings: Settings, worker_group: Callable[[int], list[str]], redis_client
+) -> None:
+    """The stream worker and the Celery worker share an instance: neither may unprotect it while
+    the other holds work."""
+    instance_id = worker_group(1)[0]
+    group = settings.worker_asg_name or ""
+    celery = InstanceProtection(aws.client("autoscaling", settings), group, instance_id, shared=redis_client)
+    stream = InstanceProtection(
+        aws.client("autoscaling", settings), group, instance_id, shared=redis_client, role="stream"
+    )
+    celery.reset()
+    stream.reset()
+
+    stream.task_started()
+    celery.task_started()
+    celery.task_finished()
+    assert _protected(settings, instance_id), "a live stream still runs on the instance"
+    celery.task_started()
+    stream.task_finished()
+    assert _protected(settings, instance_id), "a job still runs on the instance"
+    celery.task_finished()
+    assert not _protected(settings, instance_id)
+
+    # a stream worker that restarts while a job runs leaves the job's protection in place
+    celery.task_started()
+    stream.reset()
+    assert _protected(settings, instance_id)
+    celery.task_finished()
+    assert not _protected(settings, instance_id)
+
+
+def test_without_redis_each_process_decides_alone(settings: Settings, worker_group) -> None:
+    import redis
+
+    instance_id = worker_group(1)[0]
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    protection = InstanceProtection(
+        aws.client("autoscaling", settings), settings.worker_asg_name or "", instance_id, shared=gone
+    )
+    protection.task_started()
+    assert _protected(settings, instance_id)
+    protection.task_finished()
+    assert not _protected(settings, instance_id)
