@@ -126,7 +126,8 @@ def publish(
     stream_slots: tuple[int, int] | None = None,
 ) -> PublishedMetrics:
     """Put ``QueueLength``, ``BacklogPerInstance`` (and ``CallbackDeadLetters``; with ``stream_slots``,
-    the live stream workers' ``StreamSlotsBusy`` and ``StreamSlotsFree``) for the worker group.
+    the live stream workers' ``StreamSlotsBusy``, ``StreamSlotsFree`` and ``StreamSlotUtilization``,
+    the second scaling metric) for the worker group.
 
     With no instance in service the backlog itself is published as the per-instance
     value, so any backlog above the target still scales out from zero.
@@ -167,14 +168,7 @@ def publish(
                     }
                 ]
             ),
-            *(
-                []
-                if stream_slots is None
-                else [
-                    {"MetricName": name, "Dimensions": dimensions, "Value": float(value), "Unit": "Count"}
-                    for name, value in zip(("StreamSlotsBusy", "StreamSlotsFree"), stream_slots, strict=True)
-                ]
-            ),
+            *([] if stream_slots is None else _stream_slot_metrics(stream_slots, dimensions)),
         ],
     )
     published = PublishedMetrics(total, instances, per_instance)
@@ -188,6 +182,29 @@ def publish(
         backlog_per_instance=per_instance,
     )
     return published
+
+
+def stream_slot_utilization(busy: int, free: int) -> float:
+    """Percent of the stream slots in use: what the group's second target tracking policy
+    follows (``StreamSlotsTargetTracking``), so it grows for live streams as for queued jobs.
+    0 with no stream worker alive: nothing to say about streams then."""
+    total = busy + free
+    return 100.0 * busy / total if total else 0.0
+
+
+def _stream_slot_metrics(stream_slots: tuple[int, int], dimensions: list[dict[str, str]]) -> list[dict[str, Any]]:
+    busy, free = stream_slots
+    counts = [
+        {"MetricName": name, "Dimensions": dimensions, "Value": float(value), "Unit": "Count"}
+        for name, value in (("StreamSlotsBusy", busy), ("StreamSlotsFree", free))
+    ]
+    utilization = {
+        "MetricName": "StreamSlotUtilization",
+        "Dimensions": dimensions,
+        "Value": stream_slot_utilization(busy, free),
+        "Unit": "Percent",
+    }
+    return [*counts, utilization]
 
 
 class QueueMetricsPublisher:

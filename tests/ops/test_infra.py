@@ -120,6 +120,9 @@ def test_stack_creates_the_worker_group(infra_settings: Settings, stack: dict[st
     assert "ECG_SCALE_IN_PROTECTION=true" in user_data
     assert "docker run" in user_data and "--gpus all" in user_data
     assert "hf_" not in user_data and "API_KEYS" not in user_data  # secrets come from Secrets Manager
+    # the stream worker beside the Celery worker, its slots from the stack (default 2)
+    assert 'if [ "2" -gt 0 ]' in user_data
+    assert "ECG_STREAM_SLOTS=2" in user_data and user_data.rstrip().endswith("python -m worker.stream\nfi")
 
 
 def test_worker_role_is_least_privilege(infra_settings: Settings, stack: dict[str, str]) -> None:
@@ -235,6 +238,39 @@ def test_target_tracking_follows_the_published_metric(infra_settings: Settings, 
     assert listed, "the policy tracks a series that queue_metrics.publish does not send"
 
 
+def test_live_streams_scale_the_group_too(infra_settings: Settings, stack: dict[str, str]) -> None:
+    """A second target tracking policy follows the share of stream slots in use, a series the
+    publisher sends; without stream slots (StreamSlotsPerInstance 0) there is no such policy."""
+    template = _template()
+    resource = template["Resources"]["StreamSlotsTargetTracking"]
+    assert resource["Condition"] == "HasStreams"
+    assert template["Conditions"]["HasStreams"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "StreamSlotsPerInstance"}, 0]}]}
+    properties = _resolve(resource["Properties"], {"WorkerGroup": GROUP, "StreamSlotTargetPercent": "60"})
+    autoscaling = aws.client("autoscaling", infra_settings)
+    autoscaling.put_scaling_policy(
+        PolicyName="streams",
+        AutoScalingGroupName=properties["AutoScalingGroupName"],
+        PolicyType=properties["PolicyType"],
+        EstimatedInstanceWarmup=properties["EstimatedInstanceWarmup"],
+        TargetTrackingConfiguration={**properties["TargetTrackingConfiguration"], "TargetValue": 60.0},
+    )
+    policies = autoscaling.describe_policies(AutoScalingGroupName=GROUP, PolicyNames=["streams"])["ScalingPolicies"]
+    spec = policies[0]["TargetTrackingConfiguration"]["CustomizedMetricSpecification"]
+
+    publish(
+        aws.client("cloudwatch", infra_settings),
+        autoscaling,
+        Backlog(waiting={"model": 0}),
+        infra_settings.model_copy(update={"worker_asg_name": GROUP}),
+        stream_slots=(2, 0),
+    )
+
+    listed = aws.client("cloudwatch", infra_settings).list_metrics(
+        Namespace=spec["Namespace"], MetricName=spec["MetricName"], Dimensions=spec["Dimensions"]
+    )["Metrics"]
+    assert listed, "the stream policy tracks a series that queue_metrics.publish does not send"
+
+
 # what the alarms' !Ref and !Sub name, as the test stack and its workers see them
 ALARM_REFS: dict[str, Any] = {
     "WorkerGroup": GROUP,
@@ -243,8 +279,6 @@ ALARM_REFS: dict[str, Any] = {
     "DeployMinJobs": 3,
     "DeployFailureRatePercent": 10,
 }
-
-
 
 
 def _watched(alarm: dict[str, Any]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:

@@ -9,7 +9,7 @@ from celery import Celery
 
 from ecg_audio.settings import Settings
 from ops import aws
-from ops.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog
+from ops.queue_metrics import Backlog, publish, publish_queue_metrics, read_backlog, stream_slot_utilization
 
 
 def _enqueue_like_the_shim(scratch_redis_url: str) -> None:
@@ -90,6 +90,13 @@ def test_stream_slots_are_published_beside_the_backlog(settings: Settings, worke
 
     assert _metric_values(settings, "StreamSlotsBusy") == [3.0]
     assert _metric_values(settings, "StreamSlotsFree") == [1.0]
+    # what StreamSlotsTargetTracking follows: the share of slots in use
+    assert _metric_values(settings, "StreamSlotUtilization") == [75.0]
+
+
+def test_no_stream_worker_means_no_stream_pressure() -> None:
+    assert stream_slot_utilization(0, 0) == 0.0
+    assert stream_slot_utilization(2, 0) == 100.0
 
 
 def test_no_instances_publishes_the_whole_backlog(settings: Settings, worker_group) -> None:
