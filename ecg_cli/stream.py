@@ -28,6 +28,22 @@ def file_pcm(path: Path) -> bytes:
     return out.stdout
 
 
+def file_audio(path: Path, encoding: str = "pcm_s16le") -> tuple[bytes, float]:
+    """Any media file as the bytes a client of ``encoding`` sends, and its duration in seconds:
+    pcm_s16le 16 kHz mono, or WebM/Ogg Opus as a browser's MediaRecorder makes it (ffmpeg)."""
+    from pipeline.media import ffmpeg_exe
+
+    pcm = file_pcm(path)
+    duration = len(pcm) / 2 / SAMPLE_RATE
+    if encoding == "pcm_s16le":
+        return pcm, duration
+    container = {"webm_opus": "webm", "ogg_opus": "ogg"}[encoding]
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-"]
+    cmd += ["-c:a", "libopus", "-b:a", "32k", "-f", container, "-"]
+    out = subprocess.run(cmd, input=pcm, capture_output=True, check=True, timeout=600)
+    return out.stdout, duration
+
+
 @dataclass
 class LiveClient:
     """One live stream from a client's side: audio sent paced in a thread, messages read here.
@@ -52,12 +68,16 @@ class LiveClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         return connect(f"{self.url.rstrip('/')}/v1/stream?{urlencode(params)}", additional_headers=headers)
 
-    def run(self, pcm: bytes, *, speed: float = 1.0, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
+    def run(
+        self, pcm: bytes, *, speed: float = 1.0, timeout: float = 120.0, duration_s: float | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Send ``pcm`` at ``speed`` times real time, then stop; yield each message as it comes, up to
-        the last (``end`` or ``error``), or until ``timeout`` seconds pass without one."""
+        the last (``end`` or ``error``), or until ``timeout`` seconds pass without one. Compressed
+        audio (WebM/Ogg Opus) gives its ``duration_s``: its bytes are paced evenly over it."""
+        rate = len(pcm) / duration_s if duration_s else 2.0 * SAMPLE_RATE
         with self.connect() as ws:
             self.started = time.monotonic()
-            sender = threading.Thread(target=self._send, args=(ws, pcm, speed), daemon=True)
+            sender = threading.Thread(target=self._send, args=(ws, pcm, speed, rate), daemon=True)
             sender.start()
             while True:
                 try:
@@ -72,16 +92,17 @@ class LiveClient:
                 if message["type"] in ("end", "error"):
                     return
 
-    def _send(self, ws: Any, pcm: bytes, speed: float) -> None:
-        step = int(CHUNK_S * SAMPLE_RATE) * 2
+    def _send(self, ws: Any, pcm: bytes, speed: float, rate: float) -> None:
+        """``rate``: bytes per second of audio."""
+        step = max(2, int(CHUNK_S * rate) // 2 * 2)
         try:
             for i in range(0, len(pcm), step):
-                due = self.started + (i / 2 / SAMPLE_RATE) / speed
+                due = self.started + (i / rate) / speed
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
                 ws.send(pcm[i : i + step])
-                self.sent_s = (i + step) / 2 / SAMPLE_RATE
+                self.sent_s = (i + step) / rate
             ws.send(json.dumps({"type": "stop"}))
         except Exception:  # noqa: BLE001 - the connection closed under us (worker lost): the reader reports it
             return
@@ -103,9 +124,12 @@ def print_message(message: dict[str, Any]) -> None:
 def cmd_stream(a: Any, client_config: Any) -> int:
     url, key = client_config(Path(a.var_dir))
     query = {"language": a.language, "num_speakers": a.num_speakers, "max_speakers": a.max_speakers}
+    if a.encoding != "pcm_s16le":
+        query["encoding"] = a.encoding
     client = LiveClient(url.replace("http", "ws", 1), api_key=key, query=query)
+    audio, duration = file_audio(Path(a.source), a.encoding)
     last: dict[str, Any] = {}
-    for message in client.run(file_pcm(Path(a.source)), speed=a.speed):
+    for message in client.run(audio, speed=a.speed, duration_s=duration):
         print_message(message)
         last = message
     return 0 if last.get("type") == "end" else 1
@@ -124,6 +148,12 @@ def add_parsers(sub: Any, default_var: str, client_config: Any) -> None:
     st.add_argument("source", help="a media file")
     st.add_argument("--speed", type=float, default=1.0, help="times real time (default 1)")
     st.add_argument("--language", help="default: identified from the first seconds")
+    st.add_argument(
+        "--encoding",
+        choices=["pcm_s16le", "webm_opus", "ogg_opus"],
+        default="pcm_s16le",
+        help="what to send: 16 kHz pcm (default), or the file as WebM/Ogg Opus, as a browser sends it",
+    )
     st.add_argument("--num-speakers", type=int)
     st.add_argument("--max-speakers", type=int)
     st.add_argument("--var-dir", default=default_var)

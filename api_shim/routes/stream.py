@@ -1,7 +1,8 @@
 """Live transcription: ``WS /v1/stream``, and ``POST /v1/stream/token`` for browsers.
 
-The client sends binary frames of audio (``pcm_s16le``, 16 kHz mono), then the text message
-``{"type": "stop"}``; it gets ``partial``, ``final``, ``speaker_update`` messages as a stream
+The client sends binary frames of audio (``pcm_s16le``, 16 kHz mono; or ``webm_opus`` /
+``ogg_opus``, a browser's MediaRecorder output, decoded here by ``api_shim.live_audio``), then the
+text message ``{"type": "stop"}``; it gets ``partial``, ``final``, ``speaker_update`` messages as a stream
 worker (``worker.stream``) produces them, then ``end`` with the job the stream became, or an
 ``error`` (``code``, ``message``). The shim holds no model: it claims a slot on a live stream
 worker (503 + Retry-After before the upgrade when none is free), relays the audio to it and its
@@ -37,18 +38,19 @@ from pydantic import BaseModel, ValidationError
 from api_shim import stream_slots
 from api_shim.deps import Caller, CurrentKey, Shim, ShimDep, require_key
 from api_shim.errors import PROTECTED_RESPONSES, UNAVAILABLE, ApiError
+from api_shim.live_audio import CONTAINERS, PCM, LiveDecoder
 from api_shim.routes.events import deny_websocket, release
 from api_shim.routes.uploads import save_upload
 from api_shim.schemas import JOB_ID_PATTERN, JobOptions, ProcessRequest
 from api_shim.submission import check_request_async, submit
 from api_shim.view_tokens import make_stream_token, stream_token_owner, view_secret
 from ecg_audio import keys, live
-from pipeline.errors import NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
+from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
 
 log = structlog.get_logger("ecg.shim")
 
 STREAM_PATH = "/v1/stream"
-ENCODINGS = ("pcm_s16le",)
+ENCODINGS = (PCM, *CONTAINERS)
 SAMPLE_RATES = (16000,)
 RETRY_AFTER_S = "5"  # no slot free: a slot frees when a stream ends (seconds to minutes)
 OUT_BLOCK_MS = 500  # the relay looks at the worker's heartbeat at least this often
@@ -84,6 +86,7 @@ class StreamQuery:
     options: JobOptions
     job_id: str | None
     refine: bool
+    encoding: str = PCM
 
 
 class _Ended(Exception):
@@ -123,7 +126,7 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
         await websocket.accept()
         with tempfile.TemporaryDirectory(prefix="ecg-live-") as tmp:
             recording = Path(tmp) / "audio.pcm"
-            finals = await _relay(websocket, r, worker, job_id, recording)
+            finals = await _relay(websocket, r, worker, job_id, recording, query.encoding)
             if finals is not None:
                 await _become_job(shim, websocket, caller, query, job_id, recording, finals)
     except (WebSocketDisconnect, _Ended):
@@ -180,6 +183,9 @@ async def _query(shim: Shim, params: dict[str, str]) -> StreamQuery:
         raise ApiError(422, UnsupportedOptionError.code, f"unknown query parameters {unknown}")
     if params.get("encoding", ENCODINGS[0]) not in ENCODINGS:
         raise ApiError(422, UnsupportedOptionError.code, f"encoding: one of {list(ENCODINGS)}")
+    encoding = params.get("encoding", PCM)
+    if encoding != PCM and "sample_rate" in params:
+        raise ApiError(422, UnsupportedOptionError.code, f"sample_rate: only for {PCM} ({encoding} carries its own)")
     if params.get("sample_rate", str(SAMPLE_RATES[0])) not in {str(r) for r in SAMPLE_RATES}:
         raise ApiError(422, UnsupportedOptionError.code, f"sample_rate: one of {list(SAMPLE_RATES)}")
     job_id = params.get("job_id") or None
@@ -202,12 +208,15 @@ async def _query(shim: Shim, params: dict[str, str]) -> StreamQuery:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
         raise ApiError(422, UnsupportedOptionError.code, problems[:500]) from None
     await check_request_async(shim, probe)  # the one language rule (ecg_audio.languages)
-    return StreamQuery(probe.language, options, job_id, True)
+    return StreamQuery(probe.language, options, job_id, True, encoding)
 
 
-async def _relay(websocket: WebSocket, r: Any, worker: str, stream_id: str, recording: Path) -> dict[str, Any] | None:
+async def _relay(
+    websocket: WebSocket, r: Any, worker: str, stream_id: str, recording: Path, encoding: str = PCM
+) -> dict[str, Any] | None:
     """Audio in and messages out until the worker is done: its live result; None when the client left."""
-    inbound = asyncio.ensure_future(_audio_in(websocket, r, stream_id, recording))
+    audio_in = _audio_in if encoding == PCM else _compressed_audio_in
+    inbound = asyncio.ensure_future(audio_in(websocket, r, stream_id, recording, encoding))
     outbound = asyncio.ensure_future(_messages_out(websocket, r, worker, stream_id))
     try:
         done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,7 +229,7 @@ async def _relay(websocket: WebSocket, r: Any, worker: str, stream_id: str, reco
         await asyncio.gather(inbound, outbound, return_exceptions=True)
 
 
-async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path) -> bool:
+async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path, _encoding: str = PCM) -> bool:
     """Binary frames to the worker (and the recording) until ``stop``: True; False when the client left."""
     with open(recording, "wb") as spool:
         while True:
@@ -237,6 +246,49 @@ async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Pat
                 if json.loads(text).get("type") == "stop":
                     await live.push_stop(r, stream_id)
                     return True
+
+
+async def _compressed_audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path, encoding: str) -> bool:
+    """``_audio_in`` for WebM/Ogg Opus: the frames go through ffmpeg; its pcm goes to the worker and
+    the recording as it comes. Data ffmpeg cannot decode ends the stream with ``INVALID_MEDIA``."""
+    decoder = LiveDecoder(encoding)
+    await decoder.start()
+    with open(recording, "wb") as spool:
+
+        async def pump() -> None:
+            async for pcm in decoder.pcm():
+                spool.write(pcm)
+                await live.push_audio(r, stream_id, pcm)
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return False
+                data = msg.get("bytes")
+                if data:
+                    if pumping.done() or not await decoder.feed(data):
+                        break  # ffmpeg gave up on the data before stop
+                    continue
+                text = msg.get("text") or ""
+                with contextlib.suppress(ValueError):
+                    if json.loads(text).get("type") == "stop":
+                        break
+            await decoder.finish()
+            await pumping
+            problem = await decoder.failure()
+            if problem is not None:
+                err = InvalidMediaError(f"the stream's audio is not {encoding}: {problem}")
+                await websocket.send_text(json.dumps({"type": "error", "code": err.code, "message": err.message}))
+                await websocket.close(code=status.WS_1003_UNSUPPORTED_DATA)
+                raise _Ended(err.code)
+            await live.push_stop(r, stream_id)
+            return True
+        finally:
+            pumping.cancel()
+            await asyncio.gather(pumping, return_exceptions=True)
+            await decoder.close()
 
 
 async def _messages_out(websocket: WebSocket, r: Any, worker: str, stream_id: str) -> dict[str, Any]:

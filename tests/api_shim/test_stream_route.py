@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ import pytest
 import redis
 
 from ecg_audio import keys, live
-from ecg_cli.stream import LiveClient, file_pcm
+from ecg_cli.stream import LiveClient, file_audio, file_pcm
 from ops.stack import stream_worker_command
-from pipeline.errors import NoStreamSlotError, StreamWorkerLostError
+from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
 from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
 
@@ -112,6 +113,44 @@ def test_a_stream_sends_finals_with_speakers_then_becomes_a_refined_job(
     assert result["segments"] and result["metadata"]["duration"] == pytest.approx(len(sample_pcm) / 32000, abs=0.1)
     assert [f["text"] for f in result["live"]["finals"]] == [f["text"] for f in finals]
     assert result["live"]["language"] == "en" and result["metadata"]["speakers_detected"] == 2
+
+
+def test_a_browser_recording_in_webm_opus_streams_and_becomes_its_job(
+    live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_wav: Path, tmp_path: Path
+) -> None:
+    """What a browser's MediaRecorder sends (WebM Opus) is decoded in the shim: finals with words,
+    and the job holds the decoded recording (its duration)."""
+    clip = tmp_path / "clip.wav"
+    with wave.open(str(sample_wav)) as w, wave.open(str(clip), "wb") as out:
+        out.setparams(w.getparams())
+        w.setpos(6 * w.getframerate())  # the call's first words, at 6.7 s
+        out.writeframes(w.readframes(12 * w.getframerate()))
+    audio, duration = file_audio(clip, "webm_opus")
+    assert audio[:4] == b"\x1a\x45\xdf\xa3"  # an EBML (WebM) header: what is sent is not pcm
+    query = {"language": "en", "job_id": "live-webm-1", "encoding": "webm_opus"}
+    messages = list(LiveClient(_ws(live_shim), api_key=API_KEY, query=query).run(audio, speed=4.0, duration_s=duration))
+    assert messages[-1] == {"type": "end", "job_id": "live-webm-1"}, messages[-3:]
+    finals = [m for m in messages if m["type"] == "final"]
+    assert len(finals) >= 2 and all(f["words"] for f in finals), finals
+    text = " ".join(f["text"] for f in finals).lower()
+    # the clip's 9-12 s: "This is Diane in New Jersey." "And I'm Sheila and I'm in Texas, originally from Chicago."
+    assert sum(word in text for word in ("diane", "jersey", "sheila", "chicago")) >= 2, text
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        done = wait_job(api, "live-webm-1", timeout=480)
+    assert done["status"] == "completed", (done, stage_worker.tail())
+    assert done["result"]["metadata"]["duration"] == pytest.approx(12.0, abs=0.15)
+
+
+def test_data_that_is_not_the_encoding_ends_the_stream_with_invalid_media(live_shim: str, stream_worker: Proc) -> None:
+    query = {"language": "en", "encoding": "ogg_opus"}
+    messages = list(LiveClient(_ws(live_shim), api_key=API_KEY, query=query).run(b"not ogg at all " * 2000, speed=50.0))
+    assert messages and messages[-1]["type"] == "error", messages[-3:]
+    assert messages[-1]["code"] == InvalidMediaError.code and "ogg_opus" in messages[-1]["message"]
+    r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
+    wait_for(lambda: live.slot_counts(r) == (0, 1), 30, what="the failed stream's slot given back")
+    for bad in ({"encoding": "mp3"}, {"encoding": "webm_opus", "sample_rate": "48000"}):
+        refused = _refusal(LiveClient(_ws(live_shim), api_key=API_KEY, query=bad))
+        assert refused.status_code == 422 and json.loads(refused.body)["code"] == UnsupportedOptionError.code, bad
 
 
 def test_a_browser_token_opens_a_stream_and_a_full_worker_refuses_the_next(
