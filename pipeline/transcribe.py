@@ -440,8 +440,8 @@ def _transcribe_batch(
     batched pipeline does (same features, prompt and decoding options), and, with
     ``opts.word_timestamps``, align the decoded text on that same encoder output.
 
-    A chunk whose text loops (``pipeline.loop_guard``) is decoded again alone with temperature
-    fallback; when that loops too, its text is dropped and ``dropped`` says why.
+    A chunk whose text loops (``pipeline.loop_guard``) is decoded again alone, barred from
+    repeating itself (``_redecode``); when that loops too, its text is dropped and ``dropped`` says why.
     """
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
@@ -491,7 +491,7 @@ def _transcribe_batch(
             why = f"no words: Whisper hears no speech here (no-speech probability {res.no_speech_prob:.2f})"
             decoded, text_tokens = _Decoded("", None, None, False, why), []
         elif looped:
-            # batched decoding has no temperature fallback: re-decode this chunk alone with it
+            # batched decoding has no fallback: re-decode this chunk alone, barred from repeating
             decoded = _redecode(model, piece, language, opts, looped)
             text_tokens = [t for t in tokenizer.encode(" " + decoded.text) if t < tokenizer.eot] if decoded.text else []
         out.append(decoded)
@@ -526,8 +526,12 @@ def _word_dict(word: Any, start: float, end: float) -> dict[str, Any]:
     }
 
 
-# the temperatures of Whisper's own fallback (openai/whisper transcribe.py)
-FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# A looping chunk is decoded again with beam search that may not repeat any sequence of this many
+# tokens, not with Whisper's temperature fallback: CTranslate2 samples from a per-thread generator
+# seeded once per process, so sampled text differs from run to run, and the same file must give
+# the same words.
+# 4 tokens: a loop the guard catches (5 repeats running) cannot form, speech rarely repeats 4 tokens.
+REDECODE_NO_REPEAT_NGRAM = 4
 
 
 def _looks_degenerate(text: str) -> bool:
@@ -535,8 +539,9 @@ def _looks_degenerate(text: str) -> bool:
 
 
 def _redecode(model: Any, audio: np.ndarray, language: str | None, opts: DecodeOptions, looped: str) -> _Decoded:
-    """faster-whisper's sequential decoding with temperature fallback, for one chunk (<= 30 s).
-    What still loops after the fallback is dropped: better no words, and a note, than invented ones."""
+    """faster-whisper's sequential decoding of one chunk (<= 30 s), beam search barred from
+    repeating itself (``REDECODE_NO_REPEAT_NGRAM``). What still looks degenerate is dropped:
+    better no words, and a note, than invented ones."""
     from pipeline.loop_guard import COMPRESSION_RATIO_THRESHOLD
 
     whisper = model.model
@@ -544,7 +549,8 @@ def _redecode(model: Any, audio: np.ndarray, language: str | None, opts: DecodeO
         audio,
         language=language,
         beam_size=model.options.beam_size,
-        temperature=list(FALLBACK_TEMPERATURES),
+        temperature=[0.0],
+        no_repeat_ngram_size=REDECODE_NO_REPEAT_NGRAM,
         compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
         log_prob_threshold=-1.0,
         no_speech_threshold=0.6,
@@ -563,8 +569,8 @@ def _redecode(model: Any, audio: np.ndarray, language: str | None, opts: DecodeO
     why = None
     if dropped or not text:
         why = (
-            f"{looped}; still looping after temperature fallback: dropped"
+            f"{looped}; still looping when decoded again alone: dropped"
             if dropped
-            else f"{looped}; no text after temperature fallback"
+            else f"{looped}; no text when decoded again alone"
         )
     return _Decoded(text, logprob, None, True, why)

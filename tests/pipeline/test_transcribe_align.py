@@ -53,7 +53,7 @@ def test_non_english_on_english_only_model_is_refused(asr) -> None:  # type: ign
     assert T.check_language(asr, "en", "embedded") == "en"
 
 
-def test_a_decoding_loop_is_decoded_again_with_temperature_fallback(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_decoding_loop_is_decoded_again(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
     """A synthetic loop: the decoder is made to start every chunk with "thank you" eight times
     (a forced prefix), as Whisper's loops look; the guard re-decodes those chunks alone."""
     looping = copy.copy(asr)  # the module's model stays as it is
@@ -64,6 +64,25 @@ def test_a_decoding_loop_is_decoded_again_with_temperature_fallback(asr, sample_
     assert "thank you thank you" not in text.lower(), text
     assert "chicago" in text.lower(), text
     assert loop_reason("thank you " * 8 + text[:40])  # what the guard saw
+
+
+def test_a_looping_chunk_decoded_again_gives_the_same_words_every_time(shared_dir: Path, sample_wav: Path) -> None:
+    """The 25.6 s chunk that opens Korean-then-English (korean_conv_24s, then the sample's English)
+    loops in the batched pass ('투수젠' x40). Decoded again alone, it must give the same words every
+    time: with Whisper's temperature fallback (CTranslate2 sampling from a per-thread generator)
+    it gave other words, or English gibberish, on each run."""
+    import numpy as np
+
+    from pipeline.audio import load_wav
+
+    korean = shared_dir / "audio" / "korean_conv_24s.wav"
+    if not korean.is_file():
+        pytest.skip(f"{korean} is absent: this test needs ../shared's korean_conv_24s.wav")
+    base = T.load_asr_model("embedded-base", device="cpu", compute_type="int8", beam_size=5)
+    chunk = np.concatenate([load_wav(korean, 0.0, 24.5), load_wav(sample_wav, 6.0, 7.13)])
+    first, second = (T._redecode(base, chunk, "ko", T.DecodeOptions(), "a loop") for _ in range(2))
+    assert first.text == second.text, (first.text, second.text)
+    assert first.text.count("투스") < 5 and sum("\uac00" <= c <= "\ud7a3" for c in first.text) > 50, first.text
 
 
 def test_korean_vocabulary_reaches_the_multilingual_decoder(shared_dir: Path) -> None:
