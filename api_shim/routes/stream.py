@@ -89,8 +89,8 @@ class StreamQuery:
     encoding: str = PCM
 
 
-class _Ended(Exception):
-    """The worker's side ended the stream with an error message (already sent to the client)."""
+class StreamEnded(Exception):
+    """The stream ended on an error the client has been told (or could not be told)."""
 
 
 @router.websocket(STREAM_PATH)
@@ -98,43 +98,75 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
     """Live transcription over a WebSocket (the README's ``WS /v1/stream`` has the contract)."""
     shim: Shim = websocket.app.state.shim
     try:
-        caller = await _caller(shim, websocket, token)
-        query = await _query(shim, dict(websocket.query_params))
-        job_id = query.job_id or f"live-{uuid.uuid4().hex}"
-        if query.job_id and await shim.async_store().get(job_id) is not None:
-            raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {job_id!r} is already taken: choose another job_id")
-        r = shim.async_store().r
-        held = await _key_slot(shim, r, caller)
-        try:
-            worker = await live.claim_slot(r, job_id)
-        except redis.RedisError as e:
-            await release(held)
-            raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
-        if worker is None:
-            await release(held)
-            raise ApiError(
-                503, NoStreamSlotError.code, "no live transcription slot is free", {"Retry-After": RETRY_AFTER_S}
-            )
+        admitted = await admit(shim, websocket, token, dict(websocket.query_params))
     except ApiError as e:
         await deny_websocket(websocket, e)
         return
-    renewing = asyncio.ensure_future(_keep(held))
-    request = live.StartRequest(job_id, query.language, query.options.num_speakers, query.options.max_speakers)
-    log.info("live_stream_admitted", job_id=job_id, worker=worker)
+    async with holding(admitted):
+        try:
+            await live.start(admitted.r, admitted.worker, admitted.start_request())
+            await websocket.accept()
+            with tempfile.TemporaryDirectory(prefix="ecg-live-") as tmp:
+                recording = Path(tmp) / "audio.pcm"
+                finals = await _relay(websocket, admitted, recording)
+                if finals is not None:
+                    await _become_job(shim, websocket, admitted, recording, finals)
+        except (WebSocketDisconnect, StreamEnded):
+            pass
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A live stream let in: its caller and options, its job id, the stream worker holding a slot
+    for it, and its hold on the key's live streams (released by ``holding``)."""
+
+    caller: Caller
+    query: StreamQuery
+    job_id: str
+    r: Any
+    worker: str
+    held: stream_slots.Slot
+
+    def start_request(self, query: StreamQuery | None = None) -> live.StartRequest:
+        q = query or self.query
+        return live.StartRequest(self.job_id, q.language, q.options.num_speakers, q.options.max_speakers)
+
+
+async def admit(shim: Shim, websocket: WebSocket, token: str | None, params: dict[str, str]) -> Admitted:
+    """Everything before the upgrade, for every live route: the caller, the stream's options, its
+    job id, the key's cap on live streams, a stream worker's slot. An ``ApiError`` refuses it."""
+    caller = await _caller(shim, websocket, token)
+    query = await stream_query(shim, params)
+    job_id = query.job_id or f"live-{uuid.uuid4().hex}"
+    if query.job_id and await shim.async_store().get(job_id) is not None:
+        raise ApiError(409, "JOB_ID_CONFLICT", f"job_id {job_id!r} is already taken: choose another job_id")
+    r = shim.async_store().r
+    held = await _key_slot(shim, r, caller)
     try:
-        await live.start(r, worker, request)
-        await websocket.accept()
-        with tempfile.TemporaryDirectory(prefix="ecg-live-") as tmp:
-            recording = Path(tmp) / "audio.pcm"
-            finals = await _relay(websocket, r, worker, job_id, recording, query.encoding)
-            if finals is not None:
-                await _become_job(shim, websocket, caller, query, job_id, recording, finals)
-    except (WebSocketDisconnect, _Ended):
-        pass
+        worker = await live.claim_slot(r, job_id)
+    except redis.RedisError as e:
+        await release(held)
+        raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
+    if worker is None:
+        await release(held)
+        raise ApiError(
+            503, NoStreamSlotError.code, "no live transcription slot is free", {"Retry-After": RETRY_AFTER_S}
+        )
+    log.info("live_stream_admitted", job_id=job_id, worker=worker)
+    return Admitted(caller, query, job_id, r, worker, held)
+
+
+@contextlib.asynccontextmanager
+async def holding(admitted: Admitted) -> AsyncIterator[None]:
+    """The stream's hold on its key's live streams renewed while it lasts; at the end, whatever
+    happened, the worker told to drop the stream (if still at it), the slot and the hold given back."""
+    renewing = asyncio.ensure_future(_keep(admitted.held))
+    try:
+        yield
     finally:
         renewing.cancel()
-        await live.abandon(r, worker, job_id)
-        await release(held)
+        await live.abandon(admitted.r, admitted.worker, admitted.job_id)
+        await release(admitted.held)
 
 
 async def _key_slot(shim: Shim, r: Any, caller: Caller) -> stream_slots.Slot:
@@ -175,7 +207,7 @@ async def _caller(shim: Shim, websocket: WebSocket, token: str | None) -> Caller
     return await require_key(shim, creds)
 
 
-async def _query(shim: Shim, params: dict[str, str]) -> StreamQuery:
+async def stream_query(shim: Shim, params: dict[str, str]) -> StreamQuery:
     """The stream's options, checked as a job's are (422 for what no worker could serve)."""
     known = {"language", "encoding", "sample_rate", "num_speakers", "max_speakers", "job_id", "locale", "refine"}
     unknown = sorted(set(params) - known - {"token"})
@@ -211,13 +243,12 @@ async def _query(shim: Shim, params: dict[str, str]) -> StreamQuery:
     return StreamQuery(probe.language, options, job_id, True, encoding)
 
 
-async def _relay(
-    websocket: WebSocket, r: Any, worker: str, stream_id: str, recording: Path, encoding: str = PCM
-) -> dict[str, Any] | None:
+async def _relay(websocket: WebSocket, admitted: Admitted, recording: Path) -> dict[str, Any] | None:
     """Audio in and messages out until the worker is done: its live result; None when the client left."""
+    r, stream_id, encoding = admitted.r, admitted.job_id, admitted.query.encoding
     audio_in = _audio_in if encoding == PCM else _compressed_audio_in
     inbound = asyncio.ensure_future(audio_in(websocket, r, stream_id, recording, encoding))
-    outbound = asyncio.ensure_future(_messages_out(websocket, r, worker, stream_id))
+    outbound = asyncio.ensure_future(_messages_out(websocket, r, admitted.worker, stream_id))
     try:
         done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
         if inbound in done and inbound.result() is False:  # the client went away before stop
@@ -282,7 +313,7 @@ async def _compressed_audio_in(websocket: WebSocket, r: Any, stream_id: str, rec
                 err = InvalidMediaError(f"the stream's audio is not {encoding}: {problem}")
                 await websocket.send_text(json.dumps({"type": "error", "code": err.code, "message": err.message}))
                 await websocket.close(code=status.WS_1003_UNSUPPORTED_DATA)
-                raise _Ended(err.code)
+                raise StreamEnded(err.code)
             await live.push_stop(r, stream_id)
             return True
         finally:
@@ -291,56 +322,71 @@ async def _compressed_audio_in(websocket: WebSocket, r: Any, stream_id: str, rec
             await decoder.close()
 
 
-async def _messages_out(websocket: WebSocket, r: Any, worker: str, stream_id: str) -> dict[str, Any]:
-    """The worker's messages to the client until ``done`` (returns its live result); a lapsed
-    heartbeat or an error from the worker ends the stream (``_Ended``) after telling the client."""
+async def worker_messages(r: Any, worker: str, stream_id: str) -> AsyncIterator[dict[str, Any]]:
+    """The worker's messages of a stream, as they come, up to and with its ``done`` (which carries
+    the live result). A lapsed heartbeat raises ``StreamWorkerLostError``."""
     last = "0-0"
     while True:
         reply = await r.xread({live.out_key(stream_id): last}, block=OUT_BLOCK_MS, count=100)
         for _key, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id
-                message = json.loads(fields["m"])
+                message: dict[str, Any] = json.loads(fields["m"])
+                yield message
                 if message["type"] == live.DONE:
-                    return dict(message.get("live") or {})
-                await websocket.send_text(fields["m"])
-                if message["type"] == "error":
-                    await websocket.close(code=status.WS_1011_INTERNAL_ERROR)
-                    raise _Ended(message.get("code"))
+                    return
         if not reply and not await live.worker_alive(r, worker):
-            err = StreamWorkerLostError("the live transcription worker stopped; reconnect to start a new stream")
             log.warning("live_stream_worker_lost", stream_id=stream_id, worker=worker)
-            await websocket.send_text(json.dumps({"type": "error", "code": err.code, "message": err.message}))
-            await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER)
-            raise _Ended(err.code)
+            raise StreamWorkerLostError("the live transcription worker stopped; reconnect to start a new stream")
+
+
+async def _messages_out(websocket: WebSocket, r: Any, worker: str, stream_id: str) -> dict[str, Any]:
+    """The worker's messages to the client until ``done`` (returns its live result); a lapsed
+    heartbeat or an error from the worker ends the stream (``StreamEnded``) after telling the client."""
+    try:
+        async for message in worker_messages(r, worker, stream_id):
+            if message["type"] == live.DONE:
+                return dict(message.get("live") or {})
+            await websocket.send_text(json.dumps(message, ensure_ascii=False))
+            if message["type"] == "error":
+                await websocket.close(code=status.WS_1011_INTERNAL_ERROR)
+                raise StreamEnded(message.get("code"))
+    except StreamWorkerLostError as err:
+        await websocket.send_text(json.dumps({"type": "error", "code": err.code, "message": err.message}))
+        await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER)
+        raise StreamEnded(err.code) from None
+    raise StreamEnded("no done")  # unreachable: worker_messages ends with done or raises
 
 
 async def _become_job(
-    shim: Shim,
-    websocket: WebSocket,
-    caller: Caller,
-    query: StreamQuery,
-    job_id: str,
-    recording: Path,
-    finals: dict[str, Any],
+    shim: Shim, websocket: WebSocket, admitted: Admitted, recording: Path, finals: dict[str, Any]
 ) -> None:
-    """The recording stored as an upload, the live finals kept, the job submitted; ``end`` sent."""
-    if recording.stat().st_size < 2:
-        await websocket.send_text(json.dumps({"type": "end", "job_id": None}))
-        await websocket.close()
-        return
+    """The recording made a job (``recording_job``); ``end`` sent, or the ``error`` that prevented it."""
     try:
-        stored = await save_upload(shim, _as_wav(recording))
-        await live.store_live_result(shim.async_store().r, job_id, finals, shim.settings.job_ttl_s)
-        req = ProcessRequest(job_id=job_id, video_url=stored.video_url, language=query.language, options=query.options)
-        await submit(shim, req, caller, admitted=False)
+        job_id = await recording_job(shim, admitted, recording, finals)
     except ApiError as e:  # the job could not be made (a limit, Redis away): the client hears why
         await websocket.send_text(json.dumps({"type": "error", "code": e.code, "message": str(e.detail)}))
         await websocket.close(code=status.WS_1011_INTERNAL_ERROR)
         return
-    log.info("live_stream_job", job_id=job_id, bytes=stored.bytes)
     await websocket.send_text(json.dumps({"type": "end", "job_id": job_id}))
     await websocket.close()
+
+
+async def recording_job(
+    shim: Shim, admitted: Admitted, recording: Path, finals: dict[str, Any], query: StreamQuery | None = None
+) -> str | None:
+    """A stream's recording (raw 16 kHz pcm_s16le) stored as an upload, its live finals kept, its
+    job submitted for the caller: the job id; None when nothing was recorded. ``ApiError`` when the
+    job could not be made."""
+    if recording.stat().st_size < 2:
+        return None
+    q = query or admitted.query
+    stored = await save_upload(shim, _as_wav(recording))
+    await live.store_live_result(shim.async_store().r, admitted.job_id, finals, shim.settings.job_ttl_s)
+    req = ProcessRequest(job_id=admitted.job_id, video_url=stored.video_url, language=q.language, options=q.options)
+    await submit(shim, req, admitted.caller, admitted=False)
+    log.info("live_stream_job", job_id=admitted.job_id, bytes=stored.bytes)
+    return admitted.job_id
 
 
 def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATES[0]) -> bytes:
