@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api_shim.deps import Shim, lifespan
 from api_shim.errors import install_error_handlers
 from api_shim.middleware import MAX_JSON_BODY_BYTES, UPLOAD_PATH, BodySizeLimit
-from api_shim.routes import events, health, jobs, openai, presign, speakers, stream, uploads, view, webhooks
+from api_shim.routes import events, health, jobs, openai, presign, realtime, speakers, stream, uploads, view, webhooks
 from ecg_audio.settings import Settings
 
 DESCRIPTION = (
@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     media |= {speakers.SPEAKERS_PATH: samples_cap, speakers.SPEAKERS_PATH + "/": samples_cap}
     app.add_middleware(BodySizeLimit, max_bytes=MAX_JSON_BODY_BYTES, media=media)
     install_error_handlers(app)
-    for module in (jobs, uploads, presign, openai, health, events, view, speakers, webhooks, stream):
+    for module in (jobs, uploads, presign, openai, health, events, view, speakers, webhooks, stream, realtime):
         app.include_router(module.router)
     return app
 

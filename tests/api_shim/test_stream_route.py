@@ -1,12 +1,15 @@
 """WS /v1/stream end to end: real Redis, a real stream worker process (real models), the real shim
 under uvicorn, a real WebSocket client (``ecg_cli.stream.LiveClient``, what ``ecg-audio stream`` runs),
-and a real Celery worker that refines the job the stream became.
+and a real Celery worker that refines the job the stream became; ``WS /v1/realtime`` through the
+official ``openai`` client's realtime connection, on the same stack.
 
 The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import signal
@@ -27,6 +30,7 @@ from ops.stack import stream_worker_command
 from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
 from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
+from tests.scoring import edits, load_reference, words
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -198,6 +202,177 @@ def _refusal(client: LiveClient) -> Any:
     with pytest.raises(InvalidStatus) as refused:
         client.connect().close()
     return refused.value.response
+
+
+REALTIME_SESSION = {
+    "type": "transcription",
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+            "turn_detection": {"type": "server_vad"},
+        }
+    },
+}
+
+
+def _openai(shim: str, api_key: str = API_KEY) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=shim + "/v1", api_key=api_key, max_retries=0)
+
+
+def test_the_openai_client_transcribes_a_realtime_session_with_speakers_and_it_becomes_a_job(
+    live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_pcm: bytes, sample_wav: Path
+) -> None:
+    """The official client's realtime connection (what tools written for OpenAI run) streams the
+    sample as OpenAI's pcm16 (24 kHz), at 4x real time, then commits: one completed transcription
+    per final, with deltas before, the speaker in a segment event; the recording is its job."""
+    import numpy as np
+    import soxr
+
+    pcm24 = soxr.resample(np.frombuffer(sample_pcm, dtype="<i2"), 16000, 24000).astype("<i2").tobytes()
+    chunk = 4800  # 100 ms of 24 kHz pcm16
+
+    async def session() -> tuple[Any, Any, list[Any]]:
+        events: list[Any] = []
+        async with _openai(live_shim).realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            created = await conn.recv()
+            await conn.session.update(session=REALTIME_SESSION)  # type: ignore[arg-type]
+            updated = await conn.recv()
+
+            async def send() -> None:
+                for i in range(0, len(pcm24), chunk):
+                    await conn.input_audio_buffer.append(audio=base64.b64encode(pcm24[i : i + chunk]).decode())
+                    await asyncio.sleep(0.1 / 4)
+                await conn.input_audio_buffer.commit()
+
+            sender = asyncio.ensure_future(send())
+            async for event in conn:  # until the server closes the session, after the last final
+                events.append(event)
+            await sender
+        return created, updated, events
+
+    created, updated, events = asyncio.run(asyncio.wait_for(session(), 300))
+    assert created.type == "session.created" and created.session.type == "transcription"
+    assert updated.type == "session.updated", updated
+    assert updated.session.audio.input.transcription.language == "en"
+    assert all(e.type != "error" for e in events), [e for e in events if e.type == "error"]
+    kinds = [e.type for e in events]
+    completed = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert len(completed) >= 5 and all(c.speaker and c.content_index == 0 for c in completed), completed
+    assert len({c.item_id for c in completed}) == len(completed)
+    assert kinds.index("conversation.item.input_audio_transcription.delta") < kinds.index(completed[0].type)
+    committed = [e.item_id for e in events if e.type == "input_audio_buffer.committed"]
+    assert committed == [c.item_id for c in completed]  # each item opened once, in order, before its events
+    segments = {e.item_id: e for e in events if e.type == "conversation.item.input_audio_transcription.segment"}
+    assert all(segments[c.item_id].text == c.transcript for c in completed)
+    heard = " ".join(c.transcript for c in completed)
+    reference = " ".join(t[3] for t in load_reference(sample_wav.with_suffix(".stm")))
+    wer = edits(words(reference), words(heard)) / len(words(reference))
+    print(json.dumps({"realtime_wer": round(wer, 3), "finals": len(completed)}))
+    assert wer <= 0.35, heard
+    job_id = created.session.id
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        done = wait_job(api, job_id, timeout=480)
+    assert done["status"] == "completed", (done, stage_worker.tail())
+    result = done["result"]
+    # the 24 kHz audio reached the job resampled to 16 kHz: the same duration
+    assert result["metadata"]["duration"] == pytest.approx(len(sample_pcm) / 32000, abs=0.1)
+    assert [f["text"] for f in result["live"]["finals"]] == [c.transcript for c in completed]
+
+
+def test_a_realtime_session_refuses_a_wrong_key_and_answers_what_it_cannot_serve_with_errors(
+    live_shim: str, stream_worker: Proc
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    async def refused(client: Any, **kwargs: Any) -> Any:
+        with pytest.raises(InvalidStatus) as no:
+            async with client.realtime.connect(**kwargs) as conn:
+                await conn.recv()
+        return no.value.response
+
+    async def session() -> list[Any]:
+        answers = [await refused(_openai(live_shim, "not-a-key"), extra_query={"intent": "transcription"})]
+        answers.append(await refused(_openai(live_shim), model="gpt-realtime"))  # a conversation session
+        async with _openai(live_shim).realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            answers.append(await conn.recv())
+            input_ = REALTIME_SESSION["audio"]["input"]  # type: ignore[index]
+            prompt = {"transcription": {"model": "whisper-1", "prompt": "Diane, Sheila"}}
+            for bad in ({"format": {"type": "audio/pcmu"}}, prompt, {"transcription": {"language": "xx"}}):
+                await conn.session.update(session={"type": "transcription", "audio": {"input": bad}})
+                answers.append(await conn.recv())
+            await conn.send({"type": "response.create"})  # type: ignore[typeddict-item]
+            answers.append(await conn.recv())
+            await conn.input_audio_buffer.commit()  # nothing appended
+            answers.append(await conn.recv())
+            await conn.send({"type": "input_audio_buffer.append", "audio": "not base64!"})
+            answers.append(await conn.recv())
+            await conn.session.update(session={"type": "transcription", "audio": {"input": input_}})
+            answers.append(await conn.recv())  # the session goes on
+        return answers
+
+    auth, conversation, created, pcmu, prompt, language, response, empty, garbage, updated = asyncio.run(
+        asyncio.wait_for(session(), 120)
+    )
+    assert auth.status_code == 403 and json.loads(auth.body)["code"] == "FORBIDDEN", auth.body
+    assert conversation.status_code == 422 and b"intent=transcription" in conversation.body
+    assert created.type == "session.created"
+    for error, param in (
+        (pcmu, "session.audio.input.format"),
+        (prompt, "session.audio.input.transcription.prompt"),
+        (response, "type"),
+    ):
+        assert error.type == "error" and error.error.code == UnsupportedOptionError.code, error
+        assert error.error.param == param and error.error.type == "invalid_request_error"
+    assert language.type == "error" and language.error.code == UnsupportedOptionError.code, language
+    assert empty.type == "error" and empty.error.code == "VALIDATION_ERROR", empty
+    assert garbage.type == "error" and garbage.error.code == InvalidMediaError.code, garbage
+    assert updated.type == "session.updated" and updated.session.audio.input.transcription.model == "gpt-4o-transcribe"
+    r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
+    wait_for(lambda: live.slot_counts(r) == (0, 1), 30, what="the session's slot given back")
+
+
+def test_a_beta_realtime_session_closed_after_audio_without_commit_still_becomes_its_job(
+    live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_pcm: bytes
+) -> None:
+    """The beta client's dialect (``transcription_session.update``); a client that just closes the
+    socket after its audio: what it sent is transcribed all the same and becomes the session's job."""
+    import numpy as np
+    import openai
+    import soxr
+
+    clip = sample_pcm[6 * 32000 : 10 * 32000]  # "Hello? Hello? Oh, hello. I didn't know you were there."
+    pcm24 = soxr.resample(np.frombuffer(clip, dtype="<i2"), 16000, 24000).astype("<i2").tobytes()
+    client = openai.AsyncOpenAI(
+        base_url=live_shim + "/v1", websocket_base_url=_ws(live_shim) + "/v1", api_key=API_KEY, max_retries=0
+    )
+
+    async def session() -> tuple[Any, Any]:
+        connect = client.beta.realtime.connect(model="gpt-4o-transcribe", extra_query={"intent": "transcription"})
+        async with connect as conn:
+            created = await conn.recv()
+            await conn.transcription_session.update(
+                session={"input_audio_format": "pcm16", "input_audio_transcription": {"language": "en"}}
+            )
+            updated = await conn.recv()
+            for i in range(0, len(pcm24), 9600):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm24[i : i + 9600]).decode())
+        return created, updated
+
+    created, updated = asyncio.run(asyncio.wait_for(session(), 60))
+    assert created.type == "transcription_session.created", created
+    assert updated.type == "transcription_session.updated" and updated.session.input_audio_format == "pcm16"
+    assert updated.session.input_audio_transcription.language == "en"
+    assert updated.session.input_audio_transcription.model == "gpt-4o-transcribe"  # the one named at connect
+    job_id = updated.session.id  # the session's id: the job its recording becomes
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        wait_for(lambda: api.get(f"/jobs/{job_id}").status_code == 200, 60, what="the session's job")
+        done = wait_job(api, job_id, timeout=300)
+    assert done["status"] == "completed", (done, stage_worker.tail())
+    assert done["result"]["metadata"]["duration"] == pytest.approx(4.0, abs=0.1)
+    assert "hello" in " ".join(f["text"] for f in done["result"]["live"]["finals"]).lower()
 
 
 def test_a_killed_stream_worker_is_reported_to_its_client_and_the_other_stream_carries_on(
