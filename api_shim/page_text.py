@@ -32,6 +32,11 @@ PAGE: dict[str, dict[str, str]] = {
     "downloads": {"en": "Downloads", "ko": "다운로드"},
     "transcript": {"en": "Transcript", "ko": "녹취록"},
     "progress": {"en": "Progress", "ko": "진행률"},
+    "live_note": {
+        "en": "Live: speakers and words as they are heard. When the stream ends, the refined result replaces them.",
+        "ko": "실시간: 들리는 대로 화자와 말을 보여 줍니다. 스트림이 끝나면 정제된 결과로 바뀝니다.",
+    },
+    "hearing": {"en": "Hearing", "ko": "듣는 중"},
     # written by the script
     # a status is shown by its own name in English
     **{
@@ -43,6 +48,8 @@ PAGE: dict[str, dict[str, str]] = {
             (JobStatus.FAILED, "실패"),
         )
     },
+    "status.live": {"en": "live", "ko": "실시간"},  # the job is still a live stream (api_shim.routes.view)
+    "live_ended": {"en": "the stream ended without a job", "ko": "스트림이 작업 없이 끝났습니다"},
     "stage": {"en": "stage: {stage}", "ko": "단계: {stage}"},
     "job_failed": {"en": "the job failed", "ko": "작업이 실패했습니다"},
     "export.srt": {"en": "SRT subtitles", "ko": "SRT 자막"},

@@ -61,6 +61,7 @@ LIVE_AUDIO = "ecg:live:audio:"
 LIVE_OUT = "ecg:live:out:"
 LIVE_RESULT = "ecg:live:result:"
 LIVE_PER_KEY = "ecg:live:perkey:"  # + key fingerprint: a zset of the live streams one API key holds (leases)
+LIVE_VIEW = "ecg:live:view:"  # + stream id: who may watch the running stream on its job page (JSON, a lease)
 
 # + instance id: the processes of one instance that hold work (a set of roles: the Celery worker,
 # the stream worker), the protection last set for it (":state") and the lock around both (":lock")

@@ -12,7 +12,11 @@ The shim and a stream worker may run on different machines; everything between t
   messages come out on its ``LIVE_OUT`` stream (``m``: one JSON message of the WebSocket contract,
   or the internal ``done`` once every final is out);
 * the live finals of a stream that became a job are kept under ``LIVE_RESULT`` for the job's merge
-  (``result.live``).
+  (``result.live``);
+* while a stream runs, its job page may watch it before the job exists: ``LIVE_VIEW`` names the
+  key that owns the stream, its locale and the ``first_run`` its job will have (its page link is
+  signed for that job), and the page reads the messages out with its own ``XREAD`` from the start
+  (a Redis stream is read by many readers without being consumed).
 
 Every key here has a TTL or is deleted by whoever ends the stream (Redis runs ``noeviction``).
 """
@@ -35,6 +39,7 @@ IDLE_S = 30.0  # a stream that gets no audio this long is ended by its worker (i
 DONE = "done"  # the worker's last message of a stream: every final is out
 ABANDON = "abandon"  # an audio entry: the client left, drop the stream without finishing it
 ABANDON_TTL_S = 60
+OUT_LINGER_S = 60  # a stream's messages out outlive it this long: its page may still be reading them
 
 # KEYS[1] the workers' set; ARGV: stream id, heartbeat prefix, busy prefix
 _CLAIM_LUA = """
@@ -65,6 +70,10 @@ def out_key(stream_id: str) -> str:
     return keys.LIVE_OUT + stream_id
 
 
+def view_key(stream_id: str) -> str:
+    return keys.LIVE_VIEW + stream_id
+
+
 def start_key(worker_id: str) -> str:
     return keys.LIVE_START + worker_id
 
@@ -93,6 +102,19 @@ class StartRequest:
     @classmethod
     def from_json(cls, raw: str | bytes) -> StartRequest:
         return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """A running stream as its job page sees it before the stream's job exists."""
+
+    stream_id: str
+    owner: str  # the fingerprint of the API key the stream (and its job) belongs to
+    locale: str | None  # the stream's ``locale`` (its job's options.locale)
+    first_run: int = 1  # what the job's record will say (an id purged before goes on from its last run)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
 
 # --- the worker's side (sync) -----------------------------------------------------------------
@@ -154,6 +176,7 @@ async def claim_slot(r: redis.asyncio.Redis, stream_id: str) -> str | None:
 
 async def start(r: redis.asyncio.Redis, worker_id: str, request: StartRequest) -> None:
     pipe = r.pipeline()
+    pipe.delete(out_key(request.stream_id))  # what an earlier stream of this id left for its late readers
     pipe.lpush(start_key(worker_id), request.to_json())
     pipe.expire(start_key(worker_id), STREAM_TTL_S)
     await pipe.execute()
@@ -176,13 +199,35 @@ async def worker_alive(r: redis.asyncio.Redis, worker_id: str) -> bool:
 
 async def abandon(r: redis.asyncio.Redis, worker_id: str, stream_id: str) -> None:
     """The shim's cleanup: a worker still at the stream (its client left) drops it at once, the slot
-    is freed (whether or not the worker did), the messages out are gone."""
+    is freed (whether or not the worker did), the stream's page sees it ended; the messages out stay
+    a little while (``OUT_LINGER_S``) for a page still reading them."""
     pipe = r.pipeline()
     pipe.xadd(audio_key(stream_id), {ABANDON: "1"})
     pipe.expire(audio_key(stream_id), ABANDON_TTL_S)
     pipe.srem(busy_key(worker_id), stream_id)
-    pipe.delete(out_key(stream_id))
+    pipe.delete(view_key(stream_id))
+    pipe.expire(out_key(stream_id), OUT_LINGER_S)
     await pipe.execute()
+
+
+async def open_view(r: redis.asyncio.Redis, stream_id: str, owner: str, locale: str | None, ttl_s: float) -> LiveView:
+    """The stream made watchable on its job page, for ``ttl_s`` unless renewed (``renew_view``):
+    a shim that died stops renewing it. Its ``first_run`` is the one ``JobStore.create`` will give
+    the job (the runs of an id purged before go on), so the page link minted now opens the job too."""
+    retired = await r.hget(keys.JOBS_RETIRED_RUNS, stream_id)  # type: ignore[misc]
+    view = LiveView(stream_id, owner, locale, int(retired) + 1 if retired else 1)
+    await r.set(view_key(stream_id), view.to_json(), px=int(ttl_s * 1000))
+    return view
+
+
+async def renew_view(r: redis.asyncio.Redis, stream_id: str, ttl_s: float) -> None:
+    await r.pexpire(view_key(stream_id), int(ttl_s * 1000))
+
+
+async def get_view(r: redis.asyncio.Redis, stream_id: str) -> LiveView | None:
+    """The running stream ``stream_id`` as its page sees it; None once it has ended (or never ran)."""
+    raw = await r.get(view_key(stream_id))
+    return LiveView(**json.loads(raw)) if raw else None
 
 
 async def store_live_result(r: redis.asyncio.Redis, job_id: str, live: dict[str, Any], ttl_s: int) -> None:

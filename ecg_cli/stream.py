@@ -115,6 +115,8 @@ def print_message(message: dict[str, Any]) -> None:
         print(f"[{int(m):02d}:{s:05.2f}] {message.get('speaker') or '?'}: {message['text']}", flush=True)
     elif kind == "speaker_update":
         print(f"  (final {message['id']} is {message['speaker']})", flush=True)
+    elif kind == "started":
+        print(f"live page: {message['view_url']}", flush=True)
     elif kind == "end":
         print(f"job: {message['job_id']}", flush=True)
     elif kind == "error":

@@ -69,22 +69,30 @@ async def authorise(
     shim: Shim, job_id: str, creds: HTTPAuthorizationCredentials | None, token: str | None
 ) -> JobRecord:
     caller = None if token is not None else await require_key(shim, creds)
+    rec = await read_record(shim, job_id)
+    # a link names the job it was made for: one to a purged job does not open a job re-created under its id
+    check_page_token(shim, job_id, token, first_run=rec.first_run if rec is not None else 1)
+    # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
+    if rec is None or (caller is not None and not visible_to(rec, caller)):
+        raise ApiError(404, "NOT_FOUND", "no such job")
+    return rec
+
+
+async def read_record(shim: Shim, job_id: str) -> JobRecord | None:
     try:
-        rec = await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
+        return await live_state(shim.settings).store.get(job_id) if re.fullmatch(JOB_ID_PATTERN, job_id) else None
     except redis.RedisError as e:
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
-    # a link names the job it was made for: one to a purged job does not open a job re-created under its id
-    first_run = rec.first_run if rec is not None else 1
+
+
+def check_page_token(shim: Shim, job_id: str, token: str | None, *, first_run: int) -> None:
+    """403 for a page token that was not made for this job (``first_run``: the job's) or has expired."""
     if token is not None and not check_token(view_secret(shim.settings), job_id, token, first_run=first_run):
         raise ApiError(
             status.HTTP_403_FORBIDDEN,
             "VIEW_LINK_INVALID",
             "this job page link is not valid or has expired; ask for the job's current view_url",
         )
-    # with a key, another key's job does not exist (as everywhere in the shim); a token names its job
-    if rec is None or (caller is not None and not visible_to(rec, caller)):
-        raise ApiError(404, "NOT_FOUND", "no such job")
-    return rec
 
 
 JobAccess = Annotated[JobRecord, Depends(job_access)]
@@ -199,13 +207,14 @@ async def release(slot: stream_slots.Slot) -> None:
             pass  # it lapses with its lease
 
 
-async def open_slot(shim: Shim, rec: JobRecord) -> stream_slots.Slot:
-    """The stream's slot among its key's (``ECG_MAX_STREAMS_PER_KEY``), or 429."""
+async def open_slot(shim: Shim, owner: str | None) -> stream_slots.Slot:
+    """The stream's slot among its key's (``ECG_MAX_STREAMS_PER_KEY``), or 429. ``owner``: the key
+    fingerprint of the job (or live stream) it follows."""
     settings = shim.settings
     try:
         slot = await stream_slots.acquire(
             live_state(settings).hub.r,
-            rec.owner or "unowned",
+            owner or "unowned",
             settings.max_streams_per_key,
             lease_s=SLOT_LEASE_KEEPALIVES * settings.sse_keepalive_s + 10,
         )
@@ -221,7 +230,8 @@ async def open_slot(shim: Shim, rec: JobRecord) -> stream_slots.Slot:
     return slot
 
 
-async def _then(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+async def prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``first``, then ``rest``: a stream whose first step has already run."""
     yield first
     async for chunk in rest:
         yield chunk
@@ -251,7 +261,7 @@ async def job_events(
         if last is not None and last.event_id == last_event_id:
             # the client has the job's last word; after a requeue (a later run) it would get the new events
             return Response(status_code=204)
-    slot = await open_slot(shim, rec)
+    slot = await open_slot(shim, rec.owner)
     stream = event_stream(live_state(shim.settings), rec.job_id, last_event_id, shim.settings.sse_keepalive_s, slot)
     # its first step (read the backlog, subscribe) runs now: a client that sees the stream open is
     # already following, and a Redis failure is an error status, not a broken stream. Once started,
@@ -262,7 +272,7 @@ async def job_events(
         raise ApiError(503, "QUEUE_UNAVAILABLE", "the job store is unavailable; retry shortly") from e
     # no-transform/X-Accel-Buffering: proxies must pass each event on as it comes, not buffer the stream
     headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
-    return StreamingResponse(_then(first, stream), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(prepend(first, stream), media_type="text/event-stream", headers=headers)
 
 
 @router.websocket("/jobs/{job_id}/events/ws")
@@ -281,7 +291,7 @@ async def job_events_ws(
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(e.detail)[:120])
         return
     try:
-        slot = await open_slot(shim, rec)
+        slot = await open_slot(shim, rec.owner)
     except ApiError as e:
         await deny_websocket(websocket, e)
         return

@@ -2,12 +2,13 @@
 
 The client sends binary frames of audio (``pcm_s16le``, 16 kHz mono; or ``webm_opus`` /
 ``ogg_opus``, a browser's MediaRecorder output, decoded here by ``api_shim.live_audio``), then the
-text message ``{"type": "stop"}``; it gets ``partial``, ``final``, ``speaker_update`` messages as a stream
-worker (``worker.stream``) produces them, then ``end`` with the job the stream became, or an
-``error`` (``code``, ``message``). The shim holds no model: it claims a slot on a live stream
-worker (503 + Retry-After before the upgrade when none is free), relays the audio to it and its
-messages back through Redis (``ecg_audio.live``), and watches its heartbeat: a worker that dies
-is reported as ``STREAM_WORKER_LOST`` within seconds.
+text message ``{"type": "stop"}``; it gets ``started`` first (the job id and the signed link to its
+job page, which shows the stream live: ``api_shim.routes.view``), then ``partial``, ``final``,
+``speaker_update`` messages as a stream worker (``worker.stream``) produces them, then ``end`` with
+the job the stream became, or an ``error`` (``code``, ``message``). The shim holds no model: it
+claims a slot on a live stream worker (503 + Retry-After before the upgrade when none is free),
+relays the audio to it and its messages back through Redis (``ecg_audio.live``), and watches its
+heartbeat: a worker that dies is reported as ``STREAM_WORKER_LOST`` within seconds.
 
 At ``stop`` the recording becomes a normal job (``job_id``, or a new ``live-…`` id), owned by the
 caller's key: its WAV is stored as an upload and, with ``refine`` (the default), the batch chain
@@ -43,7 +44,7 @@ from api_shim.routes.events import deny_websocket, release
 from api_shim.routes.uploads import save_upload
 from api_shim.schemas import JOB_ID_PATTERN, JobOptions, ProcessRequest
 from api_shim.submission import check_request_async, submit
-from api_shim.view_tokens import make_stream_token, stream_token_owner, view_secret
+from api_shim.view_tokens import make_stream_token, stream_token_owner, view_secret, view_url
 from ecg_audio import keys, live
 from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
 
@@ -104,8 +105,11 @@ async def stream(websocket: WebSocket, token: str | None = None) -> None:
         return
     async with holding(admitted):
         try:
-            await live.start(admitted.r, admitted.worker, admitted.start_request())
+            r, caller, query = admitted.r, admitted.caller, admitted.query
+            view = await live.open_view(r, admitted.job_id, caller.fingerprint, query.options.locale, KEY_SLOT_LEASE_S)
+            await live.start(r, admitted.worker, admitted.start_request())
             await websocket.accept()
+            await websocket.send_text(json.dumps(_started(shim, websocket, view)))
             with tempfile.TemporaryDirectory(prefix="ecg-live-") as tmp:
                 recording = Path(tmp) / "audio.pcm"
                 finals = await _relay(websocket, admitted, recording)
@@ -160,7 +164,7 @@ async def admit(shim: Shim, websocket: WebSocket, token: str | None, params: dic
 async def holding(admitted: Admitted) -> AsyncIterator[None]:
     """The stream's hold on its key's live streams renewed while it lasts; at the end, whatever
     happened, the worker told to drop the stream (if still at it), the slot and the hold given back."""
-    renewing = asyncio.ensure_future(_keep(admitted.held))
+    renewing = asyncio.ensure_future(_keep(admitted.held, admitted.r, admitted.job_id))
     try:
         yield
     finally:
@@ -187,12 +191,21 @@ async def _key_slot(shim: Shim, r: Any, caller: Caller) -> stream_slots.Slot:
     return slot
 
 
-async def _keep(slot: stream_slots.Slot) -> None:
-    """Renew the key's hold while the stream lasts (a Redis blip skips one renewal)."""
+async def _keep(slot: stream_slots.Slot, r: Any, stream_id: str) -> None:
+    """Renew the key's hold and the stream's page while the stream lasts (a Redis blip skips one renewal)."""
     while True:
         await asyncio.sleep(KEY_SLOT_LEASE_S / 3)
         with contextlib.suppress(redis.RedisError):
             await slot.renew()
+            await live.renew_view(r, stream_id, KEY_SLOT_LEASE_S)
+
+
+def _started(shim: Shim, websocket: WebSocket, view: live.LiveView) -> dict[str, Any]:
+    """The stream's first message: its job id (known now) and the signed link to its job page, which
+    shows the stream live, then the job it becomes (the link stays good for that job)."""
+    base = str(websocket.base_url).replace("ws", "http", 1)  # ws:// -> http://, wss:// -> https://
+    url = view_url(shim.settings, view.stream_id, base, first_run=view.first_run)
+    return {"type": "started", "job_id": view.stream_id, "view_url": url}
 
 
 async def _caller(shim: Shim, websocket: WebSocket, token: str | None) -> Caller:

@@ -1,4 +1,6 @@
-// The job page: live progress from the job's event stream, then who said what, when.
+// The job page: live progress from the job's event stream, then who said what, when. A job that
+// is still a live stream (WS /v1/stream) is followed first: its finals drawn as they arrive, a lane
+// per speaker, until the stream has become its job.
 // Plain browser JavaScript, no build step, no outside resources. Every URL is relative to the
 // page (/jobs/{id}/view), so the page also works behind a path prefix; every text from the job
 // goes in through textContent, never as HTML.
@@ -106,12 +108,80 @@
     }
     const data = await resp.json();
     showState(data.job);
-    if (data.job.status === "completed" && data.result) {
+    if (data.live) {
+      followLive();
+    } else if (data.job.status === "completed" && data.result) {
       done = true;
       render(data.result);
     } else if (data.job.status !== "failed" && !source) {
       follow();
     }
+  }
+
+  // --- a live stream, before it is a job (/view/live: the messages its WebSocket client gets) ---
+
+  let liveSource = null;
+  const liveFinals = new Map(); // final id -> the final, its speaker as the latest speaker_update says
+
+  function followLive() {
+    if (liveSource) return;
+    document.body.dataset.live = "true";
+    $("live-note").hidden = false;
+    liveSource = new EventSource("view/live" + auth);
+    liveSource.onmessage = (msg) => onLive(JSON.parse(msg.data));
+    // on a dropped connection the browser reconnects by itself, resuming after the last message
+  }
+
+  function onLive(m) {
+    if (m.type === "final") {
+      liveFinals.set(m.id, m);
+      showPartial("");
+      drawLive();
+    } else if (m.type === "speaker_update") {
+      const f = liveFinals.get(m.id);
+      if (f) { f.speaker = m.speaker; drawLive(); }
+    } else if (m.type === "partial") {
+      showPartial(m.text || "");
+    } else if (m.type === "error") {
+      const err = $("error");
+      err.hidden = false;
+      err.textContent = m.code + ": " + m.message;
+    } else if (m.type === "end") {
+      liveSource.close();
+      liveSource = null;
+      document.body.dataset.live = "false";
+      $("live-note").hidden = true;
+      showPartial("");
+      if (m.job_id) load(); // the job the stream became: its progress, then its refined result
+      else showState({ status: "failed", progress: 0, error_message: tr("live_ended") });
+    }
+  }
+
+  function showPartial(text) {
+    $("partial-text").textContent = text;
+    $("partial").hidden = !text;
+  }
+
+  // the finals so far drawn as a result: the same lanes, talk time and transcript as a finished job's
+  function drawLive() {
+    const finals = Array.from(liveFinals.values()).sort((a, b) => a.id - b.id);
+    const segments = finals.map((f) => ({ start: f.start, end: f.end, speaker: f.speaker || "?", text: f.text }));
+    const stats = {};
+    for (const f of finals) {
+      const s = stats[f.speaker || "?"] ||= { total_duration: 0, segment_count: 0, word_count: 0 };
+      s.total_duration += f.end - f.start;
+      s.segment_count += 1;
+      s.word_count += (f.words || []).length;
+    }
+    const result = { segments: segments, speakers: stats, metadata: { duration: Math.max(0, ...segments.map((x) => x.end)) } };
+    const speakers = speakersOf(result);
+    const colour = {};
+    speakers.forEach((spk, i) => { colour[spk] = PALETTE[i % PALETTE.length]; });
+    drawTimeline(result, speakers, colour);
+    talkTime(result, speakers, colour);
+    transcript(result, colour);
+    $("result").hidden = false;
+    document.body.dataset.liveFinals = String(finals.length);
   }
 
   // --- the result ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@ under uvicorn, a real WebSocket client (``ecg_cli.stream.LiveClient``, what ``ec
 and a real Celery worker that refines the job the stream became; ``WS /v1/realtime`` through the
 official ``openai`` client's realtime connection, on the same stack.
 
-The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
+The job page follows a stream live in headless Chromium (``tests/system/test_job_page.py``'s
+driver). The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -31,8 +33,12 @@ from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLo
 from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
 from tests.scoring import edits, load_reference, words
+from tests.system.test_flower import chromium
+from tests.system.test_job_page import ARTIFACTS, Chrome
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+OTHER_KEY = "other-tenant-key-0123456789"  # a second tenant of the same shim
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +48,7 @@ def live_env(redis_url: str, stack_env: dict[str, str], tmp_path_factory: pytest
     var = tmp_path_factory.mktemp("live-var")
     return stack_env | {
         "ECG_REDIS_URL": url,
+        "ECG_API_KEYS": json.dumps([API_KEY, OTHER_KEY]),
         "ECG_VAR_DIR": str(var),
         "ECG_WORKSPACE_ROOT": str(var / "workspaces"),
         "ECG_OUTPUT_ROOT": str(var / "output"),
@@ -103,6 +110,8 @@ def test_a_stream_sends_finals_with_speakers_then_becomes_a_refined_job(
     client = LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en", "job_id": "live-e2e-1"})
     messages = list(client.run(sample_pcm, speed=4.0))
     kinds = [m["type"] for m in messages]
+    assert kinds[0] == "started" and messages[0]["job_id"] == "live-e2e-1", messages[:2]
+    assert messages[0]["view_url"].startswith(live_shim + "/jobs/live-e2e-1/view?token=")
     assert kinds[-1] == "end", messages[-3:]
     assert "partial" in kinds and kinds.index("partial") < kinds.index("final")
     finals = [m for m in messages if m["type"] == "final"]
@@ -117,6 +126,113 @@ def test_a_stream_sends_finals_with_speakers_then_becomes_a_refined_job(
     assert result["segments"] and result["metadata"]["duration"] == pytest.approx(len(sample_pcm) / 32000, abs=0.1)
     assert [f["text"] for f in result["live"]["finals"]] == [f["text"] for f in finals]
     assert result["live"]["language"] == "en" and result["metadata"]["speakers_detected"] == 2
+
+
+# the live page as a person sees it: per lane, its turns and its talk time (the talk-time table)
+LIVE_PAGE = """JSON.stringify({
+  lang: document.documentElement.lang,
+  badge: (document.getElementById("status") || {}).textContent || "",
+  status: document.body.dataset.status || null,
+  live: document.body.dataset.live === "true",
+  rendered: document.body.dataset.rendered === "true",
+  partial: (document.getElementById("partial-text") || {}).textContent || "",
+  lanes: Array.from(document.querySelectorAll("#timeline svg g.lane")).map(g => g.dataset.speaker),
+  turns: Object.fromEntries(Array.from(document.querySelectorAll("#timeline svg g.lane")).map(
+    g => [g.dataset.speaker, g.querySelectorAll("rect.turn").length])),
+  talk: Object.fromEntries(Array.from(document.querySelectorAll("#talk-time tr.talk")).map(
+    tr => [tr.dataset.speaker, Number(tr.querySelector(".talk-seconds").dataset.seconds)])),
+  segments: Array.from(document.querySelectorAll("#transcript li.segment")).map(li => li.dataset.speaker),
+})"""
+
+
+def test_the_job_page_shows_the_stream_live_then_the_job_it_became(
+    live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_pcm: bytes, tmp_path: Path
+) -> None:
+    """The link in ``started`` opens the page while the stream runs (Korean: ``locale=ko``): a lane
+    per speaker, growing as finals arrive, then, after stop, the refined job. Only that link or the
+    owner's key opens it. Screenshot: var/test-artifacts/job-page-live.png."""
+    job_id = "live-page-1"
+    query = {"language": "en", "job_id": job_id, "locale": "ko"}
+    client = LiveClient(_ws(live_shim), api_key=API_KEY, query=query)
+    messages: list[dict[str, Any]] = []
+    streaming = threading.Thread(target=lambda: messages.extend(client.run(sample_pcm, speed=1.5)), daemon=True)
+    streaming.start()
+    started = wait_for(lambda: next((m for _, m in client.received if m["type"] == "started"), None), 60)
+    view_url = started["view_url"]
+    token = view_url.partition("?token=")[2]
+
+    with httpx.Client(base_url=live_shim, timeout=30) as anon:
+        page = anon.get(view_url)
+        assert page.status_code == 200 and '<html lang="ko">' in page.text
+        assert anon.get(f"/jobs/{job_id}/view/data?token={token}").json()["live"] is True
+        assert anon.get(f"/jobs/{job_id}/view").status_code == 401  # no link, no key
+        assert anon.get(f"/jobs/live-other/view?token={token}").status_code == 403  # another job's link
+        other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        for path in ("view", "view/data", "view/live"):
+            assert anon.get(f"/jobs/{job_id}/{path}", headers=other).status_code == 404, path  # another tenant's
+        assert anon.get(f"/jobs/{job_id}/view", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+    chrome = Chrome(chromium(), tmp_path)
+    try:
+        chrome.open(view_url)
+        looks: list[dict[str, Any]] = []
+
+        def look() -> dict[str, Any]:
+            state: dict[str, Any] = json.loads(chrome.js(LIVE_PAGE) or "{}")
+            if state.get("live"):
+                looks.append(state)
+            return state
+
+        def two_lanes_grown() -> bool:
+            state = look()
+            return len(state.get("lanes", [])) >= 2 and len(looks) >= 2 and _grew(looks[0], state)
+
+        wait_for(two_lanes_grown, 120, interval=0.3, what=lambda: f"live lanes: {looks[-3:]} {chrome.console}")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        chrome.screenshot(ARTIFACTS / "job-page-live.png")
+        first = looks[0]
+        assert first["badge"] == "실시간" and first["lang"] == "ko", first
+        streaming.join(120)
+        assert messages and messages[-1] == {"type": "end", "job_id": job_id}, messages[-3:]
+        speakers = {m["id"]: m["speaker"] for m in messages if m["type"] == "final"}
+        speakers |= {m["id"]: m["speaker"] for m in messages if m["type"] == "speaker_update"}  # relabels, in order
+
+        def off_live() -> dict[str, Any] | None:
+            state = look()
+            return None if state.get("live") else state
+
+        ended = wait_for(off_live, 60, interval=0.2, what="the page left the live view")
+        # until the refined result, the page keeps what the stream's client ended up with: every final, relabelled
+        assert ended["segments"] == [speakers[i] for i in sorted(speakers)], (ended, speakers)
+        last = looks[-1]
+        assert any(s["partial"] for s in looks), "the words being heard (partials) were shown"
+        assert len(last["lanes"]) >= 2 and all(last["talk"][spk] > 0 for spk in last["lanes"]), last
+        # each lane's bars grew while the stream ran: more turns, more talk time, at a later look
+        for spk in last["lanes"][:2]:
+            seen = next(s for s in looks if spk in s["lanes"])
+            assert last["turns"][spk] > seen["turns"][spk] or last["talk"][spk] > seen["talk"][spk], (spk, seen, last)
+
+        def finished_page() -> bool:
+            return bool(look().get("rendered"))
+
+        with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+            done = wait_job(api, job_id, timeout=480)
+        assert done["status"] == "completed", (done, stage_worker.tail())
+        wait_for(finished_page, 120, interval=0.3, what=lambda: f"the refined job on the page: {look()}")
+        final = look()
+        assert final["badge"] == "완료" and not final["live"] and final["status"] == "completed"
+        assert final["lanes"] == sorted(done["result"]["speakers"])
+        assert final["segments"] == [seg["speaker"] for seg in done["result"]["segments"]]
+        assert not chrome.console, chrome.console
+    finally:
+        chrome.close()
+
+
+def _grew(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """More turns in the lanes, and more talk time, than at ``before``."""
+    return sum(after["turns"].values()) > sum(before["turns"].values()) and sum(after["talk"].values()) > sum(
+        before["talk"].values()
+    )
 
 
 def test_a_browser_recording_in_webm_opus_streams_and_becomes_its_job(

@@ -34,3 +34,8 @@ def test_finals_print_with_their_speaker(capsys: pytest.CaptureFixture[str]) -> 
         "job: live-1",
         "error STREAM_WORKER_LOST: reconnect",
     ]
+
+
+def test_the_live_page_link_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    print_message({"type": "started", "job_id": "live-1", "view_url": "http://shim/jobs/live-1/view?token=1.x"})
+    assert capsys.readouterr().out == "live page: http://shim/jobs/live-1/view?token=1.x\n"
