@@ -1,15 +1,18 @@
 """``ecg-audio stream FILE``: a file sent to ``WS /v1/stream`` at real time (``--speed`` for faster),
-its finals printed with their speakers as they arrive. The client half (``LiveClient``) is what
+its finals printed with their speakers as they arrive; ``--mic``: the microphone instead, until
+Ctrl-C (``ecg_cli.mic``). The client half (``LiveClient``) is what
 the tests and ``bench/stream.py`` drive too.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +78,14 @@ class LiveClient:
         the last (``end`` or ``error``), or until ``timeout`` seconds pass without one. Compressed
         audio (WebM/Ogg Opus) gives its ``duration_s``: its bytes are paced evenly over it."""
         rate = len(pcm) / duration_s if duration_s else 2.0 * SAMPLE_RATE
+        return self.stream(self._paced(pcm, speed, rate), timeout=timeout)
+
+    def stream(self, frames: Iterable[bytes], *, timeout: float | None = 120.0) -> Iterator[dict[str, Any]]:
+        """Send each of ``frames`` as it comes (a thread iterates them), then stop; yield each message
+        as ``run`` does (``timeout`` None: wait for the next message however long it takes)."""
         with self.connect() as ws:
             self.started = time.monotonic()
-            sender = threading.Thread(target=self._send, args=(ws, pcm, speed, rate), daemon=True)
+            sender = threading.Thread(target=self._send, args=(ws, frames), daemon=True)
             sender.start()
             while True:
                 try:
@@ -92,17 +100,21 @@ class LiveClient:
                 if message["type"] in ("end", "error"):
                     return
 
-    def _send(self, ws: Any, pcm: bytes, speed: float, rate: float) -> None:
-        """``rate``: bytes per second of audio."""
+    def _paced(self, pcm: bytes, speed: float, rate: float) -> Iterator[bytes]:
+        """``pcm`` in 100 ms frames, each when it is due at ``speed``; ``rate``: bytes per second of audio."""
         step = max(2, int(CHUNK_S * rate) // 2 * 2)
+        for i in range(0, len(pcm), step):
+            due = self.started + (i / rate) / speed
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield pcm[i : i + step]
+            self.sent_s = (i + step) / rate
+
+    def _send(self, ws: Any, frames: Iterable[bytes]) -> None:
         try:
-            for i in range(0, len(pcm), step):
-                due = self.started + (i / rate) / speed
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                ws.send(pcm[i : i + step])
-                self.sent_s = (i + step) / rate
+            for frame in frames:
+                ws.send(frame)
             ws.send(json.dumps({"type": "stop"}))
         except Exception:  # noqa: BLE001 - the connection closed under us (worker lost): the reader reports it
             return
@@ -126,15 +138,60 @@ def print_message(message: dict[str, Any]) -> None:
 def cmd_stream(a: Any, client_config: Any) -> int:
     url, key = client_config(Path(a.var_dir))
     query = {"language": a.language, "num_speakers": a.num_speakers, "max_speakers": a.max_speakers}
+    if a.mic:
+        return _stream_mic(a, LiveClient(url.replace("http", "ws", 1), api_key=key, query=query))
     if a.encoding != "pcm_s16le":
         query["encoding"] = a.encoding
     client = LiveClient(url.replace("http", "ws", 1), api_key=key, query=query)
     audio, duration = file_audio(Path(a.source), a.encoding)
+    return _print_all(client.run(audio, speed=a.speed, duration_s=duration))
+
+
+def _print_all(messages: Iterator[dict[str, Any]]) -> int:
     last: dict[str, Any] = {}
-    for message in client.run(audio, speed=a.speed, duration_s=duration):
+    for message in messages:
         print_message(message)
         last = message
     return 0 if last.get("type") == "end" else 1
+
+
+def _stream_mic(a: Any, client: LiveClient) -> int:
+    """The microphone until Ctrl-C (the first one stops the capture: what was heard is finished and
+    becomes the job; a second one quits at once); 2 when there is no microphone."""
+    import platform
+
+    from ecg_cli import mic
+    from pipeline.media import ffmpeg_exe
+
+    try:
+        if a.mic_input:
+            command = mic.capture_command(ffmpeg_exe(), *mic.parse_input(a.mic_input))
+        else:
+            command = mic.default_command(ffmpeg_exe(), platform.system())
+        capture = mic.Microphone(command)
+        capture.open()
+    except (mic.NoMicrophoneError, ValueError) as e:
+        hint = "name an input with --mic-input FORMAT:DEVICE (e.g. pulse:default, alsa:hw:1)"
+        print(f"no microphone: {e}\n{hint}", file=sys.stderr)
+        return 2
+
+    def stop(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits
+        print("stopping: the last words are being finished...", file=sys.stderr, flush=True)
+        capture.stop()  # the capture ends: the client sends stop after its last frame
+
+    previous = signal.signal(signal.SIGINT, stop)
+    print("listening (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        return _print_all(client.stream(capture.chunks(), timeout=None))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        capture.close()
+
+
+def _usage(parser: Any) -> int:
+    parser.error("give a media file or --mic, not both")
+    return 2
 
 
 def cmd_stream_worker(_a: Any) -> int:
@@ -147,7 +204,9 @@ def cmd_stream_worker(_a: Any) -> int:
 def add_parsers(sub: Any, default_var: str, client_config: Any) -> None:
     """``ecg-audio stream`` and ``ecg-audio stream-worker``."""
     st = sub.add_parser("stream", help="send a file to WS /v1/stream at real time; print finals as they come")
-    st.add_argument("source", help="a media file")
+    st.add_argument("source", nargs="?", help="a media file (or --mic)")
+    st.add_argument("--mic", action="store_true", help="the default microphone (ffmpeg), until Ctrl-C")
+    st.add_argument("--mic-input", metavar="FORMAT:DEVICE", help="another ffmpeg input, e.g. alsa:hw:1 (with --mic)")
     st.add_argument("--speed", type=float, default=1.0, help="times real time (default 1)")
     st.add_argument("--language", help="default: identified from the first seconds")
     st.add_argument(
@@ -159,6 +218,6 @@ def add_parsers(sub: Any, default_var: str, client_config: Any) -> None:
     st.add_argument("--num-speakers", type=int)
     st.add_argument("--max-speakers", type=int)
     st.add_argument("--var-dir", default=default_var)
-    st.set_defaults(func=lambda a: cmd_stream(a, client_config))
+    st.set_defaults(func=lambda a: cmd_stream(a, client_config) if (a.source is None) == a.mic else _usage(st))
     sw = sub.add_parser("stream-worker", help="serve live streams (ECG_STREAM_SLOTS at once), models preloaded")
     sw.set_defaults(func=cmd_stream_worker)

@@ -4,7 +4,8 @@ and a real Celery worker that refines the job the stream became; ``WS /v1/realti
 official ``openai`` client's realtime connection, on the same stack.
 
 The job page follows a stream live in headless Chromium (``tests/system/test_job_page.py``'s
-driver). The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
+driver), and ``ecg-audio stream --mic`` streams a virtual microphone (ffmpeg's lavfi input) until
+Ctrl-C. The stream worker is killed in the last test: the client hears ``STREAM_WORKER_LOST``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ from ecg_audio import keys, live
 from ecg_cli.stream import LiveClient, file_audio, file_pcm
 from ops.stack import stream_worker_command
 from pipeline.errors import InvalidMediaError, NoStreamSlotError, StreamWorkerLostError, UnsupportedOptionError
-from tests.conftest import API_KEY, LIVE_DB, Proc, free_port, start_worker, wait_job
+from tests.conftest import API_KEY, LIVE_DB, REPO, Proc, free_port, start_worker, wait_job
 from tests.helpers import wait_for
 from tests.scoring import edits, load_reference, words
 from tests.system.test_flower import chromium
@@ -489,6 +491,43 @@ def test_a_beta_realtime_session_closed_after_audio_without_commit_still_becomes
     assert done["status"] == "completed", (done, stage_worker.tail())
     assert done["result"]["metadata"]["duration"] == pytest.approx(4.0, abs=0.1)
     assert "hello" in " ".join(f["text"] for f in done["result"]["live"]["finals"]).lower()
+
+
+def test_the_microphone_streams_until_ctrl_c_then_becomes_a_job(
+    live_shim: str, stream_worker: Proc, sample_wav: Path
+) -> None:
+    """``ecg-audio stream --mic`` with ffmpeg's virtual input as the microphone: pyannote's sample
+    played at real time in an endless loop (``amovie=...:loop=0``), so only Ctrl-C ends it. The
+    page link first, finals with speakers as they come; at SIGINT the capture stops, the stream is
+    finished, and the job id is printed (exit 0)."""
+    r = redis.Redis.from_url(stream_worker.env["ECG_REDIS_URL"])
+    wait_for(lambda: live.slot_counts(r) == (0, 1), 60, what="the slot of the previous test freed")
+    env = stream_worker.env | {"ECG_SHIM_URL": live_shim, "ECG_API_KEY": API_KEY}
+    cmd = [sys.executable, "-m", "ecg_cli", "stream", "--mic", "--mic-input", f"lavfi:amovie={sample_wav}:loop=0"]
+    proc = subprocess.Popen(
+        [*cmd, "--language", "en"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: sum(x.startswith("[") for x in lines) >= 2 or proc.poll() is not None, 120, what="finals")
+        assert proc.poll() is None, (lines, proc.stderr.read() if proc.stderr else "")
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert rc == 0, (rc, lines, err)
+    assert lines[0].startswith("live page: " + live_shim + "/jobs/live-"), lines[:2]
+    assert "listening (Ctrl-C to stop)" in err and "stopping" in err
+    assert lines[-1].startswith("job: live-"), lines[-3:]
+    job_id = lines[-1].split()[-1]
+    assert lines[0].startswith(f"live page: {live_shim}/jobs/{job_id}/view?token=")
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        assert api.get(f"/jobs/{job_id}").status_code == 200
 
 
 def test_a_killed_stream_worker_is_reported_to_its_client_and_the_other_stream_carries_on(
