@@ -94,6 +94,7 @@ OPERATIONS = [
     ("GET", "/jobs/{job_id}/events"),
     ("GET", "/jobs/{job_id}/view"),
     ("GET", "/jobs/{job_id}/view/data"),
+    ("GET", "/jobs/{job_id}/view/live"),
     ("GET", "/jobs/{job_id}/view/exports/{fmt}"),
     ("POST", "/api/uploads"),
     ("POST", "/api/uploads/presigned"),
