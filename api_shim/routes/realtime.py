@@ -56,7 +56,13 @@ from api_shim.routes.stream import (
     worker_messages,
 )
 from ecg_audio import live
-from pipeline.errors import InvalidMediaError, StageTimeoutError, StreamWorkerLostError, UnsupportedOptionError
+from pipeline.errors import (
+    InvalidMediaError,
+    ProcessingError,
+    StageTimeoutError,
+    StreamWorkerLostError,
+    UnsupportedOptionError,
+)
 from pipeline.streaming.session import LiveOptions
 
 log = structlog.get_logger("ecg.shim")
@@ -418,7 +424,7 @@ class RealtimeSession:
                     self.segments[message["id"]] = segment
                     await self._emit(segment["type"], **{k: v for k, v in segment.items() if k != "type"})
                 elif kind == "error":
-                    await self._error(SERVER_FAULT, message.get("code") or "PROCESSING_ERROR", message.get("message"))
+                    await self._error(SERVER_FAULT, message.get("code") or ProcessingError.code, message.get("message"))
                     await self._close(status.WS_1011_INTERNAL_ERROR)
                     raise StreamEnded(message.get("code"))
         except StreamWorkerLostError as e:
