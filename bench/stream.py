@@ -11,10 +11,18 @@ and the shim, then for each N in ``--streams`` (e.g. ``1,2,3``) opens N WebSocke
 * ``final_latency_p95_s``: per ``final``, its arrival minus the end of its last word (at speed 1);
 * ``lag_max_s``: the most any message trailed the speech it carries (arrival minus its ``end``):
   a worker that keeps up stays near one decoding; one that falls behind grows without bound;
-* ``wer``: the finals' words against the reference (``.stm`` beside the recording);
+* ``decode_lag_max_s``: the most a ``partial`` trailed the speech it shows: how far the decoding
+  itself runs behind the audio (a final also waits for two decodings to agree and for the pause or
+  the sentence end that closes it);
+* ``wer`` (``cer`` for Korean and unspaced languages): the finals' words against the reference
+  (``.stm`` or a ``make_conversation.py`` ``.json`` beside the recording); ``der``: the finals as
+  turns (each final one turn of its speaker, as ``result.live`` holds them) against the ``.rttm``
+  beside it, no collar, overlap scored;
 * the stream worker's peak RSS over the run, and per stream (RSS / N).
 
-``max_n_within_2s``: the largest N at which no stream's ``lag_max_s`` exceeded 2 s.
+``batch``: the same file through the whole batch pipeline in this process (``ecg_cli.runner``,
+before the stack starts), scored the same way: what the finals are compared with (``--no-batch``
+skips it). ``max_n_within_2s``: the largest N at which no stream's ``lag_max_s`` exceeded 2 s.
 
 usage: python -m bench.stream [--streams 1,2,3] [--file WAV] [--speed 1.0] [--language en]
 Prints one JSON line (the machine and its load average in it).
@@ -51,17 +59,67 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))], 3)
 
 
-def wer(finals: list[dict[str, Any]], stm: Path) -> float | None:
-    from tests.scoring import edits, load_reference, words  # the tests' scorer: one WER definition
-
-    if not stm.is_file():
-        return None
-    ref = [w for t in sorted(load_reference(stm), key=lambda t: t[1]) for w in words(t[3])]
-    hyp = [w for f in sorted(finals, key=lambda f: f["start"]) for w in words(f["text"])]
-    return round(edits(ref, hyp) / max(1, len(ref)), 4)
+def reference_of(wav: Path) -> Path | None:
+    """The words' reference beside ``wav``: a ``.stm`` (pyannote's sample) or a ``.json``."""
+    return next((p for p in (wav.with_suffix(".stm"), wav.with_suffix(".json")) if p.is_file()), None)
 
 
-def stream_figures(client: LiveClient, speed: float, stm: Path) -> dict[str, Any]:
+def scores(segments: list[dict[str, Any]], wav: Path, language: str | None, duration: float) -> dict[str, Any]:
+    """WER (CER for the languages scored by characters) and DER of ``segments`` (``start``, ``end``,
+    ``text``, ``speaker``; each one turn of its speaker), with the scorers of the tests and of
+    ``bench.quality``: one definition of each."""
+    from bench.quality import character_error_rate, reference_text
+    from pipeline.language_rules import CER_LANGUAGES
+    from tests.scoring import edits, load_reference, load_rttm, words
+
+    ref, rttm = reference_of(wav), wav.with_suffix(".rttm")
+    ordered = sorted(segments, key=lambda x: x["start"])
+    out: dict[str, Any] = {"wer": None, "cer": None, "der": None}
+    if ref is not None and language in CER_LANGUAGES:
+        out["cer"] = character_error_rate(reference_text(ref), " ".join(x["text"] for x in ordered))
+    elif ref is not None:
+        turns = load_reference(ref) if ref.suffix == ".stm" else []
+        ref_words = [w for t in sorted(turns, key=lambda t: t[1]) for w in words(t[3])] or words(reference_text(ref))
+        hyp = [w for x in ordered for w in words(x["text"])]
+        out["wer"] = round(edits(ref_words, hyp) / max(1, len(ref_words)), 4)
+    if rttm.is_file():
+        from pyannote.core import Annotation, Segment
+        from pyannote.metrics.diarization import DiarizationErrorRate
+
+        reference, hypothesis = Annotation(), Annotation()
+        for speaker, start, end in load_rttm(rttm):
+            reference[Segment(start, end)] = speaker
+        for x in ordered:
+            if x["end"] > x["start"]:
+                hypothesis[Segment(x["start"], x["end"])] = x["speaker"] or "?"
+        metric = DiarizationErrorRate(collar=0.0, skip_overlap=False)
+        out["der"] = round(float(metric(reference, hypothesis, uem=Segment(0, duration))), 4)
+    return out
+
+
+def batch_figures(wav: Path, language: str | None) -> dict[str, Any]:
+    """The batch pipeline on the same file, in this process, scored as the finals are."""
+    from ecg_audio.logs import configure_logging
+    from ecg_cli.runner import analyze
+
+    configure_logging("WARNING", json_output=False)  # to stderr: stdout carries only the JSON line
+    t0 = time.perf_counter()
+    result = analyze(str(wav), language=language)["result"]
+    md = result["metadata"]
+    turns = [{**t, "text": ""} for t in result["diarization"]]
+    der = scores(turns, wav, md.get("language"), md["duration"])["der"]
+    words = scores(result["segments"], wav, md.get("language"), md["duration"])
+    return {
+        "language": md.get("language"),
+        "speakers": md["speakers_detected"],
+        "wer": words["wer"],
+        "cer": words["cer"],
+        "der": der,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def stream_figures(client: LiveClient, speed: float, wav: Path, duration: float) -> dict[str, Any]:
     timed = [(t * speed, m) for t, m in client.received]  # arrival in audio seconds at speed 1
     partials = [(t, m) for t, m in timed if m["type"] == "partial"]
     finals = [(t, m) for t, m in timed if m["type"] == "final"]
@@ -74,13 +132,15 @@ def stream_figures(client: LiveClient, speed: float, stm: Path) -> dict[str, Any
         "final_latency_p50_s": percentile([t - m["end"] for t, m in finals], 50),
         "final_latency_p95_s": percentile([t - m["end"] for t, m in finals], 95),
         "lag_max_s": round(max((t - m["end"] for t, m in partials + finals), default=0.0), 3),
+        "decode_lag_max_s": round(max((t - m["end"] for t, m in partials), default=0.0), 3),
         "finals": len(finals),
+        "language": finals[0][1].get("language") if finals else None,
         "speakers": len({m["speaker"] for _, m in finals}),
-        "wer": wer([m for _, m in finals], stm),
+        **scores([m for _, m in finals], wav, finals[0][1].get("language") if finals else None, duration),
     }
 
 
-def run_round(url: str, pcm: bytes, n: int, speed: float, language: str | None, stm: Path) -> list[dict[str, Any]]:
+def run_round(url: str, pcm: bytes, n: int, speed: float, language: str | None, wav: Path) -> list[dict[str, Any]]:
     clients = [LiveClient(url, api_key=API_KEY, query={"language": language}) for _ in range(n)]
     threads = [
         threading.Thread(target=lambda c=c: list(c.run(pcm, speed=speed, timeout=120)), daemon=True) for c in clients
@@ -89,7 +149,8 @@ def run_round(url: str, pcm: bytes, n: int, speed: float, language: str | None, 
         t.start()
     for t in threads:
         t.join(600)
-    return [stream_figures(c, speed, stm) for c in clients]
+    duration = len(pcm) / 2 / 16000
+    return [stream_figures(c, speed, wav, duration) for c in clients]
 
 
 def start_stack(var: Path, slots: int) -> tuple[list[subprocess.Popen[bytes]], str, str]:
@@ -137,12 +198,14 @@ def main() -> None:
     p.add_argument("--file", type=Path, help="a recording (default: pyannote's sample, scored with its .stm)")
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--language", default="en", help="'' to have it identified")
+    p.add_argument("--no-batch", action="store_true", help="skip the batch pipeline's figures on the same file")
     a = p.parse_args()
     from pipeline.diarize import bundled_sample
 
     wav = a.file or bundled_sample()
     counts = [int(x) for x in a.streams.split(",")]
     pcm = file_pcm(wav)
+    batch = None if a.no_batch else batch_figures(wav, a.language or None)
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         procs, url, _ = start_stack(Path(tmp), max(counts))
@@ -153,7 +216,7 @@ def main() -> None:
             for n in counts:
                 eprint(f"stream bench: {n} stream(s) at {a.speed}x")
                 rss.reset_window()
-                streams = run_round(url, pcm, n, a.speed, a.language or None, wav.with_suffix(".stm"))
+                streams = run_round(url, pcm, n, a.speed, a.language or None, wav)
                 peak = rss.window_peak()
                 rounds.append(
                     {
@@ -179,6 +242,7 @@ def main() -> None:
             "cpu": cpu_model_name(),
             "cores": len(os.sched_getaffinity(0)),
             "max_n_within_2s": max(within, default=0),
+            "batch": batch,
             "rounds": rounds,
         },
         load_before,

@@ -101,3 +101,21 @@ def test_shim_load_paces_wrk_at_the_offered_rate() -> None:
     # before its clock, the bench rounds the seconds, and a delay is rounded to the millisecond
     assert 0 < out["requests"] <= rate * (out["seconds"] + 0.1) + 2 * threads, out
     assert out["accepted_202"] > 0 and out["lost"] == 0, out
+
+
+def test_stream_bench_scores_finals_as_turns(sample_wav: Any) -> None:
+    """``bench.stream`` scores finals with the tests' definitions: finals that are the reference's
+    own turns and words score WER 0 and DER 0 (whatever the labels are called); the two voices
+    under one label score about the smaller voice's share of the speech."""
+    from bench.stream import scores
+    from tests.scoring import load_reference, load_rttm
+
+    words = " ".join(t[3] for t in sorted(load_reference(sample_wav.with_suffix(".stm")), key=lambda t: t[1]))
+    finals = [
+        {"start": a, "end": b, "speaker": f"S-{who}", "text": ""}
+        for who, a, b in load_rttm(sample_wav.with_suffix(".rttm"))
+    ]
+    finals[0]["text"] = words
+    assert scores(finals, sample_wav, "en", 30.0) == {"wer": 0.0, "cer": None, "der": 0.0}
+    one_voice = scores([{**f, "speaker": "one"} for f in finals], sample_wav, "en", 30.0)
+    assert one_voice["wer"] == 0.0 and 0.2 < one_voice["der"] < 0.6
