@@ -35,7 +35,6 @@ from ecg_audio import keys
 HEARTBEAT_TTL_MS = 3000  # a worker that stops renewing is gone this long after (the client hears within 5 s)
 HEARTBEAT_EVERY_S = 1.0
 STREAM_TTL_S = 3600  # audio in and messages out of a stream, renewed while it runs
-IDLE_S = 30.0  # a stream that gets no audio this long is ended by its worker (its shim has gone)
 DONE = "done"  # the worker's last message of a stream: every final is out
 ABANDON = "abandon"  # an audio entry: the client left, drop the stream without finishing it
 ABANDON_TTL_S = 60

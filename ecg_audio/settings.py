@@ -216,6 +216,13 @@ class Settings(BaseSettings):
     stream_max_s: float = Field(
         4 * 3600.0, gt=0, description="The longest live stream; past it the server ends it as if the client stopped."
     )
+    stream_idle_s: float = Field(
+        30.0,
+        gt=0,
+        description="A live stream that gets no audio this long is ended as if the client stopped (its finals and "
+        "its job are made from what came): a muted or stuck client, or a shim that died. WS /v1/realtime closes a "
+        "session that sends no event this long.",
+    )
 
     # --- AWS and scaling ------------------------------------------------
     aws_region: str | None = Field(

@@ -79,9 +79,11 @@ def pcm_to_float(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max_s: float) -> None:
+def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max_s: float, idle_s: float) -> None:
     """One stream, from its first audio to ``done``: the session fed with what arrived since the
-    last decoding (all of it at once: a stream that fell behind catches up in one decoding)."""
+    last decoding (all of it at once: a stream that fell behind catches up in one decoding). A
+    stream longer than ``max_s``, or with no audio for ``idle_s`` (its client went silent, or its
+    shim died), ends as if stopped: its client still gets every final and its job."""
     from pipeline.streaming import LiveOptions, LiveSession
 
     sid = request.stream_id
@@ -114,13 +116,13 @@ def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max
             heard = time.monotonic()
             for event in session.feed(pcm_to_float(pcm)):
                 live.send(r, sid, event.to_message())
-        if stopped or session.received_s >= max_s:
+        idle = not pcm and time.monotonic() - heard > idle_s
+        if idle:
+            log.warning("stream_idle", stream_id=sid, idle_s=idle_s, received_s=round(session.received_s, 1))
+        if stopped or idle or session.received_s >= max_s:
             for event in session.stop():
                 live.send(r, sid, event.to_message())
             live.send(r, sid, {"type": live.DONE, "live": session.live_result()})
-            return
-        if time.monotonic() - heard > live.IDLE_S:
-            log.warning("stream_idle", stream_id=sid, idle_s=live.IDLE_S)
             return
 
 
@@ -181,7 +183,9 @@ class StreamWorker:
         if self.protection is not None:
             self.protection.task_started()
         try:
-            serve_stream(self.r, self.models, request, max_s=self.settings.stream_max_s)
+            serve_stream(
+                self.r, self.models, request, max_s=self.settings.stream_max_s, idle_s=self.settings.stream_idle_s
+            )
         except AnalysisError as e:
             live.send(self.r, sid, {"type": "error", "code": e.code, "message": e.message})
         except Exception as e:  # noqa: BLE001 - one stream's failure is reported to its client, the slot lives on

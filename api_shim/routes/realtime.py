@@ -287,12 +287,13 @@ class RealtimeSession:
     # --- client events ----------------------------------------------------------------------
 
     async def _events_in(self) -> None:
-        """Client events until the client leaves, or sends nothing for ``live.IDLE_S``."""
+        """Client events until the client leaves, or sends nothing for ``ECG_STREAM_IDLE_S``."""
+        idle_s = self.shim.settings.stream_idle_s
         while True:
             try:
-                msg = await asyncio.wait_for(self.ws.receive(), live.IDLE_S)
+                msg = await asyncio.wait_for(self.ws.receive(), idle_s)
             except TimeoutError:
-                await self._error(CLIENT_FAULT, StageTimeoutError.code, f"no event in {live.IDLE_S:g} s: the end")
+                await self._error(CLIENT_FAULT, StageTimeoutError.code, f"no event in {idle_s:g} s: the end")
                 await self._close(status.WS_1008_POLICY_VIOLATION)
                 return
             if msg["type"] == "websocket.disconnect":

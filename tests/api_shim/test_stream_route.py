@@ -40,6 +40,8 @@ from tests.system.test_job_page import ARTIFACTS, Chrome
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+IDLE_S = 10
+
 OTHER_KEY = "other-tenant-key-0123456789"  # a second tenant of the same shim
 
 
@@ -55,6 +57,8 @@ def live_env(redis_url: str, stack_env: dict[str, str], tmp_path_factory: pytest
         "ECG_WORKSPACE_ROOT": str(var / "workspaces"),
         "ECG_OUTPUT_ROOT": str(var / "output"),
         "ECG_STREAM_SLOTS": "1",
+        # a stream that gets no audio this long is ended as if stopped (the silent-client test)
+        "ECG_STREAM_IDLE_S": str(IDLE_S),
         # English only, CAM++ in eager torch: nothing to join or export at start
         "ECG_ASR_MULTILINGUAL_MODEL": "none",
         "ECG_DIARIZATION_RUNTIME": "torch",
@@ -273,6 +277,29 @@ def test_data_that_is_not_the_encoding_ends_the_stream_with_invalid_media(live_s
     for bad in ({"encoding": "mp3"}, {"encoding": "webm_opus", "sample_rate": "48000"}):
         refused = _refusal(LiveClient(_ws(live_shim), api_key=API_KEY, query=bad))
         assert refused.status_code == 422 and json.loads(refused.body)["code"] == UnsupportedOptionError.code, bad
+
+
+def test_a_client_that_goes_silent_gets_its_finals_and_its_job_after_the_idle_time(
+    live_shim: str, stream_worker: Proc, sample_pcm: bytes
+) -> None:
+    """A client that sends speech, then nothing (no stop, connection open: a muted microphone, a
+    stuck client) is not left waiting with its words unsaid: ECG_STREAM_IDLE_S after the last audio
+    the stream ends as if stopped, with every final and the job it became."""
+    speech = sample_pcm[int(6.5 * 32000) : int(15.0 * 32000)]  # "Hello? ... This is Diane in New Jersey."
+
+    def then_silent() -> Iterator[bytes]:
+        yield from (speech[i : i + 3200] for i in range(0, len(speech), 3200))
+        time.sleep(600)  # no stop, no close: the stream must end without them
+
+    client = LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en"})
+    t0 = time.monotonic()
+    messages = list(client.stream(then_silent(), timeout=IDLE_S + 120))
+    assert messages and messages[-1]["type"] == "end" and messages[-1]["job_id"], messages[-3:]
+    assert time.monotonic() - t0 >= IDLE_S
+    finals = " ".join(m["text"] for m in messages if m["type"] == "final")
+    assert "Jersey" in finals, finals
+    with httpx.Client(base_url=live_shim, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as api:
+        assert api.get(f"/jobs/{messages[-1]['job_id']}").status_code == 200
 
 
 def test_a_browser_token_opens_a_stream_and_a_full_worker_refuses_the_next(
