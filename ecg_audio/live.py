@@ -37,6 +37,10 @@ HEARTBEAT_EVERY_S = 1.0
 STREAM_TTL_S = 3600  # audio in and messages out of a stream, renewed while it runs
 DONE = "done"  # the worker's last message of a stream: every final is out
 ABANDON = "abandon"  # an audio entry: the client left, drop the stream without finishing it
+# an audio entry: everything heard so far is made final now, the stream goes on (a realtime client's
+# commit); the worker answers with a FLUSHED message once those finals are out
+FLUSH = "flush"
+FLUSHED = "flushed"
 ABANDON_TTL_S = 60
 OUT_LINGER_S = 60  # a stream's messages out outlive it this long: its page may still be reading them
 
@@ -190,6 +194,10 @@ async def push_audio(r: redis.asyncio.Redis, stream_id: str, pcm: bytes) -> None
 
 async def push_stop(r: redis.asyncio.Redis, stream_id: str) -> None:
     await r.xadd(audio_key(stream_id), {"stop": "1"})
+
+
+async def push_flush(r: redis.asyncio.Redis, stream_id: str) -> None:
+    await r.xadd(audio_key(stream_id), {FLUSH: "1"})
 
 
 async def worker_alive(r: redis.asyncio.Redis, worker_id: str) -> bool:

@@ -97,7 +97,7 @@ def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max
     while True:
         reply: Any = r.xread({live.audio_key(sid): last_id}, block=READ_BLOCK_MS, count=1000)
         parts: list[bytes] = [rest]
-        stopped = False
+        stopped = heard_now = False
         for _key, entries in reply or []:
             for entry_id, fields in entries:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -106,17 +106,24 @@ def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max
                     return
                 if b"stop" in fields:
                     stopped = True
+                elif live.FLUSH.encode() in fields:  # the audio before it is fed, then made final
+                    rest = _feed(r, session, sid, b"".join(parts))
+                    parts = [rest]
+                    heard_now = True
+                    for event in session.flush():
+                        live.send(r, sid, event.to_message())
+                    live.send(r, sid, {"type": live.FLUSHED})
                 else:
                     parts.append(fields[b"pcm"])
         if reply:
             r.xtrim(live.audio_key(sid), minid=last_id)  # what was read is the session's now
         pcm = b"".join(parts)
-        pcm, rest = pcm[: len(pcm) // 2 * 2], pcm[len(pcm) // 2 * 2 :]
-        if pcm:
+        if len(pcm) > 1:
+            heard_now = True
+        rest = _feed(r, session, sid, pcm)
+        if heard_now:
             heard = time.monotonic()
-            for event in session.feed(pcm_to_float(pcm)):
-                live.send(r, sid, event.to_message())
-        idle = not pcm and time.monotonic() - heard > idle_s
+        idle = not heard_now and time.monotonic() - heard > idle_s
         if idle:
             log.warning("stream_idle", stream_id=sid, idle_s=idle_s, received_s=round(session.received_s, 1))
         if stopped or idle or session.received_s >= max_s:
@@ -124,6 +131,15 @@ def serve_stream(r: redis.Redis, models: Any, request: live.StartRequest, *, max
                 live.send(r, sid, event.to_message())
             live.send(r, sid, {"type": live.DONE, "live": session.live_result()})
             return
+
+
+def _feed(r: redis.Redis, session: Any, sid: str, pcm: bytes) -> bytes:
+    """Whole samples of ``pcm`` fed to the session (its messages sent); the odd byte left over."""
+    whole = len(pcm) // 2 * 2
+    if whole:
+        for event in session.feed(pcm_to_float(pcm[:whole])):
+            live.send(r, sid, event.to_message())
+    return pcm[whole:]
 
 
 class StreamWorker:

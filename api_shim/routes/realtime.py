@@ -10,8 +10,9 @@ becoming a refined job through ``recording_job``); only the events differ:
 * in: ``session.update`` / ``transcription_session.update`` (audio format pcm16 at 24 kHz, resampled
   here to the workers' 16 kHz; transcription ``model`` and ``language``; turn detection accepted,
   the effective policy reported), ``input_audio_buffer.append`` (base64 audio),
-  ``input_audio_buffer.commit`` (the end of the audio: the rest is transcribed, the recording
-  becomes its job, the socket closes), ``input_audio_buffer.clear`` (before any audio);
+  ``input_audio_buffer.commit`` (the end of a turn: what was heard is made final now, and the
+  session goes on), ``input_audio_buffer.clear`` (before any audio); the client closing the socket
+  ends the audio: the rest is transcribed and the recording becomes its job;
 * out: ``session.created`` / ``transcription_session.created``, ``…updated``,
   ``input_audio_buffer.committed`` (one per item, when our own policy opens it),
   ``conversation.item.input_audio_transcription.delta`` (the growth of the worker's partial),
@@ -255,7 +256,9 @@ class RealtimeSession:
         self.beta = beta  # the beta dialect (transcription_session.*)
         self.query: StreamQuery = admitted.query
         self.model = model or OPENAI_DEFAULT_MODEL
-        self.started = self.committed = self.gone = False
+        self.started = self.ended = self.gone = False
+        self.uncommitted = False  # audio appended since the last commit
+        self.completed_since_commit = 0
         self.resampler = soxr.ResampleStream(OPENAI_RATE, WORKER_RATE, 1, dtype="int16")
         self.odd = b""  # a byte of a sample split between two appends
         self.sending = asyncio.Lock()
@@ -275,7 +278,7 @@ class RealtimeSession:
                 self.gone = True
                 if not self.started:
                     return
-                if not self.committed:  # what it sent is transcribed all the same, and becomes its job
+                if not self.ended:  # what it sent is transcribed all the same, and becomes its job
                     await self._end_audio()
             finals = await outbound
             await self._become_job(finals)
@@ -330,11 +333,9 @@ class RealtimeSession:
             updated = "transcription_session.updated" if self.beta else "session.updated"
             await self._emit(updated, session=self._session())
         elif kind == "input_audio_buffer.commit":
-            if self.committed:
-                raise EventError(VALIDATION_ERROR, "the audio is already committed: the session is ending")
-            if not self.started:
+            if not self.uncommitted:
                 raise EventError(VALIDATION_ERROR, "the input audio buffer is empty: append audio first")
-            await self._end_audio()
+            await self._commit()
         elif kind == "input_audio_buffer.clear":
             if self.started:
                 raise _refuse("audio already appended is transcribed as it arrives: it cannot be cleared")
@@ -378,8 +379,6 @@ class RealtimeSession:
             self.model = str(model)
 
     async def _append(self, audio: Any) -> None:
-        if self.committed:
-            raise EventError(VALIDATION_ERROR, "the audio is already committed: open a new session for more")
         if not isinstance(audio, str):
             raise EventError(VALIDATION_ERROR, "audio: base64 of pcm16 (24 kHz mono little-endian)", "audio")
         try:
@@ -391,6 +390,7 @@ class RealtimeSession:
             self.started = True
         whole = len(data) // 2 * 2
         self.odd = data[whole:]
+        self.uncommitted = self.uncommitted or whole > 0
         samples = np.frombuffer(data[:whole], dtype="<i2")
         await self._forward(self.resampler.resample_chunk(samples))
 
@@ -400,9 +400,17 @@ class RealtimeSession:
             self.spool.write(pcm)
             await live.push_audio(self.admitted.r, self.admitted.job_id, pcm)
 
+    async def _commit(self) -> None:
+        """The end of the client's turn: the worker makes what it heard final now (``flush``) and
+        answers ``flushed`` once those finals are out; the session goes on. (The resampler keeps its
+        last few samples for the next append's continuity.)"""
+        self.uncommitted = False
+        self.completed_since_commit = 0
+        await live.push_flush(self.admitted.r, self.admitted.job_id)
+
     async def _end_audio(self) -> None:
         """The rest of the resampler's audio, then ``stop``: the worker finishes every final."""
-        self.committed = True
+        self.ended = True
         await self._forward(self.resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True))
         self.spool.flush()
         await live.push_stop(self.admitted.r, self.admitted.job_id)
@@ -420,6 +428,9 @@ class RealtimeSession:
                     await self._delta(message["text"])
                 elif kind == "final":
                     await self._completed(message)
+                elif kind == live.FLUSHED and not self.completed_since_commit:
+                    # a commit of audio with no words in it still gets its item, as OpenAI answers one
+                    await self._completed({"id": None, "start": 0.0, "end": 0.0, "text": ""})
                 elif kind == "speaker_update" and message["id"] in self.segments:
                     segment = self.segments[message["id"]] | {"speaker": message["speaker"]}
                     self.segments[message["id"]] = segment
@@ -476,6 +487,7 @@ class RealtimeSession:
             language=final.get("language"),
         )
         self.previous, self.item = item, None
+        self.completed_since_commit += 1
 
     async def _become_job(self, finals: dict[str, Any]) -> None:
         """The recording as a job (``recording_job``), as at a stream's ``stop``; the socket closed."""
@@ -486,9 +498,10 @@ class RealtimeSession:
             await self._error(SERVER_FAULT, e.code, str(e.detail))
             await self._close(status.WS_1011_INTERNAL_ERROR)
             return
-        log.info("realtime_session_ended", job_id=job_id, committed=self.committed)
-        # not committed: the worker ended the stream at its longest (ECG_STREAM_MAX_S)
-        await self._close(status.WS_1000_NORMAL_CLOSURE, "" if self.committed else "the stream reached its longest")
+        log.info("realtime_session_ended", job_id=job_id, client_ended=self.ended)
+        # not ended by the client: the worker ended the stream (ECG_STREAM_MAX_S, or ECG_STREAM_IDLE_S without audio)
+        reason = "" if self.ended else "the stream ended: it reached its longest, or had no audio for too long"
+        await self._close(status.WS_1000_NORMAL_CLOSURE, reason)
 
     # --- sending ----------------------------------------------------------------------------
 

@@ -206,9 +206,10 @@ async def live_messages(
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     after = entry_id
-                    if json.loads(fields["m"])["type"] == live.DONE:
+                    kind = json.loads(fields["m"])["type"]
+                    if kind == live.DONE:
                         finished = True
-                    else:
+                    elif kind != live.FLUSHED:  # a realtime client's commit answered: not for the page
                         yield f"id: {entry_id}\ndata: {fields['m']}\n\n"  # one line: JSON as the worker wrote it
                 quiet_since = time.monotonic()
             if reply:

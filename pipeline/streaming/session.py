@@ -92,6 +92,12 @@ class LiveSession:
 
     def stop(self) -> list[Event]:
         """The end of the stream: decode what is left, commit the last hypothesis, close every utterance."""
+        return self.flush()
+
+    def flush(self) -> list[Event]:
+        """Everything heard so far made final now (the end of the stream, or a client's commit at the
+        end of its turn): decode what is left, commit the last hypothesis as it is, close the open
+        utterance. The stream may go on: the next audio starts a new buffer."""
         if self.transcriber is None:
             self._identify(final=True)
         events: list[Event] = []
@@ -102,6 +108,7 @@ class LiveSession:
         for word in self.transcriber.finish():
             events += self._add_word(word)
         events += self._close()
+        self.transcriber.trim_at(self.transcriber.buffer_end)  # all of it is final: none is decoded again
         return events
 
     # --- steps ------------------------------------------------------------------------------

@@ -371,13 +371,17 @@ def test_the_openai_client_transcribes_a_realtime_session_with_speakers_and_it_b
     live_shim: str, stage_worker: Proc, stream_worker: Proc, sample_pcm: bytes, sample_wav: Path
 ) -> None:
     """The official client's realtime connection (what tools written for OpenAI run) streams the
-    sample as OpenAI's pcm16 (24 kHz), at 4x real time, then commits: one completed transcription
-    per final, with deltas before, the speaker in a segment event; the recording is its job."""
+    sample as OpenAI's pcm16 (24 kHz), at 4x real time, in two turns, each ended by a commit (as a
+    push-to-talk tool does): a commit makes what was heard final at once (the first turn's last
+    sentence arrives before any more audio is sent) and the session goes on. One completed
+    transcription per final, with deltas before, the speaker in a segment event; when the client
+    closes, the recording is its job."""
     import numpy as np
     import soxr
 
     pcm24 = soxr.resample(np.frombuffer(sample_pcm, dtype="<i2"), 16000, 24000).astype("<i2").tobytes()
     chunk = 4800  # 100 ms of 24 kHz pcm16
+    turn_end = int(14.4 * 10) * chunk  # just after "This is Diane in New Jersey." (sample.stm: 14.1 s)
 
     async def session() -> tuple[Any, Any, list[Any]]:
         events: list[Any] = []
@@ -386,30 +390,43 @@ def test_the_openai_client_transcribes_a_realtime_session_with_speakers_and_it_b
             await conn.session.update(session=REALTIME_SESSION)  # type: ignore[arg-type]
             updated = await conn.recv()
 
-            async def send() -> None:
-                for i in range(0, len(pcm24), chunk):
-                    await conn.input_audio_buffer.append(audio=base64.b64encode(pcm24[i : i + chunk]).decode())
+            async def turn(audio: bytes, until: Any) -> None:
+                for i in range(0, len(audio), chunk):
+                    await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i : i + chunk]).decode())
                     await asyncio.sleep(0.1 / 4)
                 await conn.input_audio_buffer.commit()
+                while True:  # the turn's finals, made at the commit (or 20 s without an event)
+                    try:
+                        event = await asyncio.wait_for(conn.recv(), 20)
+                    except TimeoutError:
+                        return
+                    events.append(event)
+                    if event.type == "error" or (event.type.endswith("transcription.completed") and until(event)):
+                        return
 
-            sender = asyncio.ensure_future(send())
-            async for event in conn:  # until the server closes the session, after the last final
-                events.append(event)
-            await sender
+            await turn(pcm24[:turn_end], lambda e: e.end >= 13.5)
+            first_turn.extend(e for e in events if e.type.endswith("transcription.completed"))
+            await turn(pcm24[turn_end:], lambda e: e.end >= 29.0)  # the last words end at 29.9 s
         return created, updated, events
 
+    first_turn: list[Any] = []
+
     created, updated, events = asyncio.run(asyncio.wait_for(session(), 300))
+    # the commit made the first turn's last sentence final before any more audio came
+    assert any(c.end >= 13.5 and "jersey" in c.transcript.lower() for c in first_turn), first_turn
     assert created.type == "session.created" and created.session.type == "transcription"
     assert updated.type == "session.updated", updated
     assert updated.session.audio.input.transcription.language == "en"
     assert all(e.type != "error" for e in events), [e for e in events if e.type == "error"]
     kinds = [e.type for e in events]
-    completed = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
-    assert len(completed) >= 5 and all(c.speaker and c.content_index == 0 for c in completed), completed
-    assert len({c.item_id for c in completed}) == len(completed)
-    assert kinds.index("conversation.item.input_audio_transcription.delta") < kinds.index(completed[0].type)
+    items = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
     committed = [e.item_id for e in events if e.type == "input_audio_buffer.committed"]
-    assert committed == [c.item_id for c in completed]  # each item opened once, in order, before its events
+    assert committed == [c.item_id for c in items]  # each item opened once, in order, before its events
+    assert len({c.item_id for c in items}) == len(items)
+    # a commit with nothing left to make final gets an empty item, as OpenAI answers one
+    completed = [c for c in items if c.transcript]
+    assert len(completed) >= 5 and all(c.speaker and c.content_index == 0 for c in completed), completed
+    assert kinds.index("conversation.item.input_audio_transcription.delta") < kinds.index(completed[0].type)
     segments = {e.item_id: e for e in events if e.type == "conversation.item.input_audio_transcription.segment"}
     assert all(segments[c.item_id].text == c.transcript for c in completed)
     heard = " ".join(c.transcript for c in completed)

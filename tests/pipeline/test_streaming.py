@@ -133,3 +133,49 @@ def test_a_long_buffer_with_a_long_prompt_still_decodes(sample_wav: Path) -> Non
     prompt = " ".join(["we talked about the weather in New Jersey and in Texas today"] * 12)
     words = backend.transcribe(load_wav(sample_wav, 0.0, 25.0), prompt=prompt, language="en")
     assert len(words) > 10, words
+
+
+class _AmplitudeAsr:
+    """A backend that reads words off the audio: word k is 0.4 s of the constant k / 100 (silence
+    between words), so what it hears depends on the audio it is given, as Whisper's does."""
+
+    def transcribe(self, audio: np.ndarray, *, prompt: str, language: str) -> list[TimedWord]:
+        words, start = [], None
+        for i in range(0, len(audio), SAMPLE_RATE // 10):
+            level = round(float(audio[i]) * 100)
+            if level and start is None:
+                start = i
+            elif not level and start is not None:
+                k = round(float(audio[start]) * 100)
+                words.append(TimedWord(start / SAMPLE_RATE, i / SAMPLE_RATE, f" w{k}."))
+                start = None
+        return words
+
+
+def _spoken(*ks: int) -> np.ndarray:
+    """Words ``ks`` (0.4 s each, 0.3 s of silence after each) as ``_AmplitudeAsr`` hears them."""
+    parts = [
+        np.concatenate(
+            [np.full(int(0.4 * SAMPLE_RATE), k / 100, np.float32), np.zeros(int(0.3 * SAMPLE_RATE), np.float32)]
+        )
+        for k in ks
+    ]
+    return np.concatenate(parts)
+
+
+def test_a_flush_makes_what_was_heard_final_at_once_and_the_stream_goes_on() -> None:
+    """A realtime client's commit: the words heard so far become finals now, without the second
+    decoding LocalAgreement waits for; audio after it is transcribed on, none of it twice."""
+    from pipeline.streaming.asr import StreamModels
+
+    session = LiveSession(StreamModels(_AmplitudeAsr(), None), LiveOptions(language="en", min_chunk_s=0.5))  # type: ignore[arg-type]
+    before = session.feed(_spoken(1, 2, 3))
+    assert not [e for e in before if isinstance(e, Final) and "w3" in e.text]  # one decoding: w3 not agreed
+    flushed = [e for e in session.flush() if isinstance(e, Final)]
+    assert " ".join(f.text for f in session.finals) == "w1. w2. w3."
+    assert flushed and flushed[-1].text == "w3."
+    session.feed(_spoken(4, 5))
+    session.stop()
+    texts = [f.text for f in session.finals]
+    assert texts == ["w1.", "w2.", "w3.", "w4.", "w5."], texts
+    assert all(a.end <= b.start for a, b in zip(session.finals, session.finals[1:], strict=False))
