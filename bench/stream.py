@@ -6,8 +6,10 @@ and the shim, then for each N in ``--streams`` (e.g. ``1,2,3``) opens N WebSocke
 (``ecg_cli.stream.LiveClient``, what ``ecg-audio stream`` runs) that send the recording at
 ``--speed`` times real time, 100 ms a frame, all at once. Per stream:
 
-* ``first_partial_s``: when the first ``partial`` arrived, minus the start of its first word (at
-  speed 1, when that audio was sent); ``first_partial_after_end_s``: minus the end of its last word;
+* ``first_partial_s``: when the first ``partial`` arrived, minus when the first word was spoken (the
+  reference's first turn: ``.stm``, ``.rttm`` or ``.json`` beside the recording; at speed 1, when that
+  audio was sent); ``first_partial_after_its_start_s`` and ``…_after_its_end_s``: minus the start and
+  the end of that partial's own words, as Whisper timed them (its word times can be off by a second);
 * ``final_latency_p95_s``: per ``final``, its arrival minus the end of its last word (at speed 1);
 * ``lag_max_s``: the most any message trailed the speech it carries (arrival minus its ``end``):
   a worker that keeps up stays near one decoding; one that falls behind grows without bound;
@@ -119,7 +121,20 @@ def batch_figures(wav: Path, language: str | None) -> dict[str, Any]:
     }
 
 
+def first_speech(wav: Path) -> float | None:
+    """When the recording's first word is spoken, from the reference beside it (None without one)."""
+    from tests.scoring import load_reference, load_rttm
+
+    ref, rttm = reference_of(wav), wav.with_suffix(".rttm")
+    if ref is not None:
+        return min((t[1] for t in load_reference(ref)), default=None)
+    if rttm.is_file():
+        return min((start for _, start, _ in load_rttm(rttm)), default=None)
+    return None
+
+
 def stream_figures(client: LiveClient, speed: float, wav: Path, duration: float) -> dict[str, Any]:
+    spoken = first_speech(wav)
     timed = [(t * speed, m) for t, m in client.received]  # arrival in audio seconds at speed 1
     partials = [(t, m) for t, m in timed if m["type"] == "partial"]
     finals = [(t, m) for t, m in timed if m["type"] == "final"]
@@ -127,8 +142,9 @@ def stream_figures(client: LiveClient, speed: float, wav: Path, duration: float)
     return {
         "ended": last.get("type") == "end",
         "error": last.get("code") if last.get("type") == "error" else None,
-        "first_partial_s": round(partials[0][0] - partials[0][1]["start"], 3) if partials else None,
-        "first_partial_after_end_s": round(partials[0][0] - partials[0][1]["end"], 3) if partials else None,
+        "first_partial_s": round(partials[0][0] - spoken, 3) if partials and spoken is not None else None,
+        "first_partial_after_its_start_s": round(partials[0][0] - partials[0][1]["start"], 3) if partials else None,
+        "first_partial_after_its_end_s": round(partials[0][0] - partials[0][1]["end"], 3) if partials else None,
         "final_latency_p50_s": percentile([t - m["end"] for t, m in finals], 50),
         "final_latency_p95_s": percentile([t - m["end"] for t, m in finals], 95),
         "lag_max_s": round(max((t - m["end"] for t, m in partials + finals), default=0.0), 3),
