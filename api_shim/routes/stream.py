@@ -273,23 +273,38 @@ async def _relay(websocket: WebSocket, admitted: Admitted, recording: Path) -> d
         await asyncio.gather(inbound, outbound, return_exceptions=True)
 
 
+class _ClientLeft(Exception):
+    """The client went away before its ``stop``."""
+
+
+async def _frames(websocket: WebSocket) -> AsyncIterator[bytes]:
+    """The client's binary frames until its ``stop``; ``_ClientLeft`` when it goes away first. Text
+    that is not ``{"type": "stop"}`` is ignored."""
+    while True:
+        msg = await websocket.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise _ClientLeft
+        data = msg.get("bytes")
+        if data:
+            yield data
+            continue
+        with contextlib.suppress(ValueError):
+            message = json.loads(msg.get("text") or "")
+            if isinstance(message, dict) and message.get("type") == "stop":
+                return
+
+
 async def _audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path, _encoding: str = PCM) -> bool:
     """Binary frames to the worker (and the recording) until ``stop``: True; False when the client left."""
     with open(recording, "wb") as spool:
-        while True:
-            msg = await websocket.receive()
-            if msg["type"] == "websocket.disconnect":
-                return False
-            data = msg.get("bytes")
-            if data:
+        try:
+            async for data in _frames(websocket):
                 spool.write(data)
                 await live.push_audio(r, stream_id, data)
-                continue
-            text = msg.get("text") or ""
-            with contextlib.suppress(ValueError):
-                if json.loads(text).get("type") == "stop":
-                    await live.push_stop(r, stream_id)
-                    return True
+        except _ClientLeft:
+            return False
+        await live.push_stop(r, stream_id)
+        return True
 
 
 async def _compressed_audio_in(websocket: WebSocket, r: Any, stream_id: str, recording: Path, encoding: str) -> bool:
@@ -306,19 +321,12 @@ async def _compressed_audio_in(websocket: WebSocket, r: Any, stream_id: str, rec
 
         pumping = asyncio.ensure_future(pump())
         try:
-            while True:
-                msg = await websocket.receive()
-                if msg["type"] == "websocket.disconnect":
-                    return False
-                data = msg.get("bytes")
-                if data:
+            try:
+                async for data in _frames(websocket):
                     if pumping.done() or not await decoder.feed(data):
                         break  # ffmpeg gave up on the data before stop
-                    continue
-                text = msg.get("text") or ""
-                with contextlib.suppress(ValueError):
-                    if json.loads(text).get("type") == "stop":
-                        break
+            except _ClientLeft:
+                return False
             await decoder.finish()
             await pumping
             problem = await decoder.failure()

@@ -279,6 +279,28 @@ def test_data_that_is_not_the_encoding_ends_the_stream_with_invalid_media(live_s
         assert refused.status_code == 422 and json.loads(refused.body)["code"] == UnsupportedOptionError.code, bad
 
 
+def test_text_that_is_not_stop_is_ignored_and_the_stream_goes_on(
+    live_shim: str, stream_worker: Proc, sample_pcm: bytes
+) -> None:
+    """Text frames other than ``{"type": "stop"}`` (JSON that is not an object, not JSON at all, another
+    type) are ignored: the audio around them is transcribed and the stream ends at its stop."""
+    client = LiveClient(_ws(live_shim), api_key=API_KEY, query={"language": "en"})
+    speech = sample_pcm[int(8.4 * 32000) : int(10.1 * 32000)]  # "I didn't know you were there."
+    with client.connect() as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "started"
+        for frame in ("[1]", "not json", '{"type": "pause"}', "null"):
+            ws.send(frame)
+            ws.send(speech[: len(speech) // 4 // 2 * 2])
+            speech = speech[len(speech) // 4 // 2 * 2 :]
+        ws.send(speech)
+        ws.send(json.dumps({"type": "stop"}))
+        messages = []
+        while not messages or messages[-1]["type"] not in ("end", "error"):
+            messages.append(json.loads(ws.recv(timeout=120)))
+    assert messages[-1]["type"] == "end" and messages[-1]["job_id"], messages[-3:]
+    assert "there" in " ".join(m["text"] for m in messages if m["type"] == "final").lower(), messages
+
+
 def test_a_client_that_goes_silent_gets_its_finals_and_its_job_after_the_idle_time(
     live_shim: str, stream_worker: Proc, sample_pcm: bytes
 ) -> None:
