@@ -9,6 +9,12 @@ A chunk of one speaker is probed once, as before. Probes are encoded at their ow
 (rounded up to ``PROBE_STEP_FRAMES``; CTranslate2's Whisper encoder takes inputs shorter
 than 30 s, and its cost falls faster than the length), so a chunk's two short speaker runs
 cost about what one 15 s probe did.
+
+Every probe is first read on its first ``QUICK_FRAMES`` (5 s), a third of the encoder's work;
+only the probes that name another language than the window's majority are read again on
+``IDENTIFY_FRAMES``. A 5 s probe is right about the language it shares with its neighbours;
+where it goes astray (synthetic or mumbled speech called Latin or Thai with p 0.7) or where the
+language really changes, the long read decides, as it did for every probe before.
 """
 
 from __future__ import annotations
@@ -29,16 +35,22 @@ CHUNK_LANGUAGE_MIN_S = 2.0
 # shorter inputs than 30 s, and its cost falls faster than the length (attention); the identified
 # language stays the same, with a somewhat lower probability.
 IDENTIFY_FRAMES = 1500
+QUICK_FRAMES = 500  # the first read of every chunk's probe (see the module's docstring)
 PROBE_STEP_FRAMES = 500  # probes are padded to a multiple of 5 s, so that a batch shares one length
 RUN_MIN_S = 1.0  # a speaker run shorter than this takes its neighbour's language when a chunk is split
-SWITCH_MIN_P = 0.5  # head and tail probes both at least this sure, in two languages: the chunk switches
+# head and tail probes both at least this sure, in two languages: the chunk switches (and the one
+# that is not the window's language at least CHUNK_LANGUAGE_MIN_P: a short run of synthetic or
+# mumbled English is called Welsh or Hungarian with p 0.3-0.5)
+SWITCH_MIN_P = 0.5
 
 Span = tuple[float, float]
 Guess = tuple[str, float]
 
 
-def identify(model: Any, pieces: Sequence[np.ndarray], batch_size: int) -> list[tuple[str, float, dict[str, float]]]:
-    """(language, probability, top-10 distribution) per piece, from the first IDENTIFY_FRAMES of each."""
+def identify(
+    model: Any, pieces: Sequence[np.ndarray], batch_size: int, *, frames: int = IDENTIFY_FRAMES
+) -> list[tuple[str, float, dict[str, float]]]:
+    """(language, probability, top-10 distribution) per piece, from the first ``frames`` of each."""
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
     whisper = model.model
@@ -46,16 +58,16 @@ def identify(model: Any, pieces: Sequence[np.ndarray], batch_size: int) -> list[
     out: list[tuple[str, float, dict[str, float]] | None] = [None] * len(pieces)
     by_frames: dict[int, list[int]] = {}
     for i, piece in enumerate(pieces):
-        frames = math.ceil(max(1, min(len(piece) // 160, IDENTIFY_FRAMES)) / PROBE_STEP_FRAMES) * PROBE_STEP_FRAMES
-        by_frames.setdefault(min(frames, IDENTIFY_FRAMES), []).append(i)
-    for frames, idx in sorted(by_frames.items()):
+        read = math.ceil(max(1, min(len(piece) // 160, frames)) / PROBE_STEP_FRAMES) * PROBE_STEP_FRAMES
+        by_frames.setdefault(min(read, frames), []).append(i)
+    for read, idx in sorted(by_frames.items()):
         for first in range(0, len(idx), max(1, batch_size)):
             part = idx[first : first + max(1, batch_size)]
             feats = []
             for i in part:
-                piece = pieces[i][: frames * 160]
+                piece = pieces[i][: read * 160]
                 mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
-                feats.append(np.asarray(mel, dtype=np.float32)[:, :frames])
+                feats.append(np.asarray(mel, dtype=np.float32)[:, :read])
             encoder_output = whisper.encode(np.ascontiguousarray(np.stack(feats)))
             for i, result in zip(part, whisper.model.detect_language(encoder_output), strict=True):
                 token, p = result[0]
@@ -108,16 +120,24 @@ def chunk_languages(
         if len(long_runs) >= 2:
             probes.append(_cut(audio, long_runs[-1], tail=True))
             owners.append((i, "tail"))
-    found = identify(model, probes, batch_size)
+    found = identify(model, probes, batch_size, frames=QUICK_FRAMES)
+    majority = _majority(found, probes)
+    again = [k for k, res in enumerate(found) if res[0] != majority]
+    for k, res in zip(again, identify(model, [probes[k] for k in again], batch_size), strict=True):
+        found[k] = res
+    window_language = _majority(found, probes)
     heads: dict[int, tuple[str, float, dict[str, float]]] = {}
     tails: dict[int, tuple[str, float, dict[str, float]]] = {}
-    weight: dict[str, float] = {}
-    for (i, which), res, probe in zip(owners, found, probes, strict=True):
+    for (i, which), res in zip(owners, found, strict=True):
         (heads if which == "head" else tails)[i] = res
-        weight[res[0]] = weight.get(res[0], 0.0) + res[1] * len(probe)
-    window_language = max(weight, key=lambda k: weight[k])
-    switching = [i for i, t in tails.items() if t[0] != heads[i][0] and min(t[1], heads[i][1]) >= SWITCH_MIN_P]
-    split = _split_switching(model, audio, spans, runs, switching, batch_size)
+    switching = [
+        i
+        for i, t in tails.items()
+        if t[0] != heads[i][0]
+        and min(t[1], heads[i][1]) >= SWITCH_MIN_P
+        and all(p >= CHUNK_LANGUAGE_MIN_P for lang, p, _ in (t, heads[i]) if lang != window_language)
+    ]
+    split = _split_switching(model, audio, spans, runs, switching, batch_size, window_language)
     out_spans: list[Span] = []
     out_langs: list[Guess] = []
     for i, span in enumerate(spans):
@@ -135,11 +155,26 @@ def chunk_languages(
     return out_spans, out_langs
 
 
+def _majority(found: Sequence[tuple[str, float, dict[str, float]]], probes: Sequence[np.ndarray]) -> str:
+    """The language with the most confident audio among the probes."""
+    weight: dict[str, float] = {}
+    for (lang, p, _), probe in zip(found, probes, strict=True):
+        weight[lang] = weight.get(lang, 0.0) + p * len(probe)
+    return max(weight, key=lambda k: weight[k])
+
+
 def _split_switching(
-    model: Any, audio: np.ndarray, spans: Sequence[Span], runs: Sequence[Span], switching: list[int], batch_size: int
+    model: Any,
+    audio: np.ndarray,
+    spans: Sequence[Span],
+    runs: Sequence[Span],
+    switching: list[int],
+    batch_size: int,
+    window_language: str,
 ) -> dict[int, list[tuple[Span, Guess]]]:
     """For each chunk in ``switching``: every speaker run identified, the chunk cut between runs
-    of different languages. Unsure or short runs take the language of the run before them."""
+    of different languages. Unsure or short runs take the language of the run before them, as
+    does a run in another language than the window's with less than CHUNK_LANGUAGE_MIN_P."""
     if not switching:
         return {}
     inside = {i: _inside(spans[i], runs) for i in switching}
@@ -152,7 +187,8 @@ def _split_switching(
     for i, probed in per_chunk.items():
         labelled: list[tuple[Span, str, float]] = []
         for r, lang, p in probed:
-            if labelled and (p < SWITCH_MIN_P or r[1] - r[0] < CHUNK_LANGUAGE_MIN_S):
+            unsure = p < (SWITCH_MIN_P if lang == window_language else CHUNK_LANGUAGE_MIN_P)
+            if labelled and (unsure or r[1] - r[0] < CHUNK_LANGUAGE_MIN_S):
                 lang, p = labelled[-1][1], labelled[-1][2]
             labelled.append((r, lang, p))
         if labelled and labelled[0][2] < SWITCH_MIN_P:  # an unsure first run: the next sure one's

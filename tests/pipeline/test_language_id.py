@@ -1,0 +1,122 @@
+"""How much audio language identification reads, with a fake Whisper that records it.
+
+The encoder is the cost of identification (Whisper base's encoder, on every chunk of a file
+whose language is not given): each chunk's probe is read short first, and only the probes
+that name another language than the window's majority are read again at full length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from pipeline import language_id as L
+from pipeline.audio import SAMPLE_RATE
+
+Truth = Callable[[int, int], tuple[str, float]]
+
+
+class FakeWhisper:
+    """``identify``'s view of a faster-whisper model: ``encode`` then ``model.detect_language``.
+    Each piece is filled with its marker, which the fake mel keeps, so the detector knows
+    which piece it reads and how many frames of it."""
+
+    feat_kwargs = {"feature_size": 80}
+
+    def __init__(self, truth: Truth) -> None:
+        self.truth = truth
+        self.reads: list[tuple[int, int]] = []  # (pieces, frames) per encoder call
+        self.model = self
+
+    def encode(self, feats: np.ndarray) -> np.ndarray:
+        self.reads.append((feats.shape[0], feats.shape[-1]))
+        return feats
+
+    def detect_language(self, encoded: np.ndarray) -> list[list[tuple[str, float]]]:
+        out = []
+        for item in encoded:
+            lang, p = self.truth(int(round(float(item[0, 0]))), item.shape[-1])
+            out.append([(f"<|{lang}|>", p)])
+        return out
+
+
+class FakeModel:
+    def __init__(self, truth: Truth) -> None:
+        self.model = FakeWhisper(truth)
+
+
+@pytest.fixture(autouse=True)
+def marker_mel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import whisperx.audio
+
+    def mel(piece: np.ndarray, n_mels: int, padding: int) -> np.ndarray:
+        return np.full((n_mels, (len(piece) + padding) // 160), piece[0] if len(piece) else 0.0, dtype=np.float32)
+
+    monkeypatch.setattr(whisperx.audio, "log_mel_spectrogram", mel)
+
+
+def _audio(markers: list[int], chunk_s: float) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    n = int(chunk_s * SAMPLE_RATE)
+    audio = np.concatenate([np.full(n, float(m), dtype=np.float32) for m in markers])
+    return audio, [(k * chunk_s, (k + 1) * chunk_s) for k in range(len(markers))]
+
+
+def test_probes_are_read_short_and_only_the_odd_ones_read_again_at_full_length() -> None:
+    def truth(marker: int, frames: int) -> tuple[str, float]:
+        if marker == 3:  # a short read goes astray, a long one hears English
+            return ("la", 0.72) if frames < L.IDENTIFY_FRAMES else ("en", 0.8)
+        return ("ko", 0.97) if marker == 4 else ("en", 0.95)
+
+    model = FakeModel(truth)
+    audio, spans = _audio([1, 2, 3, 4, 5], 20.0)
+    out_spans, langs = L.chunk_languages(model, audio, spans, [], batch_size=8)
+    assert out_spans == spans
+    assert [lang for lang, _ in langs] == ["en", "en", "en", "ko", "en"]
+    # five probes read on their first 5 s, then the two that did not say English on 15 s
+    assert model.model.reads == [(5, L.QUICK_FRAMES), (2, L.IDENTIFY_FRAMES)]
+
+
+def test_a_file_in_one_language_is_read_once_and_short() -> None:
+    model = FakeModel(lambda marker, frames: ("ko", 0.9))
+    audio, spans = _audio([1, 2, 3], 25.0)
+    _, langs = L.chunk_languages(model, audio, spans, [], batch_size=2)
+    assert [lang for lang, _ in langs] == ["ko"] * 3
+    assert model.model.reads == [(2, L.QUICK_FRAMES), (1, L.QUICK_FRAMES)]
+
+
+def test_identify_reads_at_most_the_frames_asked_for_and_short_pieces_whole() -> None:
+    model = FakeModel(lambda marker, frames: ("en", 0.9))
+    pieces = [np.full(int(s * SAMPLE_RATE), 1.0, dtype=np.float32) for s in (2.0, 30.0)]
+    L.identify(model, pieces, batch_size=8)
+    assert sorted(model.model.reads) == [(1, L.PROBE_STEP_FRAMES), (1, L.IDENTIFY_FRAMES)]
+    model.model.reads.clear()
+    L.identify(model, pieces, batch_size=8, frames=L.QUICK_FRAMES)
+    assert model.model.reads == [(2, L.QUICK_FRAMES)]
+
+
+def _two_runs(tail_marker: float) -> tuple[np.ndarray, list[tuple[float, float]], list[tuple[float, float]]]:
+    """Three 20 s chunks of English; the first one's second speaker run (11-19 s) is ``tail_marker``."""
+    audio = np.full(60 * SAMPLE_RATE, 1.0, dtype=np.float32)
+    audio[10 * SAMPLE_RATE : 20 * SAMPLE_RATE] = tail_marker
+    spans = [(0.0, 20.0), (20.0, 40.0), (40.0, 60.0)]
+    runs = [(0.0, 9.0), (11.0, 19.0), (20.0, 39.0), (40.0, 59.0)]
+    return audio, spans, runs
+
+
+def test_a_chunk_is_cut_where_a_sure_second_language_starts() -> None:
+    model = FakeModel(lambda marker, frames: ("ko", 0.95) if marker == 2 else ("en", 0.95))
+    audio, spans, runs = _two_runs(2.0)
+    out_spans, langs = L.chunk_languages(model, audio, spans, runs, batch_size=8)
+    assert out_spans[:2] == [(0.0, 10.0), (10.0, 20.0)]
+    assert [lang for lang, _ in langs] == ["en", "ko", "en", "en"]
+
+
+def test_an_unsure_other_language_in_a_short_run_does_not_cut_the_chunk() -> None:
+    # Whisper base calls a few seconds of synthetic English 'cy' (Welsh) with p 0.51
+    model = FakeModel(lambda marker, frames: ("cy", 0.51) if marker == 2 else ("en", 0.95))
+    audio, spans, runs = _two_runs(2.0)
+    out_spans, langs = L.chunk_languages(model, audio, spans, runs, batch_size=8)
+    assert out_spans == spans
+    assert [lang for lang, _ in langs] == ["en"] * 3
