@@ -131,16 +131,58 @@ def words_from_alignment(
         }
         for w, t, a, b, i, j in zip(words, word_tokens, starts, ends, boundaries[:-1], boundaries[1:], strict=False)
     ]
+    max_duration = _clamp_long_words(alignment)
     merge_punctuations(alignment, PREPEND_PUNCT, APPEND_PUNCT)
+    alignment = [a for a in alignment if a["word"].strip()]
+    _clamp_first_word(alignment, max_duration)
     result_words: list[Word] = []
     for a in alignment:
-        text = a["word"].strip()
-        if not text:
-            continue
         start = min(max(0.0, a["start"]), duration)
         end = min(max(a["end"], a["start"]), duration)
-        result_words.append(Word(word=text, start=round(start, 3), end=round(end, 3), score=round(a["probability"], 3)))
+        result_words.append(
+            Word(word=a["word"].strip(), start=round(start, 3), end=round(end, 3), score=round(a["probability"], 3))
+        )
     return result_words
+
+
+# Whisper's own limits on a word's length (openai/whisper timing.py, faster-whisper's
+# add_word_timestamps): the cross-attention puts a word's start at the end of the silence or
+# noise before it, so a chunk that begins with noise gets a first word seconds long
+MEDIAN_WORD_CAP_S = 0.7
+SENTENCE_END_MARKS = ".。!！?？"
+
+
+def _clamp_long_words(alignment: list[dict[str, Any]]) -> float:
+    """Whisper's sentence-boundary rule: a word longer than twice the median that is, or
+    follows, a sentence end is cut to that length. Returns that length."""
+    durations = np.array([a["end"] - a["start"] for a in alignment])
+    durations = durations[durations.nonzero()]
+    median = min(MEDIAN_WORD_CAP_S, float(np.median(durations))) if len(durations) else 0.0
+    max_duration = median * 2
+    if len(durations):
+        for prev, word in zip(alignment, alignment[1:], strict=False):
+            if word["end"] - word["start"] > max_duration:
+                if word["word"] in SENTENCE_END_MARKS:
+                    word["end"] = word["start"] + max_duration
+                elif prev["word"] in SENTENCE_END_MARKS:
+                    word["start"] = word["end"] - max_duration
+    return max_duration
+
+
+def _clamp_first_word(words: list[dict[str, Any]], max_duration: float) -> None:
+    """Whisper's rule for the first words after a pause (here: the chunk's start): neither
+    may be longer than ``max_duration``; the first starts at most that long before it ends."""
+    if not words or max_duration <= 0:
+        return
+    first = words[0]
+    if first["end"] > max_duration * 2 and (
+        first["end"] - first["start"] > max_duration
+        or (len(words) > 1 and words[1]["end"] - first["start"] > max_duration * 2)
+    ):
+        if len(words) > 1 and words[1]["end"] - words[1]["start"] > max_duration:
+            boundary = max(words[1]["end"] / 2, words[1]["end"] - max_duration)
+            first["end"] = words[1]["start"] = boundary
+        first["start"] = max(0.0, first["end"] - max_duration)
 
 
 def load_wav2vec2_aligner(name_or_path: str, language: str, device: str) -> tuple[Any, dict[str, Any]]:

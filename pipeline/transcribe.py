@@ -1,5 +1,7 @@
-"""Speech to text with WhisperX: its bundled pyannote VAD, then batched faster-whisper.
+"""Speech to text: Whisper's 30 s chunks of speech, then batched faster-whisper.
 
+The speech is the diarization's turns when they are given (the stage after diarize always
+gives them: speech is found once per file), else WhisperX's bundled pyannote VAD.
 Long recordings are transcribed window by window (cut at the quietest moment
 near each window's end), so memory stays bounded by the window, not the file.
 """
@@ -41,6 +43,8 @@ WINDOW_S = 600.0  # transcribe at most this much audio at once
 # and speech, in a fifth of the time: the commit that chose it has the figures).
 VAD_STEP_RATIO = 0.5
 CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place to cut
+CHUNK_S = 30.0  # Whisper's window: the most audio one decoding reads
+TURN_PAD_S = 0.3  # the diarization's turns are widened by this much when they become chunks
 # The second pass decodes each stretch of speech left without words with this much audio either
 # side (less than coverage.WORD_PAD_S, so no word the first pass timed is decoded twice), in
 # pieces of at most 30 s (Whisper's window).
@@ -229,6 +233,9 @@ def transcribe(
 ) -> Transcript:
     """Transcribe a 16 kHz mono WAV. ``hook(step, fraction)`` gets 'vad' and 'asr' progress.
 
+    The speech to decode is ``speech_turns`` (the diarization's (start, end, speaker)) joined
+    into chunks of up to 30 s (``speech_chunks``); without turns, WhisperX's VAD finds it.
+
     ``models``: an ``AsrRoute`` or one loaded model. With no ``language`` the language is
     identified on every speech chunk (a window's language is the one with most confident
     speech; a chunk keeps its own when Whisper is sure of it), and a chunk whose first and
@@ -298,14 +305,17 @@ def _transcribe_window(
     from whisperx.vads import Pyannote
 
     start, end = window
-    vad_params = route.main._vad_params
     audio = load_wav(wav_path, start, end)
-    waveform = Pyannote.preprocess_audio(audio)
-    vad = route.main.vad_model({"waveform": waveform, "sample_rate": SAMPLE_RATE})
-    chunks = Pyannote.merge_chunks(vad, 30, onset=vad_params["vad_onset"], offset=vad_params["vad_offset"])
+    if turns:
+        spans = speech_chunks(turns, start, end, wav_path, total)
+    else:
+        vad_params = route.main._vad_params
+        waveform = Pyannote.preprocess_audio(audio)
+        vad = route.main.vad_model({"waveform": waveform, "sample_rate": SAMPLE_RATE})
+        chunks = Pyannote.merge_chunks(vad, 30, onset=vad_params["vad_onset"], offset=vad_params["vad_offset"])
+        spans = [(float(c["start"]), float(c["end"])) for c in chunks]
     if hook and not acc.regions:
         hook("vad", 1.0)
-    spans = [(float(c["start"]), float(c["end"])) for c in chunks]
     acc.regions += [(round(start + a, 3), round(start + b, 3)) for a, b in spans]
     if detect:
         runs = speaker_runs(turns, start, end)
@@ -324,6 +334,41 @@ def _transcribe_window(
     _decode_pieces(route, pieces, absolute, [lang for lang, _ in langs], batch_size, opts, acc, progress)
     if hook:
         hook("asr", min(1.0, end / total))
+
+
+def speech_chunks(
+    turns: Sequence[tuple[float, float, str]], start: float, end: float, wav_path: Path, total: float
+) -> list[tuple[float, float]]:
+    """The diarization's speech in [start, end] as Whisper's chunks (seconds from ``start``).
+
+    The turns are speech already found (Silero-gated segmentation-3.0), so WhisperX's own VAD
+    would find it a second time. Their union, each stretch padded by ``TURN_PAD_S`` (a turn
+    ends where the voice does, a word's last sound may trail it), is cut into pieces of at most
+    30 s at the quietest moment near each piece's end, and consecutive pieces are joined up to
+    30 s, as WhisperX joins its VAD's segments (``Vad.merge_chunks``)."""
+    merged: list[list[float]] = []
+    for a, b, _ in sorted(turns):
+        a, b = max(start, a - TURN_PAD_S), min(end, b + TURN_PAD_S)
+        if b <= a:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    pieces: list[tuple[float, float]] = []
+    for a, b in merged:
+        while b - a > CHUNK_S:
+            cut = quiet_cut(wav_path, a, a + CHUNK_S, total, CUT_SEARCH_S)
+            pieces.append((a, cut))
+            a = cut
+        pieces.append((a, b))
+    chunks: list[tuple[float, float]] = []
+    for a, b in pieces:
+        if chunks and b - chunks[-1][0] <= CHUNK_S:
+            chunks[-1] = (chunks[-1][0], b)
+        else:
+            chunks.append((a, b))
+    return [(round(a - start, 3), round(b - start, 3)) for a, b in chunks]
 
 
 def _decode_pieces(

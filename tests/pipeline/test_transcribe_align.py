@@ -140,3 +140,73 @@ def test_second_pass_leaves_a_reason_where_it_hears_no_speech(asr, sample_wav: P
 
 def asr_route(model):  # type: ignore[no-untyped-def]
     return T.AsrRoute(main=model, main_name="tiny.en")
+
+
+def _turns_from_rttm(path: Path) -> list[tuple[float, float, str]]:
+    turns = []
+    for line in path.read_text().splitlines():
+        f = line.split()
+        turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    return turns
+
+
+def test_speech_chunks_are_the_turns_joined_padded_and_cut_at_quiet_places(tmp_path: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    sr = 16000
+    rng = np.random.default_rng(0)
+    audio = (0.3 * rng.standard_normal(100 * sr)).astype(np.float32)
+    quiet = [(45.0, 45.3), (72.0, 72.3)]  # where a long turn may be cut
+    for a, b in quiet:
+        audio[int(a * sr) : int(b * sr)] = 0.0
+    wav = tmp_path / "noise.wav"
+    sf.write(wav, audio, sr)
+    turns = [
+        (1.0, 5.0, "A"),
+        (4.0, 8.0, "B"),  # overlaps A: one stretch
+        (8.3, 12.0, "A"),  # 0.3 s later: joined by the padding
+        (20.0, 90.0, "B"),  # 70 s: cut twice, at the quiet places
+        (98.0, 120.0, "A"),  # past the window's end: clipped, and joined to the 90 s turn's tail
+    ]
+    chunks = T.speech_chunks(turns, 0.0, 100.0, wav, 100.0)
+    pad = T.TURN_PAD_S
+    assert len(chunks) == 4, chunks
+    assert chunks[0] == (1.0 - pad, 12.0 + pad)
+    assert chunks[1][0] == 20.0 - pad and chunks[3][1] == 100.0
+    for (a, b), (_, end) in zip(quiet, chunks[1:3], strict=True):
+        assert a <= end <= b  # cut in the silence
+    assert [c[0] for c in chunks[2:]] == [c[1] for c in chunks[1:3]]  # nothing between the pieces lost
+    assert all(b - a <= T.CHUNK_S for a, b in chunks)
+    # a window starting later: its chunks are relative to its start, turns before it ignored
+    assert T.speech_chunks(turns, 95.0, 100.0, wav, 100.0) == [(3.0 - pad, 5.0)]
+
+
+def test_the_diarizations_turns_are_the_speech_no_second_vad(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    turns = _turns_from_rttm(sample_wav.with_suffix(".rttm"))
+    model = copy.copy(asr)
+
+    def no_vad(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the VAD ran although the diarization's turns were given")
+
+    model.vad_model = no_vad
+    tr = T.transcribe(model, sample_wav, batch_size=8, speech_turns=turns)
+    text = " ".join(s.text for s in tr.segments).lower()
+    assert "chicago" in text and "new jersey" in text
+    speech_end = max(b for _, b, _ in turns)
+    assert tr.speech_regions[0][0] >= min(a for a, _, _ in turns) - T.TURN_PAD_S - 1e-6
+    assert tr.speech_regions[-1][1] <= speech_end + T.TURN_PAD_S + 1e-6
+
+
+def test_a_first_word_stretched_over_the_noise_before_it_is_cut_to_whisper_s_limit() -> None:
+    words = [
+        {"word": " Hello.", "start": 0.2, "end": 7.08},  # the chunk starts with 6 s of line noise
+        {"word": " Hello.", "start": 7.7, "end": 8.22},
+        {"word": " Oh,", "start": 8.32, "end": 8.62},
+        {"word": " hi", "start": 8.7, "end": 9.0},
+    ]
+    max_duration = A._clamp_long_words(words)
+    assert max_duration == pytest.approx(2 * 0.41)  # twice the median word (6.88, 0.52, 0.3, 0.3 s)
+    A._clamp_first_word(words, max_duration)
+    assert words[0]["start"] == pytest.approx(7.08 - max_duration) and words[0]["end"] == 7.08
+    assert [w["start"] for w in words[1:]] == [7.7, 8.32, 8.7]
