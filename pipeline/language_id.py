@@ -1,6 +1,6 @@
 """Which language each stretch of speech is in, and where a chunk changes language.
 
-WhisperX's VAD merges speech into chunks of up to 30 s, and a chunk that holds the end of
+Speech is decoded in chunks of up to 30 s, and a chunk that holds the end of
 one language and the start of another was decoded as one of them: Whisper drops (or
 translates) the rest. When the diarization's turns are known, a chunk with two or more
 speaker runs is probed twice, on its first and on its last run; only when the two disagree
@@ -12,8 +12,8 @@ cost about what one 15 s probe did.
 
 Every probe is first read on its first ``QUICK_FRAMES`` (5 s), a third of the encoder's work;
 only the probes that name another language than the window's majority are read again on
-``IDENTIFY_FRAMES``. A 5 s probe is right about the language it shares with its neighbours;
-where it goes astray (synthetic or mumbled speech called Latin or Thai with p 0.7) or where the
+``IDENTIFY_FRAMES``. A 5 s read is right about the language a probe shares with its neighbours;
+where it goes astray (synthetic or mumbled speech called Latin, Finnish or Thai) or where the
 language really changes, the long read decides, as it did for every probe before.
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.audio import SAMPLE_RATE
+from pipeline.parallel_decode import even_batches, model_streams, parallel_map
 
 # A chunk keeps a language of its own (not its window's) only when Whisper is this sure of it and
 # the chunk is this long: short or unsure chunks are where language identification errs.
@@ -36,6 +37,7 @@ CHUNK_LANGUAGE_MIN_S = 2.0
 # language stays the same, with a somewhat lower probability.
 IDENTIFY_FRAMES = 1500
 QUICK_FRAMES = 500  # the first read of every chunk's probe (see the module's docstring)
+MEL_TAIL = 400  # zeros after the last sample read: two STFT windows (n_fft 400, centred)
 PROBE_STEP_FRAMES = 500  # probes are padded to a multiple of 5 s, so that a batch shares one length
 RUN_MIN_S = 1.0  # a speaker run shorter than this takes its neighbour's language when a chunk is split
 # head and tail probes both at least this sure, in two languages: the chunk switches (and the one
@@ -51,7 +53,7 @@ def identify(
     model: Any, pieces: Sequence[np.ndarray], batch_size: int, *, frames: int = IDENTIFY_FRAMES
 ) -> list[tuple[str, float, dict[str, float]]]:
     """(language, probability, top-10 distribution) per piece, from the first ``frames`` of each."""
-    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+    from whisperx.audio import log_mel_spectrogram
 
     whisper = model.model
     n_mels = whisper.feat_kwargs.get("feature_size") or 80
@@ -60,18 +62,28 @@ def identify(
     for i, piece in enumerate(pieces):
         read = math.ceil(max(1, min(len(piece) // 160, frames)) / PROBE_STEP_FRAMES) * PROBE_STEP_FRAMES
         by_frames.setdefault(min(read, frames), []).append(i)
-    for read, idx in sorted(by_frames.items()):
-        for first in range(0, len(idx), max(1, batch_size)):
-            part = idx[first : first + max(1, batch_size)]
-            feats = []
-            for i in part:
-                piece = pieces[i][: read * 160]
-                mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
-                feats.append(np.asarray(mel, dtype=np.float32)[:, :read])
-            encoder_output = whisper.encode(np.ascontiguousarray(np.stack(feats)))
-            for i, result in zip(part, whisper.model.detect_language(encoder_output), strict=True):
-                token, p = result[0]
-                out[i] = (token[2:-2], float(p), {t[2:-2]: float(q) for t, q in result[:10]})
+    streams = model_streams(model)
+    batches = [
+        (read, [idx[k] for k in part])
+        for read, idx in sorted(by_frames.items())
+        for part in even_batches(len(idx), batch_size, streams)
+    ]
+
+    def detect(batch: tuple[int, list[int]]) -> list[Any]:
+        read, part = batch
+        feats = []
+        for i in part:
+            piece = pieces[i][: read * 160]
+            # padded only as far as the frames read need (their 400-sample windows end in
+            # zeros, as in Whisper's 30 s padding): the same values, in a sixth of the STFT
+            mel = log_mel_spectrogram(piece, n_mels=n_mels, padding=read * 160 - piece.shape[0] + MEL_TAIL)
+            feats.append(np.asarray(mel, dtype=np.float32)[:, :read])
+        return list(whisper.model.detect_language(whisper.encode(np.ascontiguousarray(np.stack(feats)))))
+
+    for (_, part), results in zip(batches, parallel_map(streams, detect, batches), strict=True):
+        for i, result in zip(part, results, strict=True):
+            token, p = result[0]
+            out[i] = (token[2:-2], float(p), {t[2:-2]: float(q) for t, q in result[:10]})
     return [r for r in out if r is not None]
 
 

@@ -31,6 +31,7 @@ from pipeline.language_id import (
     speaker_runs,
 )
 from pipeline.loop_guard import loop_reason
+from pipeline.parallel_decode import decode_streams, even_batches, model_streams, parallel_map
 from pipeline.speech_types import AsrSegment, Transcript
 
 __all__ = ["AsrRoute", "AsrSegment", "DecodeOptions", "Transcript", "load_asr_model", "transcribe"]
@@ -99,19 +100,31 @@ def load_asr_model(
     # taskset'd worker would otherwise run more threads than cores
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parallel = decode_streams(device, threads)
     try:
+        from whisperx.asr import WhisperModel
+
+        whisper = WhisperModel(
+            source,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=threads // parallel,
+            num_workers=parallel,
+            local_files_only=not is_local,
+        )
         model = whisperx.load_model(
             source,
             device=device,
             compute_type=compute_type,
             vad_method="pyannote",
             asr_options={"beam_size": beam_size, "best_of": beam_size},
-            threads=threads,
+            model=whisper,
             local_files_only=not is_local,
         )
         _tame_whisperx_logger()  # whisperx (re)installs its stdout handler while loading
         _set_vad_step(model, VAD_STEP_RATIO)
         model.ecg_cpu_threads = threads  # CTranslate2 does not report its intra-op threads: ops read it here
+        model.ecg_parallel = parallel
         if is_multilingual(model):
             # decode with timestamp tokens, as Whisper itself does (the text keeps only the text
             # tokens): Whisper base transcribes Korean more accurately so (bench/quality.py's CER)
@@ -382,20 +395,26 @@ def _decode_pieces(
     progress: Callable[[int], None] | None = None,
 ) -> list[bool]:
     """Decode pieces (each <= 30 s) in batches of consecutive pieces in one language (one prompt
-    per batch); their segments go to ``acc``. Returns, per piece, whether it gave any text."""
-    batches: list[list[int]] = []
+    per batch), as many batches at once as the models decode (``decode_streams``); their
+    segments go to ``acc``. Returns, per piece, whether it gave any text."""
+    streams = model_streams(route.main, route.english)
+    runs: list[list[int]] = []
     for i, lang in enumerate(langs):
-        if batches and len(batches[-1]) < batch_size and langs[batches[-1][0]] == lang:
-            batches[-1].append(i)
+        if runs and langs[runs[-1][0]] == lang:
+            runs[-1].append(i)
         else:
-            batches.append([i])
-    got = [False] * len(pieces)
-    decoded = 0
-    for idx in batches:
+            runs.append([i])
+    batches = [[run[k] for k in part] for run in runs for part in even_batches(len(run), batch_size, streams)]
+
+    def decode(idx: list[int]) -> list[_Decoded]:
         lang = langs[idx[0]]
         model, _ = route.for_language(lang)
-        tokenizer = _tokenizer(model, lang)
-        results = _transcribe_batch(model, [pieces[i] for i in idx], tokenizer, lang, opts)
+        return _transcribe_batch(model, [pieces[i] for i in idx], _tokenizer(model, lang), lang, opts)
+
+    got = [False] * len(pieces)
+    decoded = 0
+    for idx, results in zip(batches, parallel_map(streams, decode, batches), strict=True):
+        lang = langs[idx[0]]
         for i, res in zip(idx, results, strict=True):
             a, b = spans[i]
             acc.repaired += res.repaired

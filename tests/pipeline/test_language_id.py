@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from whisperx.audio import N_SAMPLES
+from whisperx.audio import log_mel_spectrogram as whisper_mel  # before the fixture fakes it
 
 from pipeline import language_id as L
 from pipeline.audio import SAMPLE_RATE
@@ -120,3 +122,14 @@ def test_an_unsure_other_language_in_a_short_run_does_not_cut_the_chunk() -> Non
     out_spans, langs = L.chunk_languages(model, audio, spans, runs, batch_size=8)
     assert out_spans == spans
     assert [lang for lang, _ in langs] == ["en"] * 3
+
+
+@pytest.mark.parametrize("seconds,read", [(2.2, 300), (4.2, 300), (7.0, 500), (20.0, 1500)])
+def test_a_probe_s_mel_padded_to_its_frames_is_whisper_s_mel_padded_to_30_s(seconds: float, read: int) -> None:
+    rng = np.random.default_rng(1)
+    audio = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+    piece = audio[: read * 160]
+    whole = np.asarray(whisper_mel(piece, n_mels=80, padding=N_SAMPLES - len(piece)))[:, :read]
+    short = np.asarray(whisper_mel(piece, n_mels=80, padding=read * 160 - len(piece) + L.MEL_TAIL))[:, :read]
+    assert short.shape == whole.shape == (80, read)
+    np.testing.assert_allclose(short, whole, atol=1e-5)
