@@ -27,9 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def emit(
-    result: dict[str, Any], load_before: list[float] | None = None, load_after: list[float] | None = None
-) -> None:
+def emit(result: dict[str, Any], load_before: list[float] | None = None, load_after: list[float] | None = None) -> None:
     """The bench's one line on stdout: its result as JSON, ending with the load averages
     before and after the run when they are given (the machine may be shared)."""
     if load_before is not None:
@@ -491,6 +489,22 @@ def reexec_with_worker_allocator() -> None:
     if alloc:
         # the command as it was given (``python -m bench.overhead ...``)
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **alloc})
+
+
+def reexec_as_avx2_machine() -> None:
+    """``--avx2``: run this bench (and every process it starts, which inherit the environment)
+    with the kernels of an AVX2-only CPU (:data:`worker.cpu.AVX2_ONLY_ENV`). The libraries read
+    these variables when they load, so the process re-executes itself with them first."""
+    from worker.cpu import AVX2_ONLY_ENV
+
+    if any(os.environ.get(k) != v for k, v in AVX2_ONLY_ENV.items()):
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **AVX2_ONLY_ENV})
+
+
+AVX2_HELP = (
+    "compute as an AVX2-only CPU would (oneDNN, MKL and torch capped at AVX2, CTranslate2 off MKL; "
+    "ONNX Runtime keeps this CPU's kernels): worker.cpu.AVX2_ONLY_ENV"
+)
 
 
 # --- chaos helpers: a callback receiver, short clips to run --------------------------

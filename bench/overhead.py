@@ -47,11 +47,13 @@ import time
 from pathlib import Path
 
 from bench.harness import (
+    AVX2_HELP,
     BenchFleet,
     cut,
     eprint,
     exit_cleanly_on_sigterm,
     loadavg,
+    reexec_as_avx2_machine,
     reexec_with_worker_allocator,
     shared_audio,
     submit_and_wait,
@@ -59,7 +61,6 @@ from bench.harness import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-
 
 
 ACCEPT_RATIO = 1.05
@@ -71,7 +72,10 @@ def main() -> int:
     ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--keep", help="keep logs and workspaces in this directory")
+    ap.add_argument("--avx2", action="store_true", help=AVX2_HELP)
     a = ap.parse_args()
+    if a.avx2:
+        reexec_as_avx2_machine()
     reexec_with_worker_allocator()
     from ecg_audio.logs import configure_logging
 

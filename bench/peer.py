@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import cut, emit, loadavg, shared_audio
+from bench.harness import AVX2_HELP, cut, emit, loadavg, reexec_as_avx2_machine, shared_audio
 
 FLAGS_SHOWN = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 ACCEPT_RATIO = {"avx2": 0.85, "avx512": 0.75}
@@ -103,7 +103,7 @@ def run_peer(audio: Path, model_dir: str, tmp: Path) -> float:
 
 
 def cpu_description() -> dict[str, Any]:
-    from worker.cpu import auto_compute_type, cpu_flags, cpu_model_name
+    from worker.cpu import AVX2_ONLY_ENV, auto_compute_type, cpu_flags, cpu_model_name
 
     flags = cpu_flags()
     return {
@@ -111,6 +111,7 @@ def cpu_description() -> dict[str, Any]:
         "cpu_flags": {f: f in flags for f in FLAGS_SHOWN},
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "forced_env": {k: os.environ[k] for k in AVX2_ONLY_ENV if k in os.environ},
         "compute_type_auto": auto_compute_type("cpu"),
     }
 
@@ -120,7 +121,10 @@ def main() -> int:
     ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (ours, peer), order alternating")
     ap.add_argument("--seconds", type=float, default=None, help="only the first S seconds (a quick run)")
+    ap.add_argument("--avx2", action="store_true", help=AVX2_HELP)
     a = ap.parse_args()
+    if a.avx2:
+        reexec_as_avx2_machine()
     src = shared_audio(a.file)
     from pipeline.transcribe import embedded_asr_path
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import cpu_now, cut, emit, loadavg, shared_audio
+from bench.harness import AVX2_HELP, cpu_now, cut, emit, loadavg, reexec_as_avx2_machine, shared_audio
 from ecg_audio.stage_table import STAGE_NAMES, STAGES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,7 +64,10 @@ def main() -> int:
     ap.add_argument("--file", default="conv_2spk_10min.wav", help="a file in ../shared/audio")
     ap.add_argument("--seconds", type=float, default=None, help="only the first N seconds (smoke test)")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--avx2", action="store_true", help=AVX2_HELP)
     a = ap.parse_args()
+    if a.avx2:
+        reexec_as_avx2_machine()
     from ecg_audio.logs import configure_logging
 
     configure_logging("INFO", json_output=False)  # to stderr: stdout carries only the JSON line

@@ -30,8 +30,28 @@ _ISA_CAPS: dict[str, frozenset[str]] = {
 }
 
 
+# What makes an AVX-512 machine compute as an AVX2-only one (an AMD Zen 3, a common cloud CPU),
+# for the libraries that can be told: oneDNN's cap; CTranslate2 off MKL (on an Intel CPU it runs
+# its GEMMs in MKL, which ONEDNN_MAX_CPU_ISA does not cap; on AMD it runs oneDNN anyway); MKL's
+# own cap (torch's float GEMMs); torch's own kernels. ONNX Runtime (the diarization) has no such
+# switch and keeps the machine's kernels.
+AVX2_ONLY_ENV = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "CT2_USE_MKL": "0",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+
 # environment variables that change how many threads, or which kernels, the libraries use
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "ONEDNN_MAX_CPU_ISA", "CT2_USE_MKL")
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "ONEDNN_MAX_CPU_ISA",
+    "CT2_USE_MKL",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ATEN_CPU_CAPABILITY",
+)
 
 
 def available_cores() -> int:
