@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,10 @@ def load_asr_model(
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = decode_streams(device, threads)
     try:
+        import torch
         from whisperx.asr import WhisperModel
 
+        torch_threads = torch.get_num_threads()
         whisper = WhisperModel(
             source,
             device=device,
@@ -112,6 +115,10 @@ def load_asr_model(
             num_workers=parallel,
             local_files_only=not is_local,
         )
+        # CTranslate2 sets the OpenMP threads of the thread that loads a model to its
+        # cpu_threads, i.e. torch's (and so the diarization's ONNX Runtime sessions, made
+        # later with torch's count): one thread each, where the process may use them all
+        torch.set_num_threads(torch_threads)
         model = whisperx.load_model(
             source,
             device=device,
@@ -224,6 +231,7 @@ class _Decoding:
     repaired: int = 0
     reasons: list[Gap] = field(default_factory=list)  # why a stretch of speech has no words
     second_pass: dict[str, float] = field(default_factory=lambda: {"stretches": 0, "seconds": 0.0, "filled": 0})
+    language_id_s: float = 0.0
 
     def count(self, lang: str, p: float, seconds: float) -> None:
         self.seconds[lang] = self.seconds.get(lang, 0.0) + seconds
@@ -298,6 +306,7 @@ def transcribe(
         languages={k: round(v, 3) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
         gaps=[g.to_dict() for g in sorted(acc.reasons, key=lambda g: g.start)],
         second_pass={k: round(v, 3) for k, v in acc.second_pass.items()},
+        language_id_s=round(acc.language_id_s, 3),
     )
 
 
@@ -332,7 +341,9 @@ def _transcribe_window(
     acc.regions += [(round(start + a, 3), round(start + b, 3)) for a, b in spans]
     if detect:
         runs = speaker_runs(turns, start, end)
+        t0 = time.perf_counter()
         spans, langs = chunk_languages(route.main, audio, spans, runs, batch_size)
+        acc.language_id_s += time.perf_counter() - t0
     else:
         langs = [(str(language), 1.0)] * len(spans)
     pieces = [audio[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in spans]
@@ -460,7 +471,9 @@ def _second_pass(
         spans += [(a + (b - a) * k / n, a + (b - a) * (k + 1) / n) for k in range(n)]
     pieces = [load_wav(wav_path, a, b) for a, b in spans]
     if detect:
+        t0 = time.perf_counter()
         guesses: list[Guess] = [(lang, p) for lang, p, _ in identify(route.main, pieces, batch_size)]
+        acc.language_id_s += time.perf_counter() - t0
         for k, ((a, b), (lang, p)) in enumerate(zip(spans, guesses, strict=True)):
             if p < CHUNK_LANGUAGE_MIN_P or b - a < CHUNK_LANGUAGE_MIN_S:
                 guesses[k] = (_nearest_language(acc.segments, a, b) or lang, p)

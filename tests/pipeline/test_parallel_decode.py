@@ -36,3 +36,18 @@ def test_parallel_map_runs_batches_at_once_and_keeps_their_order() -> None:
 
     assert list(parallel_map(2, work, [0, 1, 2, 3])) == [0, 10, 20, 30]
     assert list(parallel_map(1, lambda x: x + 1, [1, 2])) == [2, 3]
+
+
+def test_loading_a_model_for_two_streams_leaves_torch_its_threads() -> None:
+    import torch
+
+    from pipeline.transcribe import load_asr_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = load_asr_model("embedded", threads=2)
+        assert model.ecg_parallel == 2
+        assert torch.get_num_threads() == 2  # CTranslate2's one thread per stream set it to 1
+    finally:
+        torch.set_num_threads(before)
