@@ -7,7 +7,9 @@ then a cheap aggregation over its frames.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,48 +47,67 @@ class FeatureTracks:
             return cls(mfcc=z["mfcc"], f0=z["f0"], rms_db=z["rms_db"])
 
 
-def compute_tracks(wav_path: Path, *, hook: Callable[[float], None] | None = None) -> FeatureTracks:
-    """Frame-level MFCC, f0 and RMS over the whole file, block by block."""
+def compute_tracks(
+    wav_path: Path, *, hook: Callable[[float], None] | None = None, threads: int | None = None
+) -> FeatureTracks:
+    """Frame-level MFCC, f0 and RMS over the whole file, block by block; ``threads`` blocks at
+    once (default: the cores this process may use; numpy's FFTs and loops, and YIN's numba
+    kernels, release the GIL), each block's tracks independent of the others."""
     import librosa
 
     duration = wav_duration(wav_path)
     total_frames = int(np.floor(duration * SAMPLE_RATE / HOP)) + 1
     block_frames = int(BLOCK_S * SAMPLE_RATE / HOP)
-    half = N_FFT // 2
-    mfcc_parts, f0_parts, rms_parts = [], [], []
-    mel_basis = None
-    for first in range(0, total_frames, block_frames):
-        n = min(block_frames, total_frames - first)
-        centre0 = first * HOP
-        start = max(0, centre0 - half)
-        audio = load_wav(wav_path, start / SAMPLE_RATE, (centre0 + (n - 1) * HOP + half) / SAMPLE_RATE)
-        # pad so that frame j is centred exactly at sample centre0 + j * HOP
-        left = half - (centre0 - start)
-        need = (n - 1) * HOP + N_FFT
-        audio = np.pad(audio, (left, max(0, need - left - len(audio))))[:need]
-        spec = np.abs(librosa.stft(audio, n_fft=N_FFT, hop_length=HOP, center=False)) ** 2
-        # shape: (1 + N_FFT // 2, n)
-        if mel_basis is None:
-            mel_basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=40)
-        mel_db = librosa.power_to_db(mel_basis @ spec, ref=1.0, top_db=None)
-        mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)[:, :n].T
-        frames = librosa.util.frame(audio, frame_length=N_FFT, hop_length=HOP)[:, :n]
-        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=0))
-        rms_db = 20.0 * np.log10(np.maximum(rms, 1e-10))
-        f0 = librosa.yin(
-            audio, fmin=F0_MIN, fmax=F0_MAX, sr=SAMPLE_RATE, frame_length=N_FFT, hop_length=HOP, center=False
-        )[:n]
-        unvoiced = (rms_db < SILENCE_DB) | (f0 <= F0_MIN * 1.01) | (f0 >= F0_MAX * 0.99)
-        f0 = np.where(unvoiced, np.nan, f0)
-        mfcc_parts.append(mfcc.astype(np.float32))
-        f0_parts.append(f0.astype(np.float32))
-        rms_parts.append(rms_db.astype(np.float32))
-        if hook is not None:
-            hook(min(1.0, (first + n) / total_frames))
-    if not mfcc_parts:
+    mel_basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=40)
+    firsts = list(range(0, total_frames, block_frames))
+    if not firsts:
         empty = np.zeros((0,), np.float32)
         return FeatureTracks(mfcc=np.zeros((0, N_MFCC), np.float32), f0=empty, rms_db=empty)
-    return FeatureTracks(mfcc=np.concatenate(mfcc_parts), f0=np.concatenate(f0_parts), rms_db=np.concatenate(rms_parts))
+
+    def block(first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _block_tracks(wav_path, first, min(block_frames, total_frames - first), mel_basis)
+
+    workers = max(1, threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=min(workers, len(firsts)), thread_name_prefix="ecg-features") as pool:
+        for first, part in zip(firsts, pool.map(block, firsts), strict=True):
+            parts.append(part)
+            if hook is not None:
+                hook(min(1.0, (first + len(part[1])) / total_frames))
+    return FeatureTracks(
+        mfcc=np.concatenate([m for m, _, _ in parts]),
+        f0=np.concatenate([f for _, f, _ in parts]),
+        rms_db=np.concatenate([r for _, _, r in parts]),
+    )
+
+
+def _block_tracks(
+    wav_path: Path, first: int, n: int, mel_basis: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MFCC, f0 and RMS dB of frames ``first`` .. ``first + n - 1``."""
+    import librosa
+
+    half = N_FFT // 2
+    centre0 = first * HOP
+    start = max(0, centre0 - half)
+    audio = load_wav(wav_path, start / SAMPLE_RATE, (centre0 + (n - 1) * HOP + half) / SAMPLE_RATE)
+    # pad so that frame j is centred exactly at sample centre0 + j * HOP
+    left = half - (centre0 - start)
+    need = (n - 1) * HOP + N_FFT
+    audio = np.pad(audio, (left, max(0, need - left - len(audio))))[:need]
+    spec = np.abs(librosa.stft(audio, n_fft=N_FFT, hop_length=HOP, center=False)) ** 2
+    # shape: (1 + N_FFT // 2, n)
+    mel_db = librosa.power_to_db(mel_basis @ spec, ref=1.0, top_db=None)
+    mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)[:, :n].T
+    frames = librosa.util.frame(audio, frame_length=N_FFT, hop_length=HOP)[:, :n]
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=0))
+    rms_db = 20.0 * np.log10(np.maximum(rms, 1e-10))
+    f0 = librosa.yin(audio, fmin=F0_MIN, fmax=F0_MAX, sr=SAMPLE_RATE, frame_length=N_FFT, hop_length=HOP, center=False)[
+        :n
+    ]
+    unvoiced = (rms_db < SILENCE_DB) | (f0 <= F0_MIN * 1.01) | (f0 >= F0_MAX * 0.99)
+    f0 = np.where(unvoiced, np.nan, f0)
+    return mfcc.astype(np.float32), f0.astype(np.float32), rms_db.astype(np.float32)
 
 
 def warm_up() -> float:

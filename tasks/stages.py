@@ -230,9 +230,7 @@ def _transcribe(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
             # 'asr' is the fraction of the file decoded; 'vad' (1.0 once the first window's
             # speech is found) would jump the record to the stage's end at once
             hook=lambda step, f: (
-                env.report("transcribe", _within("transcribe", f), STEP_KEYS["transcribing"])
-                if step == "asr"
-                else None
+                env.report("transcribe", _within("transcribe", f), STEP_KEYS["transcribing"]) if step == "asr" else None
             ),
             # Whisper's word times come nearly free with the decoding: the fallback wherever
             # no wav2vec2 aligner is configured for a language
@@ -331,6 +329,7 @@ def _features(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
     tracks = compute_tracks(
         ws.path("audio.wav"),
         hook=lambda f: env.report("features", _within("features", f), STEP_KEYS["measuring_voices"]),
+        threads=getattr(env.models, "cpu_threads", None),
     )
     tmp = ws.tmp_path(".npz")
     tracks.save(tmp)
@@ -383,6 +382,8 @@ def _merge(job: JobSpec, env: StageEnv, ws: Workspace) -> None:
         log.warning(
             "low_speech_coverage", job_id=job.job_id, speech_coverage=md["speech_coverage"], gaps=md["gaps"][:20]
         )
+    # inside the transcribe stage's time: what identifying the languages cost (0 when given)
+    md["language_id_s"] = float(transcript.get("language_id_s") or 0.0)
     md["stage_times"]["merge"] = round(time.perf_counter() - t0, 3)
     md["processing_time"] = round(sum(md["stage_times"].values()), 3)
     md["subtitles"] = subtitle_options(job.options.get("subtitles"))  # every rendering of the exports reads it

@@ -43,3 +43,18 @@ def test_tracks_do_not_depend_on_block_boundaries(tmp_path: Path, monkeypatch) -
     assert whole.rms_db.shape == blocked.rms_db.shape
     np.testing.assert_allclose(whole.rms_db, blocked.rms_db, atol=1e-3)
     np.testing.assert_allclose(whole.mfcc, blocked.mfcc, atol=1e-2)
+
+
+def test_blocks_computed_side_by_side_give_the_same_tracks(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(2)
+    t = np.arange(16000 * 6) / 16000
+    wav = _write(tmp_path / "voice.wav", 0.3 * np.sin(2 * np.pi * 150 * t) + 0.01 * rng.standard_normal(len(t)))
+    import pipeline.features as F
+
+    monkeypatch.setattr(F, "BLOCK_S", 1.1)  # six blocks
+    seen: list[float] = []
+    one = compute_tracks(wav, threads=1)
+    three = compute_tracks(wav, threads=3, hook=seen.append)
+    for a, b in ((one.mfcc, three.mfcc), (one.f0, three.f0), (one.rms_db, three.rms_db)):
+        np.testing.assert_array_equal(a, b)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == 6
