@@ -108,6 +108,7 @@ def main() -> int:
                     "cpu": cpu_by_stage(marks),
                     "models": md.get("models", {}),
                     "language": md.get("language"),
+                    "language_id_s": float(md.get("language_id_s") or 0.0),
                 }
             )
             print(f"stages: rep {i + 1}/{a.reps}: {wall:.1f} s {md['stage_times']}", file=sys.stderr)
@@ -121,6 +122,7 @@ def main() -> int:
         stages[name] = {"seconds": round(secs, 2), "rtf": round(secs / duration, 4), "cpu_s": round(cpu, 2)}
     total = statistics.median(sum(float(v) for v in r["stage_times"].values()) for r in runs)
     wall = statistics.median(r["wall_s"] for r in runs)
+    language_id = statistics.median(r["language_id_s"] for r in runs)
     out = {
         "bench": "stages",
         "file": a.file,
@@ -132,6 +134,11 @@ def main() -> int:
         "language": runs[0]["language"],
         "model_load_s": round(load_s, 1),
         "stages": stages,
+        # issue 25: identification at most 10 % of the transcribe stage
+        "language_id_s": round(language_id, 2),
+        "language_id_share": round(language_id / stages["transcribe"]["seconds"], 3)
+        if stages["transcribe"]["seconds"] > 0
+        else None,
         "total_s": round(total, 2),
         "total_rtf": round(total / duration, 4),
         "wall_s": round(wall, 2),

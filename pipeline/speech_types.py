@@ -31,6 +31,7 @@ class Transcript:
     languages: dict[str, float] = field(default_factory=dict)  # language -> seconds of speech decoded as it
     gaps: list[dict[str, Any]] = field(default_factory=list)  # {start, end, why}: speech left without words
     second_pass: dict[str, float] = field(default_factory=dict)  # stretches, seconds, filled: the re-decoding
+    language_id_s: float = 0.0  # seconds spent identifying languages (0 when the language was given)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class Transcript:
             "repaired_chunks": self.repaired_chunks,
             "gaps": list(self.gaps),
             "second_pass": dict(self.second_pass),
+            "language_id_s": self.language_id_s,
         }
 
     @classmethod
@@ -55,6 +57,7 @@ class Transcript:
             languages=dict(d.get("languages") or {}),
             gaps=list(d.get("gaps") or []),
             second_pass=dict(d.get("second_pass") or {}),
+            language_id_s=float(d.get("language_id_s") or 0.0),
         )
 
 

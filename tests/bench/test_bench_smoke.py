@@ -78,6 +78,7 @@ def test_stages_tiny() -> None:
     assert {"seconds", "rtf", "cpu_s"} <= set(out["stages"]["diarize"])
     assert out["audio_s"] == pytest.approx(3.0, abs=0.1)
     assert out["total_s"] > 0 and "loadavg_before" in out
+    assert 0 <= out["language_id_s"] <= out["stages"]["transcribe"]["seconds"]
 
 
 def test_shim_load_tiny() -> None:

@@ -89,11 +89,14 @@ def test_korean_is_identified_without_a_language(registry: Any, korean_wav: Path
     text = " ".join(s["text"] for s in result["segments"])
     assert has_hangul(text) and all(s["language"] == "ko" for s in result["segments"])
     assert md["models"]["asr"] == "whisper-base (embedded)"
+    # what identifying the language cost, inside the transcribe stage's time
+    assert 0 < md["language_id_s"] < md["stage_times"]["transcribe"]
 
 
 def test_model_option_is_the_model_that_ran(registry: Any, sample_wav: Path) -> None:
     default = analyze(sample_wav, registry, language="en")
     assert default["metadata"]["models"]["asr"] == "tiny.en (embedded)"
+    assert default["metadata"]["language_id_s"] == 0  # a language given is not identified
     chosen = analyze(sample_wav, registry, language="en", model="embedded-base")
     assert chosen["metadata"]["models"]["asr"] == "whisper-base (embedded)"
     # the two models decode differently: proof that the choice reached the decoder
