@@ -15,6 +15,13 @@ only the probes that name another language than the window's majority are read a
 ``IDENTIFY_FRAMES``. A 5 s read is right about the language a probe shares with its neighbours;
 where it goes astray (synthetic or mumbled speech called Latin, Finnish or Thai) or where the
 language really changes, the long read decides, as it did for every probe before.
+
+The last runs are read only in a window that may change language: one whose chunks' first runs
+do not all name one language, or one of at most ``TAILS_ALWAYS_CHUNKS`` chunks. In a long
+window whose every chunk begins in one language (a meeting in one language, the common case)
+the language is decided for the window at half the cost; a switch there that no chunk begins
+with, and that Whisper leaves without words, is found by the transcription's second pass
+(speech without words is decoded again alone, its language identified anew).
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ CHUNK_LANGUAGE_MIN_S = 2.0
 IDENTIFY_FRAMES = 1500
 QUICK_FRAMES = 500  # the first read of every chunk's probe (see the module's docstring)
 MEL_TAIL = 400  # zeros after the last sample read: two STFT windows (n_fft 400, centred)
+# A window of more chunks than this whose chunks all begin in one language is taken to be in that
+# language throughout: its chunks' last speaker runs are not read (see the module's docstring)
+TAILS_ALWAYS_CHUNKS = 4
 PROBE_STEP_FRAMES = 500  # probes are padded to a multiple of 5 s, so that a batch shares one length
 RUN_MIN_S = 1.0  # a speaker run shorter than this takes its neighbour's language when a chunk is split
 # head and tail probes both at least this sure, in two languages: the chunk switches (and the one
@@ -122,26 +132,18 @@ def chunk_languages(
     most confident speech), as a single probe of a short stretch is where identification errs."""
     if not spans:
         return [], []
-    probes: list[np.ndarray] = []
-    owners: list[tuple[int, str]] = []
-    for i, span in enumerate(spans):
-        long_runs = [r for r in _inside(span, runs) if r[1] - r[0] >= CHUNK_LANGUAGE_MIN_S]
-        head = long_runs[0] if long_runs else span
-        probes.append(_cut(audio, head))
-        owners.append((i, "head"))
-        if len(long_runs) >= 2:
-            probes.append(_cut(audio, long_runs[-1], tail=True))
-            owners.append((i, "tail"))
-    found = identify(model, probes, batch_size, frames=QUICK_FRAMES)
-    majority = _majority(found, probes)
-    again = [k for k, res in enumerate(found) if res[0] != majority]
-    for k, res in zip(again, identify(model, [probes[k] for k in again], batch_size), strict=True):
-        found[k] = res
-    window_language = _majority(found, probes)
-    heads: dict[int, tuple[str, float, dict[str, float]]] = {}
-    tails: dict[int, tuple[str, float, dict[str, float]]] = {}
-    for (i, which), res in zip(owners, found, strict=True):
-        (heads if which == "head" else tails)[i] = res
+    long_runs = [[r for r in _inside(span, runs) if r[1] - r[0] >= CHUNK_LANGUAGE_MIN_S] for span in spans]
+    head_probes = [_cut(audio, lr[0] if lr else span) for lr, span in zip(long_runs, spans, strict=True)]
+    head_found = _read(model, head_probes, batch_size)
+    head_language = _majority(head_found, head_probes)
+    # the tails are read where the window may change language: its heads disagree, or it is short
+    mixed = len(spans) <= TAILS_ALWAYS_CHUNKS or any(res[0] != head_language for res in head_found)
+    with_tail = [i for i, lr in enumerate(long_runs) if mixed and len(lr) >= 2]
+    tail_probes = [_cut(audio, long_runs[i][-1], tail=True) for i in with_tail]
+    tail_found = _read(model, tail_probes, batch_size, reference=head_language)
+    window_language = _majority(head_found + tail_found, head_probes + tail_probes)
+    heads = dict(enumerate(head_found))
+    tails = dict(zip(with_tail, tail_found, strict=True))
     switching = [
         i
         for i, t in tails.items()
@@ -165,6 +167,21 @@ def chunk_languages(
             (lang, p) if sure or lang == window_language else (window_language, dist.get(window_language, 0.0))
         )
     return out_spans, out_langs
+
+
+def _read(
+    model: Any, probes: Sequence[np.ndarray], batch_size: int, reference: str | None = None
+) -> list[tuple[str, float, dict[str, float]]]:
+    """Every probe read on its first QUICK_FRAMES; those that name another language than
+    ``reference`` (default: their own majority) read again on IDENTIFY_FRAMES."""
+    if not probes:
+        return []
+    found = identify(model, probes, batch_size, frames=QUICK_FRAMES)
+    reference = reference or _majority(found, probes)
+    again = [k for k, res in enumerate(found) if res[0] != reference]
+    for k, res in zip(again, identify(model, [probes[k] for k in again], batch_size), strict=True):
+        found[k] = res
+    return found
 
 
 def _majority(found: Sequence[tuple[str, float, dict[str, float]]], probes: Sequence[np.ndarray]) -> str:

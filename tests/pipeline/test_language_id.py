@@ -133,3 +133,39 @@ def test_a_probe_s_mel_padded_to_its_frames_is_whisper_s_mel_padded_to_30_s(seco
     short = np.asarray(whisper_mel(piece, n_mels=80, padding=read * 160 - len(piece) + L.MEL_TAIL))[:, :read]
     assert short.shape == whole.shape == (80, read)
     np.testing.assert_allclose(short, whole, atol=1e-5)
+
+
+def _six_chunks(head_of_fourth: float) -> tuple[np.ndarray, list[tuple[float, float]], list[tuple[float, float]]]:
+    """Six 20 s chunks, two speaker runs each (0-9 s and 11-19 s of each chunk); the runs read as
+    marker 1 (English), except the first chunk's last run (marker 2) and the fourth chunk's first
+    run (``head_of_fourth``)."""
+    audio = np.full(120 * SAMPLE_RATE, 1.0, dtype=np.float32)
+    audio[10 * SAMPLE_RATE : 20 * SAMPLE_RATE] = 2.0
+    audio[60 * SAMPLE_RATE : 70 * SAMPLE_RATE] = head_of_fourth
+    spans = [(20.0 * k, 20.0 * k + 20.0) for k in range(6)]
+    runs = [r for k in range(6) for r in ((20.0 * k, 20.0 * k + 9.0), (20.0 * k + 11.0, 20.0 * k + 19.0))]
+    return audio, spans, runs
+
+
+def _marker_truth(marker: int, frames: int) -> tuple[str, float]:
+    return ("ko", 0.95) if marker in (2, 3) else ("en", 0.95)
+
+
+def test_a_long_window_whose_chunks_all_begin_in_one_language_is_read_at_the_heads_only() -> None:
+    model = FakeModel(_marker_truth)
+    audio, spans, runs = _six_chunks(1.0)
+    out_spans, langs = L.chunk_languages(model, audio, spans, runs, batch_size=8)
+    assert model.model.reads == [(6, L.QUICK_FRAMES)]  # six heads, no tail
+    # the first chunk's Korean tail is left to the second pass (speech without words)
+    assert out_spans == spans and [lang for lang, _ in langs] == ["en"] * 6
+
+
+def test_a_long_window_with_a_chunk_beginning_in_another_language_is_read_at_the_tails_too() -> None:
+    model = FakeModel(_marker_truth)
+    audio, spans, runs = _six_chunks(3.0)  # the fourth chunk begins in Korean
+    out_spans, langs = L.chunk_languages(model, audio, spans, runs, batch_size=8)
+    # heads, the Korean head again on its whole 9 s; every tail, the Korean one again; then the
+    # runs of the two chunks that change language, to cut them
+    assert model.model.reads == [(6, 500), (1, 1000), (6, 500), (1, 1000), (4, 1000)]
+    assert out_spans == [(0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0), (60.0, 70.0), (70.0, 80.0)] + spans[4:]
+    assert [lang for lang, _ in langs] == ["en", "ko", "en", "en", "ko", "en", "en", "en"]
