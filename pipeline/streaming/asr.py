@@ -103,7 +103,7 @@ class StreamModels:
 
 
 def load_whisper(path: str | Path, *, compute_type: str, threads: int, device: str = "cpu") -> WhisperBackend:
-    """A faster-whisper model from a local CTranslate2 folder (``pipeline.transcribe.resolve_asr_model``)."""
+    """A faster-whisper model from a local CTranslate2 folder (``pipeline.asr_models.resolve_asr_model``)."""
     from faster_whisper import WhisperModel
 
     model = WhisperModel(

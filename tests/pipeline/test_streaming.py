@@ -89,10 +89,10 @@ def test_the_max_speakers_bound_holds() -> None:
 
 @pytest.mark.slow
 def test_the_sample_streamed_gives_the_batch_quality_and_two_speakers(sample_wav: Path, tmp_path: Path) -> None:
+    from pipeline.asr_models import resolve_asr_model
     from pipeline.audio import load_wav
     from pipeline.streaming.asr import StreamModels, load_whisper
     from pipeline.streaming.speakers import load_embedder, load_segmenter
-    from pipeline.transcribe import resolve_asr_model
 
     english = load_whisper(resolve_asr_model("embedded"), compute_type="int8_float32", threads=2)
     models = StreamModels(english, None, embed=load_embedder(runtime="torch"), segment=load_segmenter())
@@ -125,9 +125,9 @@ def test_a_long_buffer_with_a_long_prompt_still_decodes(sample_wav: Path) -> Non
     """A buffer that grew while decoding lagged (25 s) after a long committed text: the decoding
     stays within Whisper's 448-token context instead of failing the stream (faster-whisper's
     ValueError 'the combined length of the prompt and max_new_tokens ... exceeds max_length')."""
+    from pipeline.asr_models import resolve_asr_model
     from pipeline.audio import load_wav
     from pipeline.streaming.asr import load_whisper
-    from pipeline.transcribe import resolve_asr_model
 
     backend = load_whisper(resolve_asr_model("embedded"), compute_type="int8_float32", threads=2)
     prompt = " ".join(["we talked about the weather in New Jersey and in Texas today"] * 12)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import align as A
+from pipeline import speech_chunks as C
 from pipeline import transcribe as T
 from pipeline.errors import UnsupportedOptionError
 from pipeline.loop_guard import loop_reason
@@ -169,17 +170,17 @@ def test_speech_chunks_are_the_turns_joined_padded_and_cut_at_quiet_places(tmp_p
         (20.0, 90.0, "B"),  # 70 s: cut twice, at the quiet places
         (98.0, 120.0, "A"),  # past the window's end: clipped, and joined to the 90 s turn's tail
     ]
-    chunks = T.speech_chunks(turns, 0.0, 100.0, wav, 100.0)
-    pad = T.TURN_PAD_S
+    chunks = C.speech_chunks(turns, 0.0, 100.0, wav, 100.0)
+    pad = C.TURN_PAD_S
     assert len(chunks) == 4, chunks
     assert chunks[0] == (1.0 - pad, 12.0 + pad)
     assert chunks[1][0] == 20.0 - pad and chunks[3][1] == 100.0
     for (a, b), (_, end) in zip(quiet, chunks[1:3], strict=True):
         assert a <= end <= b  # cut in the silence
     assert [c[0] for c in chunks[2:]] == [c[1] for c in chunks[1:3]]  # nothing between the pieces lost
-    assert all(b - a <= T.CHUNK_S for a, b in chunks)
+    assert all(b - a <= C.CHUNK_S for a, b in chunks)
     # a window starting later: its chunks are relative to its start, turns before it ignored
-    assert T.speech_chunks(turns, 95.0, 100.0, wav, 100.0) == [(3.0 - pad, 5.0)]
+    assert C.speech_chunks(turns, 95.0, 100.0, wav, 100.0) == [(3.0 - pad, 5.0)]
 
 
 def test_the_diarizations_turns_are_the_speech_no_second_vad(asr, sample_wav: Path) -> None:  # type: ignore[no-untyped-def]
@@ -194,8 +195,8 @@ def test_the_diarizations_turns_are_the_speech_no_second_vad(asr, sample_wav: Pa
     text = " ".join(s.text for s in tr.segments).lower()
     assert "chicago" in text and "new jersey" in text
     speech_end = max(b for _, b, _ in turns)
-    assert tr.speech_regions[0][0] >= min(a for a, _, _ in turns) - T.TURN_PAD_S - 1e-6
-    assert tr.speech_regions[-1][1] <= speech_end + T.TURN_PAD_S + 1e-6
+    assert tr.speech_regions[0][0] >= min(a for a, _, _ in turns) - C.TURN_PAD_S - 1e-6
+    assert tr.speech_regions[-1][1] <= speech_end + C.TURN_PAD_S + 1e-6
 
 
 def test_a_first_word_stretched_over_the_noise_before_it_is_cut_to_whisper_s_limit() -> None:
