@@ -31,7 +31,7 @@ outside stages): the ratio that the same stage work would give without the noise
 The helpers here (``BenchFleet``: Redis + workers on chosen queues + the shim; process-tree
 RSS sampling) are shared with ``long.py``, ``pipelining.py`` and ``shim_load.py``.
 
-usage: python -m bench.overhead [--reps 3] [--file conv_2spk_10min.wav] [--seconds N] [--keep DIR]
+usage: python -m bench.overhead [--reps 3] [--file conv_2spk_10min.wav] [--seconds N] [--keep DIR] [--avx2]
 
 ``--seconds N`` uses only the first N seconds (smoke test). One JSON line on stdout.
 """

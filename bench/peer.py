@@ -12,11 +12,13 @@ load that rises or falls during the run touches both alike):
   CLI waits for).
 
 Prints one JSON line: both walls per round, their medians and ratio (ours / peer), the CPU's
-model name and flags, ONEDNN_MAX_CPU_ISA if set, the compute type ``auto`` chooses here, and
-the load averages. Acceptance (issue 25): ratio ≤ 0.85 on an AVX2-only CPU (≤ 0.75 with
-AVX-512) and our total ≤ 50 s for the 601 s ``conv_2spk_10min.wav``.
+model name and flags, ONEDNN_MAX_CPU_ISA and the other kernel caps if set (``forced_env``),
+the compute type ``auto`` chooses here, and the load averages. ``--avx2`` runs both sides with
+the kernels of an AVX2-only CPU (``worker.cpu.AVX2_ONLY_ENV``) on an AVX-512 machine.
+Acceptance (issue 25): ratio ≤ 0.85 on an AVX2-only CPU (≤ 0.75 with AVX-512) and our total
+≤ 50 s for the 601 s ``conv_2spk_10min.wav``.
 
-usage: python -m bench.peer [--file conv_2spk_10min.wav] [--rounds 3] [--seconds S]
+usage: python -m bench.peer [--file conv_2spk_10min.wav] [--rounds 3] [--seconds S] [--avx2]
 
 ``--seconds S`` cuts the first S seconds (a quick run). Exits 2 when the recording is absent.
 """
@@ -126,7 +128,7 @@ def main() -> int:
     if a.avx2:
         reexec_as_avx2_machine()
     src = shared_audio(a.file)
-    from pipeline.transcribe import embedded_asr_path
+    from pipeline.asr_models import embedded_asr_path
 
     model_dir = str(embedded_asr_path())
     ours: list[dict[str, Any]] = []

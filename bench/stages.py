@@ -14,7 +14,7 @@ several times and reports the median of each stage.
 Acceptance (issue "Performance"): the whole pipeline in <= 60 s for the 601 s
 ``conv_2spk_10min.wav`` on 2 CPU cores.
 
-usage: python -m bench.stages [--file conv_2spk_10min.wav] [--seconds N] [--reps 1]
+usage: python -m bench.stages [--file conv_2spk_10min.wav] [--seconds N] [--reps 1] [--avx2]
 
 ``--seconds N`` cuts the first N seconds into a temporary file (smoke tests).
 Prints one JSON line; progress goes to stderr.
