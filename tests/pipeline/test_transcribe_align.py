@@ -14,6 +14,7 @@ from pipeline import transcribe as T
 from pipeline.errors import UnsupportedOptionError
 from pipeline.loop_guard import loop_reason
 from tests.conftest import GUEST_NAME
+from tests.scoring import load_rttm
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +145,7 @@ def asr_route(model):  # type: ignore[no-untyped-def]
 
 
 def _turns_from_rttm(path: Path) -> list[tuple[float, float, str]]:
-    turns = []
-    for line in path.read_text().splitlines():
-        f = line.split()
-        turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return turns
+    return [(a, b, who) for who, a, b in load_rttm(path)]
 
 
 def test_speech_chunks_are_the_turns_joined_padded_and_cut_at_quiet_places(tmp_path: Path) -> None:
