@@ -172,13 +172,14 @@ def chunk_languages(
 def _read(
     model: Any, probes: Sequence[np.ndarray], batch_size: int, reference: str | None = None
 ) -> list[tuple[str, float, dict[str, float]]]:
-    """Every probe read on its first QUICK_FRAMES; those that name another language than
-    ``reference`` (default: their own majority) read again on IDENTIFY_FRAMES."""
+    """Every probe read on its first QUICK_FRAMES; those longer than that which name another
+    language than ``reference`` (default: their own majority) read again on IDENTIFY_FRAMES."""
     if not probes:
         return []
     found = identify(model, probes, batch_size, frames=QUICK_FRAMES)
     reference = reference or _majority(found, probes)
-    again = [k for k, res in enumerate(found) if res[0] != reference]
+    # a probe no longer than the first read has been read whole: a second read would be the same
+    again = [k for k, res in enumerate(found) if res[0] != reference and len(probes[k]) // 160 > QUICK_FRAMES]
     for k, res in zip(again, identify(model, [probes[k] for k in again], batch_size), strict=True):
         found[k] = res
     return found

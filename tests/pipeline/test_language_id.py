@@ -169,3 +169,12 @@ def test_a_long_window_with_a_chunk_beginning_in_another_language_is_read_at_the
     assert model.model.reads == [(6, 500), (1, 1000), (6, 500), (1, 1000), (4, 1000)]
     assert out_spans == [(0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0), (60.0, 70.0), (70.0, 80.0)] + spans[4:]
     assert [lang for lang, _ in langs] == ["en", "ko", "en", "en", "ko", "en", "en", "en"]
+
+
+def test_a_probe_read_whole_the_first_time_is_not_read_again() -> None:
+    model = FakeModel(lambda marker, frames: ("ko", 0.95) if marker == 2 else ("en", 0.95))
+    audio = np.concatenate([np.full(20 * SAMPLE_RATE, 1.0), np.full(4 * SAMPLE_RATE, 2.0)]).astype(np.float32)
+    spans = [(0.0, 20.0), (20.0, 24.0)]  # the Korean chunk is 4 s: its 5 s read holds all of it
+    _, langs = L.chunk_languages(model, audio, spans, [], batch_size=8)
+    assert [lang for lang, _ in langs] == ["en", "ko"]
+    assert model.model.reads == [(2, L.QUICK_FRAMES)]
