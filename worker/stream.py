@@ -57,7 +57,8 @@ def load_stream_models(settings: Settings) -> Any:
     else:
         english, multilingual = None, main
     embed = load_embedder(runtime=settings.diarization_runtime, onnx_cache_dir=settings.onnx_cache_dir)
-    models = StreamModels(english=english, multilingual=multilingual, embed=embed, segment=load_segmenter())
+    segmenter = load_segmenter(runtime=settings.diarization_runtime, onnx_cache_dir=settings.onnx_cache_dir)
+    models = StreamModels(english=english, multilingual=multilingual, embed=embed, segment=segmenter)
     warm_up(models)
     return models
 

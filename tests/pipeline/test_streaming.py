@@ -135,6 +135,19 @@ def test_a_long_buffer_with_a_long_prompt_still_decodes(sample_wav: Path) -> Non
     assert len(words) > 10, words
 
 
+def test_the_segmenter_gives_the_same_speakers_in_onnx_runtime_as_in_torch(sample_wav: Path) -> None:
+    """Each final waits for the segmentation of its window: the stream worker runs it in ONNX
+    Runtime, as the batch diarization does, for the same activity."""
+    from pipeline.audio import load_wav
+    from pipeline.streaming.speakers import load_segmenter
+
+    clip = load_wav(sample_wav, 10.0, 20.0)  # both voices, and their overlap at 17.6 s
+    torch_activity = load_segmenter(runtime="torch")(clip)
+    ort_activity = load_segmenter(runtime="onnxruntime")(clip)
+    assert ort_activity.shape == torch_activity.shape and torch_activity.sum(axis=0).max() > 0
+    assert float((ort_activity == torch_activity).mean()) >= 0.99
+
+
 class _AmplitudeAsr:
     """A backend that reads words off the audio: word k is 0.4 s of the constant k / 100 (silence
     between words), so what it hears depends on the audio it is given, as Whisper's does."""
